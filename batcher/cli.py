@@ -1,0 +1,107 @@
+"""The `batcher` command line: run, validate, plan, report, gateway.
+
+Exit codes: 0 done (or nothing to do), 1 unexpected failure, 2 invalid spec or usage, 3 unusable input,
+4 output not writable (or disk full mid-run), 5 a partial run of another spec is in the way (use --fresh),
+6 the server refused the API key, 7 stopped at the cost budget, 130/143 interrupted by SIGINT/SIGTERM.
+Every stop but 1-5 leaves the run resumable by running the same command again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import BatcherError
+
+__all__ = ["main"]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .prices import PriceTable
+    from .runner import RunOptions, run_job
+    from .spec import load_spec
+
+    spec = load_spec(args.spec)
+    options = RunOptions(
+        output=Path(args.output) if args.output else None,
+        limit=args.limit,
+        quiet=args.quiet,
+        fresh=args.fresh,
+        prices=PriceTable.from_file(args.prices) if args.prices else None,
+        base_url=args.base_url,
+    )
+    result = run_job(spec, options)
+    if result.status == "nothing_to_do":
+        print(f"batcher: {result.message}", file=sys.stderr)
+        return 0
+    if not args.quiet or result.exit_code:
+        print(f"batcher: {spec.job_name}: {result.summary()}", file=sys.stderr)
+    if result.message:
+        print(f"batcher: {result.message}", file=sys.stderr)
+    return result.exit_code
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .spec import load_spec
+
+    spec = load_spec(args.spec)
+    print(f"{args.spec}: valid job spec {spec.job_name!r} ({spec.input.path} -> {spec.output.path})")
+    return 0
+
+
+def _gateway(args: argparse.Namespace, rest: list[str]) -> int:
+    from .gateway import main as gateway_main
+
+    return gateway_main(rest)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="batcher", description="Batch job runner for LLM completions.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job spec (resumes an interrupted run of the same spec)")
+    run.add_argument("spec", help="job spec (.yaml or .json)")
+    run.add_argument("--output", help="write here instead of the spec's output.path")
+    run.add_argument("--limit", type=int, metavar="N", help="only the first N rows of the input")
+    run.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+    run.add_argument("--fresh", action="store_true", help="discard any partial run and start over")
+    run.add_argument("--prices", metavar="FILE", help="price table overriding the shipped one")
+    run.add_argument("--base-url", help="override endpoint.base_url")
+    run.set_defaults(func=_run)
+
+    val = sub.add_parser("validate", help="check a job spec without running it")
+    val.add_argument("spec")
+    val.set_defaults(func=_validate)
+
+    sub.add_parser("gateway", help="serve the simulated orq gateway (see: batcher gateway --help)", add_help=False)
+
+    from .plan import add_parser as add_plan
+    from .report import add_parser as add_report
+
+    add_plan(sub)
+    add_report(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["gateway"]:
+        return _gateway(argparse.Namespace(), argv[1:])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1 if hasattr(args, "limit") else False:
+        parser.error("--limit must be at least 1")
+    try:
+        code: int = args.func(args)
+        return code
+    except BatcherError as exc:
+        print(f"batcher: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("batcher: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""Prices per model (USD per million tokens) and the cost of one answer.
+
+The shipped table (batcher/data/prices.json) names its source and date; a spec's `prices:` section or
+`--prices FILE` overrides it per model. A model with no price is *unpriced*: its cost is None, never 0.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Price", "PriceTable"]
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    prompt: float
+    completion: float
+    cached_prompt: float | None = None
+
+    def cost(self, prompt: int | None, completion: int | None, cached: int | None) -> float | None:
+        if prompt is None and completion is None:
+            return None
+        cached = cached or 0
+        prompt = prompt or 0
+        cached_rate = self.cached_prompt if self.cached_prompt is not None else self.prompt
+        return ((prompt - cached) * self.prompt + cached * cached_rate + (completion or 0) * self.completion) / 1e6
+
+
+class PriceTable:
+    def __init__(self, prices: dict[str, Price], source: str = "", date: str = "") -> None:
+        self.prices = prices
+        self.source = source
+        self.date = date
+
+    @classmethod
+    def _parse(cls, data: dict[str, Any], source: str) -> PriceTable:
+        models = data.get("models", data)
+        prices = {}
+        for model, p in models.items():
+            if not isinstance(p, dict):
+                continue
+            prices[model] = Price(float(p["prompt"]), float(p["completion"]),
+                                  None if p.get("cached_prompt") is None else float(p["cached_prompt"]))
+        return cls(prices, data.get("source", source), data.get("date", ""))
+
+    @classmethod
+    def default(cls) -> PriceTable:
+        text = resources.files("batcher").joinpath("data/prices.json").read_text("utf-8")
+        return cls._parse(json.loads(text), "batcher/data/prices.json")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PriceTable:
+        import yaml
+
+        text = Path(path).read_text("utf-8")
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        return cls._parse(data, str(path))
+
+    def overridden(self, other: PriceTable | dict[str, Price] | None) -> PriceTable:
+        if other is None:
+            return self
+        extra = other.prices if isinstance(other, PriceTable) else other
+        return PriceTable({**self.prices, **extra}, self.source, self.date)
+
+    def get(self, model: str | None) -> Price | None:
+        if model is None:
+            return None
+        return self.prices.get(model)
+
+    def cost(self, model: str | None, prompt: int | None, completion: int | None, cached: int | None) -> float | None:
+        price = self.get(model)
+        return None if price is None else price.cost(prompt, completion, cached)
+
+    def worst_case(self, model: str | None, prompt_tokens: float, completion_tokens: float) -> float | None:
+        price = self.get(model)
+        if price is None:
+            return None
+        return (prompt_tokens * price.prompt + completion_tokens * price.completion) / 1e6

@@ -1,0 +1,41 @@
+"""The progress line on stderr (tqdm): rows done of the total, rows/s, tokens, errors and spend so far.
+
+It advances only when rows are durable in the journal, so what it shows is what a crash would keep. It never
+sees a request or a header, so it cannot print a key.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+__all__ = ["Progress"]
+
+
+class Progress:
+    def __init__(self, total: int, *, enabled: bool, job: str) -> None:
+        self._bar: Any = None
+        self._last = 0.0
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=job, unit="row", file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
+
+    def advance(self, n: int, totals: Any) -> None:
+        if self._bar is None:
+            return
+        self._bar.update(n)
+        now = time.monotonic()
+        if now - self._last >= 0.5:
+            self._last = now
+            tokens = totals.prompt_tokens + totals.completion_tokens
+            postfix = f"tokens={tokens:,} errors={totals.errors}"
+            if totals.cost_usd:
+                postfix += f" spent=${totals.cost_usd:.4f}"
+            self._bar.set_postfix_str(postfix, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

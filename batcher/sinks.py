@@ -1,0 +1,301 @@
+"""Where results go: an fsync'd append-only journal while the run lasts, then the output file, atomically.
+
+A row counts as done only once its journal line is on disk, so a `kill -9` loses at most the calls in flight.
+The journal lives in a state folder beside the output (`out/.NAME.parquet.batcher/`) with `run.json`, the run's
+fingerprint and status. `finalize` streams the journal into the output in row groups (never one big table) under
+a temporary name, fsyncs it and renames it into place: readers never see a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import OutputError
+
+__all__ = [
+    "RESULT_COLUMNS",
+    "Journal",
+    "RunState",
+    "finalize",
+    "output_schema",
+    "state_dir_for",
+]
+
+CHOICE_TYPE = pa.list_(
+    pa.struct([("index", pa.int64()), ("text", pa.string()), ("finish_reason", pa.string())])
+)
+RESULT_COLUMNS: dict[str, pa.DataType] = {
+    "text": pa.string(),
+    "finish_reason": pa.string(),
+    "choices": CHOICE_TYPE,
+    "model": pa.string(),
+    "status": pa.string(),
+    "error": pa.string(),
+    "error_kind": pa.string(),
+    "http_status": pa.int32(),
+    "attempts": pa.int32(),
+    "cached": pa.bool_(),
+    "latency_ms": pa.float64(),
+    "prompt_tokens": pa.int64(),
+    "completion_tokens": pa.int64(),
+    "total_tokens": pa.int64(),
+    "cached_tokens": pa.int64(),
+    "reasoning_tokens": pa.int64(),
+    "completion_id": pa.string(),
+    "cost_usd": pa.float64(),
+}
+
+
+def kept_name(column: str, id_name: str) -> str:
+    """A kept input column's name in the output: its own, unless batcher's columns already use it."""
+    return f"input_{column}" if column in RESULT_COLUMNS or column == id_name else column
+
+
+def output_schema(id_name: str, id_type: pa.DataType, keep_types: dict[str, pa.DataType]) -> pa.Schema:
+    fields = [pa.field(id_name, id_type)]
+    fields += [pa.field(kept_name(c, id_name), t) for c, t in keep_types.items() if c != id_name]
+    fields += [pa.field(name, t) for name, t in RESULT_COLUMNS.items()]
+    return pa.schema(fields)
+
+
+def state_dir_for(output: Path) -> Path:
+    return output.parent / f".{output.name}.batcher"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class RunState:
+    """`run.json`: which spec produced the journal, and whether the run finished."""
+
+    directory: Path
+    fingerprint: str
+    status: str = "running"
+    rows: int = 0
+
+    @property
+    def file(self) -> Path:
+        return self.directory / "run.json"
+
+    @classmethod
+    def load(cls, directory: Path) -> RunState | None:
+        try:
+            data = json.loads((directory / "run.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return cls(directory, data.get("fingerprint", ""), data.get("status", "running"), int(data.get("rows", 0)))
+
+    def save(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        body = {"fingerprint": self.fingerprint, "status": self.status, "rows": self.rows, "updated": time.time()}
+        _write_atomic(self.file, json.dumps(body, indent=1).encode())
+
+
+def fingerprint(material: dict[str, Any]) -> str:
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _dumps(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
+
+
+class Journal:
+    """Append-only JSON lines; `append` returns once the lines are on disk."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "journal.jsonl"
+        directory.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "ab")  # noqa: SIM115 - held for the whole run
+
+    def append(self, records: Iterable[dict[str, Any]]) -> None:
+        data = b"".join(_dumps(r) for r in records)
+        if not data:
+            return
+        try:
+            self._f.write(data)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as exc:
+            raise OutputError(f"cannot write the journal {self.path}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._f.close()
+
+
+def read_journal(path: Path) -> Iterator[dict[str, Any]]:
+    """Every complete record; a line torn by a crash (the last one) is skipped."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return
+    with f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
+
+
+def compact_journal(directory: Path) -> list[Any]:
+    """Keep only answered rows (error rows are retried on a rerun), drop torn lines; return the done ids."""
+    path = directory / "journal.jsonl"
+    if not path.exists():
+        return []
+    tmp = path.with_name("journal.compact.tmp")
+    done: set[Any] = set()
+    ids: list[Any] = []
+    with open(tmp, "wb") as out:
+        buf: list[bytes] = []
+        for rec in read_journal(path):
+            rid = rec.get("id")
+            if rec.get("status") != "ok" or rid is None or rid in done:
+                continue
+            done.add(rid)
+            ids.append(rid)
+            buf.append(_dumps(rec))
+            if len(buf) >= 10_000:
+                out.write(b"".join(buf))
+                buf.clear()
+        out.write(b"".join(buf))
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+    return ids
+
+
+def _table(records: list[dict[str, Any]], schema: pa.Schema, id_name: str, keep: list[str]) -> pa.Table:
+    columns: dict[str, list[Any]] = {f.name: [] for f in schema}
+    kept = [(c, kept_name(c, id_name)) for c in keep if c != id_name]
+    for rec in records:
+        columns[id_name].append(rec.get("id"))
+        k = rec.get("keep") or {}
+        for c, out_name in kept:
+            columns[out_name].append(k.get(c))
+        for name in RESULT_COLUMNS:
+            columns[name].append(rec.get(name))
+    arrays = []
+    for f in schema:
+        values = columns[f.name]
+        try:
+            arrays.append(pa.array(values, type=f.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            # A kept JSONL value that does not fit the column's type: keep it, as JSON text.
+            arrays.append(pa.array([None if v is None else json.dumps(v, default=str) for v in values], type=f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _openai_batch_line(rec: dict[str, Any], n: int) -> dict[str, Any]:
+    """One line of an OpenAI Batch API output file."""
+    ok = rec.get("status") == "ok"
+    body = None
+    if ok:
+        body = {
+            "id": rec.get("completion_id"),
+            "object": "text_completion",
+            "model": rec.get("model"),
+            "choices": rec.get("choices"),
+            "usage": {
+                "prompt_tokens": rec.get("prompt_tokens"),
+                "completion_tokens": rec.get("completion_tokens"),
+                "total_tokens": rec.get("total_tokens"),
+            },
+        }
+    return {
+        "id": f"batch_req_{n:08d}",
+        "custom_id": rec.get("id"),
+        "response": {"status_code": 200, "request_id": rec.get("completion_id"), "body": body}
+        if ok
+        else ({"status_code": rec.get("http_status"), "request_id": None, "body": None} if rec.get("http_status") else None),
+        "error": None if ok else {"code": rec.get("error_kind"), "message": rec.get("error")},
+    }
+
+
+def finalize(
+    journal: Path,
+    output: Path,
+    fmt: str,
+    schema: pa.Schema,
+    id_name: str,
+    keep: list[str],
+    row_group_size: int,
+) -> int:
+    """Write the journal's records to `output` atomically; returns the number of rows written."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    rows = 0
+    try:
+        if fmt == "parquet":
+            with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+                batch: list[dict[str, Any]] = []
+                for rec in read_journal(journal):
+                    batch.append(rec)
+                    if len(batch) >= row_group_size:
+                        writer.write_table(_table(batch, schema, id_name, keep), row_group_size=row_group_size)
+                        rows += len(batch)
+                        batch = []
+                if batch or rows == 0:
+                    writer.write_table(_table(batch, schema, id_name, keep), row_group_size=row_group_size)
+                    rows += len(batch)
+        else:
+            with open(tmp, "wb") as f:
+                lines: list[bytes] = []
+                for rec in read_journal(journal):
+                    if fmt == "openai_batch":
+                        lines.append(_dumps(_openai_batch_line(rec, rows)))
+                    else:
+                        out = {id_name: rec.get("id")}
+                        k = rec.get("keep") or {}
+                        for c in keep:
+                            if c != id_name:
+                                out[kept_name(c, id_name)] = k.get(c)
+                        out.update((name, rec.get(name)) for name in RESULT_COLUMNS)
+                        lines.append(_dumps(out))
+                    rows += 1
+                    if len(lines) >= row_group_size:
+                        f.write(b"".join(lines))
+                        lines.clear()
+                f.write(b"".join(lines))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, output)
+        _fsync_dir(output.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(f"cannot write the output {output}: {exc.strerror or exc}") from None
+    return rows

@@ -1,0 +1,306 @@
+"""Input rows from Parquet or JSONL, in bounded batches, each with a stable id.
+
+`Source.check()` is the pre-flight pass: it reads only what it must (the id column, or each JSONL line once) to
+count rows, refuse duplicate or null ids, and name missing or mistyped columns before any request is made.
+`Source.batches()` then yields lists of `SourceRow`; a row that cannot become a request (a malformed JSONL line,
+a template variable missing in that row, an empty or oversized prompt) carries an `error` instead of a prompt,
+so it becomes an error row and the run goes on.
+
+Memory stays bounded by the batch size: pyarrow reads with `pre_buffer=False` (the default pre-buffering holds
+the whole file) and JSONL is read line by line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .errors import InputError
+from .spec import InputSpec
+from .template import MissingVariable, Template
+
+__all__ = ["Source", "SourceInfo", "SourceRow"]
+
+
+@dataclass(slots=True)
+class SourceRow:
+    index: int  # 0-based position among the file's rows
+    id: Any
+    prompt: str | None
+    inputs: dict[str, Any] | None = None
+    keep: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    body: dict[str, Any] | None = None  # an OpenAI batch line's request body
+    model: str | None = None  # the body's model, when the line names one
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    rows: int
+    id_type: pa.DataType
+    keep_types: dict[str, pa.DataType]
+
+
+def _is_id_type(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _dup_examples(ids: pa.ChunkedArray | pa.Array) -> list[Any]:
+    counts = pc.value_counts(ids)
+    dup = counts.filter(pc.greater(counts.field("counts"), 1))
+    return [d["values"] for d in dup.slice(0, 5).to_pylist()]
+
+
+class Source:
+    def __init__(self, spec: InputSpec, keep_columns: list[str]) -> None:
+        self.spec = spec
+        self.path = spec.path
+        self.format = spec.resolved_format
+        self.keep_columns = keep_columns
+        self.template = Template(spec.prompt) if spec.prompt is not None else None
+        self.id_name = spec.id_column or ("custom_id" if self.format == "openai_batch" else "id")
+
+    # -- pre-flight ---------------------------------------------------------------------------------------
+
+    def _needed(self) -> list[str]:
+        cols: list[str] = []
+        for c in (
+            ([self.spec.id_column] if self.spec.id_column else [])
+            + ([self.spec.prompt_column] if self.spec.prompt_column else [])
+            + (self.template.variables if self.template else [])
+            + self.spec.inputs_columns
+            + self.keep_columns
+        ):
+            if c not in cols:
+                cols.append(c)
+        return cols
+
+    def check(self) -> SourceInfo:
+        if not self.path.exists():
+            raise InputError(f"input file {self.path} does not exist")
+        if not self.path.is_file():
+            raise InputError(f"input path {self.path} is not a file")
+        try:
+            with open(self.path, "rb"):
+                pass
+        except OSError as exc:
+            raise InputError(f"cannot read input file {self.path}: {exc.strerror or exc}") from None
+        if self.format == "parquet":
+            return self._check_parquet()
+        return self._check_jsonl()
+
+    def _check_parquet(self) -> SourceInfo:
+        try:
+            pf = pq.ParquetFile(self.path, pre_buffer=False)
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"cannot read {self.path} as Parquet: {exc}") from None
+        schema = pf.schema_arrow
+        missing = [c for c in self._needed() if c not in schema.names]
+        if missing:
+            what = []
+            for c in missing:
+                if self.template and c in self.template.variables:
+                    what.append(f"template variable {{{{{c}}}}}")
+                else:
+                    what.append(repr(c))
+            raise InputError(
+                f"{self.path}: no column {', '.join(what)}; the columns are {schema.names}"
+            )
+        if self.spec.prompt_column:
+            t = schema.field(self.spec.prompt_column).type
+            if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+                raise InputError(f"{self.path}: prompt_column {self.spec.prompt_column!r} is {t}, not a string column")
+        rows = pf.metadata.num_rows
+        id_type: pa.DataType = pa.int64()
+        if self.spec.id_column:
+            id_type = schema.field(self.spec.id_column).type
+            if not _is_id_type(id_type):
+                raise InputError(
+                    f"{self.path}: id_column {self.spec.id_column!r} is {id_type}; ids must be strings or integers"
+                )
+            chunks = [b.column(0) for b in pf.iter_batches(batch_size=65_536, columns=[self.spec.id_column])]
+            ids = pa.chunked_array(chunks, type=id_type)
+            self._check_ids(ids)
+        keep_types = {c: schema.field(c).type for c in self.keep_columns}
+        return SourceInfo(rows=rows, id_type=id_type, keep_types=keep_types)
+
+    def _check_ids(self, ids: pa.ChunkedArray | pa.Array) -> None:
+        if ids.null_count:
+            raise InputError(f"{self.path}: id column {self.id_name!r} has {ids.null_count} null value(s)")
+        if len(ids) and pc.count_distinct(ids).as_py() != len(ids):
+            raise InputError(
+                f"{self.path}: id column {self.id_name!r} has duplicate ids, e.g. {_dup_examples(ids)}; "
+                "ids must be unique (or drop id_column to use row positions)"
+            )
+
+    def _check_jsonl(self) -> SourceInfo:
+        rows = 0
+        ids: list[Any] = []
+        seen_keys: set[str] = set()
+        keep_types: dict[str, set[str]] = {c: set() for c in self.keep_columns}
+        id_col = self.id_name if (self.spec.id_column or self.format == "openai_batch") else None
+        for _lineno, obj in self._lines():
+            rows += 1
+            if not isinstance(obj, dict):
+                continue  # becomes an error row
+            if self.format == "openai_batch":
+                seen_keys.update(("custom_id", "body"))
+            else:
+                seen_keys.update(obj)
+            if id_col is not None:
+                v = obj.get(id_col)
+                if v is not None and not (isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))):
+                    raise InputError(f"{self.path}: line {_lineno}: id {id_col!r} is {v!r}; ids must be strings or integers")
+                ids.append(v)
+            for c in self.keep_columns:
+                if obj.get(c) is not None:
+                    keep_types[c].add(type(obj[c]).__name__)
+        if self.format != "openai_batch":
+            never = [c for c in self._needed() if c not in seen_keys and c != self.spec.id_column]
+            if never and rows:
+                raise InputError(f"{self.path}: no row has a column {never[0]!r}; the columns seen are {sorted(seen_keys)}")
+        id_type: pa.DataType = pa.int64()
+        if id_col is not None:
+            present = [v for v in ids if v is not None]
+            if self.spec.id_column and len(present) < len(ids) and self.format != "openai_batch":
+                raise InputError(f"{self.path}: {len(ids) - len(present)} row(s) have no id {id_col!r}")
+            kinds = {type(v) for v in present}
+            if len(kinds) > 1:
+                raise InputError(f"{self.path}: ids in {id_col!r} mix strings and integers")
+            id_type = pa.string() if kinds == {str} else pa.int64()
+            arr = pa.array(present, type=id_type)
+            self._check_ids(arr)
+        types = {}
+        py_to_arrow = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_()}
+        for c, kinds_ in keep_types.items():
+            if kinds_ == {"int", "float"}:
+                types[c] = pa.float64()
+            elif len(kinds_) == 1 and next(iter(kinds_)) in py_to_arrow:
+                types[c] = py_to_arrow[next(iter(kinds_))]
+            else:
+                types[c] = pa.string()  # nested or mixed values are kept as JSON text
+        return SourceInfo(rows=rows, id_type=id_type, keep_types=types)
+
+    def _lines(self) -> Iterator[tuple[int, Any]]:
+        """(line number, parsed object or a `_BadLine`) for each non-blank line."""
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(raw)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    yield lineno, _BadLine(f"line {lineno}: not valid JSON ({str(exc)[:80]})")
+
+    # -- rows ---------------------------------------------------------------------------------------------
+
+    def batches(self, done_ids: pa.Array | None = None) -> Iterator[list[SourceRow]]:
+        """Rows in file order, `batch_size` at a time, skipping ids in `done_ids` (a resumed run)."""
+        if self.format == "parquet":
+            yield from self._parquet_batches(done_ids)
+        else:
+            yield from self._jsonl_batches(done_ids)
+
+    def _parquet_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
+        pf = pq.ParquetFile(self.path, pre_buffer=False)
+        columns = self._needed()
+        index = 0
+        for batch in pf.iter_batches(batch_size=self.spec.batch_size, columns=columns or None):
+            n = batch.num_rows
+            if self.spec.id_column:
+                id_arr = batch.column(self.spec.id_column)
+            else:
+                id_arr = pa.array(range(index, index + n), type=pa.int64())
+            keep_mask: list[bool] | None = None
+            if done_ids is not None and len(done_ids):
+                keep_mask = pc.invert(pc.is_in(id_arr, value_set=done_ids)).to_pylist()
+            cols = {c: batch.column(c).to_pylist() for c in columns}
+            ids = id_arr.to_pylist()
+            rows = []
+            for i in range(n):
+                if keep_mask is not None and not keep_mask[i]:
+                    continue
+                record = {c: cols[c][i] for c in columns}
+                rows.append(self._row(index + i, ids[i], record))
+            index += n
+            if rows:
+                yield rows
+
+    def _jsonl_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
+        done = set(done_ids.to_pylist()) if done_ids is not None and len(done_ids) else None
+        rows: list[SourceRow] = []
+        for index, (_lineno, obj) in enumerate(self._lines()):
+            row = self._json_row(index, obj)
+            if done is not None and row.id in done:
+                continue
+            rows.append(row)
+            if len(rows) >= self.spec.batch_size:
+                yield rows
+                rows = []
+        if rows:
+            yield rows
+
+    def _json_row(self, index: int, obj: Any) -> SourceRow:
+        if isinstance(obj, _BadLine):
+            return SourceRow(index, index if not self.spec.id_column else None, None, error=obj.message)
+        if not isinstance(obj, dict):
+            return SourceRow(index, None if self.spec.id_column else index, None, error=f"row {index}: a JSONL line must be an object")
+        if self.format == "openai_batch":
+            return self._batch_row(index, obj)
+        row_id = obj.get(self.spec.id_column) if self.spec.id_column else index
+        return self._row(index, row_id, obj)
+
+    def _batch_row(self, index: int, obj: dict[str, Any]) -> SourceRow:
+        row_id = obj.get("custom_id")
+        body = obj.get("body")
+        if not isinstance(body, dict):
+            return SourceRow(index, row_id, None, error="OpenAI batch line has no body object")
+        url = obj.get("url")
+        if url is not None and (not str(url).rstrip("/").endswith("/completions") or "chat/" in str(url)):
+            return SourceRow(index, row_id, None, error=f"OpenAI batch line url {url!r} is not /v1/completions")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            return SourceRow(index, row_id, None, error="OpenAI batch body has no prompt string", body=body)
+        if len(prompt) > self.spec.max_prompt_chars:
+            return SourceRow(index, row_id, None, error=self._too_long(len(prompt)))
+        keep = {c: obj.get(c) for c in self.keep_columns}
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        return SourceRow(index, row_id, prompt, keep=keep, body=body, model=model)
+
+    def _too_long(self, n: int) -> str:
+        return f"prompt is {n} characters, over input.max_prompt_chars ({self.spec.max_prompt_chars})"
+
+    def _row(self, index: int, row_id: Any, record: dict[str, Any]) -> SourceRow:
+        keep = {c: record.get(c) for c in self.keep_columns}
+        try:
+            if self.template is not None:
+                prompt = self.template.render(record)
+            else:
+                assert self.spec.prompt_column is not None
+                value = record.get(self.spec.prompt_column)
+                if value is None:
+                    raise MissingVariable(self.spec.prompt_column, "is null in this row")
+                if not isinstance(value, str):
+                    return SourceRow(index, row_id, None, keep=keep, error=f"prompt column {self.spec.prompt_column!r} is not a string in this row")
+                prompt = value
+        except MissingVariable as exc:
+            what = f"prompt column {exc.name!r} {exc.why}" if self.template is None else str(exc)
+            return SourceRow(index, row_id, None, keep=keep, error=what)
+        if not prompt.strip():
+            return SourceRow(index, row_id, None, keep=keep, error="prompt is empty")
+        if len(prompt) > self.spec.max_prompt_chars:
+            return SourceRow(index, row_id, None, keep=keep, error=self._too_long(len(prompt)))
+        inputs = {c: record.get(c) for c in self.spec.inputs_columns} if self.spec.inputs_columns else None
+        return SourceRow(index, row_id, prompt, inputs=inputs, keep=keep)
+
+
+@dataclass(frozen=True, slots=True)
+class _BadLine:
+    message: str

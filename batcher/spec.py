@@ -1,0 +1,502 @@
+"""The job spec: pydantic models with the orq contract's types and ranges, and `load_spec(path)`.
+
+Everything a run needs is validated here, before any request: unknown keys are errors, and every error names
+the file, the field, the value and what is allowed. Request fields are kept exactly as the user wrote them
+(`model_dump(exclude_unset=True)`), so what reaches the wire is what the spec says.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import SpecError
+
+__all__ = [
+    "DEFAULT_FALLBACK_ON_CODES",
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_RETRY_ON_CODES",
+    "JobSpec",
+    "load_spec",
+    "parse_spec",
+]
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_RETRY_ON_CODES = (429, 500, 502, 503, 504)
+DEFAULT_FALLBACK_ON_CODES = (408, 429, 500, 502, 503, 504, 529)
+
+StatusCode = Annotated[int, Field(ge=100, le=599)]
+FallbackCode = Annotated[int, Field(ge=400, le=599)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+# --- routing (top level, or inside `orq` in the older form) -------------------------------------------------
+
+
+class Retry(_Model):
+    count: int = Field(3, ge=1, le=5)
+    on_codes: list[StatusCode] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON_CODES), min_length=1)
+
+
+class Fallback(_Model):
+    model: str = Field(min_length=1)
+
+
+class Cache(_Model):
+    type: Literal["exact_match"]
+    ttl: int = Field(1800, ge=1, le=259200)
+
+
+class WeightedModel(_Model):
+    model: str = Field(min_length=1)
+    weight: float = Field(0.5, ge=0.001, le=1)
+
+
+class LoadBalancer(_Model):
+    type: Literal["weight_based"]
+    models: list[WeightedModel] = Field(min_length=1)
+
+
+class Timeout(_Model):
+    call_timeout: float = Field(ge=1, description="milliseconds")
+
+
+# --- pass-through fields of the orq block --------------------------------------------------------------------
+
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class Identity(_Model):
+    id: str
+    display_name: str | None = None
+    email: str | None = None
+    metadata: list[dict[str, Any]] | None = None
+    logo_url: str | None = None
+    tags: list[str] | None = None
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str | None) -> str | None:
+        if v is not None and not _EMAIL.match(v):
+            raise ValueError("must be an email address")
+        return v
+
+
+class Thread(_Model):
+    id: str
+    tags: list[str] | None = None
+
+
+class PromptRef(_Model):
+    id: str
+    version: Literal["latest"]
+
+
+class InputItem(_Model):
+    key: str
+    value: Any = None
+    is_pii: bool | None = None
+
+
+class RerankConfig(_Model):
+    model: str
+    threshold: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=1, le=100)
+
+
+class AgenticRagConfig(_Model):
+    model: str
+
+
+class SearchOptions(_Model):
+    include_vectors: bool | None = None
+    include_metadata: bool | None = None
+    include_scores: bool | None = None
+
+
+_FILTER_OPS = {"eq", "ne", "gt", "gte", "lt", "lte", "in", "nin"}
+
+
+def _check_condition(field: str, cond: Any) -> None:
+    if not isinstance(cond, dict) or len(cond) != 1 or next(iter(cond)) not in _FILTER_OPS:
+        raise ValueError(f"filter on {field!r} must be one operator of {sorted(_FILTER_OPS)}, got {cond!r}")
+    op, value = next(iter(cond.items()))
+    if op in ("gt", "gte", "lt", "lte") and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ValueError(f"filter {field}.{op} must be a number, got {value!r}")
+    if op in ("in", "nin") and not isinstance(value, list):
+        raise ValueError(f"filter {field}.{op} must be a list, got {value!r}")
+
+
+class KnowledgeBase(_Model):
+    knowledge_id: str
+    top_k: int | None = Field(None, ge=1, le=100)
+    threshold: float | None = Field(None, ge=0, le=1)
+    search_type: Literal["vector_search", "keyword_search", "hybrid_search"] | None = None
+    filter_by: dict[str, Any] | None = None
+    search_options: SearchOptions | None = None
+    rerank_config: RerankConfig | None = None
+    agentic_rag_config: AgenticRagConfig | None = None
+    query: str | None = None
+
+    @field_validator("filter_by")
+    @classmethod
+    def _filter(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is None:
+            return v
+        groups = [v]
+        if set(v) in ({"and"}, {"or"}):
+            items = next(iter(v.values()))
+            if not isinstance(items, list):
+                raise ValueError("and/or takes a list of {field: {operator: value}}")
+            groups = items
+        for group in groups:
+            if not isinstance(group, dict):
+                raise ValueError(f"filter must map field names to operators, got {group!r}")
+            for field, cond in group.items():
+                _check_condition(field, cond)
+        return v
+
+
+class Orq(_Model):
+    """The `orq` block: routing in its older form, plus the pass-through fields."""
+
+    name: str | None = None
+    retry: Retry | None = None
+    fallbacks: list[Fallback] | None = None
+    fallback_on_codes: list[FallbackCode] | None = Field(None, min_length=1, max_length=20)
+    cache: Cache | None = None
+    load_balancer: LoadBalancer | None = None
+    timeout: Timeout | None = None
+    prompt: PromptRef | None = None
+    identity: Identity | None = None
+    contact: Identity | None = None
+    thread: Thread | None = None
+    inputs: dict[str, Any] | list[InputItem] | None = None
+    knowledge_bases: list[KnowledgeBase] | None = None
+
+
+class ThinkingDisabled(_Model):
+    type: Literal["disabled"]
+
+
+class ThinkingEnabled(_Model):
+    type: Literal["enabled"]
+    budget_tokens: int = Field(ge=1024)
+    thinking_level: Literal["minimal", "low", "medium", "high"] | None = None
+
+
+class ThinkingAdaptive(_Model):
+    type: Literal["adaptive"]
+
+
+Thinking = Annotated[ThinkingDisabled | ThinkingEnabled | ThinkingAdaptive, Field(discriminator="type")]
+
+
+@functools.cache
+def _pii_entities() -> dict[str, frozenset[str]]:
+    """Entity names per detector language, read from the official spec extract shipped with batcher."""
+    from .openapi import load_openapi
+
+    schemas = load_openapi()["components"]["schemas"]
+    out = {}
+    for lang, name in (("auto", "PIIRedactionPluginAuto"), ("en", "PIIRedactionPluginEn"), ("nl", "PIIRedactionPluginNl")):
+        out[lang] = frozenset(schemas[name]["properties"]["entities"]["items"]["enum"])
+    return out
+
+
+class PiiRedactionPlugin(_Model):
+    id: Literal["pii_redaction"]
+    on_failure: Literal["block", "passthrough"] | None = None
+    threshold: float | None = Field(None, ge=0, le=1)
+    language: Literal["en", "nl"] | None = None
+    entities: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _entities(self) -> PiiRedactionPlugin:
+        if self.entities:
+            allowed = _pii_entities()[self.language or "auto"]
+            bad = [e for e in self.entities if e not in allowed]
+            if bad:
+                raise ValueError(f"unknown entities {bad} for language {self.language or 'auto'}")
+        return self
+
+
+class RequestSpec(_Model):
+    """The completion request body minus `prompt`: every field of the orq contract."""
+
+    model: str | None = Field(None, min_length=1)
+    echo: bool | None = None
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    max_tokens: int | None = Field(None, ge=1)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    n: int | None = Field(None, ge=1, le=128)
+    user: str | None = None
+    stream: bool | None = None
+    name: str | None = None
+    fallbacks: list[Fallback] | None = None
+    fallback_on_codes: list[FallbackCode] | None = Field(None, min_length=1, max_length=20)
+    retry: Retry | None = None
+    cache: Cache | None = None
+    load_balancer: LoadBalancer | None = None
+    timeout: Timeout | None = None
+    thinking: Thinking | None = None
+    plugins: list[PiiRedactionPlugin] | None = None
+    orq: Orq | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError(f"at most 4 stop sequences, got {len(v)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RequestSpec:
+        if self.model is None and self.routing("load_balancer") is None:
+            raise ValueError("model is required (or a load_balancer to draw it from)")
+        if self.orq is not None:
+            for field in ("name", "retry", "fallbacks", "fallback_on_codes", "cache", "load_balancer", "timeout"):
+                if getattr(self, field) is not None and getattr(self.orq, field) is not None:
+                    raise ValueError(f"{field} is set both at the top level and in orq: write it once")
+        if isinstance(self.thinking, ThinkingEnabled) and self.thinking.budget_tokens >= self.effective_max_tokens:
+            raise ValueError(
+                f"thinking.budget_tokens ({self.thinking.budget_tokens}) must be less than max_tokens "
+                f"({self.effective_max_tokens})"
+            )
+        return self
+
+    def routing(self, field: str) -> Any:
+        """A routing setting wherever the user wrote it: top level, else the older `orq` form."""
+        value = getattr(self, field)
+        if value is None and self.orq is not None:
+            value = getattr(self.orq, field)
+        return value
+
+    @property
+    def effective_max_tokens(self) -> int:
+        return self.max_tokens if self.max_tokens is not None else DEFAULT_MAX_TOKENS
+
+
+class InputSpec(_Model):
+    path: Path
+    format: Literal["parquet", "jsonl", "openai_batch"] | None = None
+    id_column: str | None = None
+    prompt: str | None = None
+    prompt_column: str | None = None
+    inputs_columns: list[str] = Field(default_factory=list)
+    batch_size: int = Field(10_000, ge=1, le=1_000_000)
+    max_prompt_chars: int = Field(1_000_000, ge=1)
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> InputSpec:
+        fmt = self.resolved_format
+        if fmt == "openai_batch":
+            if self.prompt is not None or self.prompt_column is not None:
+                raise ValueError("an openai_batch input carries its prompts in each line's body: drop prompt/prompt_column")
+            return self
+        if (self.prompt is None) == (self.prompt_column is None):
+            raise ValueError("give exactly one of prompt (a {{column}} template) or prompt_column")
+        return self
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format is not None:
+            return self.format
+        suffix = self.path.suffix.lower()
+        if suffix == ".parquet":
+            return "parquet"
+        if suffix in (".jsonl", ".ndjson"):
+            return "jsonl"
+        raise ValueError(f"cannot tell the format of {str(self.path)!r}: use .parquet or .jsonl, or set input.format")
+
+
+class OutputSpec(_Model):
+    path: Path
+    format: Literal["parquet", "jsonl", "openai_batch"] | None = None
+    keep_columns: list[str] = Field(default_factory=list)
+    row_group_size: int = Field(10_000, ge=1, le=1_000_000)
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format is not None:
+            return self.format
+        suffix = self.path.suffix.lower()
+        if suffix == ".parquet":
+            return "parquet"
+        if suffix in (".jsonl", ".ndjson"):
+            return "jsonl"
+        raise ValueError(f"cannot tell the format of {str(self.path)!r}: use .parquet or .jsonl, or set output.format")
+
+    @model_validator(mode="after")
+    def _fmt(self) -> OutputSpec:
+        self.resolved_format  # noqa: B018 - raises on an unknown suffix
+        return self
+
+
+class LocalGateway(_Model):
+    """Settings of the simulated gateway started for `base_url: local`."""
+
+    latency_ms: float = Field(20, ge=0, le=600_000)
+    jitter_ms: float = Field(0, ge=0, le=600_000)
+    faults: list[dict[str, Any]] = Field(default_factory=list)
+    seed: int = 0
+
+
+class EndpointSpec(_Model):
+    base_url: str = "local"
+    api: Literal["orq", "openai"] = "orq"
+    api_key_env: str | None = "ORQ_API_KEY"
+    headers: dict[str, str] = Field(default_factory=dict)
+    local: LocalGateway = Field(default_factory=LocalGateway)
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v != "local" and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("must be 'local' or an http(s):// URL")
+        return v.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError("must be the NAME of an environment variable holding the key, not the key itself")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _no_auth_header(cls, v: dict[str, str]) -> dict[str, str]:
+        if any(k.lower() == "authorization" for k in v):
+            raise ValueError("put the key in the variable named by api_key_env, never in the spec")
+        return v
+
+
+class Limits(_Model):
+    concurrency: int = Field(32, ge=1, le=4096)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    max_cost_usd: float | None = Field(None, gt=0)
+    grace_seconds: float = Field(30, ge=0, le=3600)
+
+
+class Price(_Model):
+    prompt: float = Field(ge=0, description="USD per million prompt tokens")
+    completion: float = Field(ge=0, description="USD per million completion tokens")
+    cached_prompt: float | None = Field(None, ge=0, description="USD per million cached prompt tokens")
+
+
+class JobSpec(_Model):
+    name: str | None = None
+    input: InputSpec
+    output: OutputSpec
+    endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
+    request: RequestSpec
+    limits: Limits = Field(default_factory=Limits)
+    cache_dir: Path | None = None
+    prices: dict[str, Price] | None = None
+
+    @model_validator(mode="after")
+    def _cross(self) -> JobSpec:
+        if self.endpoint.api == "openai":
+            orq_only = [f for f in ("orq", "thinking", "plugins") if getattr(self.request, f) is not None]
+            if self.request.orq is not None and (self.request.orq.identity or self.request.orq.thread):
+                pass  # reported below with the rest
+            if orq_only:
+                raise ValueError(
+                    f"request.{orq_only[0]} is orq-only and cannot be sent with endpoint.api: openai "
+                    "(routing fields like retry and cache still apply: batcher enforces them itself)"
+                )
+        if self.input.inputs_columns and self.endpoint.api == "openai":
+            raise ValueError("input.inputs_columns fills orq.inputs, which endpoint.api: openai cannot send")
+        if self.input.inputs_columns and self.request.orq is not None and isinstance(self.request.orq.inputs, list):
+            raise ValueError("input.inputs_columns needs request.orq.inputs as a mapping (or unset), not a list")
+        return self
+
+    @property
+    def job_name(self) -> str:
+        return self.name or self.output.path.stem
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "tagged-union")) or part in (
+            "list[InputItem]",
+            "dict[str,any]",
+            "str",
+            "list[str]",
+        ):
+            continue
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid job spec"]
+    seen = set()
+    for err in exc.errors(include_url=False):
+        field = _loc(tuple(err["loc"]))
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; unknown keys are errors)"
+        elif err["type"] == "missing":
+            msg = "is required"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        shown = "" if err["type"] in ("missing",) or isinstance(value, dict) else f" (got {json.dumps(value, default=str)})"
+        line = f"  {field}: {msg}{shown}"
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> JobSpec:
+    """Validate a spec already loaded into Python objects."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a job spec is a mapping of keys (name, input, output, ...), got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(source, exc)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML (or JSON) job spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read the job spec: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise SpecError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {exc}") from None
+    spec = parse_spec(data, str(path))
+    if spec.name is None:
+        spec = spec.model_copy(update={"name": path.stem})
+    return spec

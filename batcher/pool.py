@@ -98,7 +98,11 @@ class Pool(Generic[T, R, W]):
 
             stack.push_async_callback(_close)
             async for item in work_recv:
-                result = await self._work(item, state)
+                try:
+                    result = await self._work(item, state)
+                except Exception as exc:  # noqa: BLE001 - a bug: stop, but let the writer keep what arrived
+                    self.fail(exc)
+                    return
                 # Shielded: a result that exists must reach the writer even if we are being cancelled now.
                 with anyio.CancelScope(shield=True):
                     await res_send.send(result)

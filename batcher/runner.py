@@ -169,7 +169,7 @@ def _fingerprint(spec: JobSpec) -> str:
             "keep": spec.output.keep_columns,
             "format": spec.output.resolved_format,
             "request": spec.request.model_dump(mode="json", exclude_unset=True),
-            "endpoint": [spec.endpoint.base_url, spec.endpoint.api],
+            "api": spec.endpoint.api,  # not base_url: moving to another replica of a server is not a new job
         }
     )
 
@@ -196,6 +196,7 @@ class _Job:
         self.budget = _Budget(spec.limits.max_cost_usd)
         self.inflight: dict[str, anyio.Event] = {}
         self.recent: dict[str, dict[str, Any]] = {}
+        self._recent_max = 3 * spec.input.batch_size + 16 * spec.limits.concurrency
         self.result = RunResult(output=self.output, status="failed")
         self.fatal: FatalRequestError | None = None
         self.budget_hit = False
@@ -218,7 +219,8 @@ class _Job:
         return rec
 
     def _error(self, row: SourceRow, kind: str, message: str, **extra: Any) -> dict[str, Any]:
-        return self._record(row, status="error", error_kind=kind, error=message, cached=False, attempts=0, **extra)
+        return self._record(row, **{"status": "error", "error_kind": kind, "error": message, "cached": False,
+                                    "attempts": 0, **extra})
 
     def _ok(self, row: SourceRow, comp: dict[str, Any], *, cached: bool, attempts: int, latency_ms: float,
             asked_model: str) -> dict[str, Any]:
@@ -244,6 +246,14 @@ class _Job:
         n = body.get("n") or 1
         est = len(row.prompt) / 3.0 + (body.get("max_tokens") or 0) * n
         return _Work(row, body, key, est)
+
+    def _remember(self, key: str, completion: dict[str, Any]) -> None:
+        """Answers of this run by cache key, so a duplicate row makes no second call. The feeder looked the
+        cache up a batch ahead, so remembering the last few batches' worth closes the gap; older ones are in
+        the cache by then."""
+        self.recent[key] = completion
+        if len(self.recent) > self._recent_max:
+            self.recent.pop(next(iter(self.recent)))
 
     async def work(self, item: _Work, client: WorkerClient) -> dict[str, Any] | None:
         if self.fatal is not None or self.budget_hit:
@@ -325,8 +335,8 @@ class _Job:
                                latency_ms=(time.perf_counter() - started) * 1000, asked_model=body["model"])
                 actual = rec.get("cost_usd")
                 if item.key is not None:
-                    self.recent[item.key] = comp.to_record()
-                    rec["_key"] = item.key
+                    self._remember(item.key, comp.to_record())
+                    rec["_cache"] = (item.key, self.recent[item.key])
                 return rec
         finally:
             self.budget.settle(worst, actual)
@@ -364,15 +374,11 @@ class _Job:
         records = [r for r in batch if r is not None]
         if not records:
             return
-        to_cache = []
-        for r in records:
-            key = r.pop("_key", None)
-            if key is not None:
-                to_cache.append((key, self.recent.pop(key, None)))
+        to_cache = [c for c in (r.pop("_cache", None) for r in records) if c is not None]
         await anyio.to_thread.run_sync(self.journal.append, records)
         if self.cache is not None and self.cache_ttl is not None:
             ttl = self.cache_ttl
-            items = [(k, c, ttl) for k, c in to_cache if c is not None]
+            items = [(k, c, ttl) for k, c in to_cache]
             if items:
                 await anyio.to_thread.run_sync(self.cache.put_many, items)
         res = self.result

@@ -419,9 +419,13 @@ class JobSpec(_Model):
     @model_validator(mode="after")
     def _cross(self) -> JobSpec:
         if self.endpoint.api == "openai":
-            orq_only = [f for f in ("orq", "thinking", "plugins") if getattr(self.request, f) is not None]
-            if self.request.orq is not None and (self.request.orq.identity or self.request.orq.thread):
-                pass  # reported below with the rest
+            orq_only = [f for f in ("name", "thinking", "plugins") if getattr(self.request, f) is not None]
+            if self.request.orq is not None:
+                orq_only += [
+                    f"orq.{f}"
+                    for f in ("name", "prompt", "identity", "contact", "thread", "inputs", "knowledge_bases")
+                    if getattr(self.request.orq, f) is not None
+                ]
             if orq_only:
                 raise ValueError(
                     f"request.{orq_only[0]} is orq-only and cannot be sent with endpoint.api: openai "

@@ -30,7 +30,7 @@ __all__ = ["Endpoint", "WorkerClient", "AttemptFailed"]
 class Endpoint:
     url: str  # the full completions URL
     api: str
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # holds the Authorization header
     api_key: str | None = field(default=None, repr=False)
 
     @classmethod

@@ -69,7 +69,8 @@ class Pool(Generic[T, R, W]):
 
     async def run(self) -> None:
         work_send, work_recv = anyio.create_memory_object_stream[T](self.concurrency * 2)
-        res_send, res_recv = anyio.create_memory_object_stream[R](max(64, self.concurrency * 4))
+        # Small on purpose: an answer waiting here is paid for but not yet durable.
+        res_send, res_recv = anyio.create_memory_object_stream[R](self.concurrency)
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._writer, res_recv)
             async with res_send, work_recv:

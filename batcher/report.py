@@ -1,9 +1,482 @@
-"""`batcher plan` (placeholder until the plan module lands)."""
+"""`batcher report`: usage, cost, latency and errors of finished runs, read lazily from their output files.
+
+    lf = scan_outputs(["out/demo.parquet"])
+    print(usage_table(lf, by=["status"]))   # one row per (model, status)
+    print(error_table(lf))                  # one row per (http_status, error_kind), with an example message
+
+The module owns the step after the sink: polars LazyFrame -> DataFrame functions, pure and testable, plus their
+rendering (an aligned plain-text table, csv, json, markdown) and an optional self-contained HTML page of charts.
+Only the columns a table needs are read (polars pushes the projection down into the Parquet / NDJSON scans).
+
+What the numbers mean, row by row of the output:
+- `cached` rows were answered from batcher's response cache: no call, cost 0, so their tokens are NOT counted
+  again (tokens are the billed ones; `batcher run`'s summary counts them, so it can be higher).
+- cost is the sum of `cost_usd`. An ok, non-cached row without a cost had no price: it is counted in `unpriced`,
+  and a group whose billed rows are all unpriced has a null cost, printed "unpriced", never $0.
+- latency percentiles are over ok, non-cached rows (a cache hit's 0 ms is not a latency), linear interpolation,
+  of `latency_ms` as the run recorded it: from the row's first attempt to its answer, so waits for the rate
+  limiter, retries and backoff are in it (it is what a row cost in time, not the server's time per call).
+- `--prices FILE` recomputes every row's cost from its tokens, exactly as the run prices an answer.
+"""
+
 from __future__ import annotations
 
 import argparse
+import html
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
+
+import polars as pl
+
+from .errors import InputError, OutputError
+from .prices import PriceTable
+
+__all__ = [
+    "add_parser",
+    "error_table",
+    "scan_outputs",
+    "usage_table",
+    "usage_total",
+    "with_prices",
+]
+
+_SUFFIXES = (".parquet", ".jsonl", ".ndjson")
+_TOKENS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
+_USAGE_NEEDS = ("model", "status", "cached", "attempts", "latency_ms", *_TOKENS, "cost_usd")
+_ERROR_NEEDS = ("status", "http_status", "error_kind", "error")
+# The result columns' types, so a JSONL output whose first lines are all null still reads with the right type.
+_JSONL_TYPES: dict[str, pl.DataType] = {
+    "model": pl.String(),
+    "status": pl.String(),
+    "error": pl.String(),
+    "error_kind": pl.String(),
+    "http_status": pl.Int64(),
+    "attempts": pl.Int64(),
+    "cached": pl.Boolean(),
+    "latency_ms": pl.Float64(),
+    "prompt_tokens": pl.Int64(),
+    "completion_tokens": pl.Int64(),
+    "total_tokens": pl.Int64(),
+    "cached_tokens": pl.Int64(),
+    "reasoning_tokens": pl.Int64(),
+    "cost_usd": pl.Float64(),
+}
+PERCENTILES = (50, 95, 99)
+
+
+# --------------------------------------------------------------------------------------------------- reading
+
+
+def _expand(paths: Iterable[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            # Dot-files are batcher's own: state folders and half-written temporaries, never results.
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in _SUFFIXES
+                           and not p.name.startswith("."))
+            if not found:
+                raise InputError(f"{path}: no .parquet or .jsonl output files in this folder")
+            files.extend(found)
+        elif path.is_file():
+            if path.suffix.lower() not in _SUFFIXES:
+                raise InputError(f"{path}: not a batcher output (.parquet or .jsonl)")
+            files.append(path)
+        else:
+            raise InputError(f"{path}: no such file or folder")
+    if not files:
+        raise InputError("no output files given")
+    return files
+
+
+def _scan_one(path: Path) -> pl.LazyFrame:
+    if path.suffix.lower() == ".parquet":
+        # glob=False: an output name with [ or * in it is a name, not a pattern.
+        lf = pl.scan_parquet(path, glob=False)
+    else:
+        # infer_schema_length=None: a kept column that is null for the first lines must still get its type.
+        lf = pl.scan_ndjson(path, infer_schema_length=None, schema_overrides=_JSONL_TYPES)
+    try:
+        names = lf.collect_schema().names()
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    if "status" not in names:
+        hint = " (an openai_batch output? report reads batcher's parquet/jsonl format)" if "custom_id" in names else ""
+        raise InputError(f"{path}: not a batcher output: no 'status' column{hint}")
+    return lf
+
+
+def scan_outputs(paths: Iterable[str | Path]) -> pl.LazyFrame:
+    """One LazyFrame over output files (or folders of them); nothing is read until it is collected.
+
+    Files may differ in their kept input columns: a column missing from one file is null in its rows.
+    """
+    frames = [_scan_one(p) for p in _expand(paths)]
+    return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+
+
+def _require(lf: pl.LazyFrame, columns: Iterable[str]) -> None:
+    names = lf.collect_schema().names()
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise InputError(f"no column {', '.join(map(repr, missing))} in the outputs; the columns are {names}")
+
+
+# ------------------------------------------------------------------------------------------------- the tables
+
+
+def with_prices(lf: pl.LazyFrame, prices: PriceTable) -> pl.LazyFrame:
+    """`cost_usd` recomputed from each row's tokens with `prices`, by the run's own rule (`Price.cost`):
+    error rows have no cost, cache hits cost 0, a model without a price has a null cost."""
+    table = pl.LazyFrame(
+        {
+            "model": list(prices.prices),
+            "_p": [p.prompt for p in prices.prices.values()],
+            "_c": [p.completion for p in prices.prices.values()],
+            "_cp": [p.cached_prompt if p.cached_prompt is not None else p.prompt for p in prices.prices.values()],
+        },
+        schema={"model": pl.String, "_p": pl.Float64, "_c": pl.Float64, "_cp": pl.Float64},
+    )
+    prompt = pl.col("prompt_tokens").fill_null(0)
+    cached = pl.col("cached_tokens").fill_null(0)
+    completion = pl.col("completion_tokens").fill_null(0)
+    cost = ((prompt - cached) * pl.col("_p") + cached * pl.col("_cp") + completion * pl.col("_c")) / 1e6
+    recomputed = (
+        pl.when(pl.col("status") != "ok").then(None)
+        .when(pl.col("cached").fill_null(False)).then(0.0)
+        .when(pl.col("prompt_tokens").is_null() & pl.col("completion_tokens").is_null()).then(None)
+        .otherwise(cost)
+    )
+    return (
+        lf.with_columns(pl.col("model").cast(pl.String))
+        .join(table, on="model", how="left")
+        .with_columns(recomputed.cast(pl.Float64).alias("cost_usd"))
+        .drop("_p", "_c", "_cp")
+    )
+
+
+def _aggregates() -> list[pl.Expr]:
+    ok = pl.col("status") == "ok"
+    cached = pl.col("cached").fill_null(False)
+    billed_ok = ok & ~cached
+    cost = pl.col("cost_usd")
+    exprs = [
+        pl.len().cast(pl.Int64).alias("rows"),
+        ok.fill_null(False).sum().cast(pl.Int64).alias("ok"),
+        (~ok.fill_null(False)).sum().cast(pl.Int64).alias("errors"),
+        cached.sum().cast(pl.Int64).alias("cached"),
+        (pl.col("attempts").fill_null(0).sum() / pl.len()).alias("attempts_per_row"),
+        *(pl.col(t).filter(~cached).sum().cast(pl.Int64).alias(t) for t in _TOKENS),
+        # A sum over no priced row is unknown, not $0: null, printed "unpriced" (or "-" when nothing was billed).
+        pl.when(cost.count() > 0).then(cost.sum()).otherwise(None).cast(pl.Float64).alias("cost_usd"),
+        (billed_ok & cost.is_null()).fill_null(False).sum().cast(pl.Int64).alias("unpriced"),
+    ]
+    exprs += [
+        pl.col("latency_ms").filter(billed_ok).quantile(q / 100, interpolation="linear").alias(f"latency_p{q}_ms")
+        for q in PERCENTILES
+    ]
+    return exprs
+
+
+def usage_table(lf: pl.LazyFrame, by: list[str]) -> pl.DataFrame:
+    """One row per model (and per value of each `by` column): rows, ok, errors, cached, attempts per row,
+    billed tokens, cost, unpriced rows and latency percentiles, sorted by the group columns."""
+    keys = ["model", *(c for c in by if c != "model")]
+    _require(lf, [*_USAGE_NEEDS, *keys])
+    for c, dtype in lf.select(keys).collect_schema().items():
+        if dtype.is_nested():
+            raise InputError(f"--by {c}: the column holds {dtype} values; group by a scalar column")
+    return lf.group_by(keys).agg(_aggregates()).sort(keys, nulls_last=True).collect()
+
+
+def usage_total(lf: pl.LazyFrame) -> pl.DataFrame:
+    """The same figures as `usage_table` over every row: one row, no group columns."""
+    _require(lf, _USAGE_NEEDS)
+    return lf.select(_aggregates()).collect()
+
+
+def error_table(lf: pl.LazyFrame) -> pl.DataFrame:
+    """Rows that are not ok, counted by (http_status, error_kind), most frequent first, with one example message."""
+    _require(lf, _ERROR_NEEDS)
+    return (
+        lf.filter((pl.col("status") != "ok").fill_null(True))
+        .group_by("http_status", "error_kind")
+        .agg(pl.len().cast(pl.Int64).alias("rows"), pl.col("error").drop_nulls().first().alias("example"))
+        .sort(["rows", "http_status", "error_kind"], descending=[True, False, False], nulls_last=True)
+        .collect()
+    )
+
+
+def latency_histogram(lf: pl.LazyFrame, bins: int = 30) -> list[tuple[float, float, int]]:
+    """(low, high, rows) bins of ok, non-cached latencies up to the 99th percentile; slower rows land in the
+    last bin, so one outlier does not squash the chart."""
+    billed_ok = (pl.col("status") == "ok") & ~pl.col("cached").fill_null(False)
+    lat = lf.filter(billed_ok & pl.col("latency_ms").is_not_null()).select("latency_ms")
+    edges = lat.select(pl.col("latency_ms").min().alias("lo"),
+                       pl.col("latency_ms").quantile(0.99, interpolation="linear").alias("hi")).collect()
+    lo, hi = edges["lo"][0], edges["hi"][0]
+    if lo is None or hi is None:
+        return []
+    width = (hi - lo) / bins if hi > lo else 1.0
+    counts = (
+        lat.select(((pl.col("latency_ms") - lo) / width).floor().clip(0, bins - 1).cast(pl.Int64).alias("bin"))
+        .group_by("bin").agg(pl.len().alias("n")).collect()
+    )
+    by_bin = dict(zip(counts["bin"].to_list(), counts["n"].to_list(), strict=True))
+    return [(lo + i * width, lo + (i + 1) * width, int(by_bin.get(i, 0))) for i in range(bins)]
+
+
+# -------------------------------------------------------------------------------------------------- rendering
+
+_HEADERS = {
+    "rows": "rows", "ok": "ok", "errors": "errors", "cached": "cached", "attempts_per_row": "att/row",
+    "prompt_tokens": "prompt tok", "completion_tokens": "compl tok", "cached_tokens": "cached tok",
+    "reasoning_tokens": "reason tok", "cost_usd": "cost USD", "unpriced": "unpriced",
+    **{f"latency_p{q}_ms": f"p{q} ms" for q in PERCENTILES},
+}
+
+
+def _cell(column: str, value: Any, row: dict[str, Any]) -> str:
+    if column == "cost_usd":
+        if value is None:
+            return "unpriced" if row.get("unpriced") else "-"
+        return f"{value:.6f}" if value < 1 else f"{value:,.2f}"
+    if value is None:
+        return "-"
+    if column == "attempts_per_row":
+        return f"{value:.2f}"
+    if column.startswith("latency_"):
+        return f"{value:,.0f}"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _usage_cells(usage: pl.DataFrame, total: pl.DataFrame, keys: list[str]) -> tuple[list[str], list[list[str]]]:
+    metrics = [c for c in usage.columns if c not in keys]
+    header = [*keys, *(_HEADERS.get(c, c) for c in metrics)]
+    body = []
+    for row in usage.iter_rows(named=True):
+        body.append([_cell(k, row[k], row) if row[k] is not None else "(none)" for k in keys]
+                    + [_cell(c, row[c], row) for c in metrics])
+    for row in total.iter_rows(named=True):
+        body.append(["total", *([""] * (len(keys) - 1)), *(_cell(c, row[c], row) for c in metrics)])
+    return header, body
+
+
+def _error_cells(errors: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
+    header = ["http_status", "error_kind", "rows", "example"]
+    body = [[_cell("http_status", r["http_status"], r), _cell("error_kind", r["error_kind"], r),
+             _cell("rows", r["rows"], r), _short(r["example"])] for r in errors.iter_rows(named=True)]
+    return header, body
+
+
+def _short(text: str | None, limit: int = 100) -> str:
+    if text is None:
+        return "-"
+    one_line = " ".join(text.split())
+    return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
+
+
+def _is_numeric(cells: list[str]) -> bool:
+    return all(c.replace(",", "").replace(".", "").replace("-", "").isdigit() or c in ("-", "", "unpriced")
+               for c in cells)
+
+
+def text_table(header: list[str], body: list[list[str]]) -> str:
+    """Aligned plain-text columns: numbers right, text left; a rule under the header and above a total."""
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    right = [_is_numeric([r[i] for r in body]) and bool(body) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    out = [line(header), rule]
+    for row in body:
+        if row[0] == "total" and out[-1] != rule:
+            out.append(rule)
+        out.append(line(row))
+    return "\n".join(out)
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    def esc(c: str) -> str:
+        return c.replace("|", "\\|")
+
+    out = ["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(map(esc, row)) + " |" for row in body]
+    return "\n".join(out)
+
+
+def _csv_frame(usage: pl.DataFrame, total: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """The usage rows then the total row, whose first group column says "total" (the others are empty)."""
+    keyed = usage.with_columns(pl.col(k).cast(pl.String) for k in keys)
+    total_keys = total.with_columns(
+        pl.lit("total").alias(keys[0]), *(pl.lit(None, dtype=pl.String).alias(k) for k in keys[1:])
+    ).select(keyed.columns)
+    return pl.concat([keyed, total_keys], how="vertical_relaxed")
+
+
+# ------------------------------------------------------------------------------------------------------- HTML
+
+
+def _bar_chart(items: list[tuple[str, float]], unit: str) -> str:
+    bar_h, gap, label_w, chart_w = 22, 6, 260, 420
+    height = len(items) * (bar_h + gap) + gap
+    top = max((v for _, v in items), default=0.0) or 1.0
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + chart_w + 120}" height="{height}">']
+    for i, (label, value) in enumerate(items):
+        y = gap + i * (bar_h + gap)
+        w = max(1.0, chart_w * value / top)
+        parts.append(f'<text x="{label_w - 8}" y="{y + bar_h * 0.7:.1f}" text-anchor="end">{html.escape(label)}</text>')
+        parts.append(f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="#4878a8"/>')
+        parts.append(f'<text x="{label_w + w + 6:.1f}" y="{y + bar_h * 0.7:.1f}">{html.escape(unit.format(value))}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _histogram(bins: list[tuple[float, float, int]], marks: dict[str, float]) -> str:
+    w, h, pad = 720, 260, 60
+    top = max((n for _, _, n in bins), default=0) or 1
+    lo, hi = bins[0][0], bins[-1][1]
+    span = (hi - lo) or 1.0
+    bw = (w - 2 * pad) / len(bins)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h + 30}">']
+    for i, (a, b, n) in enumerate(bins):
+        bh = (h - pad) * n / top
+        parts.append(f'<rect x="{pad + i * bw:.1f}" y="{h - bh:.1f}" width="{max(bw - 1, 1):.1f}" height="{bh:.1f}" '
+                     f'fill="#4878a8"><title>{a:,.0f}-{b:,.0f} ms: {n} rows</title></rect>')
+    for i, (name, value) in enumerate(marks.items()):
+        x = pad + (w - 2 * pad) * min(max((value - lo) / span, 0.0), 1.0)
+        y = 14 + 15 * i  # one line per label: percentiles are often a few pixels apart
+        anchor = ' text-anchor="end"' if x > w / 2 else ""
+        dx = -4 if anchor else 4
+        parts.append(f'<line x1="{x:.1f}" y1="{y - 10}" x2="{x:.1f}" y2="{h}" stroke="#c0392b" stroke-dasharray="4 3"/>')
+        parts.append(f'<text x="{x + dx:.1f}" y="{y}" fill="#c0392b"{anchor}>{name} {value:,.0f} ms</text>')
+    parts.append(f'<text x="{pad - 4}" y="{pad + 4}" text-anchor="end">{top:,}</text>')
+    parts.append(f'<text x="{pad - 4}" y="{h}" text-anchor="end">0</text>')
+    parts.append(f'<text x="{pad}" y="{h + 20}">{lo:,.0f} ms</text>')
+    parts.append(f'<text x="{w - pad}" y="{h + 20}" text-anchor="end">{hi:,.0f} ms (slower rows in the last bar)</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def html_report(lf: pl.LazyFrame, title: str) -> str:
+    """A self-contained page (inline SVG, no script): cost by model, latency distribution, the two tables."""
+    per_model = usage_table(lf, [])
+    total = usage_total(lf)
+    costs = [(m or "(none)", c) for m, c in zip(per_model["model"], per_model["cost_usd"], strict=True) if c is not None]
+    unpriced = [m or "(none)" for m, n in zip(per_model["model"], per_model["unpriced"], strict=True) if n]
+    t = total.row(0, named=True)
+    marks = {f"p{q}": t[f"latency_p{q}_ms"] for q in PERCENTILES if t[f"latency_p{q}_ms"] is not None}
+    bins = latency_histogram(lf)
+    uh, ub = _usage_cells(per_model, total, ["model"])
+    eh, eb = _error_cells(error_table(lf))
+    sections = [
+        f"<h1>{html.escape(title)}</h1>",
+        "<h2>Cost by model (USD)</h2>",
+        _bar_chart(costs, "${:.6f}") if costs else "<p>No priced rows.</p>",
+    ]
+    if unpriced:
+        sections.append(f"<p><b>Unpriced</b> (no price, cost unknown, not free): {html.escape(', '.join(unpriced))}</p>")
+    sections += [
+        "<h2>Latency of ok, non-cached calls</h2>",
+        _histogram(bins, marks) if bins else "<p>No latencies.</p>",
+        "<h2>Usage</h2>", f"<pre>{html.escape(text_table(uh, ub))}</pre>",
+        "<h2>Errors</h2>", f"<pre>{html.escape(text_table(eh, eb))}</pre>" if eb else "<p>No errors.</p>",
+    ]
+    style = "body{font-family:system-ui,sans-serif;margin:2em}svg text{font-size:12px}pre{font-size:12px}"
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n")
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI
+
+
+def render(lf: pl.LazyFrame, by: list[str], fmt: str, table: str = "all") -> str:
+    """The report as text in one of the formats; `table` picks usage, errors or both (csv takes one)."""
+    keys = ["model", *(c for c in by if c != "model")]
+    want_usage, want_errors = table in ("all", "usage"), table in ("all", "errors")
+    if fmt == "csv":
+        # One CSV is one table: the usage one unless --table errors asks for the other.
+        if table == "errors":
+            return error_table(lf).write_csv()
+        return _csv_frame(usage_table(lf, by), usage_total(lf), keys).write_csv()
+    usage = usage_table(lf, by) if want_usage else None
+    total = usage_total(lf) if want_usage else None
+    errors = error_table(lf) if want_errors else None
+    if fmt == "json":
+        doc: dict[str, Any] = {"by": keys}
+        if usage is not None and total is not None:
+            doc["usage"] = usage.to_dicts()
+            doc["total"] = total.to_dicts()[0]
+        if errors is not None:
+            doc["errors"] = errors.to_dicts()
+        return json.dumps(doc, indent=1, default=str)
+    draw = _markdown if fmt == "markdown" else text_table
+    blocks = []
+    if usage is not None and total is not None:
+        blocks.append(draw(*_usage_cells(usage, total, keys)))
+        if (total["unpriced"][0] or 0) > 0:
+            models = [str(m) for m in usage.filter(pl.col("unpriced") > 0)["model"].unique().sort().to_list()]
+            blocks.append(f"unpriced: {total['unpriced'][0]} ok row(s) of {', '.join(models)} have no price: "
+                          "their cost is unknown, not zero (add them to a price table: --prices FILE)")
+    if errors is not None:
+        if errors.height:
+            title = "errors" if fmt == "text" else "**errors**"
+            blocks.append(title + "\n" + draw(*_error_cells(errors)))
+        else:
+            blocks.append("errors: none")
+    return "\n\n".join(blocks)
+
+
+def _split_by(values: Sequence[str] | None) -> list[str]:
+    out: list[str] = []
+    for v in values or []:
+        out += [c.strip() for c in v.split(",") if c.strip() and c.strip() not in out]
+    return out
+
+
+def _report(args: argparse.Namespace) -> int:
+    lf = scan_outputs(args.outputs)
+    if args.prices:
+        # As for `batcher run --prices`: the file's prices override the shipped table, model by model.
+        lf = with_prices(lf, PriceTable.default().overridden(PriceTable.from_file(args.prices)))
+    by = _split_by(args.by)
+    print(render(lf, by, args.format, args.table))
+    if args.html:
+        page = html_report(lf, "batcher report: " + ", ".join(map(str, args.outputs)))
+        try:
+            Path(args.html).write_text(page, encoding="utf-8")
+        except OSError as exc:
+            raise OutputError(f"cannot write {args.html}: {exc.strerror or exc}") from None
+        print(f"batcher: charts written to {args.html}", file=sys.stderr)
+    return 0
 
 
 def add_parser(sub: Any) -> None:
-    del sub
+    p = sub.add_parser(
+        "report",
+        help="usage, cost, latency and errors of output files",
+        description="Per model (and --by columns): rows, ok, errors, cached, attempts per row, billed tokens, "
+        "cost (rows without a price are counted as unpriced, never as free), latency p50/p95/p99 of ok "
+        "non-cached calls; then errors by http_status and error_kind.",
+    )
+    p.add_argument("outputs", nargs="+", metavar="OUTPUT", help="output files (.parquet/.jsonl) or folders of them")
+    p.add_argument("--by", action="append", metavar="COL",
+                   help="also group by this output or kept input column (repeat, or comma-separate)")
+    p.add_argument("--format", choices=("text", "csv", "json", "markdown"), default="text",
+                   help="text: aligned table (default); csv: one table, its last row the total")
+    p.add_argument("--table", choices=("all", "usage", "errors"), default="all",
+                   help="which table to print (csv prints usage unless this says errors)")
+    p.add_argument("--prices", metavar="FILE", help="recompute cost from tokens with this price table")
+    p.add_argument("--html", metavar="FILE", help="also write charts (cost by model, latency) as one HTML file")
+    p.set_defaults(func=_report)

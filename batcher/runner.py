@@ -59,6 +59,7 @@ class RunOptions:
     progress: bool | None = None  # None: only when stderr is a terminal
     base_url: str | None = None  # overrides endpoint.base_url (tests, benchmarks)
     seed: int | None = None  # backoff jitter; None = random
+    verbose: bool = False  # one stderr line per failed attempt and what batcher does about it
 
 
 @dataclass
@@ -306,6 +307,11 @@ class _Job:
                     failure = exc.failure
                     d = decide(plan, failure, retries_used=retries, contract_retries_used=contract_retries,
                                has_next_model=model_i + 1 < len(models), backoff=self.options.backoff, rng=self.rng)
+                    if self.options.verbose:
+                        then = f"retry in {d.delay:.2f} s" if d.action == "retry" else d.action
+                        # failure.message was redacted by the client: it cannot carry the key
+                        print(f"batcher: row {row.id!r} attempt {attempts} ({body['model']}): {failure.message} -> {then}",
+                              file=sys.stderr, flush=True)
                     if d.action == "fatal":
                         self.fatal = FatalRequestError(
                             f"the server refused the API key (HTTP {failure.status}): {failure.message}",
@@ -475,26 +481,25 @@ class _Job:
         if isinstance(error, OutputError):
             self.state.save()
             raise error
-        if isinstance(error, FatalRequestError):
-            self.state.save()
-            self.result.status = "fatal"
-            self.result.message = f"{error}; nothing was lost: fix the key and rerun the same command to resume"
-            return self.result
-        if self.pool.feeding_stopped and self.result.signal is not None:
-            self.state.save()
-            self.result.status = "interrupted"
-            self.result.message = "interrupted; everything answered so far is saved: rerun the same command to resume"
-            return self.result
-        if self.budget_hit:
-            self.state.save()
-            self.result.status = "budget"
-            self.result.message = (
-                f"stopped before passing limits.max_cost_usd (${spec.limits.max_cost_usd:g}); spent ${self.budget.spent:.4f}. "
-                "Raise the budget and rerun to finish the rest"
-            )
-            return self.result
+        # Whatever stopped the run, the output shows everything answered so far; the state stays resumable.
         self._finish(info)
-        return self.result
+        res = self.result
+        if isinstance(error, FatalRequestError):
+            res.status = "fatal"
+            res.message = f"{error}. Nothing answered was lost: fix the key and rerun the same command to resume"
+        elif self.pool.feeding_stopped and res.signal is not None:
+            res.status = "interrupted"
+            res.message = (f"interrupted: {res.skipped + res.ok + res.errors} rows saved in {self.output}; "
+                           "rerun the same command to finish the rest")
+        elif self.budget_hit:
+            res.status = "budget"
+            res.message = (
+                f"stopped before passing limits.max_cost_usd (${spec.limits.max_cost_usd:g}): spent "
+                f"${self.budget.spent:.4f}; raise the budget and rerun the same command to finish the rest"
+            )
+        else:
+            res.status = "finished"
+        return res
 
     def _preflight(self) -> SourceInfo:
         spec, opts = self.spec, self.options
@@ -553,7 +558,6 @@ class _Job:
         self.state.status = "finished" if all_ok else "partial"
         self.state.rows = written
         self.state.save()
-        self.result.status = "finished"
 
 
 class _NothingToDo(Exception):

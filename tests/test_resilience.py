@@ -1,0 +1,304 @@
+"""Nothing lost, nothing paid twice: kill -9 and resume, Ctrl-C, bad input, disk faults, secrets."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+import yaml
+
+from batcher import parse_spec, run_job
+from batcher.cli import main as cli_main
+from batcher.gateway import Fault, Gateway, GatewayConfig, serve_in_thread
+from batcher.sinks import Journal, state_dir_for
+
+from .conftest import ROOT, SAMPLES, options, write_jsonl
+
+
+def _spec_file(tmp_path: Path, spec: dict[str, Any], name: str = "job.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "batcher", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _rows(n: int) -> list[dict[str, Any]]:
+    return [{"id": f"row-{i:05d}", "text": f"question number {i}"} for i in range(n)]
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume(tmp_path: Path) -> None:
+    rows, concurrency, kills = 3000, 16, 4
+    src = write_jsonl(tmp_path / "in.jsonl", _rows(rows))
+    out = tmp_path / "out.parquet"
+    rng = random.Random(7)
+    with serve_in_thread(GatewayConfig(latency_s=0.02, jitter_s=0.01)) as gw:
+        spec = _spec_file(tmp_path, {
+            "input": {"path": str(src), "id_column": "id", "prompt": "{{text}}"},
+            "output": {"path": str(out)},
+            "endpoint": {"base_url": gw.base_url},
+            "request": {"model": "openai/gpt-4o-mini", "max_tokens": 8},
+            "limits": {"concurrency": concurrency},
+        })
+        in_flight_at_kill = []
+        for _ in range(kills):
+            proc = _cli("run", str(spec), "--quiet")
+            time.sleep(rng.uniform(0.6, 1.6))
+            if proc.poll() is None:
+                in_flight_at_kill.append(gw.stats.in_flight)
+                proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=30)
+        proc = _cli("run", str(spec), "--quiet")
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        billed = gw.stats.billed
+    df = pl.read_parquet(out)
+    assert df.height == rows and df["id"].n_unique() == rows
+    assert (df["status"] == "ok").all()
+    extra = billed - rows
+    # Paid twice only for calls not yet durable at each kill: those the server was still answering (at most
+    # `concurrency`) and answers on their way to the journal (the result buffer holds at most `concurrency`).
+    assert extra <= len(in_flight_at_kill) * 2 * concurrency
+    print(f"\ncrash test: {len(in_flight_at_kill)} kills, {rows} rows, 0 duplicates, {billed} billed calls, "
+          f"{extra} extra (in flight at the kills: {in_flight_at_kill})")
+
+
+def test_sigint_drains_in_flight_calls_and_the_rerun_finishes(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", _rows(400))
+    out = tmp_path / "out.parquet"
+    with serve_in_thread(GatewayConfig(latency_s=0.3)) as gw:
+        spec = _spec_file(tmp_path, {
+            "input": {"path": str(src), "id_column": "id", "prompt": "{{text}}"},
+            "output": {"path": str(out)},
+            "endpoint": {"base_url": gw.base_url},
+            "request": {"model": "openai/gpt-4o-mini", "max_tokens": 8},
+            "limits": {"concurrency": 8, "grace_seconds": 5},
+        })
+        proc = _cli("run", str(spec))
+        deadline = time.monotonic() + 20
+        while gw.stats.billed < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        sent_at = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        took = time.monotonic() - sent_at
+        billed_at_stop = gw.stats.billed
+        assert proc.returncode == 130, err.decode()
+        assert took < 5 + 2  # within the grace period (plus process exit)
+        assert b"rerun the same command" in err
+        partial = pl.read_parquet(out)
+        # everything the server answered is in the output: nothing received was dropped
+        assert partial.height == billed_at_stop and (partial["status"] == "ok").all()
+        assert 0 < partial.height < 400
+        proc = _cli("run", str(spec), "--quiet")
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+        assert gw.stats.billed == 400  # nothing asked twice
+    df = pl.read_parquet(out)
+    assert df.height == 400 and df["id"].n_unique() == 400
+
+
+def test_second_sigint_stops_at_once_and_stays_resumable(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", _rows(100))
+    out = tmp_path / "out.parquet"
+    with serve_in_thread(GatewayConfig(latency_s=3.0)) as gw:
+        spec = _spec_file(tmp_path, {
+            "input": {"path": str(src), "id_column": "id", "prompt": "{{text}}"},
+            "output": {"path": str(out)}, "endpoint": {"base_url": gw.base_url},
+            "request": {"model": "openai/gpt-4o-mini", "max_tokens": 8},
+            "limits": {"concurrency": 4, "grace_seconds": 60},
+        })
+        proc = _cli("run", str(spec), "--quiet")
+        deadline = time.monotonic() + 20
+        while gw.stats.total < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        proc.communicate(timeout=30)
+        assert proc.returncode == 130 and time.monotonic() - start < 2.5
+    with serve_in_thread(GatewayConfig()) as gw:
+        spec_data = yaml.safe_load(spec.read_text())
+        spec_data["endpoint"]["base_url"] = gw.base_url
+        result = run_job(parse_spec(spec_data), options())
+        assert result.status == "finished" and result.ok == 100
+
+
+def test_fingerprint_change_is_refused_unless_fresh(make_spec, gateway: Gateway, capsys) -> None:
+    run_job(parse_spec(make_spec()), options(limit=10))
+    changed = parse_spec(make_spec(request={"temperature": 0.5}))
+    with pytest.raises(Exception, match="different spec.*--fresh"):
+        run_job(changed, options())
+    assert run_job(changed, options(fresh=True, limit=5)).ok == 5
+
+
+# --- bad input: one clear message, one exit code, zero requests ----------------------------------------------
+
+
+def _bad(tmp_path: Path, name: str, gw: Gateway) -> tuple[dict[str, Any], Path]:
+    spec: dict[str, Any] = {
+        "input": {"path": str(SAMPLES / "reviews.parquet"), "id_column": "review_id", "prompt": "{{text}}"},
+        "output": {"path": str(tmp_path / name / "o.parquet")},
+        "endpoint": {"base_url": gw.base_url},
+        "request": {"model": "m", "max_tokens": 4},
+    }
+    return spec, tmp_path / f"{name}.yaml"
+
+
+BAD_CASES: list[tuple[str, Any, int, str]] = [
+    ("missing_file", {"input": {"path": "nowhere.parquet"}}, 3, "does not exist"),
+    ("folder", {"input": {"path": "FOLDER.parquet"}}, 3, "is not a file"),
+    ("not_parquet", {"input": {"path": "GARBAGE.parquet"}}, 3, "cannot read"),
+    ("missing_id", {"input": {"id_column": "nope"}}, 3, "'nope'"),
+    ("missing_template_column", {"input": {"prompt": "{{nope}}"}}, 3, "{{nope}}"),
+    ("missing_prompt_column", {"input": {"prompt": None, "prompt_column": "nope"}}, 3, "'nope'"),
+    ("prompt_column_not_text", {"input": {"prompt": None, "prompt_column": "rating"}}, 3, "not a string"),
+    ("duplicate_ids", {"input": {"id_column": "product"}}, 3, "duplicate ids"),
+    ("id_wrong_type", {"input": {"path": "FLOATIDS.parquet", "id_column": "x"}}, 3, "strings or integers"),
+    ("bad_value", {"limits": {"concurrency": 0}}, 2, "limits.concurrency"),
+    ("unknown_key", {"reqest": {}}, 2, "reqest"),
+    ("both_prompts", {"input": {"prompt_column": "text"}}, 2, "exactly one"),
+    ("unwritable_output", {"output": {"path": "BLOCKED/o.parquet"}}, 4, "cannot write"),
+]
+
+
+@pytest.mark.parametrize(("case", "patch", "code", "message"), BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_bad_input_matrix(tmp_path: Path, gateway: Gateway, capsys, case, patch, code, message) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    spec, path = _bad(tmp_path, case, gateway)
+    (tmp_path / "FOLDER.parquet").mkdir()
+    (tmp_path / "GARBAGE.parquet").write_bytes(b"this is not parquet at all")
+    pq.write_table(pa.table({"x": [1.5, 2.5], "text": ["a", "b"]}), tmp_path / "FLOATIDS.parquet")
+    (tmp_path / "BLOCKED").write_text("a file where a folder should be")
+    for section, values in patch.items():
+        if section not in spec:
+            spec[section] = values
+            continue
+        for k, v in values.items():
+            if v is None:
+                spec[section].pop(k, None)
+            elif isinstance(v, str) and v.split("/")[0].split(".")[0].isupper():
+                spec[section][k] = str(tmp_path / v)
+            else:
+                spec[section][k] = v
+    path.write_text(yaml.safe_dump(spec))
+    assert cli_main(["run", str(path), "--quiet"]) == code
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") <= 3, err
+    assert gateway.stats.total == 0
+
+
+def test_bad_rows_error_rows_add_up(make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    lines = [json.dumps({"id": "ok1", "text": "fine"}), json.dumps({"id": "null", "text": None}),
+             json.dumps({"id": "empty", "text": "   "}), "{not json", json.dumps({"id": "nokey"}),
+             json.dumps({"id": "long", "text": "x" * 500}), json.dumps([1, 2]), json.dumps({"id": "ok2", "text": "y"})]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    spec = parse_spec(make_spec(input={"path": str(src), "id_column": "id", "prompt": "{{text}}",
+                                       "max_prompt_chars": 100}))
+    result = run_job(spec, options())
+    df = pl.read_parquet(spec.output.path)
+    assert df.height == len(lines) == result.ok + result.errors
+    errs = df.filter(pl.col("status") == "error")["error"].to_list()
+    assert any("line 4" in e for e in errs) and any("max_prompt_chars" in e for e in errs)
+    assert any("is null" in e for e in errs) and any("empty" in e for e in errs)
+    assert gateway.stats.total == 2
+
+
+# --- disk full mid-run ---------------------------------------------------------------------------------------
+
+
+def test_disk_full_stops_keeps_what_was_written_and_rerun_completes(make_spec, gateway: Gateway, monkeypatch) -> None:
+    spec = parse_spec(make_spec(limits={"concurrency": 4}))
+    real_append = Journal.append
+    written = [0]
+
+    def append(self: Journal, records: Any) -> None:
+        records = list(records)
+        if written[0] + len(records) > 100:
+            raise_enospc(self)
+        real_append(self, records)
+        written[0] += len(records)
+
+    def raise_enospc(self: Journal) -> None:
+        from batcher.errors import OutputError
+
+        raise OutputError(f"cannot write the journal {self.path}: {os.strerror(errno.ENOSPC)}")
+
+    monkeypatch.setattr(Journal, "append", append)
+    with pytest.raises(Exception, match="No space left on device") as err:
+        run_job(spec, options())
+    assert str(state_dir_for(spec.output.path)) in str(err.value)
+    calls_at_failure = gateway.stats.total
+    assert calls_at_failure < 300  # it stopped sending
+    journal = state_dir_for(spec.output.path) / "journal.jsonl"
+    kept = [json.loads(x) for x in journal.read_text().splitlines()]
+    assert len(kept) == written[0] <= 100
+    monkeypatch.setattr(Journal, "append", real_append)
+    result = run_job(spec, options())
+    df = pl.read_parquet(spec.output.path)
+    assert result.status == "finished" and df.height == 300 and df["review_id"].n_unique() == 300
+    assert result.skipped == len(kept)
+
+
+# --- secrets -------------------------------------------------------------------------------------------------
+
+CANARY = "sk-canary-7f3a9c1e5d2b4a68"
+
+
+def test_canary_key_never_leaks(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", _rows(60))
+    faults = [
+        {"kind": "status", "status": 500, "echo_auth": True, "prompt_contains": "number 1"},
+        {"kind": "status", "status": 429, "echo_auth": True, "first": 1, "retry_after_ms": "10"},
+        {"kind": "malformed", "prompt_contains": "number 2"},
+    ]
+    cache_dir = tmp_path / "cache"
+    with serve_in_thread(GatewayConfig(faults=faults)) as gw:
+        spec = _spec_file(tmp_path, {
+            "input": {"path": str(src), "id_column": "id", "prompt": "{{text}}"},
+            "output": {"path": str(tmp_path / "out" / "o.jsonl")},
+            "endpoint": {"base_url": gw.base_url, "api": "openai", "api_key_env": "MY_KEY"},
+            "request": {"model": "m", "max_tokens": 4, "retry": {"count": 1},
+                        "cache": {"type": "exact_match", "ttl": 60}},
+            "cache_dir": str(cache_dir),
+            "limits": {"concurrency": 4},
+        })
+        proc = _cli("run", str(spec), "--verbose", env={"MY_KEY": CANARY})
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+        assert b"HTTP 500" in err and b"***" in err  # the echoed key was there, and was redacted
+    with serve_in_thread(GatewayConfig(api_key="sk-other")) as gw:  # the key refused: a fatal error path
+        data = yaml.safe_load(spec.read_text())
+        data["endpoint"]["base_url"] = gw.base_url
+        spec.write_text(yaml.safe_dump(data))
+        proc = _cli("run", str(spec), "--verbose", "--fresh", env={"MY_KEY": CANARY})
+        out2, err2 = proc.communicate(timeout=60)
+        assert proc.returncode == 6 and b"refused the API key" in err2
+    blobs = [out, err, out2, err2]
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            blobs.append(f.read_bytes())
+    assert len(blobs) > 6
+    for blob in blobs:
+        assert CANARY.encode() not in blob
+        assert CANARY[3:].encode() not in blob

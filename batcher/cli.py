@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("batcher: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `batcher report ... | head`: the reader left; say nothing more.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """The only module that speaks HTTP: one completion attempt in, a `Completion` or a `Failure` out.
 
-The setup was chosen by measurement (benchmarks/README.md): one shared `httpx.AsyncClient` with a large pool
-costs ~9 ms of client CPU per request because httpcore scans its pool on every request, while one
-single-connection client per worker costs well under 1 ms. So each worker owns a `WorkerClient`; all of them
-share one SSL context (one per client costs 4x the memory). The whole attempt, headers and body, runs under one
-anyio deadline: httpx's read timeout restarts on every chunk and would let a trickling server run forever.
+The setup was chosen by measurement (`python benchmarks/bare.py`, figures in benchmarks/README.md): per request,
+aiohttp costs about a third of the client CPU of httpx (~0.2 ms against ~0.6 ms on the reference machine), httpx
+over the aiohttp transport (httpx-aiohttp) sits in between, and one shared `httpx.AsyncClient` with a large
+pool costs ~9 ms because httpcore scans its pool on every request. So each worker owns a `WorkerClient`: one
+aiohttp session holding one keep-alive connection, with no cookie jar and no aiohttp timeouts. All of them share
+one SSL context (one per client costs 4x the memory). The whole attempt, headers and body, runs under one anyio
+deadline: a per-read timeout restarts on every chunk and would let a trickling server run forever.
 
 The API key lives only in the Authorization header; every message that leaves this module passes `redact`,
 because servers sometimes echo what they were sent.
@@ -17,20 +19,22 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import anyio
-import httpx
+from multidict import CIMultiDictProxy
+from yarl import URL
 
 from .routing import Failure, parse_retry_after
 from .wire import Completion, ContractError, StreamAssembler, parse_completion
 
-__all__ = ["Endpoint", "WorkerClient", "AttemptFailed"]
+__all__ = ["AttemptFailed", "Endpoint", "WorkerClient"]
 
 
 @dataclass(frozen=True)
 class Endpoint:
     url: str  # the full completions URL
     api: str
-    headers: dict[str, str] = field(default_factory=dict, repr=False)  # holds the Authorization header
+    headers: dict[str, str] = field(default_factory=dict)
     api_key: str | None = field(default=None, repr=False)
 
     @classmethod
@@ -57,9 +61,15 @@ _SSL_CONTEXT: ssl.SSLContext | None = None
 
 
 def _ssl_context() -> ssl.SSLContext:
+    """Certificates verified against certifi's bundle when it is installed (as httpx did), else the system's."""
     global _SSL_CONTEXT
     if _SSL_CONTEXT is None:
-        _SSL_CONTEXT = httpx.create_ssl_context()
+        try:
+            import certifi
+
+            _SSL_CONTEXT = ssl.create_default_context(cafile=certifi.where())
+        except ImportError:
+            _SSL_CONTEXT = ssl.create_default_context()
     return _SSL_CONTEXT
 
 
@@ -77,52 +87,88 @@ def _error_message(status: int, content: bytes) -> str:
     return f"HTTP {status}" + (f": {snippet}" if snippet else "")
 
 
+class _LineSplitter:
+    """Bytes in, complete lines out, split on LF, CRLF or a lone CR, as SSE allows; a CR at the end of a chunk
+    waits for the next one, which may start with its LF. Lines are decoded whole, so a UTF-8 character split
+    between two chunks arrives intact."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, data: bytes) -> list[str]:
+        if self._rest:
+            data = self._rest + data
+        lines = data.splitlines(keepends=True)
+        self._rest = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+        return [line.rstrip(b"\r\n").decode("utf-8", "replace") for line in lines]
+
+    def close(self) -> list[str]:
+        rest, self._rest = self._rest, b""
+        return [rest.rstrip(b"\r\n").decode("utf-8", "replace")] if rest else []
+
+
 class WorkerClient:
-    """One keep-alive connection for one worker."""
+    """One keep-alive connection for one worker. Its session is made on the first call, inside the running
+    event loop (aiohttp binds a session to the loop that creates it)."""
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        self._client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
-            timeout=None,  # the deadline is enforced around the whole attempt, below
-            verify=_ssl_context(),
-            headers=endpoint.headers,
-            follow_redirects=False,
+        self._url = URL(endpoint.url)  # parsed once, not on every request
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=1,
+            # For http:// the context is never used: skip loading a certificate bundle for nothing.
+            ssl=_ssl_context() if self._url.scheme == "https" else True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=self.endpoint.headers,
+            timeout=aiohttp.ClientTimeout(),  # none: the deadline is enforced around the whole attempt, below
+            cookie_jar=aiohttp.DummyCookieJar(),  # an API client keeps no cookies; parsing them costs CPU
             trust_env=False,
         )
+        return self._session
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def complete(self, body: dict[str, Any], *, stream: bool, deadline_s: float) -> Completion:
         """One attempt. Raises AttemptFailed with a redacted message on any failure."""
         content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        session = self._session or self._open()
         try:
             with anyio.fail_after(deadline_s):
-                if stream:
-                    return await self._stream(content)
-                response = await self._client.post(self.endpoint.url, content=content)
-                if response.status_code != 200:
-                    self._raise_status(response.status_code, response.headers, response.content)
-                return parse_completion(response.content)
+                async with session.post(self._url, data=content, allow_redirects=False) as response:
+                    if response.status != 200:
+                        self._raise_status(response.status, response.headers, await response.read())
+                    if stream:
+                        return await self._stream(response)
+                    return parse_completion(await response.read())
         except TimeoutError:
             raise AttemptFailed(Failure("timeout", f"no complete answer within {deadline_s:g} s")) from None
-        except httpx.TransportError as exc:
+        except (aiohttp.ClientError, OSError) as exc:
+            # ClientError covers refused and dropped connections, truncated bodies and unparseable responses.
             msg = self.endpoint.redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
             raise AttemptFailed(Failure("transport", msg)) from None
         except ContractError as exc:
             raise AttemptFailed(Failure("contract", self.endpoint.redact(f"bad response: {exc}"), status=200)) from None
 
-    async def _stream(self, content: bytes) -> Completion:
-        async with self._client.stream("POST", self.endpoint.url, content=content) as response:
-            if response.status_code != 200:
-                self._raise_status(response.status_code, response.headers, await response.aread())
-            assembler = StreamAssembler()
-            async for line in response.aiter_lines():
+    @staticmethod
+    async def _stream(response: aiohttp.ClientResponse) -> Completion:
+        assembler = StreamAssembler()
+        lines = _LineSplitter()
+        async for chunk in response.content.iter_any():
+            for line in lines.feed(chunk):
                 assembler.feed_line(line)
-            return assembler.result()
+        for line in lines.close():
+            assembler.feed_line(line)
+        return assembler.result()
 
-    def _raise_status(self, status: int, headers: httpx.Headers, content: bytes) -> None:
+    def _raise_status(self, status: int, headers: CIMultiDictProxy[str], content: bytes) -> None:
         failure = Failure(
             "status",
             self.endpoint.redact(_error_message(status, content)),

@@ -147,8 +147,8 @@ class Fault:
             raise ValueError(f"fault delay_s must be >= 0, got {self.delay_s}")
         for name in ("retry_after", "retry_after_ms"):
             value = getattr(self, name)
-            if value is not None and ("\r" in value or "\n" in value):
-                raise ValueError(f"fault {name} must be a single header line")
+            if value is not None and not (value.isascii() and value.isprintable()):
+                raise ValueError(f"fault {name} must be printable ASCII (it is sent as a header)")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Fault:
@@ -503,12 +503,16 @@ def _sse_chunks(completion: dict[str, Any]) -> list[bytes]:
 
 
 @functools.cache
-def _status_line(status: int) -> bytes:
+def _phrase(status: int) -> str:
     try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Site Overloaded" if status == 529 else "Unknown"
-    return f"HTTP/1.1 {status} {phrase}\r\n".encode()
+        return HTTPStatus(status).phrase
+    except ValueError:  # 529 is Anthropic's (and orq's) "overloaded", unknown to http.HTTPStatus
+        return "Site Overloaded" if status == 529 else "Unknown Status"
+
+
+@functools.cache
+def _status_line(status: int) -> bytes:
+    return f"HTTP/1.1 {status} {_phrase(status)}\r\n".encode()
 
 
 def _chunk(data: bytes) -> bytes:
@@ -531,18 +535,17 @@ def _response(
 
 
 def _error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
-    default_code, kind = _ERROR_KINDS.get(
-        status, ("server_error" if status >= 500 else "error", "server_error")
+    default_code, kind = _ERROR_KINDS.get(status) or (
+        _phrase(status).lower().replace("'", "").replace(" ", "_"),  # 503 -> "service_unavailable"
+        "server_error" if status >= 500 else "invalid_request_error",
     )
-    if 400 <= status < 500 and status not in _ERROR_KINDS:
-        kind = "invalid_request_error"
     error = {"code": code or default_code, "message": message, "param": param, "type": kind}
     return _dumps({"error": error}).encode()
 
 
 _STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
-    b"transfer-encoding: chunked\r\n"
+    b"transfer-encoding: chunked\r\n\r\n"
 )
 
 
@@ -572,9 +575,8 @@ class _HttpProtocol(asyncio.Protocol):
         self._gateway = gateway
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._pending: tuple[str, str, dict[str, str], bool, int] | None = (
-            None  # parsed head awaiting its body
-        )
+        # A parsed head whose body has not fully arrived: (method, target, headers, keep_alive, length).
+        self._pending: tuple[str, str, dict[str, str], bool, int] | None = None
         self._task: asyncio.Task[None] | None = None  # the delayed reply this connection waits on
         self._closed = False
 
@@ -604,21 +606,17 @@ class _HttpProtocol(asyncio.Protocol):
             if request is None:
                 return
             reply = self._gateway._handle(request)
+            reply.close = reply.close or not request.keep_alive
             if reply.delay > 0:
                 # Latency is awaited in a task so the loop keeps serving other connections meanwhile.
-                self._task = asyncio.get_running_loop().create_task(self._reply_later(reply))
-                self._gateway._tasks.add(self._task)
-                self._task.add_done_callback(self._gateway._tasks.discard)
+                self._task = task = asyncio.get_running_loop().create_task(self._reply_later(reply))
+                self._gateway._tasks.add(task)
+                task.add_done_callback(functools.partial(self._gateway._reply_done, reply))
                 return
             self._send(reply)
 
     async def _reply_later(self, reply: _Reply) -> None:
-        try:
-            await asyncio.sleep(reply.delay)
-        except asyncio.CancelledError:
-            if reply.tracked:
-                self._gateway.stats.in_flight -= 1
-            raise
+        await asyncio.sleep(reply.delay)
         self._task = None
         self._send(reply)
         self._serve_buffered()
@@ -706,9 +704,15 @@ class _Rule:
     hits: dict[str, int]  # prompt -> matching requests seen, for `first`
 
 
-def _reply(status: int, body: bytes, content_type: bytes = b"application/json", **kw: Any) -> _Reply:
-    headers = kw.pop("headers", ())
-    return _Reply([_response(status, body, content_type, headers)], **kw)
+def _reply(
+    status: int,
+    body: bytes,
+    content_type: bytes = b"application/json",
+    *,
+    headers: Iterable[tuple[str, str]] = (),
+    delay: float = 0.0,
+) -> _Reply:
+    return _Reply([_response(status, body, content_type, headers)], delay)
 
 
 def _json_reply(data: Any, status: int = 200) -> _Reply:
@@ -798,6 +802,13 @@ class Gateway:
 
     # -- request handling (called by _HttpProtocol)
 
+    def _reply_done(self, reply: _Reply, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # A delayed reply cancelled (client gone, gateway closing) never reached _send, which would have
+        # counted it out; a done callback also sees tasks cancelled before they ever ran.
+        if task.cancelled() and reply.tracked:
+            self._stats.in_flight -= 1
+
     def _handle(self, request: _Request) -> _Reply:
         try:
             if request.path == ORQ_PATH or request.path == OPENAI_PATH:
@@ -843,7 +854,7 @@ class Gateway:
         completion = _completion(params)
         self._stats._answer(200, billed=True)
         if params.stream:
-            return _Reply([_STREAM_HEAD + b"\r\n", *_sse_chunks(completion)], delay)
+            return _Reply([_STREAM_HEAD, *_sse_chunks(completion)], delay)
         return _reply(200, _dumps(completion).encode(), delay=delay)
 
     def _match(self, path: str, params: _Params) -> Fault | None:
@@ -984,12 +995,13 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 async def _serve_until_signalled(config: GatewayConfig) -> None:
     async with Gateway(config) as gateway:
-        print(f"batcher gateway listening on {gateway.base_url}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C still ends asyncio.run
                 loop.add_signal_handler(signum, stop.set)
+        # Only now: whoever waits for this line may signal us at once.
+        print(f"batcher gateway listening on {gateway.base_url}", flush=True)
         await stop.wait()
 
 

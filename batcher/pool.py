@@ -17,6 +17,7 @@ from typing import Generic, TypeVar
 
 import anyio
 from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 __all__ = ["Pool"]
 
@@ -101,14 +102,14 @@ class Pool(Generic[T, R, W]):
             async for item in work_recv:
                 try:
                     result = await self._work(item, state)
-                except Exception as exc:  # noqa: BLE001 - a bug: stop, but let the writer keep what arrived
+                except Exception as exc:
                     self.fail(exc)
                     return
                 # Shielded: a result that exists must reach the writer even if we are being cancelled now.
                 with anyio.CancelScope(shield=True):
                     await res_send.send(result)
 
-    async def _writer(self, res_recv: ObjectReceiveStream[R]) -> None:
+    async def _writer(self, res_recv: MemoryObjectReceiveStream[R]) -> None:
         async with res_recv:
             while True:
                 try:
@@ -126,5 +127,5 @@ class Pool(Generic[T, R, W]):
                 try:
                     with anyio.CancelScope(shield=True):
                         await self._write(batch)
-                except Exception as exc:  # noqa: BLE001 - any sink failure stops the pool, then re-raised
+                except Exception as exc:
                     self.fail(exc)

@@ -17,6 +17,7 @@ class Progress:
     def __init__(self, total: int, *, enabled: bool, job: str) -> None:
         self._bar: Any = None
         self._last = 0.0
+        self._totals: Any = None
         if enabled:
             from tqdm import tqdm
 
@@ -25,17 +26,24 @@ class Progress:
     def advance(self, n: int, totals: Any) -> None:
         if self._bar is None:
             return
+        self._totals = totals
         self._bar.update(n)
         now = time.monotonic()
         if now - self._last >= 0.5:
             self._last = now
-            tokens = totals.prompt_tokens + totals.completion_tokens
-            postfix = f"tokens={tokens:,} errors={totals.errors}"
-            if totals.cost_usd:
-                postfix += f" spent=${totals.cost_usd:.4f}"
-            self._bar.set_postfix_str(postfix, refresh=False)
+            self._bar.set_postfix_str(self._postfix(totals), refresh=False)
+
+    @staticmethod
+    def _postfix(totals: Any) -> str:
+        tokens = totals.prompt_tokens + totals.completion_tokens
+        postfix = f"tokens={tokens:,} errors={totals.errors}"
+        if totals.cost_usd:
+            postfix += f" spent=${totals.cost_usd:.4f}"
+        return postfix
 
     def close(self) -> None:
         if self._bar is not None:
+            if self._totals is not None:
+                self._bar.set_postfix_str(self._postfix(self._totals), refresh=False)
             self._bar.close()
             self._bar = None

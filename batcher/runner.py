@@ -215,7 +215,10 @@ class _Job:
     # -- one row --------------------------------------------------------------------------------------------
 
     def _record(self, row: SourceRow, **fields: Any) -> dict[str, Any]:
-        rec: dict[str, Any] = {"id": row.id, "keep": row.keep} if row.keep else {"id": row.id}
+        # `_i` first: the sink sorts the journal into input order by it without parsing whole lines
+        rec: dict[str, Any] = {"_i": row.index, "id": row.id}
+        if row.keep:
+            rec["keep"] = row.keep
         rec.update(fields)
         return rec
 
@@ -284,7 +287,7 @@ class _Job:
         model_i = 0
         body = item.body
         attempts = retries = contract_retries = 0
-        started = time.perf_counter()
+        started: float | None = None  # the first attempt's send: queueing at the limiter is not latency
         stream = bool(body.get("stream"))
         worst = 0.0
         if self.budget.cap is not None:
@@ -301,6 +304,8 @@ class _Job:
                 if self.fatal is not None:
                     return None
                 attempts += 1
+                if started is None:
+                    started = time.perf_counter()
                 try:
                     comp = await client.complete(body, stream=stream, deadline_s=plan.call_timeout_s)
                 except AttemptFailed as exc:
@@ -393,8 +398,9 @@ class _Job:
                 res.ok += 1
                 if r.get("cached"):
                     res.cached += 1
-                res.prompt_tokens += r.get("prompt_tokens") or 0
-                res.completion_tokens += r.get("completion_tokens") or 0
+                else:  # tokens of billed calls only, as in `batcher report`
+                    res.prompt_tokens += r.get("prompt_tokens") or 0
+                    res.completion_tokens += r.get("completion_tokens") or 0
                 res.cost_usd += r.get("cost_usd") or 0.0
             else:
                 res.errors += 1

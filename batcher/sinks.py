@@ -9,16 +9,19 @@ a temporary name, fsyncs it and renames it into place: readers never see a half-
 from __future__ import annotations
 
 import contextlib
+import mmap
 import hashlib
 import json
 import os
 import time
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import OutputError
@@ -134,7 +137,7 @@ class Journal:
     def __init__(self, directory: Path) -> None:
         self.path = directory / "journal.jsonl"
         directory.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "ab")  # noqa: SIM115 - held for the whole run
+        self._f = open(self.path, "ab")
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
         data = b"".join(_dumps(r) for r in records)
@@ -155,7 +158,7 @@ class Journal:
 def read_journal(path: Path) -> Iterator[dict[str, Any]]:
     """Every complete record; a line torn by a crash (the last one) is skipped."""
     try:
-        f = open(path, "rb")  # noqa: SIM115
+        f = open(path, "rb")
     except FileNotFoundError:
         return
     with f:
@@ -168,6 +171,47 @@ def read_journal(path: Path) -> Iterator[dict[str, Any]]:
                 continue
             if isinstance(rec, dict):
                 yield rec
+
+
+def ordered_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The journal's records in input order (by `_i`, the row's position), in bounded memory.
+
+    Answers arrive out of order; sorting whole records would hold the whole output in memory. Instead one pass
+    collects (position, offset, length) per line, 24 bytes a row, and a second pass reads lines in sorted order
+    from a memory map of the journal. Each line starts with `{"_i":N,` (the writer puts `_i` first).
+    """
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    positions = array("q")
+    offsets = array("q")
+    lengths = array("q")
+    with open(path, "rb") as f:
+        offset = 0
+        for raw in f:
+            n = len(raw)
+            if raw.endswith(b"\n") and raw.startswith(b'{"_i":'):
+                comma = raw.find(b",", 6)
+                try:
+                    positions.append(int(raw[6:comma]))
+                    offsets.append(offset)
+                    lengths.append(n)
+                except ValueError:
+                    pass
+            offset += n
+    if not positions:
+        return
+    order = pc.sort_indices(pa.array(positions, type=pa.int64()))
+    del positions
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for part in range(0, len(order), 65_536):
+            for i in order.slice(part, 65_536).to_pylist():
+                start = offsets[i]
+                try:
+                    rec = json.loads(mm[start : start + lengths[i]])
+                except ValueError:
+                    continue
+                if isinstance(rec, dict):
+                    yield rec
 
 
 def compact_journal(directory: Path) -> list[Any]:
@@ -262,7 +306,7 @@ def finalize(
         if fmt == "parquet":
             with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
                 batch: list[dict[str, Any]] = []
-                for rec in read_journal(journal):
+                for rec in ordered_records(journal):
                     batch.append(rec)
                     if len(batch) >= row_group_size:
                         writer.write_table(_table(batch, schema, id_name, keep), row_group_size=row_group_size)
@@ -274,7 +318,7 @@ def finalize(
         else:
             with open(tmp, "wb") as f:
                 lines: list[bytes] = []
-                for rec in read_journal(journal):
+                for rec in ordered_records(journal):
                     if fmt == "openai_batch":
                         lines.append(_dumps(_openai_batch_line(rec, rows)))
                     else:

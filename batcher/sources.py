@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -49,7 +48,7 @@ class SourceInfo:
 
 
 def _is_id_type(t: pa.DataType) -> bool:
-    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+    return bool(pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t))
 
 
 def _dup_examples(ids: pa.ChunkedArray | pa.Array) -> list[Any]:

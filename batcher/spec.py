@@ -368,7 +368,7 @@ class EndpointSpec(_Model):
     api: Literal["orq", "openai"] = "orq"
     api_key_env: str | None = "ORQ_API_KEY"
     headers: dict[str, str] = Field(default_factory=dict)
-    local: LocalGateway = Field(default_factory=LocalGateway)
+    local: LocalGateway = Field(default_factory=lambda: LocalGateway())
 
     @field_validator("base_url")
     @classmethod
@@ -410,9 +410,9 @@ class JobSpec(_Model):
     name: str | None = None
     input: InputSpec
     output: OutputSpec
-    endpoint: EndpointSpec = Field(default_factory=EndpointSpec)
+    endpoint: EndpointSpec = Field(default_factory=lambda: EndpointSpec())
     request: RequestSpec
-    limits: Limits = Field(default_factory=Limits)
+    limits: Limits = Field(default_factory=lambda: Limits())
     cache_dir: Path | None = None
     prices: dict[str, Price] | None = None
 

@@ -192,7 +192,7 @@ def _usage(usage: Any) -> tuple[int | None, ...]:
 def _choices(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise ContractError("response has no choices")
-    out = []
+    out: list[dict[str, Any]] = []
     for c in raw:
         if not isinstance(c, dict) or not isinstance(c.get("text"), str):
             raise ContractError("a choice has no text")
@@ -276,7 +276,7 @@ class StreamAssembler:
             raise ContractError("stream ended before data: [DONE]")
         if not self._texts:
             raise ContractError("stream carried no choices")
-        choices = []
+        choices: list[dict[str, Any]] = []
         for i in sorted(self._texts):
             if i not in self._reasons:
                 raise ContractError(f"stream choice {i} has no finish_reason")

@@ -217,10 +217,12 @@ class ChildRun:
     cpu_s: float  # user + sys of the child alone (from wait4)
     peak_rss_mb: float  # the kernel's ru_maxrss of the child
     started: float  # time.monotonic() just before the spawn (comparable with the gateway's arrivals)
-    samples: list[tuple[float, float, int]] = field(default_factory=list)  # (t since start, rss MB, progress)
+    # (seconds since the spawn, RSS MB, user+sys CPU seconds so far, size of `progress_file`)
+    samples: list[tuple[float, float, float, int]] = field(default_factory=list)
     stdout: str = ""
     stderr: str = ""
     gateway_cpu_s: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # whatever the child reported about itself
 
     def check(self) -> ChildRun:
         if self.returncode != 0:
@@ -245,19 +247,21 @@ def run_child(
     err = tempfile.TemporaryFile()
     started = time.monotonic()
     proc = subprocess.Popen(list(argv), stdout=out, stderr=err, cwd=ROOT, env=env)
-    samples: list[tuple[float, float, int]] = []
+    samples: list[tuple[float, float, float, int]] = []
     done = threading.Event()
 
     def poll() -> None:
         try:
             ps = psutil.Process(proc.pid)
             while not done.is_set():
-                rss = ps.memory_info().rss / 2**20
+                with ps.oneshot():
+                    rss = ps.memory_info().rss / 2**20
+                    t = ps.cpu_times()
                 size = 0
                 if progress_file is not None:
                     with contextlib.suppress(OSError):
                         size = progress_file.stat().st_size
-                samples.append((time.monotonic() - started, rss, size))
+                samples.append((time.monotonic() - started, rss, t.user + t.system, size))
                 done.wait(sample_every_s)
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             pass
@@ -293,6 +297,38 @@ def run_child(
     if proc.returncode == -signal.SIGKILL:
         raise TimeoutError(f"{' '.join(argv[:6])}... killed after {timeout_s:g} s")
     return run
+
+
+def cpu_at(run: ChildRun, when: float) -> float:
+    """The child's cumulative CPU seconds at monotonic time `when`, interpolated between samples."""
+    t = when - run.started
+    prev = (0.0, 0.0, 0.0, 0)
+    for s in run.samples:
+        if s[0] >= t:
+            if s[0] == prev[0]:
+                return s[2]
+            return prev[2] + (s[2] - prev[2]) * (t - prev[0]) / (s[0] - prev[0])
+        prev = s
+    return run.cpu_s
+
+
+@dataclass(frozen=True)
+class Steady:
+    """The middle 80% of a run's requests as the gateway saw them: the rate, and the client's CPU per request
+    over the same span (no interpreter start, no input check, no final write)."""
+
+    rate: float
+    cpu_ms: float
+
+
+def steady(run: ChildRun, arrivals: Sequence[float]) -> Steady:
+    a = sorted(arrivals)
+    if len(a) < 20:
+        return Steady(float("nan"), float("nan"))
+    i, j = len(a) // 10, len(a) * 9 // 10 - 1
+    span = a[j] - a[i]
+    cpu = cpu_at(run, a[j]) - cpu_at(run, a[i])
+    return Steady((j - i) / span if span > 0 else float("nan"), 1000 * cpu / (j - i))
 
 
 # --------------------------------------------------------------------------------------------------- output

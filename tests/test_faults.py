@@ -21,7 +21,7 @@ def _run(make_spec, gateway: Gateway, faults: list[Fault], limit: int = 5, api: 
 
 
 def test_429_with_retry_after_waits_and_pauses_the_pool(make_spec, gateway: Gateway) -> None:
-    result, df = _run(make_spec, gateway, [Fault("status", status=429, first=1, retry_after="1")], limit=1)
+    _, df = _run(make_spec, gateway, [Fault("status", status=429, first=1, retry_after="1")], limit=1)
     assert df is not None and df["status"].to_list() == ["ok"] and df["attempts"].to_list() == [2]
     arrivals = gateway.stats.arrivals
     assert len(arrivals) == 2 and arrivals[1] - arrivals[0] >= 1.0

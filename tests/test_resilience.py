@@ -19,7 +19,7 @@ import yaml
 
 from batcher import parse_spec, run_job
 from batcher.cli import main as cli_main
-from batcher.gateway import Fault, Gateway, GatewayConfig, serve_in_thread
+from batcher.gateway import Gateway, GatewayConfig, serve_in_thread
 from batcher.sinks import Journal, state_dir_for
 
 from .conftest import ROOT, SAMPLES, options, write_jsonl
@@ -144,7 +144,7 @@ def test_second_sigint_stops_at_once_and_stays_resumable(tmp_path: Path) -> None
 def test_fingerprint_change_is_refused_unless_fresh(make_spec, gateway: Gateway, capsys) -> None:
     run_job(parse_spec(make_spec()), options(limit=10))
     changed = parse_spec(make_spec(request={"temperature": 0.5}))
-    with pytest.raises(Exception, match="different spec.*--fresh"):
+    with pytest.raises(Exception, match=r"different spec.*--fresh"):
         run_job(changed, options())
     assert run_job(changed, options(fresh=True, limit=5)).ok == 5
 

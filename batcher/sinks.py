@@ -9,9 +9,9 @@ a temporary name, fsyncs it and renames it into place: readers never see a half-
 from __future__ import annotations
 
 import contextlib
-import mmap
 import hashlib
 import json
+import mmap
 import os
 import time
 from array import array

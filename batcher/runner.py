@@ -245,6 +245,8 @@ class _Job:
             return self._error(row, "input", row.error)
         assert row.prompt is not None
         model = row.model or self.plan.primary_for(row.id)
+        if not model:
+            return self._error(row, "input", "no model: the line's body names none and request.model is unset")
         body = self.builder.body(row.prompt, model, row.inputs, row.body)
         key = cache_key(self.endpoint_id, body) if self.cache_ttl is not None else None
         n = body.get("n") or 1
@@ -291,8 +293,14 @@ class _Job:
         stream = bool(body.get("stream"))
         worst = 0.0
         if self.budget.cap is not None:
-            w = self.prices.worst_case(body["model"], len(row.prompt or "") / 3.0, self.completion_bound)
-            worst = w or 0.0
+            # UTF-8 bytes bound the prompt's tokens from above for byte-level BPE tokenizers: the cap holds
+            # even for text that tokenizes badly (emoji, CJK), at the price of stopping a little early.
+            prompt_bound = len((row.prompt or "").encode())
+            completion_bound = (body.get("max_tokens") or 0) * (body.get("n") or 1)
+            bounds = [self.prices.worst_case(m, prompt_bound, completion_bound) for m in models]
+            if any(b is None for b in bounds):
+                return self._error(row, "budget", f"no price for one of {models}: limits.max_cost_usd cannot be enforced")
+            worst = max(b for b in bounds if b is not None)
             if not self.budget.reserve(worst):
                 self.budget_hit = True
                 return None

@@ -273,8 +273,6 @@ class RequestSpec(_Model):
 
     @model_validator(mode="after")
     def _consistent(self) -> RequestSpec:
-        if self.model is None and self.routing("load_balancer") is None:
-            raise ValueError("model is required (or a load_balancer to draw it from)")
         if self.orq is not None:
             for field in ("name", "retry", "fallbacks", "fallback_on_codes", "cache", "load_balancer", "timeout"):
                 if getattr(self, field) is not None and getattr(self.orq, field) is not None:
@@ -418,6 +416,9 @@ class JobSpec(_Model):
 
     @model_validator(mode="after")
     def _cross(self) -> JobSpec:
+        batch_input = self.input.format == "openai_batch"
+        if self.request.model is None and self.request.routing("load_balancer") is None and not batch_input:
+            raise ValueError("request.model is required (or a load_balancer to draw it from)")
         if self.endpoint.api == "openai":
             orq_only = [f for f in ("name", "thinking", "plugins") if getattr(self.request, f) is not None]
             if self.request.orq is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -133,6 +134,9 @@ class Fault:
     retry_after_ms: str | None = None
     delay_s: float = 0.0  # waited before the fault acts, whatever its kind ("slow" then answers normally)
     echo_auth: bool = False
+    # A failure of the model provider behind orq rather than of orq's own edge: on the orq path, the `retry`,
+    # `fallbacks` and `fallback_on_codes` sent in the body are applied to it server-side, as orq does.
+    upstream: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in _FAULT_KINDS:
@@ -226,6 +230,7 @@ class GatewayStats:
         self.by_status: dict[int, int] = {}
         self.billed = 0
         self.aborted = 0  # connections closed without an answer by a "reset" fault
+        self.upstream_retries = 0  # provider retries made server-side for `upstream` faults (orq path)
         self.attempts: dict[str, int] = {}  # prompt -> requests that carried it
         self.arrivals = array("d")  # time.monotonic() of each request
         self.bodies: deque[dict[str, Any]] = deque(maxlen=10_000)  # {path, headers (no authorization), body}
@@ -239,6 +244,7 @@ class GatewayStats:
             "by_status": {str(k): v for k, v in dict(self.by_status).items()},
             "billed": self.billed,
             "aborted": self.aborted,
+            "upstream_retries": self.upstream_retries,
             "attempts": dict(self.attempts),
             "arrivals": self.arrivals.tolist(),
             "in_flight": self.in_flight,
@@ -841,6 +847,8 @@ class Gateway:
         if self.config.jitter_s:
             delay += self._jitter_rng.uniform(0, self.config.jitter_s)
         fault = self._match(request.path, params)
+        if fault is not None and fault.upstream and request.path == ORQ_PATH and isinstance(body, dict):
+            fault, params = self._route_upstream(body, params, fault)
         reply = self._ok(params, delay) if fault is None else self._fault(fault, params, request, delay)
         stats._enter()
         reply.tracked = True
@@ -856,6 +864,37 @@ class Gateway:
         if params.stream:
             return _Reply([_STREAM_HEAD, *_sse_chunks(completion)], delay)
         return _reply(200, _dumps(completion).encode(), delay=delay)
+
+    def _route_upstream(self, body: dict[str, Any], params: _Params, fault: Fault) -> tuple[Fault | None, _Params]:
+        """orq's server-side routing of an upstream failure: retry the provider `retry.count` times on
+        `retry.on_codes`, then fall back through `fallbacks` on `fallback_on_codes`. Returns the fault the client
+        finally sees (None: a model answered) and the parameters of the model that answered."""
+        orq = body.get("orq") if isinstance(body.get("orq"), dict) else {}
+
+        def setting(name: str) -> Any:
+            return body.get(name, orq.get(name))
+
+        retry = setting("retry") or {}
+        count = int(retry.get("count", 3)) if retry else 0
+        on_codes = set(retry.get("on_codes", ())) if retry else set()
+        fb_codes = set(setting("fallback_on_codes") or (408, 429, 500, 502, 503, 504, 529))
+        models = [params.model, *(f.get("model") for f in setting("fallbacks") or () if isinstance(f, dict))]
+        current: Fault | None = fault
+        for i, model in enumerate(models):
+            p = params if i == 0 else dataclasses.replace(params, model=str(model))
+            if i > 0:
+                current = self._match(ORQ_PATH, p)
+            tries = 0
+            while current is not None and current.upstream and current.kind == "status" \
+                    and current.status in on_codes and tries < count:
+                tries += 1
+                self._stats.upstream_retries += 1
+                current = self._match(ORQ_PATH, p)
+            if current is None:
+                return None, p
+            if not (current.upstream and current.kind == "status" and current.status in fb_codes):
+                return current, p
+        return current, params
 
     def _match(self, path: str, params: _Params) -> Fault | None:
         for rule in self._rules:

@@ -97,3 +97,15 @@ def test_401_stops_the_run_promptly_and_says_the_key_was_refused(make_spec, tmp_
         spec = parse_spec(make_spec(endpoint={"base_url": gw.base_url}))
         result = run_job(spec, options())
         assert result.status == "finished" and result.ok == 300
+
+
+def test_simulated_orq_routes_upstream_failures_server_side(make_spec, gateway: Gateway) -> None:
+    # an upstream (provider) failure: orq retries it and falls back itself, batcher sees one attempt
+    _, df = _run(make_spec, gateway, [Fault("status", status=503, first=2, upstream=True)], api="orq", limit=3)
+    assert df is not None and (df["status"] == "ok").all() and (df["attempts"] == 1).all()
+    assert gateway.stats.upstream_retries == 6
+    gateway.stats.reset()
+    _, df = _run(make_spec, gateway, [Fault("status", status=503, model="openai/gpt-4o-mini", upstream=True)],
+                 api="orq", limit=3, fallbacks=[{"model": "openai/gpt-4o"}])
+    assert df is not None and (df["status"] == "ok").all() and (df["attempts"] == 1).all()
+    assert (df["model"] == "openai/gpt-4o").all()  # the model that answered, as orq reports it

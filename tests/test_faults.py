@@ -109,3 +109,20 @@ def test_simulated_orq_routes_upstream_failures_server_side(make_spec, gateway: 
                  api="orq", limit=3, fallbacks=[{"model": "openai/gpt-4o"}])
     assert df is not None and (df["status"] == "ok").all() and (df["attempts"] == 1).all()
     assert (df["model"] == "openai/gpt-4o").all()  # the model that answered, as orq reports it
+
+
+def test_a_429_pauses_every_worker(make_spec) -> None:
+    # the first row's prompt gets a 429 with Retry-After: 1; the other workers must wait it out too
+    with serve_in_thread(GatewayConfig(latency_s=0.05)) as gw:
+        gw.set_faults([Fault("status", status=429, first=1, retry_after="1", prompt_contains="rain jacket. It does")])
+        spec = parse_spec(make_spec(endpoint={"base_url": gw.base_url, "api": "openai"},
+                                    request={"retry": RETRY}, limits={"concurrency": 4}))
+        result = run_job(spec, options(limit=20))
+        assert result.ok == 20 and gw.stats.by_status.get(429) == 1
+        bodies = list(gw.stats.bodies)
+        arrivals = list(gw.stats.arrivals)
+    t429 = next(t for t, b in zip(arrivals, bodies, strict=True) if "rain jacket. It does" in b["body"]["prompt"])
+    # requests already on the wire when the 429 came back may arrive up to one latency later; after that, none
+    # until the server's second has passed
+    assert not [t for t in arrivals if t429 + 0.1 < t < t429 + 1.0]
+    assert max(arrivals) > t429 + 1.0

@@ -869,7 +869,8 @@ class Gateway:
         """orq's server-side routing of an upstream failure: retry the provider `retry.count` times on
         `retry.on_codes`, then fall back through `fallbacks` on `fallback_on_codes`. Returns the fault the client
         finally sees (None: a model answered) and the parameters of the model that answered."""
-        orq = body.get("orq") if isinstance(body.get("orq"), dict) else {}
+        raw_orq = body.get("orq")
+        orq: dict[str, Any] = raw_orq if isinstance(raw_orq, dict) else {}
 
         def setting(name: str) -> Any:
             return body.get(name, orq.get(name))

@@ -41,7 +41,7 @@ from .sinks import (
     state_dir_for,
 )
 from .sources import Source, SourceInfo, SourceRow
-from .spec import JobSpec, load_spec
+from .spec import JobSpec, format_of, load_spec
 from .wire import BodyBuilder, cache_key
 
 __all__ = ["RunOptions", "RunResult", "arun_job", "run_job"]
@@ -585,12 +585,11 @@ def _remove_state(directory: Path) -> None:
 
 
 def _fmt_of(path: Path, spec: JobSpec) -> str:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return "parquet"
-    if suffix in (".jsonl", ".ndjson"):
-        return "openai_batch" if spec.output.format == "openai_batch" else "jsonl"
-    raise SpecError(f"--output {path}: use a .parquet or .jsonl file")
+    try:
+        fmt = format_of(path, "output")
+    except ValueError as exc:
+        raise SpecError(f"--output {path}: {exc}") from None
+    return "openai_batch" if fmt == "jsonl" and spec.output.format == "openai_batch" else fmt
 
 
 def _progress_enabled(opts: RunOptions) -> bool:

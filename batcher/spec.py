@@ -296,6 +296,16 @@ class RequestSpec(_Model):
         return self.max_tokens if self.max_tokens is not None else DEFAULT_MAX_TOKENS
 
 
+def format_of(path: Path, section: str) -> str:
+    """A file's format from its suffix."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    raise ValueError(f"cannot tell the format of {str(path)!r}: use .parquet or .jsonl, or set {section}.format")
+
+
 class InputSpec(_Model):
     path: Path
     format: Literal["parquet", "jsonl", "openai_batch"] | None = None
@@ -319,14 +329,7 @@ class InputSpec(_Model):
 
     @property
     def resolved_format(self) -> str:
-        if self.format is not None:
-            return self.format
-        suffix = self.path.suffix.lower()
-        if suffix == ".parquet":
-            return "parquet"
-        if suffix in (".jsonl", ".ndjson"):
-            return "jsonl"
-        raise ValueError(f"cannot tell the format of {str(self.path)!r}: use .parquet or .jsonl, or set input.format")
+        return self.format or format_of(self.path, "input")
 
 
 class OutputSpec(_Model):
@@ -337,14 +340,7 @@ class OutputSpec(_Model):
 
     @property
     def resolved_format(self) -> str:
-        if self.format is not None:
-            return self.format
-        suffix = self.path.suffix.lower()
-        if suffix == ".parquet":
-            return "parquet"
-        if suffix in (".jsonl", ".ndjson"):
-            return "jsonl"
-        raise ValueError(f"cannot tell the format of {str(self.path)!r}: use .parquet or .jsonl, or set output.format")
+        return self.format or format_of(self.path, "output")
 
     @model_validator(mode="after")
     def _fmt(self) -> OutputSpec:

@@ -205,6 +205,22 @@ def _choices(raw: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _completion(choices: list[dict[str, Any]], usage: Any, model: str | None, cid: str | None) -> Completion:
+    pt, ct, tt, cached, reasoning = _usage(usage)
+    return Completion(
+        text=choices[0]["text"],
+        finish_reason=choices[0]["finish_reason"],
+        choices=choices,
+        model=model,
+        completion_id=cid,
+        prompt_tokens=pt,
+        completion_tokens=ct,
+        total_tokens=tt,
+        cached_tokens=cached,
+        reasoning_tokens=reasoning,
+    )
+
+
 def parse_completion(content: bytes) -> Completion:
     try:
         data = json.loads(content)
@@ -214,20 +230,9 @@ def parse_completion(content: bytes) -> Completion:
     if not isinstance(data, dict):
         raise ContractError("response is not a JSON object")
     choices = _choices(data.get("choices"))
-    pt, ct, tt, cached, reasoning = _usage(data.get("usage"))
-    first = choices[0]
-    return Completion(
-        text=first["text"],
-        finish_reason=first["finish_reason"],
-        choices=choices,
-        model=data.get("model") if isinstance(data.get("model"), str) else None,
-        completion_id=data.get("id") if isinstance(data.get("id"), str) else None,
-        prompt_tokens=pt,
-        completion_tokens=ct,
-        total_tokens=tt,
-        cached_tokens=cached,
-        reasoning_tokens=reasoning,
-    )
+    model, cid = data.get("model"), data.get("id")
+    return _completion(choices, data.get("usage"), model if isinstance(model, str) else None,
+                       cid if isinstance(cid, str) else None)
 
 
 class StreamAssembler:
@@ -281,16 +286,4 @@ class StreamAssembler:
             if i not in self._reasons:
                 raise ContractError(f"stream choice {i} has no finish_reason")
             choices.append({"index": i, "text": "".join(self._texts[i]), "finish_reason": self._reasons[i]})
-        pt, ct, tt, cached, reasoning = _usage(self._usage)
-        return Completion(
-            text=choices[0]["text"],
-            finish_reason=choices[0]["finish_reason"],
-            choices=choices,
-            model=self._model,
-            completion_id=self._id,
-            prompt_tokens=pt,
-            completion_tokens=ct,
-            total_tokens=tt,
-            cached_tokens=cached,
-            reasoning_tokens=reasoning,
-        )
+        return _completion(choices, self._usage, self._model, self._id)

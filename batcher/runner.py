@@ -104,6 +104,11 @@ class RunResult:
         return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {self.output}"
 
 
+# What the writer receives: a worker's row (None when the row was not sent: budget, fatal stop), or a list of
+# rows the feeder settled without a call.
+_Result = dict[str, Any] | list[dict[str, Any]] | None
+
+
 @dataclass(slots=True)
 class _Work:
     row: SourceRow
@@ -362,7 +367,7 @@ class _Job:
 
     # -- the pipeline ---------------------------------------------------------------------------------------
 
-    async def feed(self, work: ObjectSendStream[_Work], results: ObjectSendStream[dict[str, Any] | None]) -> None:
+    async def feed(self, work: ObjectSendStream[_Work], results: ObjectSendStream[_Result]) -> None:
         limit = self.options.limit
         it = iter(self.source.batches(self.done_ids))
         while True:
@@ -378,19 +383,31 @@ class _Job:
             if self.cache is not None:
                 keys = [p.key for p in prepared if isinstance(p, _Work) and p.key is not None]
                 hits = self.cache.get_many(keys)
+            # Rows that need no call (cache hits, input errors) go to the writer a list at a time: the result
+            # buffer is kept small for answers that were paid for, and these must not queue one by one behind it.
+            done: list[dict[str, Any]] = []
             for p in prepared:
                 if isinstance(p, dict):
-                    await results.send(p)
+                    done.append(p)
                 elif p.key is not None and p.key in hits:
-                    await results.send(self._ok(p.row, hits[p.key], cached=True, attempts=0, latency_ms=0.0,
-                                                asked_model=p.body["model"]))
+                    done.append(self._ok(p.row, hits[p.key], cached=True, attempts=0, latency_ms=0.0,
+                                         asked_model=p.body["model"]))
                 else:
                     if self.budget_hit or self.fatal is not None:
-                        return
-                    await work.send(p)
+                        break
+                    await _send(work, p)
+            if done:
+                await results.send(done)
+            if self.budget_hit or self.fatal is not None:
+                return
 
-    async def write(self, batch: list[dict[str, Any] | None]) -> None:
-        records = [r for r in batch if r is not None]
+    async def write(self, batch: list[_Result]) -> None:
+        records: list[dict[str, Any]] = []
+        for r in batch:
+            if isinstance(r, list):
+                records.extend(r)
+            elif r is not None:
+                records.append(r)
         if not records:
             return
         to_cache = [c for c in (r.pop("_cache", None) for r in records) if c is not None]
@@ -472,7 +489,7 @@ class _Job:
             self.progress = Progress(todo, enabled=_progress_enabled(opts), job=spec.job_name)
             stack.callback(self.progress.close)
             endpoint = self.endpoint
-            self.pool: Pool[_Work, dict[str, Any] | None, WorkerClient] = Pool(
+            self.pool: Pool[_Work, _Result, WorkerClient] = Pool(
                 concurrency=spec.limits.concurrency,
                 feed=self.feed,
                 work=self.work,
@@ -572,6 +589,15 @@ class _Job:
         self.state.status = "finished" if all_ok else "partial"
         self.state.rows = written
         self.state.save()
+
+
+async def _send(stream: ObjectSendStream[Any], item: Any) -> None:
+    """Send without a scheduling round trip while the buffer has room (a cached rerun sends tens of thousands
+    of rows a second; one event loop iteration each would cost more than the rows)."""
+    try:
+        stream.send_nowait(item)  # type: ignore[attr-defined]
+    except anyio.WouldBlock:
+        await stream.send(item)
 
 
 class _NothingToDo(Exception):

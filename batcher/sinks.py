@@ -9,6 +9,7 @@ a temporary name, fsyncs it and renames it into place: readers never see a half-
 from __future__ import annotations
 
 import contextlib
+import io
 import hashlib
 import json
 import mmap
@@ -22,6 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from .errors import OutputError
@@ -173,8 +175,8 @@ def read_journal(path: Path) -> Iterator[dict[str, Any]]:
                 yield rec
 
 
-def ordered_records(path: Path) -> Iterator[dict[str, Any]]:
-    """The journal's records in input order (by `_i`, the row's position), in bounded memory.
+def ordered_lines(path: Path) -> Iterator[bytes]:
+    """The journal's lines in input order (by `_i`, the row's position), in bounded memory.
 
     Answers arrive out of order; sorting whole records would hold the whole output in memory. Instead one pass
     collects (position, offset, length) per line, 24 bytes a row, and a second pass reads lines in sorted order
@@ -206,12 +208,17 @@ def ordered_records(path: Path) -> Iterator[dict[str, Any]]:
         for part in range(0, len(order), 65_536):
             for i in order.slice(part, 65_536).to_pylist():
                 start = offsets[i]
-                try:
-                    rec = json.loads(mm[start : start + lengths[i]])
-                except ValueError:
-                    continue
-                if isinstance(rec, dict):
-                    yield rec
+                yield mm[start : start + lengths[i]]
+
+
+def ordered_records(path: Path) -> Iterator[dict[str, Any]]:
+    for line in ordered_lines(path):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            yield rec
 
 
 def compact_journal(directory: Path) -> list[Any]:
@@ -263,6 +270,37 @@ def _table(records: list[dict[str, Any]], schema: pa.Schema, id_name: str, keep:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def _journal_schema(schema: pa.Schema, id_name: str, keep: list[str]) -> pa.Schema:
+    fields = [pa.field("_i", pa.int64()), pa.field("id", schema.field(id_name).type)]
+    kept = [c for c in keep if c != id_name]
+    if kept:
+        fields.append(pa.field("keep", pa.struct([(c, schema.field(kept_name(c, id_name)).type) for c in kept])))
+    fields += [pa.field(name, t) for name, t in RESULT_COLUMNS.items()]
+    return pa.schema(fields)
+
+
+def _table_from_lines(lines: list[bytes], schema: pa.Schema, id_name: str, keep: list[str]) -> pa.Table:
+    """Parse a row group's journal lines with Arrow's JSON reader (C++, typed by the output schema); lines
+    whose kept values do not fit their column's type go through the slower Python path instead."""
+    buf = b"".join(lines)
+    try:
+        parsed = pa_json.read_json(
+            io.BytesIO(buf),
+            read_options=pa_json.ReadOptions(use_threads=False, block_size=len(buf) + 1),
+            parse_options=pa_json.ParseOptions(
+                explicit_schema=_journal_schema(schema, id_name, keep), unexpected_field_behavior="ignore"
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return _table([json.loads(x) for x in lines], schema, id_name, keep)
+    kept = [c for c in keep if c != id_name]
+    keep_col = parsed.column("keep").combine_chunks() if kept else None
+    arrays = [parsed.column("id")]
+    arrays += [pc.struct_field(keep_col, [i]) for i in range(len(kept))]
+    arrays += [parsed.column(name) for name in RESULT_COLUMNS]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 def _openai_batch_line(rec: dict[str, Any], n: int) -> dict[str, Any]:
     """One line of an OpenAI Batch API output file."""
     ok = rec.get("status") == "ok"
@@ -305,16 +343,18 @@ def finalize(
     try:
         if fmt == "parquet":
             with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-                batch: list[dict[str, Any]] = []
-                for rec in ordered_records(journal):
-                    batch.append(rec)
+                batch: list[bytes] = []
+                for line in ordered_lines(journal):
+                    batch.append(line)
                     if len(batch) >= row_group_size:
-                        writer.write_table(_table(batch, schema, id_name, keep), row_group_size=row_group_size)
+                        writer.write_table(_table_from_lines(batch, schema, id_name, keep), row_group_size=row_group_size)
                         rows += len(batch)
                         batch = []
-                if batch or rows == 0:
-                    writer.write_table(_table(batch, schema, id_name, keep), row_group_size=row_group_size)
+                if batch:
+                    writer.write_table(_table_from_lines(batch, schema, id_name, keep), row_group_size=row_group_size)
                     rows += len(batch)
+                elif rows == 0:
+                    writer.write_table(_table([], schema, id_name, keep))
         else:
             with open(tmp, "wb") as f:
                 lines: list[bytes] = []

@@ -10,6 +10,7 @@ import json
 import os
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,6 +32,8 @@ class ResponseCache:
         self._clock = clock
         self._db: sqlite3.Connection | None = None
         self.warning: str | None = None
+        # Lookups (the reading thread) and stores (the writer's thread) share one connection: one at a time.
+        self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
@@ -60,6 +63,10 @@ class ResponseCache:
         self._db = None
 
     def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            return self._get_many(keys)
+
+    def _get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
         if self._db is None or not keys:
             return {}
         now = self._clock()
@@ -81,6 +88,10 @@ class ResponseCache:
 
     def put_many(self, items: Iterable[tuple[str, dict[str, Any], float]]) -> None:
         """Store (key, completion record, ttl seconds) triples."""
+        with self._lock:
+            self._put_many(items)
+
+    def _put_many(self, items: Iterable[tuple[str, dict[str, Any], float]]) -> None:
         if self._db is None:
             return
         now = self._clock()

@@ -3,7 +3,7 @@
 The setup was chosen by measurement (`python benchmarks/bare.py`, figures in benchmarks/README.md): per request,
 aiohttp costs about a third of the client CPU of httpx (~0.2 ms against ~0.6 ms on the reference machine), httpx
 over the aiohttp transport (httpx-aiohttp) sits in between, and one shared `httpx.AsyncClient` with a large
-pool costs ~9 ms because httpcore scans its pool on every request. So each worker owns a `WorkerClient`: one
+pool costs ~8 ms because httpcore scans its pool on every request. So each worker owns a `WorkerClient`: one
 aiohttp session holding one keep-alive connection, with no cookie jar and no aiohttp timeouts. All of them share
 one SSL context (one per client costs 4x the memory). The whole attempt, headers and body, runs under one anyio
 deadline: a per-read timeout restarts on every chunk and would let a trickling server run forever.
@@ -17,12 +17,14 @@ from __future__ import annotations
 import json
 import ssl
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import anyio
-from multidict import CIMultiDictProxy
-from yarl import URL
+from yarl import URL  # aiohttp's own URL type (a dependency of aiohttp): parsed once per client
+
+if TYPE_CHECKING:
+    from multidict import CIMultiDictProxy
 
 from .routing import Failure, parse_retry_after
 from .wire import Completion, ContractError, StreamAssembler, parse_completion

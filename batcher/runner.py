@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -367,39 +368,44 @@ class _Job:
 
     # -- the pipeline ---------------------------------------------------------------------------------------
 
-    async def feed(self, work: ObjectSendStream[_Work], results: ObjectSendStream[_Result]) -> None:
+    def _next_batch(self, batches: Iterator[list[SourceRow]]) -> tuple[list[_Work], list[dict[str, Any]]] | None:
+        """Read, render and look up one input batch (in a worker thread: it is the bulk of the per-row
+        Python work before the call, and would otherwise stall the event loop for a whole batch).
+        Returns the rows that need a call, and those settled without one (cache hits, input errors)."""
+        batch = next(batches, None)
         limit = self.options.limit
-        it = iter(self.source.batches(self.done_ids))
-        while True:
-            batch = await anyio.to_thread.run_sync(next, it, None)
-            if batch is None:
-                return
-            if limit is not None:
-                batch = [r for r in batch if r.index < limit]
-                if not batch:
-                    return
-            prepared = [self.prepare(r) for r in batch]
-            hits: dict[str, dict[str, Any]] = {}
-            if self.cache is not None:
-                keys = [p.key for p in prepared if isinstance(p, _Work) and p.key is not None]
-                hits = self.cache.get_many(keys)
-            # Rows that need no call (cache hits, input errors) go to the writer a list at a time: the result
-            # buffer is kept small for answers that were paid for, and these must not queue one by one behind it.
-            done: list[dict[str, Any]] = []
-            for p in prepared:
-                if isinstance(p, dict):
-                    done.append(p)
-                elif p.key is not None and p.key in hits:
-                    done.append(self._ok(p.row, hits[p.key], cached=True, attempts=0, latency_ms=0.0,
-                                         asked_model=p.body["model"]))
-                else:
-                    if self.budget_hit or self.fatal is not None:
-                        break
-                    await _send(work, p)
+        if batch is not None and limit is not None:
+            batch = [r for r in batch if r.index < limit] or None
+        if batch is None:
+            return None
+        prepared = [self.prepare(r) for r in batch]
+        hits: dict[str, dict[str, Any]] = {}
+        if self.cache is not None:
+            hits = self.cache.get_many([p.key for p in prepared if isinstance(p, _Work) and p.key is not None])
+        work: list[_Work] = []
+        done: list[dict[str, Any]] = []
+        for p in prepared:
+            if isinstance(p, dict):
+                done.append(p)
+            elif p.key is not None and p.key in hits:
+                done.append(self._ok(p.row, hits[p.key], cached=True, attempts=0, latency_ms=0.0,
+                                     asked_model=p.body["model"]))
+            else:
+                work.append(p)
+        return work, done
+
+    async def feed(self, work: ObjectSendStream[_Work], results: ObjectSendStream[_Result]) -> None:
+        batches = iter(self.source.batches(self.done_ids))
+        while (step := await anyio.to_thread.run_sync(self._next_batch, batches)) is not None:
+            to_send, done = step
+            # Settled rows go to the writer as one list: the result buffer is kept small for answers that
+            # were paid for, and these must not queue one by one behind it.
             if done:
                 await results.send(done)
-            if self.budget_hit or self.fatal is not None:
-                return
+            for w in to_send:
+                if self.budget_hit or self.fatal is not None:
+                    return
+                await _send(work, w)
 
     async def write(self, batch: list[_Result]) -> None:
         records: list[dict[str, Any]] = []

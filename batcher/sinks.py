@@ -9,10 +9,9 @@ a temporary name, fsyncs it and renames it into place: readers never see a half-
 from __future__ import annotations
 
 import contextlib
-import io
 import hashlib
+import io
 import json
-import mmap
 import os
 import time
 from array import array
@@ -180,7 +179,7 @@ def ordered_lines(path: Path) -> Iterator[bytes]:
 
     Answers arrive out of order; sorting whole records would hold the whole output in memory. Instead one pass
     collects (position, offset, length) per line, 24 bytes a row, and a second pass reads lines in sorted order
-    from a memory map of the journal. Each line starts with `{"_i":N,` (the writer puts `_i` first).
+    with pread. Each line starts with `{"_i":N,` (the writer puts `_i` first).
     """
     if not path.exists() or path.stat().st_size == 0:
         return
@@ -204,11 +203,13 @@ def ordered_lines(path: Path) -> Iterator[bytes]:
         return
     order = pc.sort_indices(pa.array(positions, type=pa.int64()))
     del positions
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+    # pread, not mmap: every page of a mapping that is touched counts in our RSS (the whole journal, ~800 MB
+    # for a million rows), while read pages stay in the OS's cache without being ours.
+    with open(path, "rb") as f:
+        fd = f.fileno()
         for part in range(0, len(order), 65_536):
             for i in order.slice(part, 65_536).to_pylist():
-                start = offsets[i]
-                yield mm[start : start + lengths[i]]
+                yield os.pread(fd, lengths[i], offsets[i])
 
 
 def ordered_records(path: Path) -> Iterator[dict[str, Any]]:

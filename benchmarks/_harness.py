@@ -28,26 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from _prompts import MAX_TOKENS, PROMPT_TEMPLATE, prompt, review_text
 
 ROOT = Path(__file__).resolve().parent.parent
+CHILD = str(Path(__file__).resolve().parent / "_child.py")  # runs a program and reports its own peak RSS
 PY = sys.executable
 HOST = "127.0.0.1"
 MODEL = "openai/gpt-4o-mini"
-PROMPT_TEMPLATE = "Summarise this review in one short sentence.\n\n{{text}}"
-
-_WORDS = (
-    "the quick brown fox jumps over a lazy dog while quiet rivers run past old stone bridges near the "
-    "harbor and small boats drift under grey clouds before the evening rain"
-).split()
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-
-
-def review_text(i: int) -> str:
-    """A ~40-word synthetic review, different for every i (so no two prompts are equal)."""
-    n = len(_WORDS)
-    return f"Review {i}: " + " ".join(_WORDS[(i * 7 + j * 3) % n] for j in range(40))
 
 
 def make_parquet(path: Path, rows: int, row_group_size: int = 10_000) -> Path:
@@ -82,9 +72,8 @@ def make_parquet(path: Path, rows: int, row_group_size: int = 10_000) -> Path:
 
 def bodies_for(n: int) -> Iterator[dict[str, Any]]:
     """The request bodies batcher sends for the generated inputs (for the bare client loops)."""
-    head = PROMPT_TEMPLATE.split("{{text}}")[0]
     for i in range(n):
-        yield {"max_tokens": 16, "temperature": 0, "model": MODEL, "prompt": head + review_text(i)}
+        yield {"max_tokens": MAX_TOKENS, "temperature": 0, "model": MODEL, "prompt": prompt(i)}
 
 
 def write_spec(
@@ -99,7 +88,7 @@ def write_spec(
     rpm: float | None = None,
     batch_size: int | None = None,
 ) -> Path:
-    request: dict[str, Any] = {"model": MODEL, "max_tokens": 16, "temperature": 0}
+    request: dict[str, Any] = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0}
     if cache:
         request["cache"] = {"type": "exact_match", "ttl": 86_400}
     inp: dict[str, Any] = {"path": str(input_path), "id_column": "id", "prompt": PROMPT_TEMPLATE}
@@ -123,8 +112,12 @@ def write_spec(
 
 
 def batcher_argv(spec: Path, base_url: str, *extra: str) -> list[str]:
-    """`batcher run SPEC --quiet --base-url URL`, through this interpreter."""
-    return [PY, "-m", "batcher", "run", str(spec), "--quiet", "--base-url", base_url, *extra]
+    """`batcher run SPEC --quiet --base-url URL`, through this interpreter. With BATCHER_BENCH_CLI=FILE set,
+    `python FILE run ...` instead: a script that patches batcher and calls `batcher.cli.main`, to measure a
+    proposed change before it is made."""
+    cli = os.environ.get("BATCHER_BENCH_CLI")
+    head = [PY, CHILD, cli] if cli else [PY, CHILD, "-m", "batcher"]
+    return [*head, "run", str(spec), "--quiet", "--base-url", base_url, *extra]
 
 
 @contextlib.contextmanager
@@ -215,7 +208,7 @@ class ChildRun:
     returncode: int
     wall_s: float
     cpu_s: float  # user + sys of the child alone (from wait4)
-    peak_rss_mb: float  # the kernel's ru_maxrss of the child
+    peak_rss_mb: float  # the child's own VmHWM when it ran under _child.py, else its ru_maxrss (see _child.py)
     started: float  # time.monotonic() just before the spawn (comparable with the gateway's arrivals)
     # (seconds since the spawn, RSS MB, user+sys CPU seconds so far, size of `progress_file`)
     samples: list[tuple[float, float, float, int]] = field(default_factory=list)
@@ -245,6 +238,9 @@ def run_child(
     gw0 = gateway.cpu_seconds() if gateway else None
     out = tempfile.TemporaryFile()
     err = tempfile.TemporaryFile()
+    fd, peak_file = tempfile.mkstemp(prefix="bench-peak-")
+    os.close(fd)
+    env = {**(env if env is not None else os.environ), "BENCH_PEAK_FILE": peak_file}
     started = time.monotonic()
     proc = subprocess.Popen(list(argv), stdout=out, stderr=err, cwd=ROOT, env=env)
     samples: list[tuple[float, float, float, int]] = []
@@ -281,12 +277,17 @@ def run_child(
     proc.returncode = os.waitstatus_to_exitcode(status)
     out.seek(0)
     err.seek(0)
+    peak_mb = usage.ru_maxrss / 1024
+    with contextlib.suppress(OSError, ValueError):
+        peak_mb = int(Path(peak_file).read_text() or "x") / 1024
+    with contextlib.suppress(OSError):
+        os.unlink(peak_file)
     run = ChildRun(
         argv=list(argv),
         returncode=proc.returncode,
         wall_s=wall,
         cpu_s=usage.ru_utime + usage.ru_stime,
-        peak_rss_mb=usage.ru_maxrss / 1024,
+        peak_rss_mb=peak_mb,
         started=started,
         samples=samples,
         stdout=out.read().decode("utf-8", "replace"),

@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import _harness as h  # noqa: E402
+import _harness as h
 
 SETUPS = ("batcher", "httpx-per-worker", "httpx-shared", "httpx-aiohttp", "aiohttp-per-worker", "aiohttp-shared")
 PATH = "/v2/router/completions"
@@ -48,7 +48,6 @@ def _setup(name: str, url: str, concurrency: int) -> Callable[[], AbstractAsyncC
     import httpx
 
     from batcher.client import Endpoint, WorkerClient
-    from batcher.wire import parse_completion
 
     full = url + PATH
     ssl_ctx = httpx.create_ssl_context()
@@ -202,7 +201,7 @@ def child(name: str, url: str, n: int, concurrency: int) -> None:
 def run_bare(setup: str, gw: h.GatewayProcess, n: int, concurrency: int, timeout_s: float) -> h.ChildRun:
     """One bare loop in a child. `run.info` holds the child's own report: `loop_cpu_s` is the CPU of the
     request loop alone (no interpreter start, no imports), `wall_s` its wall time."""
-    argv = [h.PY, str(Path(__file__).resolve()), "--child", setup, "--url", gw.base_url,
+    argv = [h.PY, h.CHILD, str(Path(__file__).resolve()), "--child", setup, "--url", gw.base_url,
             "-n", str(n), "-c", str(concurrency)]
     run = h.run_child(argv, timeout_s=timeout_s, gateway=gw).check()
     run.info = json.loads(run.stdout.strip().splitlines()[-1])

@@ -36,7 +36,7 @@ __all__ = ["AttemptFailed", "Endpoint", "WorkerClient"]
 class Endpoint:
     url: str  # the full completions URL
     api: str
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # holds the Authorization header
     api_key: str | None = field(default=None, repr=False)
 
     @classmethod

@@ -302,3 +302,11 @@ def test_canary_key_never_leaks(tmp_path: Path) -> None:
     for blob in blobs:
         assert CANARY.encode() not in blob
         assert CANARY[3:].encode() not in blob
+
+
+def test_endpoint_repr_and_redaction_hide_the_key() -> None:
+    from batcher.client import Endpoint
+
+    e = Endpoint.make("http://127.0.0.1:1", "orq", CANARY)
+    assert CANARY not in repr(e) and CANARY not in str(e)
+    assert e.redact(f"server said: bad key {CANARY}!") == "server said: bad key ***!"

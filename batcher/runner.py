@@ -9,6 +9,7 @@ a signal stops the run early, and each leaves it resumable.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import random
 import signal
@@ -519,6 +520,8 @@ class _Job:
             self.state.save()
             raise error
         # Whatever stopped the run, the output shows everything answered so far; the state stays resumable.
+        # The pool's sessions, tasks and streams are garbage now: free them before the final write's peak.
+        gc.collect()
         self._finish(info)
         res = self.result
         if isinstance(error, FatalRequestError):

@@ -344,16 +344,28 @@ def finalize(
     try:
         if fmt == "parquet":
             with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-                batch: list[bytes] = []
+                # Lines are parsed a slice at a time into Arrow tables, and a row group is written once the
+                # slices add up to one: the peak is one row group in Arrow, not also its JSON text.
+                lines: list[bytes] = []
+                tables: list[pa.Table] = []
+                pending = 0
+                step = min(row_group_size, 2_000)
                 for line in ordered_lines(journal):
-                    batch.append(line)
-                    if len(batch) >= row_group_size:
-                        writer.write_table(_table_from_lines(batch, schema, id_name, keep), row_group_size=row_group_size)
-                        rows += len(batch)
-                        batch = []
-                if batch:
-                    writer.write_table(_table_from_lines(batch, schema, id_name, keep), row_group_size=row_group_size)
-                    rows += len(batch)
+                    lines.append(line)
+                    if len(lines) >= step:
+                        tables.append(_table_from_lines(lines, schema, id_name, keep))
+                        pending += len(lines)
+                        lines = []
+                        if pending >= row_group_size:
+                            writer.write_table(pa.concat_tables(tables), row_group_size=row_group_size)
+                            rows += pending
+                            tables, pending = [], 0
+                if lines:
+                    tables.append(_table_from_lines(lines, schema, id_name, keep))
+                    pending += len(lines)
+                if tables:
+                    writer.write_table(pa.concat_tables(tables), row_group_size=row_group_size)
+                    rows += pending
                 elif rows == 0:
                     writer.write_table(_table([], schema, id_name, keep))
         else:

@@ -44,7 +44,7 @@ import pyarrow as pa
 from .errors import SpecError
 from .prices import Price, PriceTable
 from .routing import plan_for
-from .runner import _fingerprint
+from .runner import run_fingerprint
 from .sinks import RunState, read_journal, state_dir_for
 from .sources import Source
 from .spec import JobSpec, load_spec
@@ -141,7 +141,7 @@ def _done_ids(spec: JobSpec, output: Path, rows: int, limit: int | None, fresh: 
     if fresh:
         notes.append(f"--fresh: the earlier run in {state_dir} would be discarded")
         return [], False
-    if state.fingerprint != _fingerprint(spec):
+    if state.fingerprint != run_fingerprint(spec):
         notes.append(f"{state_dir} holds a partial run of a different spec: the run would stop (exit 5) "
                      "unless given --fresh; counted as nothing done")
         return [], False

@@ -169,7 +169,7 @@ def _probe_output(path: Path) -> None:
         raise OutputError(f"the output path {path} is a folder")
 
 
-def _fingerprint(spec: JobSpec) -> str:
+def run_fingerprint(spec: JobSpec) -> str:
     return fingerprint(
         {
             "input": spec.input.model_dump(mode="json", exclude={"batch_size", "max_prompt_chars"}),
@@ -554,7 +554,7 @@ class _Job:
                 )
         _probe_output(self.output)
         self.schema = output_schema(self.source.id_name, info.id_type, info.keep_types)
-        fp = _fingerprint(spec)
+        fp = run_fingerprint(spec)
         state_dir = state_dir_for(self.output)
         state = RunState.load(state_dir)
         self.done_ids: pa.Array | None = None

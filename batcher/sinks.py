@@ -370,10 +370,10 @@ def finalize(
                     writer.write_table(_table([], schema, id_name, keep))
         else:
             with open(tmp, "wb") as f:
-                lines: list[bytes] = []
+                out_lines: list[bytes] = []
                 for rec in ordered_records(journal):
                     if fmt == "openai_batch":
-                        lines.append(_dumps(_openai_batch_line(rec, rows)))
+                        out_lines.append(_dumps(_openai_batch_line(rec, rows)))
                     else:
                         out = {id_name: rec.get("id")}
                         k = rec.get("keep") or {}
@@ -381,12 +381,12 @@ def finalize(
                             if c != id_name:
                                 out[kept_name(c, id_name)] = k.get(c)
                         out.update((name, rec.get(name)) for name in RESULT_COLUMNS)
-                        lines.append(_dumps(out))
+                        out_lines.append(_dumps(out))
                     rows += 1
-                    if len(lines) >= row_group_size:
-                        f.write(b"".join(lines))
-                        lines.clear()
-                f.write(b"".join(lines))
+                    if len(out_lines) >= row_group_size:
+                        f.write(b"".join(out_lines))
+                        out_lines.clear()
+                f.write(b"".join(out_lines))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, output)

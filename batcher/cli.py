@@ -95,11 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["gateway"]:
         return _gateway(argparse.Namespace(), argv[1:])
-    # Arrow's default allocator keeps what it freed for reuse; batcher's Arrow work comes in bursts (the input
-    # check, the final write), so give memory back between them. The process is ours here, not a library's.
-    import pyarrow as pa
+    # The process is ours here, not a library's: let it hand memory back to the OS between bursts.
+    from .memory import tune_process_memory
 
-    pa.set_memory_pool(pa.system_memory_pool())
+    tune_process_memory()
     parser = _parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1 if hasattr(args, "limit") else False:

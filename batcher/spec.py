@@ -313,7 +313,7 @@ class InputSpec(_Model):
     prompt: str | None = None
     prompt_column: str | None = None
     inputs_columns: list[str] = Field(default_factory=list)
-    batch_size: int = Field(10_000, ge=1, le=1_000_000)
+    batch_size: int = Field(1_000, ge=1, le=1_000_000)
     max_prompt_chars: int = Field(1_000_000, ge=1)
 
     @model_validator(mode="after")

@@ -80,7 +80,9 @@ class Completion:
         return {
             "text": self.text,
             "finish_reason": self.finish_reason,
-            "choices": self.choices,
+            # One choice is `text` and `finish_reason` already: null here halves what a row weighs
+            # in the journal, the cache and the output.
+            "choices": self.choices if len(self.choices) > 1 else None,
             "model": self.model,
             "completion_id": self.completion_id,
             "prompt_tokens": self.prompt_tokens,

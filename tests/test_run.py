@@ -120,6 +120,14 @@ def test_n_greater_than_one_fills_choices(make_spec, tmp_path: Path) -> None:
         assert len({c["text"] for c in choices}) > 1
 
 
+def test_one_choice_is_text_and_no_choices_list(make_spec) -> None:
+    spec = parse_spec(make_spec(input={"prompt": "Write about {{product}}"}))
+    run_job(spec, options(limit=5))
+    df = pl.read_parquet(spec.output.path)
+    assert df.height == 5 and df["text"].null_count() == 0
+    assert df["choices"].null_count() == 5  # the single choice is `text` / `finish_reason`, not stored twice
+
+
 def test_streaming_assembles_the_same_row(make_spec, tmp_path: Path) -> None:
     plain = parse_spec(make_spec(input={"prompt": "Tell me about {{product}}"}, output={"path": str(tmp_path / "a.parquet")}))
     streamed = parse_spec(make_spec(input={"prompt": "Tell me about {{product}}"},

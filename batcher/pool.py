@@ -16,14 +16,42 @@ from contextlib import AsyncExitStack
 from typing import Generic, TypeVar
 
 import anyio
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
-from anyio.streams.memory import MemoryObjectReceiveStream
+from anyio.abc import ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-__all__ = ["Pool"]
+__all__ = ["Pool", "WorkSender"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 W = TypeVar("W")
+
+
+class WorkSender(Generic[T]):
+    """The feeder's end of the work stream. When the buffer is full it waits until the workers have taken half
+    of it, then refills it in one go: woken for every slot a worker frees, the feeder would cost a task switch
+    per row, which at low rates is a good share of a row's CPU."""
+
+    def __init__(self, stream: MemoryObjectSendStream[T], capacity: int) -> None:
+        self._stream = stream
+        self._low_water = capacity // 2
+        self._room: anyio.Event | None = None
+
+    async def send(self, item: T) -> None:
+        try:
+            self._stream.send_nowait(item)
+            return
+        except anyio.WouldBlock:
+            pass
+        self._room = anyio.Event()
+        await self._room.wait()  # cancellable: the item was not handed over
+        await self._stream.send(item)
+
+    def taken(self, stream: MemoryObjectReceiveStream[T]) -> None:
+        """A worker took an item from `stream`: wake the feeder once the buffer is down to half."""
+        room = self._room
+        if room is not None and stream.statistics().current_buffer_used <= self._low_water:
+            self._room = None
+            room.set()
 
 
 class Pool(Generic[T, R, W]):
@@ -31,13 +59,13 @@ class Pool(Generic[T, R, W]):
         self,
         *,
         concurrency: int,
-        feed: Callable[[ObjectSendStream[T], ObjectSendStream[R]], Awaitable[None]],
+        feed: Callable[[WorkSender[T], ObjectSendStream[R]], Awaitable[None]],
         work: Callable[[T, W], Awaitable[R]],
         open_worker: Callable[[], W],
         close_worker: Callable[[W], Awaitable[None]],
         write: Callable[[list[R]], Awaitable[None]],
         max_write_batch: int = 2048,
-        linger: float = 0.02,
+        linger: float = 0.05,
     ) -> None:
         self.concurrency = concurrency
         self._feed = feed
@@ -71,7 +99,9 @@ class Pool(Generic[T, R, W]):
         self.cancel_work()
 
     async def run(self) -> None:
-        work_send, work_recv = anyio.create_memory_object_stream[T](self.concurrency * 2)
+        capacity = self.concurrency * 2
+        work_send, work_recv = anyio.create_memory_object_stream[T](capacity)
+        sender = WorkSender(work_send, capacity)
         # Small on purpose: an answer waiting here is paid for but not yet durable.
         res_send, res_recv = anyio.create_memory_object_stream[R](self.concurrency)
         async with anyio.create_task_group() as outer:
@@ -79,18 +109,22 @@ class Pool(Generic[T, R, W]):
             async with res_send, work_recv:
                 with self._work_scope:
                     async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._feeder, work_send, res_send.clone())
+                        tg.start_soon(self._feeder, work_send, sender, res_send.clone())
                         for _ in range(self.concurrency):
-                            tg.start_soon(self._worker, work_recv.clone(), res_send.clone())
+                            tg.start_soon(self._worker, work_recv.clone(), sender, res_send.clone())
         if self.error is not None:
             raise self.error
 
-    async def _feeder(self, work_send: ObjectSendStream[T], res_send: ObjectSendStream[R]) -> None:
+    async def _feeder(
+        self, work_send: ObjectSendStream[T], sender: WorkSender[T], res_send: ObjectSendStream[R]
+    ) -> None:
         async with work_send, res_send:
             with self._feed_scope:
-                await self._feed(work_send, res_send)
+                await self._feed(sender, res_send)
 
-    async def _worker(self, work_recv: ObjectReceiveStream[T], res_send: ObjectSendStream[R]) -> None:
+    async def _worker(
+        self, work_recv: MemoryObjectReceiveStream[T], sender: WorkSender[T], res_send: MemoryObjectSendStream[R]
+    ) -> None:
         async with AsyncExitStack() as stack:
             await stack.enter_async_context(work_recv)
             await stack.enter_async_context(res_send)
@@ -102,16 +136,29 @@ class Pool(Generic[T, R, W]):
 
             stack.push_async_callback(_close)
             async for item in work_recv:
+                sender.taken(work_recv)
                 try:
                     result = await self._work(item, state)
                 except Exception as exc:
                     self.fail(exc)
                     return
-                # Shielded: a result that exists must reach the writer even if we are being cancelled now.
-                with anyio.CancelScope(shield=True):
-                    await res_send.send(result)
+                try:
+                    res_send.send_nowait(result)
+                except anyio.WouldBlock:
+                    # Shielded: a result that exists must reach the writer even if we are being cancelled now.
+                    with anyio.CancelScope(shield=True):
+                        await res_send.send(result)
 
     async def _writer(self, res_recv: MemoryObjectReceiveStream[R]) -> None:
+        # Linger for more answers before writing: each write is a thread hop and an fsync, which at a few
+        # hundred answers a second would cost more than the answers. The batch is written once it holds as
+        # many answers as there are workers (so a crash loses at most that many, besides those in flight) or
+        # `linger` has passed. The waits are sized from the recent rate of answers: polling every
+        # millisecond would cost a wakeup each, and a wait too long would leave the workers blocked on a full
+        # buffer. Polled, not a cancelled receive(): cancelling a receive the instant an item is handed over
+        # would drop that item.
+        enough = min(self.concurrency, self._max_write_batch)
+        rate = 0.0  # answers per second, smoothed
         async with res_recv:
             while True:
                 try:
@@ -119,21 +166,25 @@ class Pool(Generic[T, R, W]):
                 except anyio.EndOfStream:
                     return
                 batch = [first]
-                # Linger a moment for more: at a thousand answers a second, writing each few rows as they
-                # come costs a thread hop and an fsync apiece. The price: an answer waits up to `linger`
-                # longer before it is durable. Polled, not a cancelled receive(): cancelling a receive the
-                # instant an item is handed over would drop that item.
-                deadline = anyio.current_time() + self._linger
-                while len(batch) < self._max_write_batch:
+                start = anyio.current_time()
+                deadline = start + self._linger
+                while len(batch) < enough:
                     try:
                         batch.append(res_recv.receive_nowait())
+                        continue
                     except anyio.WouldBlock:
-                        left = deadline - anyio.current_time()
-                        if left <= 0:
-                            break
-                        await anyio.sleep(min(left, 0.002))
+                        pass
                     except anyio.EndOfStream:
                         break
+                    now = anyio.current_time()
+                    left = deadline - now
+                    if left <= 0:
+                        break
+                    expect = (enough - len(batch)) / rate if rate > 0 else left
+                    await anyio.sleep(min(left, max(expect, 0.001)))
+                elapsed = anyio.current_time() - start
+                if elapsed > 0.0005:
+                    rate = 0.5 * rate + 0.5 * (len(batch) / elapsed) if rate else len(batch) / elapsed
                 if self.error is not None:
                     continue  # the sink failed: drain so producers can finish, write nothing more
                 try:

@@ -29,7 +29,7 @@ from .cache import ResponseCache
 from .client import AttemptFailed, Endpoint, WorkerClient
 from .errors import FatalRequestError, OutputError, ResumeError, SpecError
 from .limits import Cooldown, RateLimits
-from .pool import Pool
+from .pool import Pool, WorkSender
 from .prices import Price, PriceTable
 from .progress import Progress
 from .routing import Backoff, RoutePlan, decide, plan_for
@@ -395,7 +395,7 @@ class _Job:
                 work.append(p)
         return work, done
 
-    async def feed(self, work: ObjectSendStream[_Work], results: ObjectSendStream[_Result]) -> None:
+    async def feed(self, work: WorkSender[_Work], results: ObjectSendStream[_Result]) -> None:
         batches = iter(self.source.batches(self.done_ids))
         while (step := await anyio.to_thread.run_sync(self._next_batch, batches)) is not None:
             to_send, done = step
@@ -406,7 +406,7 @@ class _Job:
             for w in to_send:
                 if self.budget_hit or self.fatal is not None:
                     return
-                await _send(work, w)
+                await work.send(w)
 
     async def write(self, batch: list[_Result]) -> None:
         records: list[dict[str, Any]] = []
@@ -598,15 +598,6 @@ class _Job:
         self.state.status = "finished" if all_ok else "partial"
         self.state.rows = written
         self.state.save()
-
-
-async def _send(stream: ObjectSendStream[Any], item: Any) -> None:
-    """Send without a scheduling round trip while the buffer has room (a cached rerun sends tens of thousands
-    of rows a second; one event loop iteration each would cost more than the rows)."""
-    try:
-        stream.send_nowait(item)  # type: ignore[attr-defined]
-    except anyio.WouldBlock:
-        await stream.send(item)
 
 
 class _NothingToDo(Exception):

@@ -65,7 +65,7 @@ class Pool(Generic[T, R, W]):
         close_worker: Callable[[W], Awaitable[None]],
         write: Callable[[list[R]], Awaitable[None]],
         max_write_batch: int = 2048,
-        linger: float = 0.05,
+        linger: float = 0.02,
     ) -> None:
         self.concurrency = concurrency
         self._feed = feed
@@ -150,14 +150,14 @@ class Pool(Generic[T, R, W]):
                         await res_send.send(result)
 
     async def _writer(self, res_recv: MemoryObjectReceiveStream[R]) -> None:
-        # Linger for more answers before writing: each write is a thread hop and an fsync, which at a few
-        # hundred answers a second would cost more than the answers. The batch is written once it holds as
-        # many answers as there are workers (so a crash loses at most that many, besides those in flight) or
-        # `linger` has passed. The waits are sized from the recent rate of answers: polling every
-        # millisecond would cost a wakeup each, and a wait too long would leave the workers blocked on a full
-        # buffer. Polled, not a cancelled receive(): cancelling a receive the instant an item is handed over
-        # would drop that item.
-        enough = min(self.concurrency, self._max_write_batch)
+        # Linger up to `linger` for more answers before writing: each write is a thread hop and an fsync, which
+        # at a thousand answers a second would cost more than the answers. The price: an answer waits up to
+        # `linger` longer before it is durable (a kill -9 then re-asks it on resume). The waits are sized
+        # from the recent rate of answers, to come back before the results buffer fills and blocks the
+        # workers: polling every millisecond instead costs a wakeup each, most of the writer's CPU at a few
+        # hundred answers a second. Polled, not a cancelled receive(): cancelling a receive the instant an
+        # item is handed over would drop that item.
+        half = max(1, self.concurrency // 2)
         rate = 0.0  # answers per second, smoothed
         async with res_recv:
             while True:
@@ -168,7 +168,7 @@ class Pool(Generic[T, R, W]):
                 batch = [first]
                 start = anyio.current_time()
                 deadline = start + self._linger
-                while len(batch) < enough:
+                while len(batch) < self._max_write_batch:
                     try:
                         batch.append(res_recv.receive_nowait())
                         continue
@@ -176,15 +176,14 @@ class Pool(Generic[T, R, W]):
                         pass
                     except anyio.EndOfStream:
                         break
-                    now = anyio.current_time()
-                    left = deadline - now
+                    left = deadline - anyio.current_time()
                     if left <= 0:
                         break
-                    expect = (enough - len(batch)) / rate if rate > 0 else left
-                    await anyio.sleep(min(left, max(expect, 0.001)))
+                    await anyio.sleep(min(left, max(half / rate, 0.001)) if rate > 0 else left)
                 elapsed = anyio.current_time() - start
                 if elapsed > 0.0005:
-                    rate = 0.5 * rate + 0.5 * (len(batch) / elapsed) if rate else len(batch) / elapsed
+                    now_rate = len(batch) / elapsed
+                    rate = 0.5 * rate + 0.5 * now_rate if rate else now_rate
                 if self.error is not None:
                     continue  # the sink failed: drain so producers can finish, write nothing more
                 try:

@@ -1,0 +1,38 @@
+"""The CLI's memory settings take effect: they must be made before pyarrow loads, so importing batcher or its
+command line must not load pyarrow, and after `tune_process_memory` Arrow's default pool is the system one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def _python(code: str, **env: str) -> str:
+    base = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**base, **env}, check=True)
+    return out.stdout.strip()
+
+
+def test_importing_batcher_and_its_cli_does_not_load_pyarrow() -> None:
+    assert _python("import sys, batcher, batcher.cli; print('pyarrow' in sys.modules)") == "False"
+
+
+def test_tuning_puts_arrow_on_the_system_allocator() -> None:
+    code = ("from batcher.memory import tune_process_memory; tune_process_memory(); "
+            "import pyarrow as pa; print(pa.default_memory_pool().backend_name)")
+    assert _python(code) == "system"
+
+
+def test_a_users_own_allocator_choice_wins() -> None:
+    pytest.importorskip("pyarrow")
+    code = ("from batcher.memory import tune_process_memory; tune_process_memory(); "
+            "import pyarrow as pa; print(pa.default_memory_pool().backend_name)")
+    assert _python(code, ARROW_DEFAULT_MEMORY_POOL="mimalloc") == "mimalloc"
+
+
+def test_the_public_api_is_still_importable_from_the_package() -> None:
+    assert _python("import batcher; print(batcher.run_job.__name__, batcher.JobSpec.__name__)") == "run_job JobSpec"

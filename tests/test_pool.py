@@ -1,0 +1,108 @@
+"""The pipeline alone (no HTTP, no files): every item is worked once and every result written once, the feeder
+refills from half empty, the writer's batches stay within one answer per worker, and stopping drops nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import ObjectSendStream
+
+from batcher.pool import Pool, WorkSender
+
+pytestmark = pytest.mark.anyio
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+
+    async def write(self, batch: list[Any]) -> None:
+        self.batches.append(list(batch))
+
+    @property
+    def items(self) -> list[Any]:
+        return [x for b in self.batches for x in b]
+
+
+def _pool(n: int, concurrency: int, sink: _Sink, *, delay: float = 0.0, levels: list[int] | None = None,
+          fail_at: int | None = None) -> Pool[int, int, None]:
+    async def feed(work: WorkSender[int], results: ObjectSendStream[int]) -> None:
+        for i in range(n):
+            await work.send(i)
+            if levels is not None:
+                levels.append(work._stream.statistics().current_buffer_used)
+
+    async def work(item: int, _state: None) -> int:
+        if fail_at is not None and item == fail_at:
+            raise RuntimeError("boom")
+        await anyio.sleep(delay)
+        return item * 10
+
+    async def close(_state: None) -> None:
+        return None
+
+    return Pool(concurrency=concurrency, feed=feed, work=work, open_worker=lambda: None, close_worker=close,
+                write=sink.write, linger=0.01)
+
+
+async def test_every_item_worked_once_and_written_once() -> None:
+    sink = _Sink()
+    await _pool(2_000, 8, sink).run()
+    assert sorted(sink.items) == [i * 10 for i in range(2_000)]
+
+
+async def test_writer_gathers_answers_into_few_writes() -> None:
+    sink = _Sink()
+    await _pool(1_000, 4, sink, delay=0.001).run()
+    assert sorted(sink.items) == [i * 10 for i in range(1_000)]
+    assert len(sink.batches) < 500  # not one write per answer (4 workers answering every ~1 ms, 10 ms linger)
+
+
+async def test_feeder_refills_from_half_empty() -> None:
+    # Each level is the work buffer's fill right after a send. Refilling one slot at a time would leave it
+    # full (8) after every send once it first filled; refilling from half empty passes through 5..8 each time.
+    levels: list[int] = []
+    sink = _Sink()
+    await _pool(400, 4, sink, delay=0.001, levels=levels).run()
+    assert sorted(sink.items) == [i * 10 for i in range(400)]
+    after_first_fill = levels[levels.index(8):]
+    assert min(after_first_fill) <= 5
+    assert after_first_fill.count(8) < len(after_first_fill) / 2
+
+
+async def test_a_failing_worker_stops_the_pool_and_keeps_what_was_answered() -> None:
+    sink = _Sink()
+    with pytest.raises(RuntimeError, match="boom"):
+        await _pool(1_000, 4, sink, delay=0.001, fail_at=300).run()
+    answered = sink.items
+    assert answered and len(answered) == len(set(answered))
+    assert 300 * 10 not in answered
+
+
+async def test_cancel_work_writes_every_result_already_produced() -> None:
+    sink = _Sink()
+    produced: list[int] = []
+    pool: Pool[int, int, None]
+
+    async def feed(work: WorkSender[int], results: ObjectSendStream[int]) -> None:
+        for i in range(10_000):
+            await work.send(i)
+
+    async def work(item: int, _state: None) -> int:
+        await anyio.sleep(0.001)
+        produced.append(item)
+        if len(produced) == 200:
+            pool.cancel_work()
+        return item
+
+    async def close(_state: None) -> None:
+        return None
+
+    pool = Pool(concurrency=8, feed=feed, work=work, open_worker=lambda: None, close_worker=close,
+                write=sink.write)
+    await pool.run()
+    assert pool.work_cancelled
+    assert sorted(sink.items) == sorted(produced)
+    assert len(produced) < 10_000

@@ -18,10 +18,12 @@ __all__ = ["main"]
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .memory import freeze_imports
     from .prices import PriceTable
     from .runner import RunOptions, run_job
     from .spec import load_spec
 
+    freeze_imports()
     spec = load_spec(args.spec)
     options = RunOptions(
         output=Path(args.output) if args.output else None,

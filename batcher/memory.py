@@ -11,19 +11,29 @@ it back, and a long run's RSS then settles far above what it uses:
   blocks from a heap that fragments and never shrinks: on a 1,000,000-row run 190 MB were held through the
   call phase where 137 MB were needed. Pinning the threshold at its default (128 KiB) keeps big blocks
   mmapped, so freeing one returns it.
+
+Python's cyclic garbage collector is the third. Its youngest generation is collected after every 700 net new
+container objects, and a run makes them in bursts (an input batch of rows and bodies, a journal batch of
+records) that are freed soon after but trigger collections of the whole heap every few seconds; the heap is
+mostly the ~55,000 objects of the imported modules, which are never garbage. Measured on a 20,000-row run at
+latency 0: 1,260 collections and ~0.55 s, 13% of the process's CPU. A threshold of 10,000 and the imports
+moved out of the collector's sight (`gc.freeze`) leave a few collections and ~5 ms; cycles still get
+collected, after at most 10,000 new objects instead of 700.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 import sys
 
-__all__ = ["tune_process_memory"]
+__all__ = ["freeze_imports", "tune_process_memory"]
 
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 _MMAP_THRESHOLD = 128 * 1024
+_GC_YOUNG = 10_000  # Python's default: 700
 
 
 def tune_process_memory() -> None:
@@ -35,6 +45,13 @@ def tune_process_memory() -> None:
         pa.set_memory_pool(pa.system_memory_pool())
     if sys.platform.startswith("linux"):
         _pin_mmap_threshold()
+    gc.set_threshold(_GC_YOUNG, *gc.get_threshold()[1:])
+
+
+def freeze_imports() -> None:
+    """Once the modules a command needs are imported: keep their objects out of every later collection."""
+    gc.collect()
+    gc.freeze()
 
 
 def _pin_mmap_threshold() -> None:

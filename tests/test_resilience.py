@@ -73,8 +73,9 @@ def test_kill_9_at_random_moments_then_resume(tmp_path: Path) -> None:
     assert (df["status"] == "ok").all()
     extra = billed - rows
     # Paid twice only for calls not yet durable at each kill: those the server was still answering (at most
-    # `concurrency`) and answers on their way to the journal (the result buffer holds at most `concurrency`).
-    assert extra <= len(in_flight_at_kill) * 2 * concurrency
+    # `concurrency`), answers queued for the writer (its buffer holds at most `concurrency`) and the group the
+    # writer is gathering (one answer per worker at this rate: 20 ms of answers is fewer).
+    assert extra <= len(in_flight_at_kill) * 3 * concurrency
     print(f"\ncrash test: {len(in_flight_at_kill)} kills, {rows} rows, 0 duplicates, {billed} billed calls, "
           f"{extra} extra (in flight at the kills: {in_flight_at_kill})")
 

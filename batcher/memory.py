@@ -10,9 +10,9 @@ it back, and a long run's RSS then settles far above what it uses:
 - glibc's malloc raises its mmap threshold the first time a big block is freed, and from then on serves such
   blocks from a heap that fragments and never shrinks: on a 1,000,000-row run 190 MB were held through the
   call phase where ~120 MB were needed. Pinning the threshold keeps big blocks mmapped, so freeing one
-  returns it. Pinned at 512 KiB, not glibc's starting 128 KiB: asyncio reads every socket into a fresh
+  returns it. Pinned at 264 KiB, not glibc's starting 128 KiB: asyncio reads every socket into a fresh
   256 KiB buffer and shrinks it to what arrived, and mmapped that would cost an mmap, an mremap and a munmap
-  per read (strace, 3,000 rows: 3,000 mremaps and 3,400 mmaps at 128 KiB; none and 400 at 512 KiB).
+  per read (strace, 3,000 rows: 3,000 mremaps and 3,400 mmaps at 128 KiB; none and 400 above 256 KiB).
 
 Python's cyclic garbage collector is the third. Its youngest generation is collected after every 700 net new
 container objects, and a run makes them in bursts (an input batch of rows and bodies, a journal batch of
@@ -34,7 +34,7 @@ import sys
 __all__ = ["freeze_imports", "tune_process_memory"]
 
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
-_MMAP_THRESHOLD = 512 * 1024
+_MMAP_THRESHOLD = 264 * 1024  # just above asyncio's 256 KiB socket read buffer (and its header)
 _GC_YOUNG = 10_000  # Python's default: 700
 
 

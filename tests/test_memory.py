@@ -36,3 +36,9 @@ def test_a_users_own_allocator_choice_wins() -> None:
 
 def test_the_public_api_is_still_importable_from_the_package() -> None:
     assert _python("import batcher; print(batcher.run_job.__name__, batcher.JobSpec.__name__)") == "run_job JobSpec"
+
+
+def test_tuning_collects_young_objects_less_often_and_freezing_hides_the_imports() -> None:
+    code = ("import gc; from batcher.memory import freeze_imports, tune_process_memory; tune_process_memory(); "
+            "import batcher.runner; freeze_imports(); print(gc.get_threshold()[0], gc.get_freeze_count() > 10_000)")
+    assert _python(code) == "10000 True"

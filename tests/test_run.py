@@ -128,6 +128,15 @@ def test_one_choice_is_text_and_no_choices_list(make_spec) -> None:
     assert df["choices"].null_count() == 5  # the single choice is `text` / `finish_reason`, not stored twice
 
 
+def test_unique_columns_are_not_dictionary_encoded(make_spec) -> None:
+    spec = parse_spec(make_spec(input={"prompt": "Write about {{product}}"}))
+    run_job(spec, options(limit=5))
+    meta = pq.ParquetFile(spec.output.path).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(meta.num_columns)}
+    assert "RLE_DICTIONARY" not in encodings["text"] and "RLE_DICTIONARY" not in encodings["completion_id"]
+    assert "RLE_DICTIONARY" in encodings["status"] and "RLE_DICTIONARY" in encodings["model"]
+
+
 def test_streaming_assembles_the_same_row(make_spec, tmp_path: Path) -> None:
     plain = parse_spec(make_spec(input={"prompt": "Tell me about {{product}}"}, output={"path": str(tmp_path / "a.parquet")}))
     streamed = parse_spec(make_spec(input={"prompt": "Tell me about {{product}}"},

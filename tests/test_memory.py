@@ -21,17 +21,13 @@ def test_importing_batcher_and_its_cli_does_not_load_pyarrow() -> None:
     assert _python("import sys, batcher, batcher.cli; print('pyarrow' in sys.modules)") == "False"
 
 
-def test_tuning_puts_arrow_on_the_system_allocator() -> None:
+@pytest.mark.parametrize(("users_choice", "expected"), [(None, "system"), ("mimalloc", "mimalloc")])
+def test_tuning_puts_arrow_on_the_system_allocator_unless_the_user_chose(users_choice: str | None,
+                                                                         expected: str) -> None:
     code = ("from batcher.memory import tune_process_memory; tune_process_memory(); "
             "import pyarrow as pa; print(pa.default_memory_pool().backend_name)")
-    assert _python(code) == "system"
-
-
-def test_a_users_own_allocator_choice_wins() -> None:
-    pytest.importorskip("pyarrow")
-    code = ("from batcher.memory import tune_process_memory; tune_process_memory(); "
-            "import pyarrow as pa; print(pa.default_memory_pool().backend_name)")
-    assert _python(code, ARROW_DEFAULT_MEMORY_POOL="mimalloc") == "mimalloc"
+    env = {"ARROW_DEFAULT_MEMORY_POOL": users_choice} if users_choice else {}
+    assert _python(code, **env) == expected
 
 
 def test_the_public_api_is_still_importable_from_the_package() -> None:

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from .errors import SpecError
+from .paths import expand_path
 
 __all__ = [
     "DEFAULT_FALLBACK_ON_CODES",
@@ -306,6 +307,11 @@ def format_of(path: Path, section: str) -> str:
     raise ValueError(f"cannot tell the format of {str(path)!r}: use .parquet or .jsonl, or set {section}.format")
 
 
+def _expand(v: Any) -> Any:
+    """A `before` validator for path fields: `~` and `$VARS` expanded, so `validate` shows the real path."""
+    return expand_path(v) if isinstance(v, str | Path) else v
+
+
 class InputSpec(_Model):
     path: Path
     format: Literal["parquet", "jsonl", "openai_batch"] | None = None
@@ -315,6 +321,8 @@ class InputSpec(_Model):
     inputs_columns: list[str] = Field(default_factory=list)
     batch_size: int = Field(1_000, ge=1, le=1_000_000)
     max_prompt_chars: int = Field(1_000_000, ge=1)
+
+    _path = field_validator("path", mode="before")(_expand)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> InputSpec:
@@ -337,6 +345,8 @@ class OutputSpec(_Model):
     format: Literal["parquet", "jsonl", "openai_batch"] | None = None
     keep_columns: list[str] = Field(default_factory=list)
     row_group_size: int = Field(10_000, ge=1, le=1_000_000)
+
+    _path = field_validator("path", mode="before")(_expand)
 
     @property
     def resolved_format(self) -> str:
@@ -409,6 +419,8 @@ class JobSpec(_Model):
     limits: Limits = Field(default_factory=lambda: Limits())
     cache_dir: Path | None = None
     prices: dict[str, Price] | None = None
+
+    _cache_dir = field_validator("cache_dir", mode="before")(_expand)
 
     @model_validator(mode="after")
     def _cross(self) -> JobSpec:

@@ -9,11 +9,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from batcher import SpecError, parse_spec
+from batcher import SpecError, parse_spec, run_job
 from batcher.cli import main as cli_main
 from batcher.gateway import Gateway
 
-from .conftest import write_jsonl
+from .conftest import options, write_jsonl
 
 # --- `~` and environment variables -----------------------------------------------------------------------------
 
@@ -90,3 +90,105 @@ def test_an_unset_variable_in_a_flag_is_a_usage_error(home: Path, tmp_path: Path
     with pytest.raises(SystemExit) as exc:
         cli_main(["run", str(spec), "--output", "$NO_SUCH_VAR_X/o.parquet"])
     assert exc.value.code == 2
+
+
+# --- rows that cannot be sent ------------------------------------------------------------------------------------
+
+CACHE = {"type": "exact_match", "ttl": 60}
+
+
+def test_a_lone_surrogate_makes_an_input_error_row_and_the_run_goes_on(make_spec, gateway: Gateway,
+                                                                      tmp_path: Path) -> None:
+    # written by hand: json.dumps would never produce these lines, a truncating tool does
+    lines = [
+        '{"id": 1, "text": "fine", "note": "n", "who": "a"}',
+        '{"id": 2, "text": "cut off \\ud83d", "note": "n", "who": "a"}',  # lone high surrogate in the prompt
+        '{"id": 3, "text": "paired \\ud83d\\ude00 is an emoji", "note": "n", "who": "a"}',
+        '{"id": 4, "text": "fine", "note": "\\ude00 tail", "who": "a"}',  # in a kept column
+        '{"id": 5, "text": "fine too", "note": "n", "who": "x\\udbff"}',  # in an inputs column
+        '{"id": 6, "text": "fine at last", "note": "n", "who": "a"}',
+    ]
+    src = tmp_path / "s.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    spec = parse_spec(make_spec(input={"path": str(src), "id_column": "id", "prompt": "{{text}}",
+                                       "inputs_columns": ["who"]},
+                                output={"path": str(tmp_path / "o.jsonl"), "keep_columns": ["note"]},
+                                request={"cache": CACHE}))
+    result = run_job(spec, options())
+    assert result.status == "finished" and result.ok == 3 and result.errors == 3
+    out = {r["id"]: r for r in map(json.loads, (tmp_path / "o.jsonl").read_text().splitlines())}
+    assert [out[i]["status"] for i in range(1, 7)] == ["ok", "error", "ok", "error", "error", "ok"]
+    assert {out[i]["error_kind"] for i in (2, 4, 5)} == {"input"}
+    assert out[2]["error"].startswith("line 2: the prompt holds a lone UTF-16 surrogate")
+    assert out[4]["error"].startswith("line 4: kept column 'note'") and out[4]["note"] is None
+    assert out[5]["error"].startswith("line 5: inputs column 'who'")
+    assert gateway.stats.total == 3
+    assert any("\U0001f600" in b["body"]["prompt"] for b in gateway.stats.bodies)  # a pair is one character
+
+
+def test_a_lone_surrogate_in_an_id_is_refused_naming_the_line(make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"id": "a", "text": "x"}\n{"id": "b\\ud83d", "text": "y"}\n', encoding="utf-8")
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps(make_spec(input={"path": str(src), "id_column": "id", "prompt": "{{text}}"})))
+    assert cli_main(["run", str(spec), "--quiet"]) == 3
+    assert gateway.stats.total == 0
+
+
+# --- dictionary-encoded (pandas `category`) columns ---------------------------------------------------------------
+
+
+def test_dictionary_encoded_string_columns_work_as_id_prompt_and_template_variables(
+        make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def cat(values: list[str]) -> pa.DictionaryArray:
+        arr = pa.array(values).dictionary_encode()
+        assert pa.types.is_dictionary(arr.type)
+        return arr
+
+    src = tmp_path / "cat.parquet"
+    pq.write_table(pa.table({"rid": cat(["r1", "r2", "r3"]), "prompt": cat(["say a", "say b", "say a"]),
+                             "topic": cat(["x", "y", "x"])}), src)
+    assert pa.types.is_dictionary(pq.read_schema(src).field("rid").type)  # stored as a dictionary, read as one
+
+    by_column = parse_spec(make_spec(input={"path": str(src), "id_column": "rid", "prompt": None,
+                                            "prompt_column": "prompt"},
+                                     output={"path": str(tmp_path / "a.parquet"), "keep_columns": ["topic"]}))
+    result = run_job(by_column, options())
+    assert result.ok == 3
+    out = pl.read_parquet(tmp_path / "a.parquet")
+    assert out["rid"].to_list() == ["r1", "r2", "r3"] and out["topic"].to_list() == ["x", "y", "x"]
+    assert run_job(by_column, options()).status == "nothing_to_do"  # resume matches the decoded ids
+
+    templated = parse_spec(make_spec(input={"path": str(src), "id_column": "rid", "prompt": "{{topic}}: {{prompt}}"},
+                                     output={"path": str(tmp_path / "b.parquet")}))
+    gateway.stats.reset()
+    assert run_job(templated, options()).ok == 3
+    assert sorted(b["body"]["prompt"] for b in gateway.stats.bodies) == ["x: say a", "x: say a", "y: say b"]
+
+
+# --- JSONL errors by line number -----------------------------------------------------------------------------------
+
+
+def test_non_object_jsonl_lines_are_named_by_line_number(make_spec, tmp_path: Path) -> None:
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"id": 1, "text": "a"}\n\n[1, 2]\n{"id": 2, "text": "b"}\n"just text"\n', encoding="utf-8")
+    spec = parse_spec(make_spec(input={"path": str(src), "id_column": None, "prompt": "{{text}}"},
+                                output={"path": str(tmp_path / "o.jsonl")}))
+    assert run_job(spec, options()).errors == 2
+    errors = [r["error"] for r in map(json.loads, (tmp_path / "o.jsonl").read_text().splitlines()) if r["error"]]
+    assert errors == ["line 3: a JSONL line must be an object, got list",
+                      "line 5: a JSONL line must be an object, got str"]
+
+
+def test_an_id_beyond_int64_exits_3_naming_the_line(make_spec, gateway: Gateway, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "s.jsonl"
+    src.write_text(f'{{"id": 1, "text": "a"}}\n{{"id": {2**70}, "text": "b"}}\n', encoding="utf-8")
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps(make_spec(input={"path": str(src), "id_column": "id", "prompt": "{{text}}"})))
+    assert cli_main(["run", str(spec), "--quiet"]) == 3
+    assert "line 2: id 'id' is 1180591620717411303424, beyond 64-bit integers" in capsys.readouterr().err
+    assert gateway.stats.total == 0

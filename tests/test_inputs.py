@@ -192,3 +192,34 @@ def test_an_id_beyond_int64_exits_3_naming_the_line(make_spec, gateway: Gateway,
     assert cli_main(["run", str(spec), "--quiet"]) == 3
     assert "line 2: id 'id' is 1180591620717411303424, beyond 64-bit integers" in capsys.readouterr().err
     assert gateway.stats.total == 0
+
+
+# --- the local gateway's faults ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("faults", "expected"), [
+    ([{"kind": "status", "statsu": 503}], "endpoint.local.faults[0].statsu: unknown fault field; allowed: "),
+    ([{"kind": "slow", "delay_ms": 5}, {"kind": "stauts"}], "endpoint.local.faults[1].kind: fault kind must be one of"),
+    ([{"status": 503}], "endpoint.local.faults[0].kind: is required, one of bad_finish_reason,"),
+    ([{"kind": "status", "rate": 1.5}], "endpoint.local.faults[0].rate: fault rate must be in 0..1"),
+    ([{"kind": "status", "status": "503x"}], "endpoint.local.faults[0].status: must be int, got '503x'"),
+])
+def test_a_typo_in_local_faults_fails_validate_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                               faults: list[dict[str, object]], expected: str) -> None:
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"input": {"path": "in.jsonl", "prompt": "{{q}}"}, "output": {"path": "o.parquet"},
+                                "endpoint": {"base_url": "local", "local": {"faults": faults}},
+                                "request": {"model": "m"}}))
+    assert cli_main(["validate", str(spec)]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_valid_local_faults_pass_validate_and_act_in_the_run(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [{"q": f"q{i}"} for i in range(3)])
+    spec = parse_spec({"input": {"path": str(tmp_path / "in.jsonl"), "prompt": "{{q}}"},
+                       "output": {"path": str(tmp_path / "o.jsonl")},
+                       "endpoint": {"base_url": "local", "local": {"latency_ms": 0, "faults": [
+                           {"kind": "status", "status": 400, "prompt_contains": "q1", "retry_after": 1}]}},
+                       "request": {"model": "openai/gpt-4o-mini", "max_tokens": 4}})
+    result = run_job(spec, options())
+    assert result.ok == 2 and result.errors == 1

@@ -223,3 +223,11 @@ def test_valid_local_faults_pass_validate_and_act_in_the_run(tmp_path: Path) -> 
                        "request": {"model": "openai/gpt-4o-mini", "max_tokens": 4}})
     result = run_job(spec, options())
     assert result.ok == 2 and result.errors == 1
+
+
+def test_template_values_from_a_jsonl_file_reach_the_wire_as_json(make_spec, gateway: Gateway,
+                                                                  tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "s.jsonl", [{"id": 1, "flag": True, "meta": {"a": 0}, "tags": ["x", "y"]}])
+    spec = parse_spec(make_spec(input={"path": str(src), "id_column": "id", "prompt": "{{flag}} {{meta}} {{tags}}"}))
+    assert run_job(spec, options()).ok == 1
+    assert gateway.stats.bodies[-1]["body"]["prompt"] == 'true {"a": 0} ["x", "y"]'

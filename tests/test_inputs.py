@@ -135,6 +135,17 @@ def test_a_lone_surrogate_in_an_id_is_refused_naming_the_line(make_spec, gateway
     assert gateway.stats.total == 0
 
 
+def test_a_lone_surrogate_in_an_openai_batch_body_is_an_error_row(make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    src = tmp_path / "b.jsonl"
+    src.write_text('{"custom_id": "a", "body": {"prompt": "fine"}}\n'
+                   '{"custom_id": "b", "body": {"prompt": "fine", "user": "x\\ud83d"}}\n', encoding="utf-8")
+    spec = parse_spec(make_spec(input={"path": str(src), "format": "openai_batch", "id_column": None, "prompt": None},
+                                output={"path": str(tmp_path / "o.jsonl")}))
+    assert run_job(spec, options()).errors == 1
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rows] == ["ok", "error"] and rows[1]["error"].startswith("line 2: the body holds")
+    assert gateway.stats.total == 1
+
 # --- dictionary-encoded (pandas `category`) columns ---------------------------------------------------------------
 
 

@@ -2,6 +2,10 @@
 
 Errors are never stored. The key never includes headers, so the API key never reaches the file. A cache that
 cannot be opened or written is not a reason to fail a run: it warns once and turns itself off.
+
+Expired entries are deleted as runs go, in bounded steps so no run pays for a large backlog at once: up to
+`purge_batch` when the cache is opened, and as many again after every `purge_batch` answers stored. The file
+does not shrink on disk (SQLite reuses the freed pages for new entries).
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ def default_cache_dir() -> Path:
 class ResponseCache:
     """`get_many` before calls, `put_many` after answers; both batched, one transaction each."""
 
-    def __init__(self, directory: Path | None = None, *, clock: Any = time.time) -> None:
+    def __init__(self, directory: Path | None = None, *, clock: Any = time.time, purge_batch: int = 10_000) -> None:
         self.path = (directory or default_cache_dir()) / "responses.sqlite"
         self._clock = clock
+        self.purge_batch = purge_batch
+        self._puts_since_purge = 0
         self._db: sqlite3.Connection | None = None
         self.warning: str | None = None
         # Lookups (the reading thread) and stores (the writer's thread) share one connection: one at a time.
@@ -43,9 +49,12 @@ class ResponseCache:
                 "CREATE TABLE IF NOT EXISTS responses ("
                 " key TEXT PRIMARY KEY, expires REAL NOT NULL, record TEXT NOT NULL)"
             )
+            # Lets a purge find the expired entries without scanning the whole table.
+            db.execute("CREATE INDEX IF NOT EXISTS responses_expires ON responses (expires)")
             self._db = db
         except (OSError, sqlite3.Error) as exc:
             self._disable(f"cannot use the response cache at {self.path}: {exc}; running without it")
+        self._purge()
 
     @property
     def enabled(self) -> bool:
@@ -104,13 +113,34 @@ class ResponseCache:
                 self._db.executemany("INSERT OR REPLACE INTO responses VALUES (?, ?, ?)", rows)
         except sqlite3.Error as exc:
             self._disable(f"response cache write failed ({exc}); running without it")
+            return
+        self._puts_since_purge += len(rows)
+        if self._puts_since_purge >= self.purge_batch:
+            self._puts_since_purge = 0
+            self._purge()
+
+    def _purge(self) -> int:
+        """Delete up to `purge_batch` expired entries; how many went."""
+        if self._db is None:
+            return 0
+        try:
+            cur = self._db.execute(
+                "DELETE FROM responses WHERE rowid IN"
+                " (SELECT rowid FROM responses WHERE expires <= ? LIMIT ?)",
+                (self._clock(), self.purge_batch),
+            )
+        except sqlite3.Error:
+            return 0  # a busy or read-only file: the next run tries again
+        return cur.rowcount
 
     def purge_expired(self) -> None:
-        if self._db is not None:
-            try:
-                self._db.execute("DELETE FROM responses WHERE expires <= ?", (self._clock(),))
-            except sqlite3.Error:
-                pass
+        """Delete every expired entry at once (unbounded: for maintenance, not for a run)."""
+        with self._lock:
+            if self._db is not None:
+                try:
+                    self._db.execute("DELETE FROM responses WHERE expires <= ?", (self._clock(),))
+                except sqlite3.Error:
+                    pass
 
     def close(self) -> None:
         if self._db is not None:

@@ -14,7 +14,11 @@ from pathlib import Path
 
 from .errors import BatcherError
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
+
+# Set by `entry()`: the process is the `batcher` executable's, so process-wide memory settings are ours to make.
+# `main(argv)` called from a user's program (or the tests) leaves its process as it found it.
+_OWN_PROCESS = False
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -23,7 +27,8 @@ def _run(args: argparse.Namespace) -> int:
     from .runner import RunOptions, run_job
     from .spec import load_spec
 
-    freeze_imports()
+    if _OWN_PROCESS:
+        freeze_imports()
     spec = load_spec(args.spec)
     options = RunOptions(
         output=Path(args.output) if args.output else None,
@@ -93,18 +98,33 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+_PATH_ARGS = ("spec", "output", "outputs", "prices", "html")
+
+
+def _expand_path_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`~` and `$VARS` in path flags: a shell leaves `--output=~/x` alone, and a scheduler has no shell."""
+    from .paths import expand_path
+
+    try:
+        for name in _PATH_ARGS:
+            value = getattr(args, name, None)
+            if isinstance(value, str):
+                setattr(args, name, str(expand_path(value)))
+            elif isinstance(value, list):
+                setattr(args, name, [str(expand_path(v)) for v in value])
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["gateway"]:
         return _gateway(argparse.Namespace(), argv[1:])
-    # The process is ours here, not a library's: let it hand memory back to the OS between bursts.
-    from .memory import tune_process_memory
-
-    tune_process_memory()
     parser = _parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1 if hasattr(args, "limit") else False:
         parser.error("--limit must be at least 1")
+    _expand_path_args(args, parser)
     try:
         code: int = args.func(args)
         return code
@@ -120,5 +140,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def entry() -> int:
+    """The `batcher` executable (console script and `python -m batcher`): the process is ours, not a library's,
+    so let it hand memory back to the OS between bursts (`memory.py`), then run the command."""
+    global _OWN_PROCESS
+    argv = sys.argv[1:]
+    if argv[:1] != ["gateway"]:
+        from .memory import tune_process_memory
+
+        tune_process_memory()
+        _OWN_PROCESS = True
+    return main(argv)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

@@ -13,6 +13,7 @@ the whole file) and JSONL is read line by line.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,8 +48,39 @@ class SourceInfo:
     keep_types: dict[str, pa.DataType]
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+# `\ud83d`-style escapes of UTF-16 surrogates: valid JSON, and json.loads pairs them into one character, but a
+# lone one stays a Python str that cannot be encoded as UTF-8, so cannot be sent, cached or journaled. Only
+# lines whose bytes hold such an escape are checked: a byte search, not per-row Python work.
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _decoded(t: pa.DataType) -> pa.DataType:
+    """A dictionary-encoded column (pandas `category`) is read as its values."""
+    return t.value_type if pa.types.is_dictionary(t) else t
+
+
+def _is_string_type(t: pa.DataType) -> bool:
+    t = _decoded(t)
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t))
+
+
 def _is_id_type(t: pa.DataType) -> bool:
-    return bool(pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t))
+    return bool(pa.types.is_integer(_decoded(t)) or _is_string_type(t))
+
+
+def _plain(arr: pa.Array) -> pa.Array:
+    return arr.dictionary_decode() if isinstance(arr, pa.DictionaryArray) else arr
+
+
+def _unsendable(value: Any) -> bool:
+    """True for a value holding a lone surrogate (not encodable as UTF-8)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _has_duplicates(ids: pa.ChunkedArray | pa.Array) -> bool:
@@ -122,7 +154,7 @@ class Source:
             )
         if self.spec.prompt_column:
             t = schema.field(self.spec.prompt_column).type
-            if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            if not _is_string_type(t):
                 raise InputError(f"{self.path}: prompt_column {self.spec.prompt_column!r} is {t}, not a string column")
         rows = pf.metadata.num_rows
         id_type: pa.DataType = pa.int64()
@@ -132,10 +164,11 @@ class Source:
                 raise InputError(
                     f"{self.path}: id_column {self.spec.id_column!r} is {id_type}; ids must be strings or integers"
                 )
-            chunks = [b.column(0) for b in pf.iter_batches(batch_size=65_536, columns=[self.spec.id_column])]
+            id_type = _decoded(id_type)
+            chunks = [_plain(b.column(0)) for b in pf.iter_batches(batch_size=65_536, columns=[self.spec.id_column])]
             ids = pa.chunked_array(chunks, type=id_type)
             self._check_ids(ids)
-        keep_types = {c: schema.field(c).type for c in self.keep_columns}
+        keep_types = {c: _decoded(schema.field(c).type) for c in self.keep_columns}
         return SourceInfo(rows=rows, id_type=id_type, keep_types=keep_types)
 
     def _check_ids(self, ids: pa.ChunkedArray | pa.Array) -> None:
@@ -153,7 +186,7 @@ class Source:
         seen_keys: set[str] = set()
         keep_types: dict[str, set[str]] = {c: set() for c in self.keep_columns}
         id_col = self.id_name if (self.spec.id_column or self.format == "openai_batch") else None
-        for _lineno, obj in self._lines():
+        for _lineno, obj, suspect in self._lines():
             rows += 1
             if not isinstance(obj, dict):
                 continue  # becomes an error row
@@ -165,6 +198,16 @@ class Source:
                 v = obj.get(id_col)
                 if v is not None and not (isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))):
                     raise InputError(f"{self.path}: line {_lineno}: id {id_col!r} is {v!r}; ids must be strings or integers")
+                if isinstance(v, int) and not _INT64[0] <= v <= _INT64[1]:
+                    raise InputError(
+                        f"{self.path}: line {_lineno}: id {id_col!r} is {v}, beyond 64-bit integers; "
+                        "write such ids as strings"
+                    )
+                if suspect and _unsendable(v):
+                    raise InputError(
+                        f"{self.path}: line {_lineno}: id {id_col!r} holds a lone UTF-16 surrogate escape "
+                        "(like \\ud83d), which is not valid Unicode text"
+                    )
                 ids.append(v)
             for c in self.keep_columns:
                 if obj.get(c) is not None:
@@ -195,16 +238,17 @@ class Source:
                 types[c] = pa.string()  # nested or mixed values are kept as JSON text
         return SourceInfo(rows=rows, id_type=id_type, keep_types=types)
 
-    def _lines(self) -> Iterator[tuple[int, Any]]:
-        """(line number, parsed object or a `_BadLine`) for each non-blank line."""
+    def _lines(self) -> Iterator[tuple[int, Any, bool]]:
+        """(line number, parsed object or a `_BadLine`, whether it may hold a lone surrogate) per non-blank line."""
+        search = _ESCAPED_SURROGATE.search
         with open(self.path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
                 try:
-                    yield lineno, json.loads(raw)
+                    yield lineno, json.loads(raw), search(raw) is not None
                 except (ValueError, UnicodeDecodeError) as exc:
-                    yield lineno, _BadLine(f"line {lineno}: not valid JSON ({str(exc)[:80]})")
+                    yield lineno, _BadLine(f"line {lineno}: not valid JSON ({str(exc)[:80]})"), False
 
     # -- rows ---------------------------------------------------------------------------------------------
 
@@ -222,7 +266,7 @@ class Source:
         for batch in pf.iter_batches(batch_size=self.spec.batch_size, columns=columns or None):
             n = batch.num_rows
             if self.spec.id_column:
-                id_arr = batch.column(self.spec.id_column)
+                id_arr = _plain(batch.column(self.spec.id_column))
             else:
                 id_arr = pa.array(range(index, index + n), type=pa.int64())
             keep_mask: list[bool] | None = None
@@ -243,8 +287,10 @@ class Source:
     def _jsonl_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
         done = set(done_ids.to_pylist()) if done_ids is not None and len(done_ids) else None
         rows: list[SourceRow] = []
-        for index, (_lineno, obj) in enumerate(self._lines()):
-            row = self._json_row(index, obj)
+        for index, (lineno, obj, suspect) in enumerate(self._lines()):
+            row = self._json_row(index, lineno, obj)
+            if suspect and row.error is None:
+                row = self._unsendable_row(row, lineno)
             if done is not None and row.id in done:
                 continue
             rows.append(row)
@@ -254,11 +300,12 @@ class Source:
         if rows:
             yield rows
 
-    def _json_row(self, index: int, obj: Any) -> SourceRow:
+    def _json_row(self, index: int, lineno: int, obj: Any) -> SourceRow:
         if isinstance(obj, _BadLine):
             return SourceRow(index, index if not self.spec.id_column else None, None, error=obj.message)
         if not isinstance(obj, dict):
-            return SourceRow(index, None if self.spec.id_column else index, None, error=f"row {index}: a JSONL line must be an object")
+            return SourceRow(index, None if self.spec.id_column else index, None,
+                             error=f"line {lineno}: a JSONL line must be an object, got {type(obj).__name__}")
         if self.format == "openai_batch":
             return self._batch_row(index, obj)
         row_id = obj.get(self.spec.id_column) if self.spec.id_column else index
@@ -280,6 +327,20 @@ class Source:
         keep = {c: obj.get(c) for c in self.keep_columns}
         model = body.get("model") if isinstance(body.get("model"), str) else None
         return SourceRow(index, row_id, prompt, keep=keep, body=body, model=model)
+
+    def _unsendable_row(self, row: SourceRow, lineno: int) -> SourceRow:
+        """An error row if a value bound for the request or the output holds a lone surrogate; else the row."""
+        parts: list[tuple[str, Any]] = [("the prompt", row.prompt), ("the body", row.body)]
+        parts += [(f"inputs column {c!r}", v) for c, v in (row.inputs or {}).items()]
+        parts += [(f"kept column {c!r}", v) for c, v in row.keep.items()]
+        bad = [what for what, value in parts if value is not None and _unsendable(value)]
+        if not bad:
+            return row
+        keep = {c: (None if _unsendable(v) else v) for c, v in row.keep.items()}
+        return SourceRow(row.index, row.id, None, keep=keep, error=(
+            f"line {lineno}: {', '.join(bad)} holds a lone UTF-16 surrogate (an escape like \\ud83d without "
+            "its pair, often from truncated text), which is not valid Unicode and cannot be sent"
+        ))
 
     def _too_long(self, n: int) -> str:
         return f"prompt is {n} characters, over input.max_prompt_chars ({self.spec.max_prompt_chars})"

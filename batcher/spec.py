@@ -7,6 +7,7 @@ the file, the field, the value and what is allowed. Request fields are kept exac
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,6 +26,7 @@ from pydantic import (
 )
 
 from .errors import SpecError
+from .paths import expand_path
 
 __all__ = [
     "DEFAULT_FALLBACK_ON_CODES",
@@ -306,6 +309,11 @@ def format_of(path: Path, section: str) -> str:
     raise ValueError(f"cannot tell the format of {str(path)!r}: use .parquet or .jsonl, or set {section}.format")
 
 
+def _expand(v: Any) -> Any:
+    """A `before` validator for path fields: `~` and `$VARS` expanded, so `validate` shows the real path."""
+    return expand_path(v) if isinstance(v, str | Path) else v
+
+
 class InputSpec(_Model):
     path: Path
     format: Literal["parquet", "jsonl", "openai_batch"] | None = None
@@ -315,6 +323,8 @@ class InputSpec(_Model):
     inputs_columns: list[str] = Field(default_factory=list)
     batch_size: int = Field(1_000, ge=1, le=1_000_000)
     max_prompt_chars: int = Field(1_000_000, ge=1)
+
+    _path = field_validator("path", mode="before")(_expand)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> InputSpec:
@@ -338,6 +348,8 @@ class OutputSpec(_Model):
     keep_columns: list[str] = Field(default_factory=list)
     row_group_size: int = Field(10_000, ge=1, le=1_000_000)
 
+    _path = field_validator("path", mode="before")(_expand)
+
     @property
     def resolved_format(self) -> str:
         return self.format or format_of(self.path, "output")
@@ -348,12 +360,42 @@ class OutputSpec(_Model):
         return self
 
 
+_PY_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+                                          "None": (type(None),)}
+
+
+def _check_fault(item: dict[str, Any]) -> dict[str, Any]:
+    """One `endpoint.local.faults` entry, checked as the gateway will build it (`gateway.Fault.from_dict`), so
+    a typo fails `validate` rather than `run`. Errors start with `@field:` for `_format_errors` to place."""
+    # imported only when faults are set: the gateway module takes 0.25 s to import
+    from .gateway import _FAULT_KINDS, Fault
+
+    types = {f.name: str(f.type) for f in dataclasses.fields(Fault)}
+    types["delay_ms"] = "float"
+    for name, value in item.items():
+        if name not in types:
+            raise ValueError(f"@{name}: unknown fault field; allowed: {', '.join(sorted(types))}")
+        allowed = tuple(t for part in types[name].split("|") for t in _PY_TYPES.get(part.strip(), (object,)))
+        if name in ("retry_after", "retry_after_ms"):
+            allowed += (int, float)  # sent as header text; from_dict turns numbers into it
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            raise ValueError(f"@{name}: must be {types[name].replace('|', 'or')}, got {value!r}")
+    if "kind" not in item:
+        raise ValueError(f"@kind: is required, one of {', '.join(sorted(_FAULT_KINDS))}")
+    try:
+        Fault.from_dict(item)
+    except (ValueError, TypeError) as exc:
+        m = re.match(r"fault (\w+) ", str(exc))
+        raise ValueError(f"@{m.group(1)}: {exc}" if m else str(exc)) from None
+    return item
+
+
 class LocalGateway(_Model):
     """Settings of the simulated gateway started for `base_url: local`."""
 
     latency_ms: float = Field(20, ge=0, le=600_000)
     jitter_ms: float = Field(0, ge=0, le=600_000)
-    faults: list[dict[str, Any]] = Field(default_factory=list)
+    faults: list[Annotated[dict[str, Any], AfterValidator(_check_fault)]] = Field(default_factory=list)
     seed: int = 0
 
 
@@ -409,6 +451,8 @@ class JobSpec(_Model):
     limits: Limits = Field(default_factory=lambda: Limits())
     cache_dir: Path | None = None
     prices: dict[str, Price] | None = None
+
+    _cache_dir = field_validator("cache_dir", mode="before")(_expand)
 
     @model_validator(mode="after")
     def _cross(self) -> JobSpec:
@@ -467,6 +511,9 @@ def _format_errors(source: str, exc: ValidationError) -> str:
             msg = "is required"
         else:
             msg = err["msg"].removeprefix("Value error, ")
+            if msg.startswith("@"):  # a nested key named by the validator (see `_check_fault`)
+                name, msg = msg[1:].split(": ", 1)
+                field += f".{name}"
         value = err.get("input")
         shown = "" if err["type"] in ("missing",) or isinstance(value, dict) else f" (got {json.dumps(value, default=str)})"
         line = f"  {field}: {msg}{shown}"

@@ -1,7 +1,13 @@
-"""`{{column}}` prompt templates, compiled once and rendered per row."""
+"""`{{column}}` prompt templates, compiled once and rendered per row.
+
+A value that is not a string is written as JSON, as a model reads it best and the user most likely meant:
+`true`, `{"a": 0}`, `[1, 2]`, `0.5`; dates and times in ISO 8601 (quoted inside lists and objects).
+"""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +49,20 @@ class Template:
             value = row[name]
             if value is None:
                 raise MissingVariable(name, "is null in this row")
-            out.append(value if isinstance(value, str) else str(value))
+            out.append(value if isinstance(value, str) else _text(value))
             out.append(literal)
         return "".join(out)
+
+
+def _iso(value: Any) -> Any:
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    return str(value)  # Decimal, timedelta, bytes...: their own text
+
+
+def _text(value: Any) -> str:
+    if type(value) is int:
+        return str(value)
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    return json.dumps(value, ensure_ascii=False, default=_iso)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 import polars as pl
@@ -52,6 +54,44 @@ def test_ttl_expiry_with_a_fake_clock(tmp_path: Path) -> None:
     assert cache.get_many(["k"]) == {}
 
 
+def _stored(directory: Path) -> dict[str, float]:
+    """key -> expiry, read from the SQLite file itself."""
+    with sqlite3.connect(directory / "responses.sqlite") as db:
+        return dict(db.execute("SELECT key, expires FROM responses"))
+
+
+def test_expired_entries_are_purged_in_bounded_steps(tmp_path: Path) -> None:
+    now = [1000.0]
+    cache = ResponseCache(tmp_path, clock=lambda: now[0], purge_batch=10)
+    cache.put_many([(f"old{i}", {"t": i}, 5) for i in range(25)] + [("fresh", {"t": 0}, 10_000)])
+    cache.close()
+    now[0] += 60  # the 25 "old" entries have expired, "fresh" has not
+    cache = ResponseCache(tmp_path, clock=lambda: now[0], purge_batch=10)
+    assert len(_stored(tmp_path)) == 26 - 10  # opening removes one bounded step, not the whole backlog
+    cache.put_many([(f"new{i}", {"t": i}, 60) for i in range(10)])  # every `purge_batch` puts: one more step
+    left = _stored(tmp_path)
+    assert len([k for k in left if k.startswith("old")]) == 5 and "fresh" in left
+    assert all(f"new{i}" in left for i in range(10))
+
+
+def test_a_run_removes_expired_entries_from_the_file(make_spec, tmp_path: Path) -> None:
+    old = ResponseCache(tmp_path / "cache", clock=lambda: time.time() - 10_000)
+    old.put_many([(f"stale{i}", {"text": "x"}, 60) for i in range(50)])
+    old.close()
+    run_job(parse_spec(make_spec(request={"cache": CACHE})), options(limit=5))
+    left = _stored(tmp_path / "cache")
+    assert not [k for k in left if k.startswith("stale")] and len(left) == 5
+
+
+def test_the_specs_ttl_is_what_the_cache_stores(make_spec, tmp_path: Path) -> None:
+    # ttl 7: the expiry in the file is the store time + 7 s (the store time lies between before and after)
+    before = time.time()
+    run_job(parse_spec(make_spec(request={"cache": {"type": "exact_match", "ttl": 7}})), options(limit=5))
+    after = time.time()
+    expiries = _stored(tmp_path / "cache").values()
+    assert len(expiries) == 5 and all(before + 7 <= e <= after + 7 for e in expiries)
+
+
 def test_unwritable_cache_location_warns_once_and_runs_without(tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -82,7 +122,7 @@ def test_changing_what_shapes_the_answer_misses(make_spec, gateway: Gateway, cha
     run_job(parse_spec(make_spec(request={"cache": CACHE})), options(limit=5))
     gateway.stats.reset()
     result = run_job(parse_spec(make_spec(request={"cache": CACHE, **change})), options(limit=5, fresh=True))
-    assert gateway.stats.total == 5 - result.cached and result.cached < 5
+    assert gateway.stats.total == 5 and result.cached == 0
 
 
 def test_errors_are_never_cached(make_spec, gateway: Gateway) -> None:

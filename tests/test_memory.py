@@ -1,11 +1,16 @@
-"""The CLI's memory settings take effect: they must be made before pyarrow loads, so importing batcher or its
-command line must not load pyarrow, and after `tune_process_memory` Arrow's default pool is the system one."""
+"""The executable's memory settings take effect, in its own process only (a program calling `cli.main` is left
+as it was). They must be made before pyarrow loads, so importing batcher or its command line must not load
+pyarrow, and after `tune_process_memory` Arrow's default pool is the system one."""
 
 from __future__ import annotations
 
+import gc
+import json
 import os
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +43,34 @@ def test_tuning_collects_young_objects_less_often_and_freezing_hides_the_imports
     code = ("import gc; from batcher.memory import freeze_imports, tune_process_memory; tune_process_memory(); "
             "import batcher.runner; freeze_imports(); print(gc.get_threshold()[0], gc.get_freeze_count() > 10_000)")
     assert _python(code) == "10000 True"
+
+
+def _spec(tmp_path: Path) -> Path:
+    rows = tmp_path / "in.jsonl"
+    rows.write_text("".join(json.dumps({"id": i, "text": f"row {i}"}) + "\n" for i in range(3)))
+    spec = {"input": {"path": str(rows), "id_column": "id", "prompt": "{{text}}"},
+            "output": {"path": str(tmp_path / "out.parquet")}, "endpoint": {"base_url": "local"},
+            "request": {"model": "openai/gpt-4o-mini", "max_tokens": 4}, "cache_dir": str(tmp_path / "cache")}
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+_OBSERVE = "import gc, os; print(gc.get_threshold()[0], gc.get_freeze_count() > 0, os.environ.get('ARROW_DEFAULT_MEMORY_POOL'))"
+
+
+def test_cli_main_called_from_python_leaves_the_process_as_it_was(tmp_path: Path) -> None:
+    # a fresh interpreter, so no earlier test's settings can hide a change
+    code = (f"from batcher.cli import main; code = main(['run', {str(_spec(tmp_path))!r}, '--quiet']); "
+            f"assert code == 0, code; {_OBSERVE}")
+    assert _python(code) == f"{gc.get_threshold()[0]} False None"
+
+
+def test_the_batcher_executable_still_tunes_its_own_process(tmp_path: Path) -> None:
+    # `python -m batcher run ...` exactly as the executable runs it, then the same observation in that process
+    code = (f"import runpy, sys; sys.argv = ['batcher', 'run', {str(_spec(tmp_path))!r}, '--quiet']\n"
+            "try:\n    runpy.run_module('batcher', run_name='__main__')\nexcept SystemExit as exc:\n"
+            f"    assert exc.code == 0, exc.code\n{_OBSERVE}")
+    assert _python(code) == "10000 True system"
+    scripts = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["batcher"] == "batcher.cli:entry"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -73,3 +74,18 @@ def test_file_level_errors(tmp_path: Path, text: str, expected: str) -> None:
 def test_missing_spec_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="cannot read the job spec"):
         load_spec(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (True, "true"),
+    (False, "false"),
+    ({"a": 0, "b": [1, "x"]}, '{"a": 0, "b": [1, "x"]}'),
+    ([1, 2.5, None, "é"], '[1, 2.5, null, "é"]'),
+    (0.1, "0.1"),
+    (3, "3"),
+    (datetime.date(2026, 11, 23), "2026-11-23"),
+    (datetime.datetime(2026, 11, 23, 9, 30, 5), "2026-11-23T09:30:05"),
+    ({"when": datetime.date(2026, 1, 2)}, '{"when": "2026-01-02"}'),
+])
+def test_non_string_values_render_as_json(value: object, expected: str) -> None:
+    assert Template("v={{v}}.").render({"v": value}) == f"v={expected}."

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from batcher.budget import Budget
@@ -44,7 +45,7 @@ class _Client:
 
     async def complete(self, body: dict[str, Any], *, stream: bool, deadline_s: float) -> _Answer:
         self.sent.append((time.monotonic(), body))
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         step = self.script(len(self.sent), body)
         if isinstance(step, Failure):
             raise AttemptFailed(step)
@@ -166,3 +167,20 @@ async def test_a_refused_key_is_fatal_once_and_nothing_more_is_sent() -> None:
     assert await caller.work(_work(), client) is None
     assert caller.fatal is not None and caller.fatal.status == 401
     assert await caller.work(_work(1), client) is None and len(client.sent) == 1
+
+
+async def test_no_request_after_stop_even_from_a_row_queued_at_the_limiter() -> None:
+    caller = Caller(plan=PLAN, records=Records(PRICES), budget=Budget(None), limits=RateLimits(60, None, 100),
+                    on_fatal=lambda exc: None)
+    client = _Client(lambda n, b: "cheap")
+    assert await caller.work(_work(0), client) is not None  # takes the limiter's one request a second
+    records: list[dict[str, Any] | None] = []
+
+    async def second() -> None:
+        records.append(await caller.work(_work(1), client))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(second)
+        await anyio.sleep(0.1)  # row 1 is waiting at the limiter now
+        caller.stop()
+    assert records == [None] and len(client.sent) == 1

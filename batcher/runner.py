@@ -514,6 +514,7 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
         job.result.message = f"{job.output} is complete ({job.result.skipped} rows): nothing to do (--fresh starts over)"
         return job.result
     except _BudgetReached:
+        job.result.rows = job.result.skipped
         return job.result
 
 

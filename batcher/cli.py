@@ -2,7 +2,8 @@
 
 Exit codes: 0 done (or nothing to do), 1 unexpected failure, 2 invalid spec or usage, 3 unusable input,
 4 output not writable (or disk full mid-run), 5 a partial run of another spec is in the way (use --fresh),
-6 the server refused the API key, 7 stopped at the cost budget, 130/143 interrupted by SIGINT/SIGTERM.
+6 the server refused the API key, 7 stopped at the cost budget (at once, with no request, when a rerun's
+cap is already spent by the job), 130/143 interrupted by SIGINT/SIGTERM.
 Every stop but 1-5 leaves the run resumable by running the same command again.
 """
 

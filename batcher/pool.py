@@ -5,8 +5,13 @@
 
 It knows nothing of HTTP or files: the runner passes `feed`, `work` and `write`. Bounded buffers give
 backpressure end to end (a slow disk slows the workers, slow workers slow the reader). Stopping has two
-steps, as Ctrl-C does: `stop_feeding()` lets in-flight work finish and be written; `cancel_work()` abandons it.
-Either way the writer drains everything that was produced, so no answer that arrived is dropped.
+steps, as Ctrl-C does: `stop_feeding()` lets work already started finish and be written (items still queued for
+the workers are not started); `cancel_work()` abandons it. Either way the writer drains everything that was
+produced, so no answer that arrived is dropped.
+
+An exception from `work` or `write` is not a row's failure (the runner turns those into rows): it stops the
+pool, the writer still drains, and `run` raises that very exception, traceback and all, so a bug surfaces as
+itself rather than as a half-written run.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ class Pool(Generic[T, R, W]):
         self.error: BaseException | None = None
 
     def stop_feeding(self) -> None:
-        """Send no new work; what is in flight finishes."""
+        """Start no new work; what was started finishes. Queued items stay undone."""
         self.feeding_stopped = True
         self._feed_scope.cancel()
 
@@ -139,9 +144,12 @@ class Pool(Generic[T, R, W]):
             stack.push_async_callback(_close)
             async for item in work_recv:
                 sender.taken(work_recv)
+                if self.feeding_stopped:
+                    # Queued, never started: left for a rerun. The loop goes on only to empty the buffer.
+                    continue
                 try:
                     result = await self._work(item, state)
-                except Exception as exc:
+                except Exception as exc:  # a bug, not a row's failure: stop, drain, and `run` re-raises it
                     self.fail(exc)
                     return
                 try:

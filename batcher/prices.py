@@ -54,11 +54,47 @@ class PriceTable:
 
     @classmethod
     def from_file(cls, path: str | Path) -> PriceTable:
+        """A user's price table (`--prices FILE`, JSON or YAML), checked as strictly as a spec's `prices:`:
+        a SpecError naming the file, the entry and the field, never a traceback or a negative cost."""
         import yaml
+        from pydantic import ValidationError
 
-        text = Path(path).read_text("utf-8")
-        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-        return cls._parse(data, str(path))
+        from .errors import SpecError
+        from .spec import Price as PriceSpec
+
+        where = f"--prices {path}"
+        try:
+            text = Path(path).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecError(f"{where}: cannot read the price table: {getattr(exc, 'strerror', None) or exc}") from None
+        try:
+            data = json.loads(text) if str(path).lower().endswith(".json") else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as exc:
+            raise SpecError(f"{where}: not valid JSON or YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise SpecError(f"{where}: a price table maps model ids to {{prompt, completion, cached_prompt}} "
+                            f"(USD per million tokens), optionally under `models:`; got {type(data).__name__}")
+        nested = "models" in data
+        models = data["models"] if nested else {k: v for k, v in data.items() if k not in ("source", "date")}
+        if not isinstance(models, dict):
+            raise SpecError(f"{where}: models: must map model ids to prices, got {type(models).__name__}")
+        prefix = "models." if nested else ""
+        prices = {}
+        for model, p in models.items():
+            try:
+                checked = PriceSpec.model_validate(p)
+            except ValidationError as exc:
+                err = exc.errors(include_url=False)[0]
+                field = ".".join(str(x) for x in err["loc"])
+                shown = f" (got {json.dumps(err.get('input'), default=str)})" if err["type"] != "missing" else ""
+                raise SpecError(
+                    f"{where}: {prefix}{model}{'.' + field if field else ''}: "
+                    f"{'is required' if err['type'] == 'missing' else err['msg']}{shown}"
+                ) from None
+            prices[str(model)] = Price(checked.prompt, checked.completion, checked.cached_prompt)
+        source = data.get("source")
+        date = data.get("date")
+        return cls(prices, source if isinstance(source, str) else str(path), date if isinstance(date, str) else "")
 
     def overridden(self, other: PriceTable | dict[str, Price] | None) -> PriceTable:
         if other is None:

@@ -47,16 +47,22 @@ class Backoff:
 class RoutePlan:
     """The client-side routing of one job, resolved from the spec once."""
 
-    models: tuple[str, ...]  # primary first, then fallbacks in order (the primary may be drawn per row)
+    # The models batcher itself tries, in order: primary first (it may be drawn per row), then fallbacks.
+    # Against orq only the primary: orq falls back server-side.
+    models: tuple[str, ...]
     retries: int  # extra attempts per model
-    retry_on: frozenset[int]
     fallback_on: frozenset[int]
     call_timeout_s: float
     load_balancer: tuple[tuple[str, float], ...] = ()
-    # Against orq, orq itself retries and falls back on upstream failures (it is sent `retry`/`fallbacks`);
-    # batcher then only retries what orq cannot see. See `decide`.
-    server_routes: bool = False
+    # The statuses batcher retries. Against orq, orq itself retries upstream failures (it is sent `retry`),
+    # so none: batcher retries only what orq cannot see (transport, deadline; a 429 always, see `decide`).
     status_retry_on: frozenset[int] = field(default_factory=frozenset)
+    # Every model that may answer a row besides the row's own: fallbacks and load-balancer models, on both
+    # APIs (orq applies them server-side). What the budget must price.
+    may_answer: tuple[str, ...] = ()
+    # A 429 is waited out and the row asked again, whatever the retry settings, until the row has waited
+    # this long in total for rate limits; then the 429 is handled like any failed status.
+    max_rate_limit_wait_s: float = 300.0
 
     def primary_for(self, row_id: object) -> str:
         if self.load_balancer:
@@ -67,7 +73,7 @@ class RoutePlan:
 DEFAULT_CALL_TIMEOUT_S = 600.0
 
 
-def plan_for(request: RequestSpec, api: str) -> RoutePlan:
+def plan_for(request: RequestSpec, api: str, max_rate_limit_wait_s: float = 300.0) -> RoutePlan:
     retry = request.routing("retry")
     fallbacks = request.routing("fallbacks") or []
     fb_codes = request.routing("fallback_on_codes")
@@ -81,19 +87,21 @@ def plan_for(request: RequestSpec, api: str) -> RoutePlan:
         # orq's call_timeout bounds each upstream call, and orq may retry and fall back inside one of our
         # attempts: our deadline must cover all of that or we would cut off answers orq is still producing.
         call_timeout_s *= (1 + (retries or 0)) * (1 + len(fallbacks))
-    # Against orq, 5xx codes in on_codes were already retried server-side; we retry only the orq edge's 429.
-    status_retry_on = frozenset(c for c in retry_on if c == 429) if server_routes else retry_on
+    # Against orq, codes in on_codes were already retried server-side (a 429 is handled apart, in `decide`).
+    status_retry_on = frozenset() if server_routes else retry_on
     primary = request.model or (lb.models[0].model if lb else "")
-    models = (primary, *(f.model for f in fallbacks)) if not server_routes else (primary,)
+    fallback_models = tuple(f.model for f in fallbacks)
+    models = (primary, *fallback_models) if not server_routes else (primary,)
+    lb_models = tuple(m.model for m in lb.models) if lb else ()
     return RoutePlan(
         models=models,
         retries=retries,
-        retry_on=retry_on,
         fallback_on=frozenset(fb_codes) if fb_codes else frozenset(DEFAULT_FALLBACK_ON_CODES),
         call_timeout_s=call_timeout_s,
         load_balancer=tuple((m.model, m.weight) for m in lb.models) if lb else (),
-        server_routes=server_routes,
         status_retry_on=status_retry_on,
+        may_answer=tuple(dict.fromkeys(m for m in (primary, *lb_models, *fallback_models) if m)),
+        max_rate_limit_wait_s=max_rate_limit_wait_s,
     )
 
 
@@ -174,11 +182,26 @@ def decide(
     has_next_model: bool,
     backoff: Backoff,
     rng: random.Random,
+    rate_limited: int = 0,
+    rate_limit_waited_s: float = 0.0,
 ) -> Decision:
-    """What to do after a failed attempt."""
+    """What to do after a failed attempt. `rate_limited` and `rate_limit_waited_s`: the row's 429s so far and
+    the time it was told to wait for them."""
     if failure.kind == "status" and failure.status in FATAL_CODES:
         return Decision("fatal")
-    if failure.kind == "contract":
+    rate_limit = failure.kind == "status" and failure.status == 429
+    if rate_limit:
+        # The server asking to slow down, not the row failing: the whole pool waits the server's time (or a
+        # backoff, never next to nothing) and the row is asked again, whatever the retry settings, until the
+        # row has waited `max_rate_limit_wait_s` in all; then the 429 is the row's failure (or a fallback).
+        delay = failure.retry_after
+        if delay is None:
+            delay = max(backoff.base, backoff.delay(rate_limited + 1, rng))
+        if rate_limit_waited_s + delay <= plan.max_rate_limit_wait_s:
+            return Decision("retry", delay=delay, pause_pool=True)
+    if rate_limit:
+        retry = False
+    elif failure.kind == "contract":
         # A body that breaks the contract is likely to break again: one more try, never more.
         retry = contract_retries_used < 1
     elif failure.kind in ("transport", "timeout"):
@@ -189,7 +212,7 @@ def decide(
         delay = backoff.delay(retries_used + 1, rng)
         if failure.retry_after is not None:
             delay = max(delay, failure.retry_after)
-        return Decision("retry", delay=delay, pause_pool=failure.status == 429)
+        return Decision("retry", delay=delay)
     if has_next_model:
         worthy = failure.kind in ("transport", "timeout") or (
             failure.status is not None and failure.status in plan.fallback_on

@@ -25,14 +25,16 @@ import anyio
 import pyarrow as pa
 from anyio.abc import ObjectSendStream
 
+from .budget import Budget, BudgetStop, recorded_spend, unpriced
 from .cache import ResponseCache
-from .client import AttemptFailed, Endpoint, WorkerClient
+from .call import Caller, Records, Work
+from .client import Endpoint, WorkerClient
 from .errors import FatalRequestError, OutputError, ResumeError, SpecError
-from .limits import Cooldown, RateLimits
+from .limits import RateLimits
 from .pool import Pool, WorkSender
 from .prices import Price, PriceTable
 from .progress import Progress
-from .routing import Backoff, RoutePlan, decide, plan_for
+from .routing import Backoff, RoutePlan, plan_for
 from .sinks import (
     Journal,
     RunState,
@@ -77,6 +79,7 @@ class RunResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
+    unpriced: int = 0  # answers from a model with no price: cost_usd null, not in cost_usd
     wall_s: float = 0.0
     message: str = ""
     signal: int | None = None
@@ -103,43 +106,14 @@ class RunResult:
             parts.append(f"{self.skipped} done earlier")
         tokens = f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens"
         cost = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
+        if self.unpriced:
+            cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
         return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {self.output}"
 
 
-# What the writer receives: a worker's row (None when the row was not sent: budget, fatal stop), or a list of
-# rows the feeder settled without a call.
+# What the writer receives: a worker's row (None when the row was not sent: budget, fatal stop, signal), or a
+# list of rows the feeder settled without a call.
 _Result = dict[str, Any] | list[dict[str, Any]] | None
-
-
-@dataclass(slots=True)
-class _Work:
-    row: SourceRow
-    body: dict[str, Any]
-    key: str | None
-    est_tokens: float
-
-
-class _Budget:
-    """Spend so far plus the worst case of every call in flight never passes the cap."""
-
-    def __init__(self, cap: float | None) -> None:
-        self.cap = cap
-        self.spent = 0.0
-        self.reserved = 0.0
-
-    def reserve(self, worst: float) -> bool:
-        if self.cap is None:
-            return True
-        if self.spent + self.reserved + worst > self.cap:
-            return False
-        self.reserved += worst
-        return True
-
-    def settle(self, worst: float, actual: float | None) -> None:
-        if self.cap is None:
-            return
-        self.reserved -= worst
-        self.spent += actual or 0.0
 
 
 def _api_key(spec: JobSpec, base_url: str) -> str | None:
@@ -192,184 +166,52 @@ class _Job:
         self.fmt = spec.output.resolved_format if options.output is None else _fmt_of(options.output, spec)
         self.source = Source(spec.input, spec.output.keep_columns)
         self.builder = BodyBuilder(spec.request, spec.endpoint.api)
-        self.plan: RoutePlan = plan_for(spec.request, spec.endpoint.api)
+        self.plan: RoutePlan = plan_for(spec.request, spec.endpoint.api, spec.limits.max_rate_limit_wait_s)
         self.prices = PriceTable.default().overridden(
             {m: Price(p.prompt, p.completion, p.cached_prompt) for m, p in (spec.prices or {}).items()}
         ).overridden(options.prices)
         cache_cfg = spec.request.routing("cache")
         self.cache_ttl: float | None = cache_cfg.ttl if cache_cfg is not None else None
         self.cache: ResponseCache | None = None
-        self.cooldown = Cooldown()
-        self.rng = random.Random(options.seed)
-        self.budget = _Budget(spec.limits.max_cost_usd)
-        self.inflight: dict[str, anyio.Event] = {}
-        self.recent: dict[str, dict[str, Any]] = {}
-        self._recent_max = 3 * spec.input.batch_size + 16 * spec.limits.concurrency
         self.result = RunResult(output=self.output, status="failed")
-        self.fatal: FatalRequestError | None = None
-        self.budget_hit = False
-        n = spec.request.n or 1
-        self.completion_bound = spec.request.effective_max_tokens * n
-        self.limits = RateLimits(
-            spec.limits.requests_per_minute,
-            spec.limits.tokens_per_minute,
-            max_call_tokens=self.completion_bound + 4096,
+        self.records = Records(self.prices)
+        self.budget = Budget(spec.limits.max_cost_usd)  # the spend of earlier runs is added in _preflight
+        self.caller = Caller(
+            plan=self.plan,
+            records=self.records,
+            budget=self.budget,
+            limits=RateLimits(
+                spec.limits.requests_per_minute,
+                spec.limits.tokens_per_minute,
+                max_call_tokens=spec.request.effective_max_tokens * (spec.request.n or 1) + 4096,
+            ),
+            on_fatal=lambda exc: self.pool.fail(exc),
+            backoff=options.backoff,
+            rng=random.Random(options.seed),
+            verbose=options.verbose,
+            recent_max=3 * spec.input.batch_size + 16 * spec.limits.concurrency,
         )
         self.endpoint: Endpoint | None = None
         self.endpoint_id = ""
         self.progress: Progress | None = None
 
-    # -- one row --------------------------------------------------------------------------------------------
-
-    def _record(self, row: SourceRow, **fields: Any) -> dict[str, Any]:
-        # `_i` first: the sink sorts the journal into input order by it without parsing whole lines
-        rec: dict[str, Any] = {"_i": row.index, "id": row.id}
-        if row.keep:
-            rec["keep"] = row.keep
-        rec.update(fields)
-        return rec
-
-    def _error(self, row: SourceRow, kind: str, message: str, **extra: Any) -> dict[str, Any]:
-        return self._record(row, **{"status": "error", "error_kind": kind, "error": message, "cached": False,
-                                    "attempts": 0, **extra})
-
-    def _ok(self, row: SourceRow, comp: dict[str, Any], *, cached: bool, attempts: int, latency_ms: float,
-            asked_model: str) -> dict[str, Any]:
-        model = comp.get("model") or asked_model
-        price_model = model if self.prices.get(model) is not None else asked_model
-        cost = 0.0 if cached else self.prices.cost(
-            price_model, comp.get("prompt_tokens"), comp.get("completion_tokens"), comp.get("cached_tokens")
-        )
-        rec = self._record(row, status="ok", cached=cached, attempts=attempts, latency_ms=latency_ms,
-                           http_status=None if cached else 200, cost_usd=cost)
-        rec.update(comp)
-        rec["model"] = model
-        return rec
-
-    def prepare(self, row: SourceRow) -> _Work | dict[str, Any]:
+    def prepare(self, row: SourceRow) -> Work | dict[str, Any]:
         """A row becomes work for a worker, or directly a result (an error row)."""
         if row.error is not None:
-            return self._error(row, "input", row.error)
+            return self.records.error(row, "input", row.error)
         assert row.prompt is not None
         model = row.model or self.plan.primary_for(row.id)
         if not model:
-            return self._error(row, "input", "no model: the line's body names none and request.model is unset")
+            return self.records.error(row, "input", "no model: the line's body names none and request.model is unset")
         body = self.builder.body(row.prompt, model, row.inputs, row.body)
         key = cache_key(self.endpoint_id, body) if self.cache_ttl is not None else None
         n = body.get("n") or 1
         est = len(row.prompt) / 3.0 + (body.get("max_tokens") or 0) * n
-        return _Work(row, body, key, est)
-
-    def _remember(self, key: str, completion: dict[str, Any]) -> None:
-        """Answers of this run by cache key, so a duplicate row makes no second call. The feeder looked the
-        cache up a batch ahead, so remembering the last few batches' worth closes the gap; older ones are in
-        the cache by then."""
-        self.recent[key] = completion
-        if len(self.recent) > self._recent_max:
-            self.recent.pop(next(iter(self.recent)))
-
-    async def work(self, item: _Work, client: WorkerClient) -> dict[str, Any] | None:
-        if self.fatal is not None or self.budget_hit:
-            return None
-        key = item.key
-        if key is not None:
-            done = self.recent.get(key)
-            if done is None and key in self.inflight:
-                await self.inflight[key].wait()
-                done = self.recent.get(key)
-            if done is not None:
-                return self._ok(item.row, done, cached=True, attempts=0, latency_ms=0.0,
-                                asked_model=item.body["model"])
-            self.inflight[key] = anyio.Event()
-        try:
-            rec = await self._call(item, client)
-        finally:
-            if key is not None:
-                ev = self.inflight.pop(key, None)
-                if ev is not None:
-                    ev.set()
-        return rec
-
-    async def _call(self, item: _Work, client: WorkerClient) -> dict[str, Any] | None:
-        row, plan = item.row, self.plan
-        models = [item.body["model"], *plan.models[1:]]
-        model_i = 0
-        body = item.body
-        attempts = retries = contract_retries = 0
-        started: float | None = None  # the first attempt's send: queueing at the limiter is not latency
-        stream = bool(body.get("stream"))
-        worst = 0.0
-        if self.budget.cap is not None:
-            # UTF-8 bytes bound the prompt's tokens from above for byte-level BPE tokenizers: the cap holds
-            # even for text that tokenizes badly (emoji, CJK), at the price of stopping a little early.
-            prompt_bound = len((row.prompt or "").encode())
-            completion_bound = (body.get("max_tokens") or 0) * (body.get("n") or 1)
-            bounds = [self.prices.worst_case(m, prompt_bound, completion_bound) for m in models]
-            if any(b is None for b in bounds):
-                return self._error(row, "budget", f"no price for one of {models}: limits.max_cost_usd cannot be enforced")
-            worst = max(b for b in bounds if b is not None)
-            if not self.budget.reserve(worst):
-                self.budget_hit = True
-                return None
-        actual: float | None = None
-        try:
-            while True:
-                await self.cooldown.wait()
-                await self.limits.acquire(item.est_tokens)
-                if self.fatal is not None:
-                    return None
-                attempts += 1
-                if started is None:
-                    started = time.perf_counter()
-                try:
-                    comp = await client.complete(body, stream=stream, deadline_s=plan.call_timeout_s)
-                except AttemptFailed as exc:
-                    failure = exc.failure
-                    d = decide(plan, failure, retries_used=retries, contract_retries_used=contract_retries,
-                               has_next_model=model_i + 1 < len(models), backoff=self.options.backoff, rng=self.rng)
-                    if self.options.verbose:
-                        then = f"retry in {d.delay:.2f} s" if d.action == "retry" else d.action
-                        # failure.message was redacted by the client: it cannot carry the key
-                        print(f"batcher: row {row.id!r} attempt {attempts} ({body['model']}): {failure.message} -> {then}",
-                              file=sys.stderr, flush=True)
-                    if d.action == "fatal":
-                        self.fatal = FatalRequestError(
-                            f"the server refused the API key (HTTP {failure.status}): {failure.message}",
-                            failure.status or 401,
-                        )
-                        self.pool.fail(self.fatal)
-                        return None
-                    if d.action == "retry":
-                        if failure.kind == "contract":
-                            contract_retries += 1
-                        else:
-                            retries += 1
-                        if d.pause_pool:
-                            self.cooldown.extend(d.delay)
-                        await anyio.sleep(d.delay)
-                        continue
-                    if d.action == "fallback":
-                        model_i += 1
-                        retries = contract_retries = 0
-                        body = {**item.body, "model": models[model_i]}
-                        continue
-                    return self._error(
-                        row, failure.kind, failure.message, http_status=failure.status, attempts=attempts,
-                        model=body["model"], latency_ms=(time.perf_counter() - started) * 1000,
-                    )
-                rec = self._ok(row, comp.to_record(), cached=False, attempts=attempts,
-                               latency_ms=(time.perf_counter() - started) * 1000, asked_model=body["model"])
-                actual = rec.get("cost_usd")
-                if item.key is not None:
-                    self._remember(item.key, comp.to_record())
-                    rec["_cache"] = (item.key, self.recent[item.key])
-                return rec
-        finally:
-            self.budget.settle(worst, actual)
+        return Work(row, body, key, est)
 
     # -- the pipeline ---------------------------------------------------------------------------------------
 
-    def _next_batch(self, batches: Iterator[list[SourceRow]]) -> tuple[list[_Work], list[dict[str, Any]]] | None:
+    def _next_batch(self, batches: Iterator[list[SourceRow]]) -> tuple[list[Work], list[dict[str, Any]]] | None:
         """Read, render and look up one input batch (in a worker thread: it is the bulk of the per-row
         Python work before the call, and would otherwise stall the event loop for a whole batch).
         Returns the rows that need a call, and those settled without one (cache hits, input errors)."""
@@ -382,20 +224,20 @@ class _Job:
         prepared = [self.prepare(r) for r in batch]
         hits: dict[str, dict[str, Any]] = {}
         if self.cache is not None:
-            hits = self.cache.get_many([p.key for p in prepared if isinstance(p, _Work) and p.key is not None])
-        work: list[_Work] = []
+            hits = self.cache.get_many([p.key for p in prepared if isinstance(p, Work) and p.key is not None])
+        work: list[Work] = []
         done: list[dict[str, Any]] = []
         for p in prepared:
             if isinstance(p, dict):
                 done.append(p)
             elif p.key is not None and p.key in hits:
-                done.append(self._ok(p.row, hits[p.key], cached=True, attempts=0, latency_ms=0.0,
-                                     asked_model=p.body["model"]))
+                done.append(self.records.ok(p.row, hits[p.key], cached=True, attempts=0, latency_ms=0.0,
+                                            asked_model=p.body["model"]))
             else:
                 work.append(p)
         return work, done
 
-    async def feed(self, work: WorkSender[_Work], results: ObjectSendStream[_Result]) -> None:
+    async def feed(self, work: WorkSender[Work], results: ObjectSendStream[_Result]) -> None:
         batches = iter(self.source.batches(self.done_ids))
         while (step := await anyio.to_thread.run_sync(self._next_batch, batches)) is not None:
             to_send, done = step
@@ -404,7 +246,7 @@ class _Job:
             if done:
                 await results.send(done)
             for w in to_send:
-                if self.budget_hit or self.fatal is not None:
+                if self.caller.budget_hit or self.caller.halted:
                     return
                 await work.send(w)
 
@@ -433,6 +275,8 @@ class _Job:
                 else:  # tokens of billed calls only, as in `batcher report`
                     res.prompt_tokens += r.get("prompt_tokens") or 0
                     res.completion_tokens += r.get("completion_tokens") or 0
+                    if r.get("cost_usd") is None:
+                        res.unpriced += 1
                 res.cost_usd += r.get("cost_usd") or 0.0
             else:
                 res.errors += 1
@@ -455,6 +299,7 @@ class _Job:
                         grace = self.spec.limits.grace_seconds
                         _say(f"\nbatcher: stopping: no new calls; waiting up to {grace:g} s for the calls in flight "
                              "(Ctrl-C again stops now)", self.options.quiet)
+                        self.caller.stop()
                         self.pool.stop_feeding()
                         tg.start_soon(self._grace, grace)
                     else:
@@ -496,10 +341,10 @@ class _Job:
             self.progress = Progress(todo, enabled=_progress_enabled(opts), job=spec.job_name)
             stack.callback(self.progress.close)
             endpoint = self.endpoint
-            self.pool: Pool[_Work, _Result, WorkerClient] = Pool(
+            self.pool: Pool[Work, _Result, WorkerClient] = Pool(
                 concurrency=spec.limits.concurrency,
                 feed=self.feed,
-                work=self.work,
+                work=self.caller.work,
                 open_worker=lambda: WorkerClient(endpoint),
                 close_worker=lambda c: c.aclose(),
                 write=self.write,
@@ -531,26 +376,30 @@ class _Job:
             res.status = "interrupted"
             res.message = (f"interrupted: {res.skipped + res.ok + res.errors} rows saved in {self.output}; "
                            "rerun the same command to finish the rest")
-        elif self.budget_hit:
+        elif self.caller.budget_hit and self.budget.cap is not None:
             res.status = "budget"
+            BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent)
+            earlier = f" (${self.budget.spent_before:.4f} of it by earlier runs)" if self.budget.spent_before else ""
             res.message = (
-                f"stopped before passing limits.max_cost_usd (${spec.limits.max_cost_usd:g}): spent "
-                f"${self.budget.spent:.4f}; raise the budget and rerun the same command to finish the rest"
+                f"stopped before passing limits.max_cost_usd (${self.budget.cap:g}): the job has spent "
+                f"${self.budget.spent:.4f}{earlier}; raise limits.max_cost_usd and rerun the same command to "
+                "finish the rest"
             )
         else:
             res.status = "finished"
+            BudgetStop(self.state.directory).clear()
         return res
 
     def _preflight(self) -> SourceInfo:
         spec, opts = self.spec, self.options
         info = self.source.check()
         if spec.limits.max_cost_usd is not None:
-            models = set(self.plan.models) | {m for m, _ in self.plan.load_balancer}
-            unpriced = sorted(m for m in models if m and self.prices.get(m) is None)
-            if unpriced:
+            # every model that may answer: the primary, the fallbacks and the balancer's, on both APIs
+            missing = unpriced(self.prices, self.plan.may_answer)
+            if missing:
                 raise SpecError(
-                    f"limits.max_cost_usd: no price for {unpriced[0]!r}, so the budget cannot be enforced; "
-                    "add it under prices: (USD per million prompt/completion tokens)"
+                    f"limits.max_cost_usd: no price for {missing[0]!r} (a model that may answer), so the budget "
+                    "cannot be enforced; add it under prices: (USD per million prompt/completion tokens)"
                 )
         _probe_output(self.output)
         self.schema = output_schema(self.source.id_name, info.id_type, info.keep_types)
@@ -575,12 +424,30 @@ class _Job:
             self.result.skipped = len(ids)
             if ids:
                 self.done_ids = pa.array(ids, type=info.id_type)
+            self._budget_so_far(state_dir)
         else:
             state = RunState(state_dir, fp)
             state.save()
         self.state = state
         self.info = info
         return info
+
+    def _budget_so_far(self, state_dir: Path) -> None:
+        """The cap is the job's: earlier runs' spend counts, and a job stopped at its cap stays stopped under it."""
+        cap = self.budget.cap
+        if cap is None:
+            return
+        before = recorded_spend(state_dir / "journal.jsonl")
+        self.budget.spent_before = self.budget.spent = before
+        stopped_at = BudgetStop(state_dir).stopped_at()
+        if before >= cap or (stopped_at is not None and cap <= stopped_at):
+            self.result.status = "budget"
+            self.result.message = (
+                f"limits.max_cost_usd (${cap:g}) is already reached for this job: earlier runs spent "
+                f"${before:.4f} and stopped at a cap of ${(stopped_at or cap):g}; no request made. Raise "
+                "limits.max_cost_usd and rerun the same command to finish the rest"
+            )
+            raise _BudgetReached()
 
     def _finish(self, info: SourceInfo) -> None:
         spec = self.spec
@@ -604,8 +471,12 @@ class _NothingToDo(Exception):
     pass
 
 
+class _BudgetReached(Exception):
+    pass
+
+
 def _remove_state(directory: Path) -> None:
-    for name in ("journal.jsonl", "run.json", "journal.compact.tmp"):
+    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", BudgetStop.NAME):
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
 
@@ -641,6 +512,9 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
         return await job.run()
     except _NothingToDo:
         job.result.message = f"{job.output} is complete ({job.result.skipped} rows): nothing to do (--fresh starts over)"
+        return job.result
+    except _BudgetReached:
+        job.result.rows = job.result.skipped
         return job.result
 
 

@@ -433,13 +433,15 @@ class Limits(_Model):
     requests_per_minute: float | None = Field(None, gt=0)
     tokens_per_minute: float | None = Field(None, gt=0)
     max_cost_usd: float | None = Field(None, gt=0)
+    # total time one row may be paused by 429s before the 429 becomes its error (or a fallback)
+    max_rate_limit_wait_s: float = Field(300, ge=0, le=86_400)
     grace_seconds: float = Field(30, ge=0, le=3600)
 
 
 class Price(_Model):
-    prompt: float = Field(ge=0, description="USD per million prompt tokens")
-    completion: float = Field(ge=0, description="USD per million completion tokens")
-    cached_prompt: float | None = Field(None, ge=0, description="USD per million cached prompt tokens")
+    prompt: float = Field(ge=0, allow_inf_nan=False, description="USD per million prompt tokens")
+    completion: float = Field(ge=0, allow_inf_nan=False, description="USD per million completion tokens")
+    cached_prompt: float | None = Field(None, ge=0, allow_inf_nan=False, description="USD per million cached prompt tokens")
 
 
 class JobSpec(_Model):

@@ -106,3 +106,39 @@ async def test_cancel_work_writes_every_result_already_produced() -> None:
     assert pool.work_cancelled
     assert sorted(sink.items) == sorted(produced)
     assert len(produced) < 10_000
+
+
+async def test_a_bug_in_work_surfaces_as_itself_with_its_traceback() -> None:
+    sink = _Sink()
+    with pytest.raises(RuntimeError, match="boom") as err:
+        await _pool(100, 4, sink, fail_at=30).run()
+    assert type(err.value) is RuntimeError  # not wrapped in a pool error or an exception group
+    frames = [tb.name for tb in err.traceback]
+    assert "work" in frames  # the frame that raised is still in the traceback
+
+
+async def test_stop_feeding_starts_nothing_that_was_queued() -> None:
+    sink = _Sink()
+    started: list[int] = []
+    pool: Pool[int, int, None]
+
+    async def feed(work: WorkSender[int], results: ObjectSendStream[int]) -> None:
+        for i in range(1_000):
+            await work.send(i)
+
+    async def work(item: int, _state: None) -> int:
+        started.append(item)
+        if len(started) == 20:
+            pool.stop_feeding()
+        await anyio.sleep(0.001)
+        return item
+
+    async def close(_state: None) -> None:
+        return None
+
+    pool = Pool(concurrency=4, feed=feed, work=work, open_worker=lambda: None, close_worker=close,
+                write=sink.write)
+    await pool.run()
+    # the other workers' items had started before; nothing queued (up to 2 x 4) was started after the stop
+    assert len(started) == 20
+    assert sorted(sink.items) == sorted(started)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import random
 from collections import Counter
@@ -11,12 +12,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batcher import parse_spec
-from batcher.routing import Backoff, Failure, RoutePlan, decide, parse_retry_after, pick_weighted, plan_for
+from batcher.routing import (
+    Backoff,
+    Decision,
+    Failure,
+    RoutePlan,
+    decide,
+    parse_retry_after,
+    pick_weighted,
+    plan_for,
+)
 
 PLAN = RoutePlan(
     models=("a", "b"),
     retries=2,
-    retry_on=frozenset({429, 500, 502, 503, 504}),
     fallback_on=frozenset({429, 500, 502, 503, 504}),
     call_timeout_s=5,
     status_retry_on=frozenset({429, 500, 502, 503, 504}),
@@ -72,6 +81,27 @@ def test_429_pauses_the_pool_for_at_least_retry_after() -> None:
     assert not d.pause_pool and d.delay >= 1.0
 
 
+@pytest.mark.parametrize("status_retry_on", [frozenset(), frozenset({500, 503})])
+def test_every_429_pauses_the_pool_whatever_the_retry_settings(status_retry_on: frozenset[int]) -> None:
+    plan = dataclasses.replace(PLAN, retries=0, status_retry_on=status_retry_on, max_rate_limit_wait_s=10.0)
+    # retries used up, or none configured: a 429 is still waited out and asked again
+    d = _decide(Failure("status", "slow down", status=429, retry_after=3.0), retries=2, plan=plan)
+    assert d == Decision("retry", delay=3.0, pause_pool=True)
+    # without Retry-After: a backoff, never next to nothing
+    d = _decide(Failure("status", "slow down", status=429), plan=plan)
+    assert d.action == "retry" and d.pause_pool and d.delay >= 0.5
+    # up to the cap on the row's total wait; then the 429 is the row's failure (or a fallback)
+    assert _decide(Failure("status", "x", status=429, retry_after=3.0), plan=plan).action == "retry"
+    over = decide(plan, Failure("status", "x", status=429, retry_after=3.0), retries_used=0, contract_retries_used=0,
+                  has_next_model=False, backoff=Backoff(), rng=random.Random(1), rate_limited=3,
+                  rate_limit_waited_s=9.0)
+    assert over.action == "fail"
+    over = decide(plan, Failure("status", "x", status=429, retry_after=3.0), retries_used=0, contract_retries_used=0,
+                  has_next_model=True, backoff=Backoff(), rng=random.Random(1), rate_limited=3,
+                  rate_limit_waited_s=9.0)
+    assert over.action == "fallback"
+
+
 def _plan(api: str, **request: object) -> RoutePlan:
     spec = parse_spec({
         "input": {"path": "x.jsonl", "prompt": "{{a}}"},
@@ -86,10 +116,14 @@ def test_plan_against_orq_leaves_upstream_retries_to_orq() -> None:
     routing = {"retry": {"count": 3, "on_codes": [429, 503]}, "fallbacks": [{"model": "f"}],
                "timeout": {"call_timeout": 1000}}
     orq = _plan("orq", **routing)
-    assert orq.status_retry_on == {429} and orq.models == ("m",)
+    assert orq.status_retry_on == frozenset() and orq.models == ("m",)  # a 429 is waited out apart (decide)
     assert orq.call_timeout_s == pytest.approx(1.0 * 4 * 2)  # covers orq's own retries and fallback
     oa = _plan("openai", **routing)
     assert oa.status_retry_on == {429, 503} and oa.models == ("m", "f") and oa.call_timeout_s == 1.0
+    # every model that may answer, whoever routes: what the budget prices
+    assert orq.may_answer == oa.may_answer == ("m", "f")
+    lb = {"load_balancer": {"type": "weight_based", "models": [{"model": "a", "weight": 0.5}, {"model": "b"}]}}
+    assert _plan("orq", **lb, fallbacks=[{"model": "f"}]).may_answer == ("m", "a", "b", "f")
     # the older form inside `orq` means the same
     assert _plan("openai", orq={"retry": {"count": 3, "on_codes": [429, 503]}}).retries == 3
 

@@ -277,9 +277,10 @@ def _aggregates() -> list[pl.Expr]:
         (~ok.fill_null(False)).sum().cast(pl.Int64).alias("errors"),
         cached.sum().cast(pl.Int64).alias("cached"),
         # Over no row there is no ratio: null (printed "-"), not 0/0's NaN.
-        pl.when(pl.len() > 0).then(pl.col("attempts").fill_null(0).sum() / pl.len())
+        pl.when(pl.len() > 0).then(pl.col("attempts").fill_null(0).cast(pl.Float64).sum() / pl.len())
         .otherwise(None).cast(pl.Float64).alias("attempts_per_row"),
-        *(pl.col(t).filter(~cached).sum().cast(pl.Int64).alias(t) for t in _TOKENS),
+        # Int128: a sum of int64 counts must not wrap round to a negative number.
+        *(pl.col(t).filter(~cached).cast(pl.Int128).sum().alias(t) for t in _TOKENS),
         # A sum over no priced row is unknown, not $0: null, printed "unpriced" (or "-" when nothing was billed).
         pl.when(cost.count() > 0).then(cost.sum()).otherwise(None).cast(pl.Float64).alias("cost_usd"),
         (billed_ok & cost.is_null()).fill_null(False).sum().cast(pl.Int64).alias("unpriced"),
@@ -383,13 +384,13 @@ def _cell(column: str, value: Any, row: dict[str, Any]) -> str:
     if column == "cost_usd":
         if value is None:
             return "unpriced" if row.get("unpriced") else "-"
-        return f"{value:.6f}" if value < 1 else f"{value:,.2f}"
+        return f"{value:.6f}" if value < 1 else f"{value:,.2f}" if value < 1e12 else f"{value:.4g}"
     if value is None:
         return "-"
     if column == "attempts_per_row":
-        return f"{value:.2f}"
+        return f"{value:.2f}" if value < 1e12 else f"{value:.4g}"
     if column.startswith("latency_"):
-        return f"{value:,.0f}"
+        return f"{value:,.0f}" if value < 1e12 else f"{value:.4g}"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, int):

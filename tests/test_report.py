@@ -420,3 +420,15 @@ def test_damaged_and_foreign_files(tmp_path: Path, capsys: pytest.CaptureFixture
     (tmp_path / "bad.yaml").write_text("models:\n  m: {prompt: cheap, completion: 1}\n")
     code, _, err = _main(["report", str(path), "--prices", str(tmp_path / "bad.yaml")], capsys)
     assert code == 2 and "bad.yaml: not a price table" in err
+
+
+def test_huge_numbers_neither_wrap_nor_flood_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{**r, "prompt_tokens": 2**62, "cost_usd": 1e300} for r in _records()[1:3]]
+    path = _write(rows, tmp_path / "out.parquet")
+    total = usage_total(scan_outputs([path])).row(0, named=True)
+    assert total["prompt_tokens"] == 2**63  # one past int64: the old sum wrapped round to a negative number
+    code, out, _ = _main(["report", str(path), "--table", "usage"], capsys)
+    assert code == 0 and "9,223,372,036,854,775,808" in out and "2e+300" in out
+    assert max(map(len, out.splitlines())) < 250
+    code, out, _ = _main(["report", str(path), "--format", "json"], capsys)
+    assert json.loads(out)["total"]["prompt_tokens"] == 2**63

@@ -372,7 +372,7 @@ def _duration(seconds: float) -> str:
         return f"{seconds:.1f} s"
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 3600:.1f} h" if seconds < 3.6e9 else f"{seconds / 3600:.3g} h"
 
 
 def render_text(plan: Plan) -> str:

@@ -17,6 +17,10 @@ What the numbers mean, row by row of the output:
   of `latency_ms` as the run recorded it: from the row's first attempt to its answer, so waits for the rate
   limiter, retries and backoff are in it (it is what a row cost in time, not the server's time per call).
 - `--prices FILE` recomputes every row's cost from its tokens, exactly as the run prices an answer.
+
+Odd files are read, or refused by name (exit 3), never with a traceback: a JSONL output polars refuses (a kept
+column mixing types, NaN, an empty 0-row file, a torn line) goes to a careful reader (`_read_jsonl`). A group
+column named like a figure is renamed `by_<name>` (`group_columns`); text tables escape and cut their labels.
 """
 
 from __future__ import annotations

@@ -252,3 +252,10 @@ def test_a_priced_cost_below_the_printed_precision_is_not_shown_as_zero(tmp_path
     assert main(["plan", str(spec_file)]) == 0
     out = capsys.readouterr().out
     assert "$0.0000" not in out and "<$0.0001 - <$0.0001" in out
+
+
+def test_a_huge_assumed_latency_prints_a_readable_wall_time(tmp_path: Path) -> None:
+    from batcher.plan import render_text
+
+    text = render_text(make_plan(parse_spec(_spec(tmp_path, max_tokens=4)), latency_ms=1e300))
+    assert max(map(len, text.splitlines())) < 200 and "e+29" in text

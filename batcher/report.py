@@ -213,7 +213,25 @@ def _scan_one(path: Path) -> pl.LazyFrame:
     if "status" not in names:
         hint = " (an openai_batch output? report reads batcher's parquet/jsonl format)" if "custom_id" in names else ""
         raise InputError(f"{path}: not a batcher output: no 'status' column{hint}")
+    for name, dtype in lf.collect_schema().items():
+        want = _JSONL_TYPES.get(name)
+        if want is not None and not _fits(dtype, want):
+            # Found here, by name, rather than as a polars error in the middle of an aggregation.
+            raise InputError(f"{path}: column {name!r} holds {dtype} values, not {want}: not a batcher output")
     return lf
+
+
+def _fits(dtype: pl.DataType, want: pl.DataType) -> bool:
+    """Whether a result column of this type reads as batcher's own (`_JSONL_TYPES`)."""
+    if dtype == pl.Null():
+        return True
+    if want == pl.String():
+        return dtype == pl.String() or isinstance(dtype, (pl.Categorical, pl.Enum))
+    if want == pl.Int64():
+        return dtype.is_integer()
+    if want == pl.Float64():
+        return dtype.is_float() or dtype.is_integer()
+    return dtype == want
 
 
 def scan_outputs(paths: Iterable[str | Path]) -> pl.LazyFrame:
@@ -319,8 +337,9 @@ def group_columns(by: Iterable[str]) -> list[str]:
 def _collect(lf: pl.LazyFrame) -> pl.DataFrame:
     try:
         return lf.collect()
-    except pl.exceptions.ComputeError as exc:
-        # A value the scan could not read as its column's type, found only now that the rows are read.
+    except (pl.exceptions.ComputeError, OSError) as exc:
+        # A value the scan could not read as its column's type, or a damaged page of a Parquet file, found
+        # only now that the rows are read.
         raise InputError(f"cannot read the outputs: {exc}") from None
 
 

@@ -432,3 +432,23 @@ def test_huge_numbers_neither_wrap_nor_flood_the_table(tmp_path: Path, capsys: p
     assert max(map(len, out.splitlines())) < 250
     code, out, _ = _main(["report", str(path), "--format", "json"], capsys)
     assert json.loads(out)["total"]["prompt_tokens"] == 2**63
+
+
+@pytest.mark.parametrize(("column", "value"), [("cached", "true"), ("status", 1), ("latency_ms", "10"),
+                                               ("cost_usd", "0.1"), ("prompt_tokens", "3"), ("model", 5)])
+def test_a_result_column_of_another_type_is_refused_by_name(tmp_path: Path, column: str, value: Any,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{k: v for k, v in r.items() if k != column} | {column: value} for r in _records()[:3]]
+    path = tmp_path / "foreign.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    code, _, err = _main(["report", str(path)], capsys)
+    assert code == 3 and f"column {column!r} holds" in err and "not a batcher output" in err, err
+
+
+def test_a_damaged_parquet_page_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(_records() * 200, tmp_path / "out.parquet")
+    data = bytearray(path.read_bytes())
+    data[100:2000] = b"\xab" * 1900  # the footer (schema) survives, the first pages do not
+    path.write_bytes(bytes(data))
+    code, _, err = _main(["report", str(path)], capsys)
+    assert code == 3 and "cannot read" in err, err

@@ -442,8 +442,29 @@ def _label(value: Any) -> str:
     if isinstance(value, float):
         return visible(repr(value))
     if isinstance(value, bytes):
-        return visible(repr(value)[2:-1])
+        return visible(_bytes_text(value))
     return visible(str(value))
+
+
+def _bytes_text(value: bytes) -> str:
+    # A binary group value as text: its UTF-8, with any other byte as \xNN (csv and json cannot hold bytes).
+    return value.decode("utf-8", "backslashreplace")
+
+
+def _text_keys(usage: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """Group columns csv and json cannot hold as they are, as text: binary ones by `_bytes_text`, ones polars
+    cannot cast to text (durations) by Python's str; every other column as is."""
+    converted = []
+    for k in keys:
+        if usage.schema[k] != pl.Binary():
+            try:
+                usage[k].cast(pl.String)
+                continue
+            except pl.exceptions.PolarsError:
+                pass
+        text = [None if v is None else _bytes_text(v) if isinstance(v, bytes) else str(v) for v in usage[k]]
+        converted.append(pl.Series(k, text, dtype=pl.String))
+    return usage.with_columns(converted)
 
 
 def _width(text: str) -> int:
@@ -619,14 +640,14 @@ def render(lf: pl.LazyFrame, by: list[str], fmt: str, table: str = "all") -> str
         # One CSV is one table: the usage one unless --table errors asks for the other.
         if table == "errors":
             return error_table(lf).write_csv()
-        return _csv_frame(usage_table(lf, by), usage_total(lf), keys).write_csv()
+        return _csv_frame(_text_keys(usage_table(lf, by), keys), usage_total(lf), keys).write_csv()
     usage = usage_table(lf, by) if want_usage else None
     total = usage_total(lf) if want_usage else None
     errors = error_table(lf) if want_errors else None
     if fmt == "json":
         doc: dict[str, Any] = {"by": keys}
         if usage is not None and total is not None:
-            doc["usage"] = usage.to_dicts()
+            doc["usage"] = _text_keys(usage, keys).to_dicts()
             doc["total"] = total.to_dicts()[0]
         if errors is not None:
             doc["errors"] = errors.to_dicts()

@@ -452,3 +452,27 @@ def test_a_damaged_parquet_page_is_an_input_error(tmp_path: Path, capsys: pytest
     path.write_bytes(bytes(data))
     code, _, err = _main(["report", str(path)], capsys)
     assert code == 3 and "cannot read" in err, err
+
+
+def test_group_columns_of_every_scalar_type_in_every_format(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import datetime
+    import decimal
+
+    base = {"error": None, "error_kind": None} | {k: v for k, v in _records()[1].items() if k not in ("id", "label", "text")}
+    keys: dict[str, list[Any]] = {
+        "b": [b"\x00\xff", b"ok"], "d": [datetime.date(2024, 1, 1), datetime.date(2024, 1, 2)],
+        "t": [datetime.time(1, 0), datetime.time(1, 1)], "dec": [decimal.Decimal("1.5"), decimal.Decimal("2.5")],
+        "du": [datetime.timedelta(seconds=0), datetime.timedelta(seconds=1)], "f": [float("nan"), float("inf")],
+    }
+    rows = [{**base, **{k: v[i] for k, v in keys.items()}} for i in range(2)]
+    path = tmp_path / "types.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    for fmt in ("text", "csv", "json", "markdown"):
+        code, out, err = _main(["report", str(path), "--by", ",".join(keys), "--format", fmt], capsys)
+        assert code == 0, (fmt, err)
+        if fmt == "json":
+            usage = json.loads(out, parse_constant=lambda c: pytest.fail(c))["usage"]
+            assert {(u["b"], u["f"], u["du"]) for u in usage} == {("\x00\\xff", "nan", "0:00:00"), ("ok", "inf", "0:00:01")}
+        if fmt == "csv":
+            assert [r["du"] for r in csv.DictReader(io.StringIO(out))] == ["0:00:00", "0:00:01", ""]

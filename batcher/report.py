@@ -95,7 +95,14 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
             raise InputError(f"{path}: no such file or folder")
     if not files:
         raise InputError("no output files given")
-    return files
+    # A file named twice (`out/ out/a.parquet`, `./a.parquet a.parquet`) is one output: counted once.
+    seen: set[Path] = set()
+    unique = []
+    for p in files:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
 
 
 def _kind(value: Any) -> str:

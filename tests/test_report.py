@@ -476,3 +476,12 @@ def test_group_columns_of_every_scalar_type_in_every_format(tmp_path: Path,
             assert {(u["b"], u["f"], u["du"]) for u in usage} == {("\x00\\xff", "nan", "0:00:00"), ("ok", "inf", "0:00:01")}
         if fmt == "csv":
             assert [r["du"] for r in csv.DictReader(io.StringIO(out))] == ["0:00:00", "0:00:01", ""]
+
+
+def test_a_file_named_twice_is_counted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = _records()
+    _write(rows[:20], tmp_path / "a.parquet")
+    _write(rows[20:], tmp_path / "b.parquet")
+    monkeypatch.chdir(tmp_path)
+    lf = scan_outputs([tmp_path, "a.parquet", tmp_path / "b.parquet", "./a.parquet"])
+    assert usage_total(lf)["rows"][0] == len(rows)

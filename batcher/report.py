@@ -356,6 +356,10 @@ def usage_table(lf: pl.LazyFrame, by: list[str]) -> pl.DataFrame:
     `group_columns(by)` says)."""
     keys = _keys(by)
     names = group_columns(by)
+    absent = [k for k in keys if k not in lf.collect_schema().names()]
+    if absent and _collect(lf.select(pl.len()))[0, 0] == 0:
+        # An empty JSONL output has no columns to name: with no rows there is nothing to group, not an error.
+        lf = lf.with_columns(pl.lit(None).alias(k) for k in absent)
     _require(lf, [*_USAGE_NEEDS, *keys])
     for c, dtype in lf.select(keys).collect_schema().items():
         if dtype.is_nested():

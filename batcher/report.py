@@ -31,7 +31,7 @@ import json
 import math
 import sys
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,59 +129,83 @@ def _json_text(value: Any) -> str | None:
 _RESULT_KINDS = {pl.String(): {"str"}, pl.Int64(): {"int"}, pl.Boolean(): {"bool"}, pl.Float64(): {"int", "float"}}
 
 
+def _json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line; a line that is not a JSON object is an InputError naming it."""
+    bad: tuple[int, ValueError] | None = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if bad is not None:
+                    raise InputError(f"{path}: line {bad[0]} is not valid JSON: {bad[1]}")
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    bad = (number, exc)  # named once we know whether another line follows
+                    continue
+                if not isinstance(obj, dict):
+                    raise InputError(f"{path}: line {number} is not a JSON object: not a batcher output")
+                yield number, obj
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    if bad is not None:
+        raise InputError(f"{path}: line {bad[0]} is not valid JSON (a torn last line: the file was cut short): {bad[1]}")
+
+
+_CHUNK_ROWS = 50_000
+
+
 def _read_jsonl(path: Path) -> pl.LazyFrame:
     """The careful reader, for a JSONL file polars' fast one refuses: empty (a 0-row output), a kept column
     whose values mix types (read as text: strings as they are, other values as their JSON text, the rule
     polars itself applies to strings mixed with objects), NaN/Infinity (Python's json reads them; old outputs
-    hold them), or a damaged line, which is named by its line number. It reads the whole file: it is the
-    rare path, and it has to see every value before it can choose a column's type."""
-    records: list[dict[str, Any]] = []
-    line_numbers: list[int] = []
+    hold them), or a damaged line, which is named by its line number. Two passes, as it has to see every value
+    before it can choose a column's type: the first notes the types, the second builds the frame in chunks."""
     kinds: dict[str, set[str]] = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            torn = " (a torn last line: the file was cut short)" if i == last else ""
-            raise InputError(f"{path}: line {i + 1} is not valid JSON{torn}: {exc}") from None
-        if not isinstance(obj, dict):
-            raise InputError(f"{path}: line {i + 1} is not a JSON object: not a batcher output")
-        records.append(obj)
-        line_numbers.append(i + 1)
+    for number, obj in _json_objects(path):
         for key, value in obj.items():
-            kinds.setdefault(key, set()).add(_kind(value))
-    if not records:
+            kind = _kind(value)
+            want = _JSONL_TYPES.get(key)
+            if want is not None and kind != "null" and kind not in _RESULT_KINDS[want]:
+                raise InputError(f"{path}: line {number}: {key} is {value!r}, not a {want} value: not a batcher output")
+            kinds.setdefault(key, set()).add(kind)
+    if not kinds:
         # A 0-row output (batcher writes an empty file): the result columns, no rows.
         return pl.LazyFrame(schema=_JSONL_TYPES)
-    columns: dict[str, pl.Series] = {}
+    schema: dict[str, pl.DataType] = {}
+    as_text: set[str] = set()
     for key, seen in kinds.items():
         seen.discard("null")
-        values = [r.get(key) for r in records]
-        dtype = _JSONL_TYPES.get(key)
-        if dtype is not None:
-            if not seen <= _RESULT_KINDS[dtype]:
-                bad = next(i for i, v in enumerate(values) if _kind(v) not in {"null", *_RESULT_KINDS[dtype]})
-                raise InputError(f"{path}: line {line_numbers[bad]}: {key} is {values[bad]!r}, not a {dtype} value: "
-                                 "not a batcher output")
+        if key in _JSONL_TYPES:
+            schema[key] = _JSONL_TYPES[key]
         elif seen == {"bool"}:
-            dtype = pl.Boolean()
+            schema[key] = pl.Boolean()
         elif seen == {"int"}:
-            dtype = pl.Int64()
+            schema[key] = pl.Int64()
         elif seen and seen <= {"int", "float"}:
-            dtype = pl.Float64()
+            schema[key] = pl.Float64()
         else:
-            dtype = pl.String()
-            values = [_json_text(v) for v in values]
-        columns[key] = pl.Series(key, values, dtype=dtype, strict=False)
-    return pl.DataFrame(list(columns.values())).lazy()
+            schema[key] = pl.String()
+            as_text.add(key)
+
+    def frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+        return pl.DataFrame([
+            pl.Series(key, [_json_text(r.get(key)) if key in as_text else r.get(key) for r in rows], dtype=dtype,
+                      strict=False)
+            for key, dtype in schema.items()
+        ])
+
+    frames: list[pl.DataFrame] = []
+    chunk: list[dict[str, Any]] = []
+    for _, obj in _json_objects(path):
+        chunk.append(obj)
+        if len(chunk) == _CHUNK_ROWS:
+            frames.append(frame(chunk))
+            chunk = []
+    if chunk or not frames:
+        frames.append(frame(chunk))
+    return pl.concat(frames, rechunk=False).lazy()
 
 
 def _scan_jsonl(path: Path) -> pl.LazyFrame:

@@ -300,9 +300,17 @@ def make_plan(
     bound_by, wall = max(((k, v) for k, v in bounds.items() if v is not None), key=lambda kv: kv[1])
 
     if limits.max_cost_usd is not None:
-        if unpriced:
-            notes.append(f"limits.max_cost_usd is set but {sorted(unpriced)[0]!r} has no price: "
-                         "the run would refuse to start")
+        # The run's pre-flight (runner._Job._preflight) checks the spec's own models, whatever the rows: so
+        # does the plan, or a 0-row input would plan "nothing to send" for a run that refuses to start.
+        spec_models = {m for m in (*route.models, *(m for m, _ in route.load_balancer)) if m}
+        refused = sorted(m for m in spec_models if table.get(m) is None)
+        if refused:
+            notes.append(f"limits.max_cost_usd is set but {refused[0]!r} has no price: "
+                         "the run would refuse to start (exit 2)")
+        elif unpriced:
+            # A model named by the input's own lines: the run makes each of its rows a budget error row.
+            notes.append(f"limits.max_cost_usd is set but {sorted(unpriced)[0]!r} has no price: its rows "
+                         "would become error rows (the budget cannot be enforced on them)")
         elif highs and sum(highs) > limits.max_cost_usd:
             notes.append(f"the high cost estimate passes limits.max_cost_usd (${limits.max_cost_usd:g}): "
                          "the run may stop at the budget")

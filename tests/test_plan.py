@@ -259,3 +259,20 @@ def test_a_huge_assumed_latency_prints_a_readable_wall_time(tmp_path: Path) -> N
 
     text = render_text(make_plan(parse_spec(_spec(tmp_path, max_tokens=4)), latency_ms=1e300))
     assert max(map(len, text.splitlines())) < 200 and "e+29" in text
+
+
+def test_budget_with_an_unpriced_model_is_flagged_as_the_run_refuses_it(tmp_path: Path) -> None:
+    from batcher import SpecError as RunRefused
+
+    empty = tmp_path / "in.jsonl"
+    empty.write_text("")
+    data = _spec(tmp_path, max_tokens=4)
+    data["input"] = {"path": str(empty), "prompt": "{{text}}"}
+    data["output"] = {"path": str(tmp_path / "out.parquet")}
+    data["request"]["model"] = "acme/unpriced"
+    data["limits"] = {"max_cost_usd": 1.0}
+    plan = make_plan(parse_spec(data))
+    assert plan.to_send == 0
+    assert any("'acme/unpriced' has no price: the run would refuse to start" in n for n in plan.notes)
+    with pytest.raises(RunRefused, match="acme/unpriced"):  # and so it does, even with no row to send
+        run_job(parse_spec(data), RUN)

@@ -41,7 +41,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .errors import SpecError
+from .errors import BatcherError, SpecError
 from .prices import Price, PriceTable
 from .routing import plan_for
 from .runner import run_fingerprint
@@ -216,10 +216,10 @@ def make_plan(
 
     `output`, `prices`, `limit` and `fresh` mean what they mean for `batcher run` (`RunOptions`).
     """
-    if latency_ms <= 0:
-        raise SpecError(f"--latency-ms must be positive, got {latency_ms:g}")
-    if chars_per_token <= 0:
-        raise SpecError(f"--chars-per-token must be positive, got {chars_per_token:g}")
+    if not (math.isfinite(latency_ms) and latency_ms > 0):
+        raise SpecError(f"--latency-ms must be a finite number greater than 0, got {latency_ms:g}")
+    if not (math.isfinite(chars_per_token) and chars_per_token > 0):
+        raise SpecError(f"--chars-per-token must be a finite number greater than 0, got {chars_per_token:g}")
     out = _output_path(spec, output)
     notes: list[str] = []
     table = PriceTable.default().overridden(
@@ -235,6 +235,7 @@ def make_plan(
     considered = info.rows if limit is None else min(limit, info.rows)
     tallies: dict[str, _Tally] = {}
     input_errors = 0
+    no_model = 0
     if nothing_to_do:
         notes.append(f"{out} is complete: the run would have nothing to do (--fresh starts over)")
         done = considered
@@ -251,6 +252,11 @@ def make_plan(
                     input_errors += 1
                     continue
                 model = row.model or route.primary_for(row.id)
+                if not model:
+                    # An OpenAI batch line naming no model, and no request.model: the run makes it an error row.
+                    no_model += 1
+                    input_errors += 1
+                    continue
                 body = builder.body(row.prompt, model, row.inputs, row.body)
                 bound = int(body.get("max_tokens") or 0) * int(body.get("n") or 1) + _reasoning_budget(body)
                 t = tallies.setdefault(model, _Tally())
@@ -277,8 +283,12 @@ def make_plan(
             lows.append(low)
             highs.append(high)
         models.append(ModelEstimate(model, t.rows, t.chars, round(est), t.completion, billed_on, low, high, missing))
-    if any(table.get(m.model) is not None for m in models) and any(m.unpriced for m in models):
-        notes.append("a fallback without a price may answer some rows: their cost is not in the range")
+    unpriced_fallbacks = [f for f in dict.fromkeys(fallbacks) if f in unpriced]
+    if unpriced_fallbacks:
+        notes.append(f"fallback {', '.join(unpriced_fallbacks)} has no price and may answer some rows: "
+                     "their cost is not in the range")
+    if no_model:
+        notes.append(f"{no_model:,} line(s) name no model and request.model is unset: they become error rows")
 
     calls = sum(t.rows for t in tallies.values())
     limits = spec.limits
@@ -290,9 +300,17 @@ def make_plan(
     bound_by, wall = max(((k, v) for k, v in bounds.items() if v is not None), key=lambda kv: kv[1])
 
     if limits.max_cost_usd is not None:
-        if unpriced:
-            notes.append(f"limits.max_cost_usd is set but {sorted(unpriced)[0]!r} has no price: "
-                         "the run would refuse to start")
+        # The run's pre-flight (runner._Job._preflight) checks the spec's own models, whatever the rows: so
+        # does the plan, or a 0-row input would plan "nothing to send" for a run that refuses to start.
+        spec_models = {m for m in (*route.models, *(m for m, _ in route.load_balancer)) if m}
+        refused = sorted(m for m in spec_models if table.get(m) is None)
+        if refused:
+            notes.append(f"limits.max_cost_usd is set but {refused[0]!r} has no price: "
+                         "the run would refuse to start (exit 2)")
+        elif unpriced:
+            # A model named by the input's own lines: the run makes each of its rows a budget error row.
+            notes.append(f"limits.max_cost_usd is set but {sorted(unpriced)[0]!r} has no price: its rows "
+                         "would become error rows (the budget cannot be enforced on them)")
         elif highs and sum(highs) > limits.max_cost_usd:
             notes.append(f"the high cost estimate passes limits.max_cost_usd (${limits.max_cost_usd:g}): "
                          "the run may stop at the budget")
@@ -318,8 +336,9 @@ def make_plan(
         models=tuple(models),
         unpriced=tuple(sorted(unpriced)),
         unpriced_rows=unpriced_rows,
-        cost_low_usd=sum(lows) if lows else None,
-        cost_high_usd=sum(highs) if highs else None,
+        # Nothing to send costs nothing: a known $0, not an unknown price.
+        cost_low_usd=sum(lows) if lows or not tallies else None,
+        cost_high_usd=sum(highs) if highs or not tallies else None,
         prices_source=_prices_label(spec, prices),
         concurrency=limits.concurrency,
         latency_ms=latency_ms,
@@ -341,6 +360,8 @@ def make_plan(
 def _usd(value: float | None) -> str:
     if value is None:
         return "unpriced"
+    if 0 < value < 0.00005:
+        return "<$0.0001"  # not "$0.0000": a priced call is never free
     return f"${value:.4f}" if value < 100 else f"${value:,.2f}"
 
 
@@ -359,11 +380,15 @@ def _duration(seconds: float) -> str:
         return f"{seconds:.1f} s"
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 3600:.1f} h" if seconds < 3.6e9 else f"{seconds / 3600:.3g} h"
 
 
 def render_text(plan: Plan) -> str:
     tol = f"{plan.prompt_tolerance:.0%}"
+    if plan.rows == 0:
+        return "\n".join([f"plan: {plan.job}: {plan.input} -> {plan.output} (no request made)",
+                          "  rows           0 rows in the input: nothing to send, nothing to pay",
+                          *(f"  note: {n}" for n in plan.notes)])
     lines = [
         f"plan: {plan.job}: {plan.input} -> {plan.output} (no request made)",
         f"  rows           {plan.rows:,} to consider, {plan.done:,} done by an earlier run, {plan.to_send:,} to send"
@@ -373,7 +398,9 @@ def render_text(plan: Plan) -> str:
         "                 (measured +12.1% vs the local gateway on samples/reviews.parquet; real tokenizers differ)",
         f"  completion     <= {plan.completion_tokens_max:,} tokens (max_tokens {plan.max_tokens} x n {plan.n} per row)",
     ]
-    if plan.cost_low_usd is None:
+    if plan.to_send == 0:
+        lines.append("  cost           $0: nothing to send")
+    elif plan.cost_low_usd is None:
         lines.append("  cost           unknown: no model of this job has a price")
     else:
         lines.append(f"  cost           {_range(plan.cost_low_usd, plan.cost_high_usd)}  (low: prompt only; "
@@ -399,12 +426,38 @@ def render_text(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def load_price_file(path: str) -> PriceTable:
+    """`--prices FILE` for plan and report: a file that cannot be read or parsed is a usage error (exit 2)
+    naming the file, not a traceback."""
+    import yaml
+
+    try:
+        return PriceTable.from_file(path)
+    except BatcherError:
+        raise
+    except OSError as exc:
+        raise SpecError(f"--prices {path}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as exc:
+        raise SpecError(f"--prices {path}: not a price table ({type(exc).__name__}: {exc})") from None
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a finite number greater than 0 (nan, inf, 0 and negatives are refused, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (a finite number greater than 0)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number greater than 0, got {text!r}")
+    return value
+
+
 def _plan(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     plan = make_plan(
         spec,
         output=Path(args.output) if args.output else None,
-        prices=PriceTable.from_file(args.prices) if args.prices else None,
+        prices=load_price_file(args.prices) if args.prices else None,
         latency_ms=args.latency_ms,
         limit=args.limit,
         fresh=args.fresh,
@@ -426,9 +479,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="as for run: only the first N rows")
     p.add_argument("--fresh", action="store_true", help="as for run: ignore an earlier partial run")
     p.add_argument("--prices", metavar="FILE", help="price table overriding the shipped one (as for run)")
-    p.add_argument("--latency-ms", type=float, default=DEFAULT_LATENCY_MS, metavar="MS",
+    p.add_argument("--latency-ms", type=_positive, default=DEFAULT_LATENCY_MS, metavar="MS",
                    help=f"assumed time of one call (default {DEFAULT_LATENCY_MS:g})")
-    p.add_argument("--chars-per-token", type=float, default=CHARS_PER_TOKEN, metavar="X",
+    p.add_argument("--chars-per-token", type=_positive, default=CHARS_PER_TOKEN, metavar="X",
                    help=f"prompt characters per token (default {CHARS_PER_TOKEN:g})")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_plan)

@@ -17,6 +17,10 @@ What the numbers mean, row by row of the output:
   of `latency_ms` as the run recorded it: from the row's first attempt to its answer, so waits for the rate
   limiter, retries and backoff are in it (it is what a row cost in time, not the server's time per call).
 - `--prices FILE` recomputes every row's cost from its tokens, exactly as the run prices an answer.
+
+Odd files are read, or refused by name (exit 3), never with a traceback: a JSONL output polars refuses (a kept
+column mixing types, NaN, an empty 0-row file, a torn line) goes to a careful reader (`_read_jsonl`). A group
+column named like a figure is renamed `by_<name>` (`group_columns`); text tables escape and cut their labels.
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import math
 import sys
-from collections.abc import Iterable, Sequence
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,24 +95,174 @@ def _expand(paths: Iterable[str | Path]) -> list[Path]:
             raise InputError(f"{path}: no such file or folder")
     if not files:
         raise InputError("no output files given")
-    return files
+    # A file named twice (`out/ out/a.parquet`, `./a.parquet a.parquet`) is one output: counted once.
+    seen: set[Path] = set()
+    unique = []
+    for p in files:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int" if -(2**63) <= value < 2**63 else "bigint"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return "json"  # an object or an array
+
+
+def _json_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+# What each result column may hold in a JSONL output (besides null); ints are fine where floats are.
+_RESULT_KINDS = {pl.String(): {"str"}, pl.Int64(): {"int"}, pl.Boolean(): {"bool"}, pl.Float64(): {"int", "float"}}
+
+
+def _json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line; a line that is not a JSON object is an InputError naming it."""
+    bad: tuple[int, ValueError] | None = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if bad is not None:
+                    raise InputError(f"{path}: line {bad[0]} is not valid JSON: {bad[1]}")
+                try:
+                    obj = json.loads(line)
+                except ValueError as exc:
+                    bad = (number, exc)  # named once we know whether another line follows
+                    continue
+                if not isinstance(obj, dict):
+                    raise InputError(f"{path}: line {number} is not a JSON object: not a batcher output")
+                yield number, obj
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from None
+    if bad is not None:
+        raise InputError(f"{path}: line {bad[0]} is not valid JSON (a torn last line: the file was cut short): {bad[1]}")
+
+
+_CHUNK_ROWS = 50_000
+
+
+def _read_jsonl(path: Path) -> pl.LazyFrame:
+    """The careful reader, for a JSONL file polars' fast one refuses: empty (a 0-row output), a kept column
+    whose values mix types (read as text: strings as they are, other values as their JSON text, the rule
+    polars itself applies to strings mixed with objects), NaN/Infinity (Python's json reads them; old outputs
+    hold them), or a damaged line, which is named by its line number. Two passes, as it has to see every value
+    before it can choose a column's type: the first notes the types, the second builds the frame in chunks."""
+    kinds: dict[str, set[str]] = {}
+    for number, obj in _json_objects(path):
+        for key, value in obj.items():
+            kind = _kind(value)
+            want = _JSONL_TYPES.get(key)
+            if want is not None and kind != "null" and kind not in _RESULT_KINDS[want]:
+                raise InputError(f"{path}: line {number}: {key} is {value!r}, not a {want} value: not a batcher output")
+            kinds.setdefault(key, set()).add(kind)
+    if not kinds:
+        # A 0-row output (batcher writes an empty file): the result columns, no rows.
+        return pl.LazyFrame(schema=_JSONL_TYPES)
+    schema: dict[str, pl.DataType] = {}
+    as_text: set[str] = set()
+    for key, seen in kinds.items():
+        seen.discard("null")
+        if key in _JSONL_TYPES:
+            schema[key] = _JSONL_TYPES[key]
+        elif seen == {"bool"}:
+            schema[key] = pl.Boolean()
+        elif seen == {"int"}:
+            schema[key] = pl.Int64()
+        elif seen and seen <= {"int", "float"}:
+            schema[key] = pl.Float64()
+        else:
+            schema[key] = pl.String()
+            as_text.add(key)
+
+    def frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+        return pl.DataFrame([
+            pl.Series(key, [_json_text(r.get(key)) if key in as_text else r.get(key) for r in rows], dtype=dtype,
+                      strict=False)
+            for key, dtype in schema.items()
+        ])
+
+    frames: list[pl.DataFrame] = []
+    chunk: list[dict[str, Any]] = []
+    for _, obj in _json_objects(path):
+        chunk.append(obj)
+        if len(chunk) == _CHUNK_ROWS:
+            frames.append(frame(chunk))
+            chunk = []
+    if chunk or not frames:
+        frames.append(frame(chunk))
+    return pl.concat(frames, rechunk=False).lazy()
+
+
+def _scan_jsonl(path: Path) -> pl.LazyFrame:
+    try:
+        # infer_schema_length=None: a kept column that is null for the first lines must still get its type.
+        inferred = pl.scan_ndjson(path, infer_schema_length=None).collect_schema()
+    except pl.exceptions.PolarsError:
+        return _read_jsonl(path)
+    # The result columns keep their types even when every value of one is null; only the present ones, and
+    # with the full schema given polars does not infer it a second time.
+    schema = {name: _JSONL_TYPES.get(name, dtype) for name, dtype in inferred.items()}
+    for name, dtype in inferred.items():
+        want = _JSONL_TYPES.get(name)
+        if want is not None and dtype not in (want, pl.Null()) and not (want == pl.Float64() and dtype == pl.Int64()):
+            return _read_jsonl(path)  # a result column holding something else: the careful reader names the row
+    lf = pl.scan_ndjson(path, schema=schema)
+    try:
+        # Inference reads a column's type from its values but does not check them all against it (a column of
+        # ints with one `true` is Int64 until a row is read): read every value once, streaming, to be sure.
+        lf.select(pl.all().null_count()).collect(engine="streaming")
+    except pl.exceptions.PolarsError:
+        return _read_jsonl(path)
+    return lf
 
 
 def _scan_one(path: Path) -> pl.LazyFrame:
-    if path.suffix.lower() == ".parquet":
-        # glob=False: an output name with [ or * in it is a name, not a pattern.
-        lf = pl.scan_parquet(path, glob=False)
-    else:
-        # infer_schema_length=None: a kept column that is null for the first lines must still get its type.
-        lf = pl.scan_ndjson(path, infer_schema_length=None, schema_overrides=_JSONL_TYPES)
     try:
+        if path.suffix.lower() == ".parquet":
+            # glob=False: an output name with [ or * in it is a name, not a pattern.
+            lf = pl.scan_parquet(path, glob=False)
+        else:
+            lf = _scan_jsonl(path)
         names = lf.collect_schema().names()
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
     if "status" not in names:
         hint = " (an openai_batch output? report reads batcher's parquet/jsonl format)" if "custom_id" in names else ""
         raise InputError(f"{path}: not a batcher output: no 'status' column{hint}")
+    for name, dtype in lf.collect_schema().items():
+        want = _JSONL_TYPES.get(name)
+        if want is not None and not _fits(dtype, want):
+            # Found here, by name, rather than as a polars error in the middle of an aggregation.
+            raise InputError(f"{path}: column {name!r} holds {dtype} values, not {want}: not a batcher output")
     return lf
+
+
+def _fits(dtype: pl.DataType, want: pl.DataType) -> bool:
+    """Whether a result column of this type reads as batcher's own (`_JSONL_TYPES`)."""
+    if dtype == pl.Null():
+        return True
+    if want == pl.String():
+        return dtype == pl.String() or isinstance(dtype, (pl.Categorical, pl.Enum))
+    if want == pl.Int64():
+        return dtype.is_integer()
+    if want == pl.Float64():
+        return dtype.is_float() or dtype.is_integer()
+    return dtype == want
 
 
 def scan_outputs(paths: Iterable[str | Path]) -> pl.LazyFrame:
@@ -120,7 +276,7 @@ def scan_outputs(paths: Iterable[str | Path]) -> pl.LazyFrame:
 
 def _require(lf: pl.LazyFrame, columns: Iterable[str]) -> None:
     names = lf.collect_schema().names()
-    missing = [c for c in columns if c not in names]
+    missing = [c for c in dict.fromkeys(columns) if c not in names]
     if missing:
         raise InputError(f"no column {', '.join(map(repr, missing))} in the outputs; the columns are {names}")
 
@@ -158,55 +314,98 @@ def with_prices(lf: pl.LazyFrame, prices: PriceTable) -> pl.LazyFrame:
     )
 
 
+def _finite(column: str) -> pl.Expr:
+    # NaN or infinity in a cost or a latency (an old JSONL output, another tool's file) is no figure: null.
+    return pl.when(pl.col(column).is_finite()).then(pl.col(column).cast(pl.Float64))
+
+
 def _aggregates() -> list[pl.Expr]:
     ok = pl.col("status") == "ok"
     cached = pl.col("cached").fill_null(False)
     billed_ok = ok & ~cached
-    cost = pl.col("cost_usd")
+    cost = _finite("cost_usd")
     exprs = [
         pl.len().cast(pl.Int64).alias("rows"),
         ok.fill_null(False).sum().cast(pl.Int64).alias("ok"),
         (~ok.fill_null(False)).sum().cast(pl.Int64).alias("errors"),
         cached.sum().cast(pl.Int64).alias("cached"),
-        (pl.col("attempts").fill_null(0).sum() / pl.len()).alias("attempts_per_row"),
-        *(pl.col(t).filter(~cached).sum().cast(pl.Int64).alias(t) for t in _TOKENS),
+        # Over no row there is no ratio: null (printed "-"), not 0/0's NaN.
+        pl.when(pl.len() > 0).then(pl.col("attempts").fill_null(0).cast(pl.Float64).sum() / pl.len())
+        .otherwise(None).cast(pl.Float64).alias("attempts_per_row"),
+        # Int128: a sum of int64 counts must not wrap round to a negative number.
+        *(pl.col(t).filter(~cached).cast(pl.Int128).sum().alias(t) for t in _TOKENS),
         # A sum over no priced row is unknown, not $0: null, printed "unpriced" (or "-" when nothing was billed).
         pl.when(cost.count() > 0).then(cost.sum()).otherwise(None).cast(pl.Float64).alias("cost_usd"),
         (billed_ok & cost.is_null()).fill_null(False).sum().cast(pl.Int64).alias("unpriced"),
     ]
     exprs += [
-        pl.col("latency_ms").filter(billed_ok).quantile(q / 100, interpolation="linear").alias(f"latency_p{q}_ms")
+        _finite("latency_ms").filter(billed_ok).quantile(q / 100, interpolation="linear").alias(f"latency_p{q}_ms")
         for q in PERCENTILES
     ]
     return exprs
 
 
+METRICS = ("rows", "ok", "errors", "cached", "attempts_per_row", *_TOKENS, "cost_usd", "unpriced",
+           *(f"latency_p{q}_ms" for q in PERCENTILES))
+
+
+def _keys(by: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(["model", *by]))
+
+
+def group_columns(by: Iterable[str]) -> list[str]:
+    """The group columns' names in `usage_table`'s result: the `by` columns' own, except that one named like a
+    figure (`--by cached`, `--by cost_usd`) is called `by_<name>`, so both can be in one table."""
+    names: list[str] = []
+    for key in _keys(by):
+        name = key
+        while name in METRICS or name in names:
+            name = "by_" + name
+        names.append(name)
+    return names
+
+
+def _collect(lf: pl.LazyFrame) -> pl.DataFrame:
+    try:
+        return lf.collect()
+    except (pl.exceptions.ComputeError, OSError) as exc:
+        # A value the scan could not read as its column's type, or a damaged page of a Parquet file, found
+        # only now that the rows are read.
+        raise InputError(f"cannot read the outputs: {exc}") from None
+
+
 def usage_table(lf: pl.LazyFrame, by: list[str]) -> pl.DataFrame:
     """One row per model (and per value of each `by` column): rows, ok, errors, cached, attempts per row,
-    billed tokens, cost, unpriced rows and latency percentiles, sorted by the group columns."""
-    keys = ["model", *(c for c in by if c != "model")]
+    billed tokens, cost, unpriced rows and latency percentiles, sorted by the group columns (named as
+    `group_columns(by)` says)."""
+    keys = _keys(by)
+    names = group_columns(by)
+    absent = [k for k in keys if k not in lf.collect_schema().names()]
+    if absent and _collect(lf.select(pl.len()))[0, 0] == 0:
+        # An empty JSONL output has no columns to name: with no rows there is nothing to group, not an error.
+        lf = lf.with_columns(pl.lit(None).alias(k) for k in absent)
     _require(lf, [*_USAGE_NEEDS, *keys])
     for c, dtype in lf.select(keys).collect_schema().items():
         if dtype.is_nested():
             raise InputError(f"--by {c}: the column holds {dtype} values; group by a scalar column")
-    return lf.group_by(keys).agg(_aggregates()).sort(keys, nulls_last=True).collect()
+    groups = [pl.col(k).alias(n) for k, n in zip(keys, names, strict=True)]
+    return _collect(lf.group_by(groups).agg(_aggregates()).sort(names, nulls_last=True))
 
 
 def usage_total(lf: pl.LazyFrame) -> pl.DataFrame:
     """The same figures as `usage_table` over every row: one row, no group columns."""
     _require(lf, _USAGE_NEEDS)
-    return lf.select(_aggregates()).collect()
+    return _collect(lf.select(_aggregates()))
 
 
 def error_table(lf: pl.LazyFrame) -> pl.DataFrame:
     """Rows that are not ok, counted by (http_status, error_kind), most frequent first, with one example message."""
     _require(lf, _ERROR_NEEDS)
-    return (
+    return _collect(
         lf.filter((pl.col("status") != "ok").fill_null(True))
         .group_by("http_status", "error_kind")
         .agg(pl.len().cast(pl.Int64).alias("rows"), pl.col("error").drop_nulls().first().alias("example"))
         .sort(["rows", "http_status", "error_kind"], descending=[True, False, False], nulls_last=True)
-        .collect()
     )
 
 
@@ -214,16 +413,16 @@ def latency_histogram(lf: pl.LazyFrame, bins: int = 30) -> list[tuple[float, flo
     """(low, high, rows) bins of ok, non-cached latencies up to the 99th percentile; slower rows land in the
     last bin, so one outlier does not squash the chart."""
     billed_ok = (pl.col("status") == "ok") & ~pl.col("cached").fill_null(False)
-    lat = lf.filter(billed_ok & pl.col("latency_ms").is_not_null()).select("latency_ms")
-    edges = lat.select(pl.col("latency_ms").min().alias("lo"),
-                       pl.col("latency_ms").quantile(0.99, interpolation="linear").alias("hi")).collect()
+    lat = lf.filter(billed_ok & pl.col("latency_ms").is_finite()).select(pl.col("latency_ms").cast(pl.Float64))
+    edges = _collect(lat.select(pl.col("latency_ms").min().alias("lo"),
+                                pl.col("latency_ms").quantile(0.99, interpolation="linear").alias("hi")))
     lo, hi = edges["lo"][0], edges["hi"][0]
     if lo is None or hi is None:
         return []
     width = (hi - lo) / bins if hi > lo else 1.0
-    counts = (
+    counts = _collect(
         lat.select(((pl.col("latency_ms") - lo) / width).floor().clip(0, bins - 1).cast(pl.Int64).alias("bin"))
-        .group_by("bin").agg(pl.len().alias("n")).collect()
+        .group_by("bin").agg(pl.len().alias("n"))
     )
     by_bin = dict(zip(counts["bin"].to_list(), counts["n"].to_list(), strict=True))
     return [(lo + i * width, lo + (i + 1) * width, int(by_bin.get(i, 0))) for i in range(bins)]
@@ -243,13 +442,13 @@ def _cell(column: str, value: Any, row: dict[str, Any]) -> str:
     if column == "cost_usd":
         if value is None:
             return "unpriced" if row.get("unpriced") else "-"
-        return f"{value:.6f}" if value < 1 else f"{value:,.2f}"
+        return f"{value:.6f}" if value < 1 else f"{value:,.2f}" if value < 1e12 else f"{value:.4g}"
     if value is None:
         return "-"
     if column == "attempts_per_row":
-        return f"{value:.2f}"
+        return f"{value:.2f}" if value < 1e12 else f"{value:.4g}"
     if column.startswith("latency_"):
-        return f"{value:,.0f}"
+        return f"{value:,.0f}" if value < 1e12 else f"{value:.4g}"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, int):
@@ -259,13 +458,62 @@ def _cell(column: str, value: Any, row: dict[str, Any]) -> str:
     return str(value)
 
 
+LABEL_MAX = 48
+
+
+def visible(text: str, limit: int = LABEL_MAX) -> str:
+    """`text` for one cell of a text table: control and other unprintable characters escaped (a newline is
+    `\\n`, an ANSI escape `\\x1b`), and cut to `limit` characters with a final "…". csv and json keep values exact."""
+    out = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
+def _label(value: Any) -> str:
+    """A group value as a label: exact (no thousands separators, every digit of a float), made visible."""
+    if value is None:
+        return "(none)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return visible(repr(value))
+    if isinstance(value, bytes):
+        return visible(_bytes_text(value))
+    return visible(str(value))
+
+
+def _bytes_text(value: bytes) -> str:
+    # A binary group value as text: its UTF-8, with any other byte as \xNN (csv and json cannot hold bytes).
+    return value.decode("utf-8", "backslashreplace")
+
+
+def _text_keys(usage: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """Group columns csv and json cannot hold as they are, as text: binary ones by `_bytes_text`, ones polars
+    cannot cast to text (durations) by Python's str; every other column as is."""
+    converted = []
+    for k in keys:
+        if usage.schema[k] != pl.Binary():
+            try:
+                usage[k].cast(pl.String)
+                continue
+            except pl.exceptions.PolarsError:
+                pass
+        text = [None if v is None else _bytes_text(v) if isinstance(v, bytes) else str(v) for v in usage[k]]
+        converted.append(pl.Series(k, text, dtype=pl.String))
+    return usage.with_columns(converted)
+
+
+def _width(text: str) -> int:
+    # Columns a terminal gives the text: East Asian wide characters take two, combining marks none.
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)
+
+
 def _usage_cells(usage: pl.DataFrame, total: pl.DataFrame, keys: list[str]) -> tuple[list[str], list[list[str]]]:
     metrics = [c for c in usage.columns if c not in keys]
-    header = [*keys, *(_HEADERS.get(c, c) for c in metrics)]
+    header = [*map(visible, keys), *(_HEADERS.get(c, c) for c in metrics)]
     body = []
     for row in usage.iter_rows(named=True):
-        body.append([_cell(k, row[k], row) if row[k] is not None else "(none)" for k in keys]
-                    + [_cell(c, row[c], row) for c in metrics])
+        body.append([_label(row[k]) for k in keys] + [_cell(c, row[c], row) for c in metrics])
     for row in total.iter_rows(named=True):
         body.append(["total", *([""] * (len(keys) - 1)), *(_cell(c, row[c], row) for c in metrics)])
     return header, body
@@ -273,7 +521,7 @@ def _usage_cells(usage: pl.DataFrame, total: pl.DataFrame, keys: list[str]) -> t
 
 def _error_cells(errors: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
     header = ["http_status", "error_kind", "rows", "example"]
-    body = [[_cell("http_status", r["http_status"], r), _cell("error_kind", r["error_kind"], r),
+    body = [[_cell("http_status", r["http_status"], r), visible(_cell("error_kind", r["error_kind"], r)),
              _cell("rows", r["rows"], r), _short(r["example"])] for r in errors.iter_rows(named=True)]
     return header, body
 
@@ -281,8 +529,7 @@ def _error_cells(errors: pl.DataFrame) -> tuple[list[str], list[list[str]]]:
 def _short(text: str | None, limit: int = 100) -> str:
     if text is None:
         return "-"
-    one_line = " ".join(text.split())
-    return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
+    return visible(" ".join(text.split()), limit)
 
 
 def _is_numeric(cells: list[str]) -> bool:
@@ -292,11 +539,15 @@ def _is_numeric(cells: list[str]) -> bool:
 
 def text_table(header: list[str], body: list[list[str]]) -> str:
     """Aligned plain-text columns: numbers right, text left; a rule under the header and above a total."""
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    widths = [max(_width(h), *(_width(r[i]) for r in body)) if body else _width(h) for i, h in enumerate(header)]
     right = [_is_numeric([r[i] for r in body]) and bool(body) for i in range(len(header))]
 
+    def pad(cell: str, width: int, right: bool) -> str:
+        fill = " " * (width - _width(cell))
+        return fill + cell if right else cell + fill
+
     def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=True)).rstrip()
+        return "  ".join(pad(c, w, r) for c, w, r in zip(cells, widths, right, strict=True)).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     out = [line(header), rule]
@@ -391,6 +642,7 @@ def html_report(lf: pl.LazyFrame, title: str) -> str:
         "<h2>Latency of ok, non-cached calls</h2>",
         _histogram(bins, marks) if bins else "<p>No latencies.</p>",
         "<h2>Usage</h2>", f"<pre>{html.escape(text_table(uh, ub))}</pre>",
+        *([f"<p>{html.escape(NO_ROWS)}</p>"] if t["rows"] == 0 else []),
         "<h2>Errors</h2>", f"<pre>{html.escape(text_table(eh, eb))}</pre>" if eb else "<p>No errors.</p>",
     ]
     style = "body{font-family:system-ui,sans-serif;margin:2em}svg text{font-size:12px}pre{font-size:12px}"
@@ -401,30 +653,46 @@ def html_report(lf: pl.LazyFrame, title: str) -> str:
 # ---------------------------------------------------------------------------------------------------- the CLI
 
 
+def _json_safe(value: Any) -> Any:
+    # json.dumps would write NaN and Infinity, which are not JSON: a group value keeps its name as text.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+NO_ROWS = "no rows: the outputs hold no result rows"
+
+
 def render(lf: pl.LazyFrame, by: list[str], fmt: str, table: str = "all") -> str:
     """The report as text in one of the formats; `table` picks usage, errors or both (csv takes one)."""
-    keys = ["model", *(c for c in by if c != "model")]
+    keys = group_columns(by)
     want_usage, want_errors = table in ("all", "usage"), table in ("all", "errors")
     if fmt == "csv":
         # One CSV is one table: the usage one unless --table errors asks for the other.
         if table == "errors":
             return error_table(lf).write_csv()
-        return _csv_frame(usage_table(lf, by), usage_total(lf), keys).write_csv()
+        return _csv_frame(_text_keys(usage_table(lf, by), keys), usage_total(lf), keys).write_csv()
     usage = usage_table(lf, by) if want_usage else None
     total = usage_total(lf) if want_usage else None
     errors = error_table(lf) if want_errors else None
     if fmt == "json":
         doc: dict[str, Any] = {"by": keys}
         if usage is not None and total is not None:
-            doc["usage"] = usage.to_dicts()
+            doc["usage"] = _text_keys(usage, keys).to_dicts()
             doc["total"] = total.to_dicts()[0]
         if errors is not None:
             doc["errors"] = errors.to_dicts()
-        return json.dumps(doc, indent=1, default=str)
+        return json.dumps(_json_safe(doc), indent=1, default=str, allow_nan=False)
     draw = _markdown if fmt == "markdown" else text_table
     blocks = []
     if usage is not None and total is not None:
         blocks.append(draw(*_usage_cells(usage, total, keys)))
+        if total["rows"][0] == 0:
+            blocks.append(NO_ROWS)
         if (total["unpriced"][0] or 0) > 0:
             models = [str(m) for m in usage.filter(pl.col("unpriced") > 0)["model"].unique().sort().to_list()]
             blocks.append(f"unpriced: {total['unpriced'][0]} ok row(s) of {', '.join(models)} have no price: "
@@ -449,7 +717,9 @@ def _report(args: argparse.Namespace) -> int:
     lf = scan_outputs(args.outputs)
     if args.prices:
         # As for `batcher run --prices`: the file's prices override the shipped table, model by model.
-        lf = with_prices(lf, PriceTable.default().overridden(PriceTable.from_file(args.prices)))
+        from .plan import load_price_file
+
+        lf = with_prices(lf, PriceTable.default().overridden(load_price_file(args.prices)))
     by = _split_by(args.by)
     print(render(lf, by, args.format, args.table))
     if args.html:

@@ -7,10 +7,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batcher import RunOptions, parse_spec, run_job
+from batcher import RunOptions, SpecError, parse_spec, run_job
 from batcher.cli import main
 from batcher.plan import PROMPT_TOLERANCE, make_plan
 from batcher.sinks import state_dir_for
@@ -157,3 +158,121 @@ def test_input_rows_that_cannot_be_sent(tmp_path: Path) -> None:
     plan = make_plan(parse_spec(data))
     assert (plan.rows, plan.to_send, plan.input_errors) == (4, 1, 3)
     assert plan.prompt_chars == len("Review: great")
+
+
+# ------------------------------------------------------------------------------------- hostile inputs (issue 14)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_zero_row_input(tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / f"in{suffix}"
+    if suffix == ".jsonl":
+        path.write_text("")
+    else:
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), path)
+    data = _spec(tmp_path, max_tokens=4)
+    data["input"] = {"path": str(path), "prompt": "Review: {{text}}"}
+    data["output"] = {"path": str(tmp_path / "out.parquet")}
+    plan = make_plan(parse_spec(data))
+    assert (plan.rows, plan.to_send, plan.unpriced) == (0, 0, ())
+    assert plan.cost_low_usd == plan.cost_high_usd == 0.0  # nothing to send costs nothing: known, not unknown
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(data))
+    assert main(["plan", str(spec_file)]) == 0
+    out = capsys.readouterr().out
+    assert "0 rows in the input: nothing to send" in out and "price" not in out
+
+
+def test_openai_batch_line_without_a_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "batch.jsonl"
+    lines = [{"custom_id": "a", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "openai/gpt-4o-mini", "prompt": "hi", "max_tokens": 4}},
+             {"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hello", "max_tokens": 4}}]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    data = {"name": "batch", "input": {"path": str(path), "format": "openai_batch"},
+            "output": {"path": str(tmp_path / "out.jsonl"), "format": "openai_batch"},
+            "endpoint": {"base_url": "local", "local": {"latency_ms": 0}}, "request": {"max_tokens": 4}}
+    plan = make_plan(parse_spec(data))
+    assert (plan.rows, plan.to_send, plan.input_errors) == (2, 1, 1)
+    assert [m.model for m in plan.models] == ["openai/gpt-4o-mini"] and not plan.unpriced
+    assert not any("fallback" in n for n in plan.notes)  # the job has none
+    assert any("name no model" in n for n in plan.notes)
+    # The run agrees: the line without a model is an error row, without a call.
+    result = run_job(parse_spec(data), RUN)
+    assert (result.ok, result.errors) == (1, 1)
+
+
+def test_fallback_note_names_the_specs_own_fallback(tmp_path: Path) -> None:
+    data = _spec(tmp_path, max_tokens=4)
+    data["endpoint"] = {"base_url": "http://127.0.0.1:9", "api": "openai"}
+    data["request"]["fallbacks"] = [{"model": "acme/unpriced-fallback"}]
+    plan = make_plan(parse_spec(data))
+    assert [n for n in plan.notes if "fallback" in n] == [
+        "fallback acme/unpriced-fallback has no price and may answer some rows: their cost is not in the range"]
+    data["request"]["model"] = "acme/unpriced-primary"
+    data["request"]["fallbacks"] = [{"model": "openai/gpt-4o-mini"}]
+    assert not any("fallback" in n for n in make_plan(parse_spec(data)).notes)
+
+
+@pytest.mark.parametrize("flag", ["--chars-per-token", "--latency-ms"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1", "1e400", "abc"])
+def test_numeric_flags_are_checked_by_argparse(tmp_path: Path, flag: str, value: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(_spec(tmp_path, max_tokens=4)))
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", str(spec_file), f"{flag}={value}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"argument {flag}:" in err and "finite number greater than 0" in err
+    assert "Traceback" not in err
+    if value != "abc":  # and make_plan refuses the same values
+        with pytest.raises(SpecError, match=flag):
+            make_plan(parse_spec(_spec(tmp_path)), **{flag[2:].replace("-", "_"): float(value)})
+
+
+def test_bad_prices_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(_spec(tmp_path, max_tokens=4)))
+    assert main(["plan", str(spec_file), "--prices", str(tmp_path / "nope.yaml")]) == 2
+    assert "--prices" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("- not\n- a table\n")
+    assert main(["plan", str(spec_file), "--prices", str(tmp_path / "bad.yaml")]) == 2
+    assert "bad.yaml: not a price table" in capsys.readouterr().err
+
+
+def test_a_priced_cost_below_the_printed_precision_is_not_shown_as_zero(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "hi"}\n')
+    data = _spec(tmp_path, max_tokens=1)
+    data["input"] = {"path": str(path), "prompt": "{{text}}"}
+    data["output"] = {"path": str(tmp_path / "out.parquet")}
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(data))
+    assert main(["plan", str(spec_file)]) == 0
+    out = capsys.readouterr().out
+    assert "$0.0000" not in out and "<$0.0001 - <$0.0001" in out
+
+
+def test_a_huge_assumed_latency_prints_a_readable_wall_time(tmp_path: Path) -> None:
+    from batcher.plan import render_text
+
+    text = render_text(make_plan(parse_spec(_spec(tmp_path, max_tokens=4)), latency_ms=1e300))
+    assert max(map(len, text.splitlines())) < 200 and "e+29" in text
+
+
+def test_budget_with_an_unpriced_model_is_flagged_as_the_run_refuses_it(tmp_path: Path) -> None:
+    from batcher import SpecError as RunRefused
+
+    empty = tmp_path / "in.jsonl"
+    empty.write_text("")
+    data = _spec(tmp_path, max_tokens=4)
+    data["input"] = {"path": str(empty), "prompt": "{{text}}"}
+    data["output"] = {"path": str(tmp_path / "out.parquet")}
+    data["request"]["model"] = "acme/unpriced"
+    data["limits"] = {"max_cost_usd": 1.0}
+    plan = make_plan(parse_spec(data))
+    assert plan.to_send == 0
+    assert any("'acme/unpriced' has no price: the run would refuse to start" in n for n in plan.notes)
+    with pytest.raises(RunRefused, match="acme/unpriced"):  # and so it does, even with no row to send
+        run_job(parse_spec(data), RUN)

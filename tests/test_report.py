@@ -253,3 +253,234 @@ def test_report_over_a_gateway_run(tmp_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:3] == ["model", "text", "rows"]
     assert "400" in out
+
+
+# ------------------------------------------------------------------------------------- hostile inputs (issue 14)
+
+
+def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("column", ["cached", "prompt_tokens", "cost_usd"])
+def test_by_a_column_that_is_also_a_figure(tmp_path: Path, column: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _records()
+    path = _write(rows, tmp_path / "out.parquet")
+    table = usage_table(scan_outputs([path]), [column])  # was a polars DuplicateError
+    assert table.columns[:2] == ["model", f"by_{column}"]
+    groups: dict[tuple[Any, Any], list[dict[str, Any]]] = defaultdict(list)
+    for r in pq.read_table(path).to_pylist():
+        groups[(r["model"], r[column])].append(r)
+    assert table.height == len(groups)
+    for got in table.iter_rows(named=True):
+        _assert_row(got, _expected(groups[(got["model"], got[f"by_{column}"])]))
+    code, out, _ = _main(["report", str(path), "--by", column, "--format", "json"], capsys)
+    assert code == 0 and json.loads(out)["by"] == ["model", f"by_{column}"]
+
+
+def test_by_a_jsonl_column_of_mixed_types(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _records()[:8]
+    flags: list[Any] = [True, 3, False, 3, {"a": 1}, [1, 2], "x", None]
+    with open(tmp_path / "out.jsonl", "w", encoding="utf-8") as f:
+        for r, flag in zip(rows, flags, strict=True):
+            f.write(json.dumps({**{k: v for k, v in r.items() if k != "label"}, "flag": flag}) + "\n")
+    table = usage_table(scan_outputs([tmp_path / "out.jsonl"]), ["flag"])
+    # Mixed types are read as text: strings as they are, other values as their JSON text.
+    counts: Counter[Any] = Counter()
+    for flag, n in zip(table["flag"].to_list(), table["rows"].to_list(), strict=True):
+        counts[flag] += n
+    assert counts == {"true": 1, "3": 2, "false": 1, '{"a": 1}': 1, "[1, 2]": 1, "x": 1, None: 1}
+    code, out, _ = _main(["report", str(tmp_path / "out.jsonl"), "--by", "flag", "--table", "usage"], capsys)
+    assert code == 0 and '{"a": 1}' in out
+
+
+def test_text_tables_escape_and_cut_group_values(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    labels = ["two\nlines", "a\ttab", "\x1b[31mred", "x" * 500, "宽字符"]
+    priced = [r for r in _records() if r["model"] == PRICED][:10]  # no "unpriced:" note under the table
+    rows = [{**r, "label": labels[i % len(labels)]} for i, r in enumerate(priced)]
+    path = _write(rows, tmp_path / "out.parquet")
+    for fmt in ("text", "markdown"):
+        code, out, _ = _main(["report", str(path), "--by", "label", "--table", "usage", "--format", fmt], capsys)
+        assert code == 0
+        lines = out.splitlines()
+        groups = usage_table(scan_outputs([path]), ["label"]).height
+        # header, rule, one line per group, (rule,) total: a newline inside a value would add lines
+        assert len(lines) == groups + (4 if fmt == "text" else 3)
+        assert "two\\nlines" in out and "a\\ttab" in out and "\\x1b[31mred" in out and "\x1b" not in out
+        assert "x" * 47 + "…" in out and "x" * 48 not in out
+    # Every line of the text table is as wide on a terminal as the rule: wide characters count twice.
+    code, out, _ = _main(["report", str(path), "--by", "label", "--table", "usage"], capsys)
+    from batcher.report import _width
+    assert "宽字符" in out and len({_width(line) for line in out.splitlines()}) == 1
+    # csv and json keep the values exact.
+    code, out, _ = _main(["report", str(path), "--by", "label", "--format", "csv"], capsys)
+    assert {r["label"] for r in csv.DictReader(io.StringIO(out))} >= set(labels)
+    code, out, _ = _main(["report", str(path), "--by", "label", "--format", "json"], capsys)
+    assert {r["label"] for r in json.loads(out)["usage"]} == set(labels)
+
+
+def _no_nan(text: str) -> None:
+    tokens = set(text.replace(",", " ").replace('"', " ").replace(":", " ").lower().split())
+    assert not tokens & {"nan", "inf", "-inf", "infinity", "-infinity"}, text
+
+
+def _all_cached(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["status"] == "ok" and r["cached"]]
+
+
+def _all_errors(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r["status"] != "ok"]
+
+
+@pytest.mark.parametrize("kind", ["empty", "errors", "cached", "nan"])
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_no_nan_or_inf_in_any_format(tmp_path: Path, kind: str, suffix: str,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _records()
+    chosen = {"empty": [], "errors": _all_errors(rows), "cached": _all_cached(rows),
+              "nan": [{**r, "latency_ms": float("nan") if i % 2 else float("inf"), "cost_usd": float("nan")}
+                      for i, r in enumerate(rows[1:5])]}[kind]
+    path = _write(chosen, tmp_path / f"out{suffix}")
+    for fmt in ("text", "csv", "json", "markdown"):
+        # An empty JSONL file has no columns, so none for --by to find: with no rows, nothing to group.
+        code, out, err = _main(["report", str(path), "--by", "label", "--format", fmt], capsys)
+        assert code == 0, err
+        _no_nan(out)
+        if fmt == "json":
+            json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    page = tmp_path / "r.html"
+    assert main(["report", str(path), "--html", str(page)]) == 0
+    _no_nan(page.read_text())
+    capsys.readouterr()
+    total = usage_total(scan_outputs([path])).row(0, named=True)
+    assert total["rows"] == len(chosen)
+    if kind == "empty":
+        assert total["attempts_per_row"] is None
+    if kind == "cached":
+        assert total["attempts_per_row"] == 0.0
+    if kind == "nan":
+        assert total["latency_p50_ms"] is None and total["cost_usd"] is None and total["unpriced"] == 4
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_a_zero_row_output_of_batchers_own(tmp_path: Path, fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "in.jsonl"
+    empty.write_text("")
+    spec = parse_spec({
+        "name": "zero", "input": {"path": str(empty), "prompt": "{{text}}"},
+        "output": {"path": str(tmp_path / f"out.{fmt}")},
+        "endpoint": {"base_url": "local", "local": {"latency_ms": 0}},
+        "request": {"model": PRICED, "max_tokens": 4}, "cache_dir": str(tmp_path / "cache"),
+    })
+    result = run_job(spec, RunOptions(quiet=True, handle_signals=False))
+    assert result.ok == 0 and (tmp_path / f"out.{fmt}").exists()
+    code, out, err = _main(["report", str(tmp_path / f"out.{fmt}")], capsys)
+    assert code == 0, err
+    assert "no rows" in out
+    total_line = next(line for line in out.splitlines() if line.startswith("total"))
+    assert total_line.split()[1] == "0"
+
+
+def test_damaged_and_foreign_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = json.dumps({"status": "ok", "model": PRICED, "cached": False, "attempts": 1})
+    cases: dict[str, tuple[str | bytes, str]] = {
+        "torn.jsonl": (good + "\n" + good + '\n{"status": "o', "line 3 is not valid JSON (a torn last line"),
+        "middle.jsonl": (good + "\nnot json\n" + good + "\n", "line 2 is not valid JSON"),
+        "array.jsonl": (good + "\n[1, 2]\n", "line 2 is not a JSON object"),
+        "wrongtype.jsonl": (good + "\n" + json.dumps({"status": "ok", "cached": 3}) + "\n",
+                            "line 2: cached is 3, not a Boolean value"),
+        "latin1.jsonl": ('{"status": "caf\xe9"}\n'.encode("latin-1"), "cannot read"),
+        "junk.parquet": (b"PAR1 this is not parquet", "cannot read"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+        code, _, err = _main(["report", str(path)], capsys)
+        assert code == InputError.exit_code and message in err and "Traceback" not in err, (name, err)
+
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"a": [1, 2]}), foreign)
+    code, _, err = _main(["report", str(foreign)], capsys)
+    assert code == 3 and "not a batcher output" in err
+    code, _, err = _main(["report", str(tmp_path / "missing.parquet")], capsys)
+    assert code == 3 and "no such file" in err
+    (tmp_path / "empty_dir").mkdir()
+    code, _, err = _main(["report", str(tmp_path / "empty_dir")], capsys)
+    assert code == 3 and "no .parquet or .jsonl" in err
+    # A missing or malformed --prices file is a usage error naming the file.
+    path = _write(_records(), tmp_path / "out.parquet")
+    code, _, err = _main(["report", str(path), "--prices", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and "--prices" in err and "nope.yaml" in err
+    (tmp_path / "bad.yaml").write_text("models:\n  m: {prompt: cheap, completion: 1}\n")
+    code, _, err = _main(["report", str(path), "--prices", str(tmp_path / "bad.yaml")], capsys)
+    assert code == 2 and "bad.yaml: not a price table" in err
+
+
+def test_huge_numbers_neither_wrap_nor_flood_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{**r, "prompt_tokens": 2**62, "cost_usd": 1e300} for r in _records()[1:3]]
+    path = _write(rows, tmp_path / "out.parquet")
+    total = usage_total(scan_outputs([path])).row(0, named=True)
+    assert total["prompt_tokens"] == 2**63  # one past int64: the old sum wrapped round to a negative number
+    code, out, _ = _main(["report", str(path), "--table", "usage"], capsys)
+    assert code == 0 and "9,223,372,036,854,775,808" in out and "2e+300" in out
+    assert max(map(len, out.splitlines())) < 250
+    code, out, _ = _main(["report", str(path), "--format", "json"], capsys)
+    assert json.loads(out)["total"]["prompt_tokens"] == 2**63
+
+
+@pytest.mark.parametrize(("column", "value"), [("cached", "true"), ("status", 1), ("latency_ms", "10"),
+                                               ("cost_usd", "0.1"), ("prompt_tokens", "3"), ("model", 5)])
+def test_a_result_column_of_another_type_is_refused_by_name(tmp_path: Path, column: str, value: Any,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    rows = [{k: v for k, v in r.items() if k != column} | {column: value} for r in _records()[:3]]
+    path = tmp_path / "foreign.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    code, _, err = _main(["report", str(path)], capsys)
+    assert code == 3 and f"column {column!r} holds" in err and "not a batcher output" in err, err
+
+
+def test_a_damaged_parquet_page_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(_records() * 200, tmp_path / "out.parquet")
+    data = bytearray(path.read_bytes())
+    data[100:2000] = b"\xab" * 1900  # the footer (schema) survives, the first pages do not
+    path.write_bytes(bytes(data))
+    code, _, err = _main(["report", str(path)], capsys)
+    assert code == 3 and "cannot read" in err, err
+
+
+def test_group_columns_of_every_scalar_type_in_every_format(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    import datetime
+    import decimal
+
+    base = {"error": None, "error_kind": None} | {k: v for k, v in _records()[1].items() if k not in ("id", "label", "text")}
+    keys: dict[str, list[Any]] = {
+        "b": [b"\x00\xff", b"ok"], "d": [datetime.date(2024, 1, 1), datetime.date(2024, 1, 2)],
+        "t": [datetime.time(1, 0), datetime.time(1, 1)], "dec": [decimal.Decimal("1.5"), decimal.Decimal("2.5")],
+        "du": [datetime.timedelta(seconds=0), datetime.timedelta(seconds=1)], "f": [float("nan"), float("inf")],
+    }
+    rows = [{**base, **{k: v[i] for k, v in keys.items()}} for i in range(2)]
+    path = tmp_path / "types.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    for fmt in ("text", "csv", "json", "markdown"):
+        code, out, err = _main(["report", str(path), "--by", ",".join(keys), "--format", fmt], capsys)
+        assert code == 0, (fmt, err)
+        if fmt == "json":
+            usage = json.loads(out, parse_constant=lambda c: pytest.fail(c))["usage"]
+            assert {(u["b"], u["f"], u["du"]) for u in usage} == {("\x00\\xff", "nan", "0:00:00"), ("ok", "inf", "0:00:01")}
+        if fmt == "csv":
+            assert [r["du"] for r in csv.DictReader(io.StringIO(out))] == ["0:00:00", "0:00:01", ""]
+
+
+def test_a_file_named_twice_is_counted_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = _records()
+    _write(rows[:20], tmp_path / "a.parquet")
+    _write(rows[20:], tmp_path / "b.parquet")
+    monkeypatch.chdir(tmp_path)
+    lf = scan_outputs([tmp_path, "a.parquet", tmp_path / "b.parquet", "./a.parquet"])
+    assert usage_total(lf)["rows"][0] == len(rows)

@@ -60,6 +60,39 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _one_of(strings: frozenset[str], others: list[Any]) -> Check:
+    def check(v: Any) -> bool:
+        # True, False and None by identity, so that 1 is not True (jsonschema's equality agrees).
+        return (isinstance(v, str) and v in strings) or any(v is x for x in others)
+
+    return check
+
+
+def _bound(key: str, b: float) -> Check:
+    def check(v: Any) -> bool:
+        if not _is_number(v):
+            return True
+        if key == "minimum":
+            return bool(v >= b)
+        if key == "maximum":
+            return bool(v <= b)
+        if key == "exclusiveMinimum":
+            return bool(v > b)
+        return bool(v < b)
+
+    return check
+
+
+def _length(kind: type, lo: int | None, hi: int | None) -> Check:
+    def check(v: Any) -> bool:
+        if not isinstance(v, kind):
+            return True
+        n = len(v)  # type: ignore[arg-type]  # a str or a list, by the isinstance above
+        return (lo is None or n >= lo) and (hi is None or n <= hi)
+
+    return check
+
+
 class _Compiler:
     def __init__(self, root: Mapping[str, Any]) -> None:
         self.root = root
@@ -105,10 +138,7 @@ class _Compiler:
                     raise _Unsupported(key)
                 strings = frozenset(v for v in values if isinstance(v, str))
                 others = [v for v in values if not isinstance(v, str)]
-                checks.append(
-                    lambda v, s=strings, o=others: (isinstance(v, str) and v in s)
-                    or any(v is x for x in o)  # True, False, None: identity, so 1 is not True
-                )
+                checks.append(_one_of(strings, others))
         checks += self._numbers(schema) + self._strings(schema) + self._arrays(schema) + self._objects(schema)
         if "anyOf" in schema:
             branches = [self.compile(s) for s in schema["anyOf"]]
@@ -121,25 +151,18 @@ class _Compiler:
 
     def _numbers(self, schema: Mapping[str, Any]) -> list[Check]:
         out: list[Check] = []
-        for key, op in (
-            ("minimum", lambda v, b: v >= b),
-            ("maximum", lambda v, b: v <= b),
-            ("exclusiveMinimum", lambda v, b: v > b),
-            ("exclusiveMaximum", lambda v, b: v < b),
-        ):
+        for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
             if key in schema:
                 bound = schema[key]
                 if not _is_number(bound):
                     raise _Unsupported(key)
-                out.append(lambda v, b=bound, op=op: not _is_number(v) or op(v, b))
+                out.append(_bound(key, bound))
         return out
 
     def _strings(self, schema: Mapping[str, Any]) -> list[Check]:
         out: list[Check] = []
-        if "minLength" in schema:
-            out.append(lambda v, n=schema["minLength"]: not isinstance(v, str) or len(v) >= n)
-        if "maxLength" in schema:
-            out.append(lambda v, n=schema["maxLength"]: not isinstance(v, str) or len(v) <= n)
+        if "minLength" in schema or "maxLength" in schema:
+            out.append(_length(str, schema.get("minLength"), schema.get("maxLength")))
         if "pattern" in schema:
             rx = re.compile(schema["pattern"])
             out.append(lambda v: not isinstance(v, str) or rx.search(v) is not None)
@@ -152,10 +175,8 @@ class _Compiler:
                 raise _Unsupported("items")
             item = self.compile(schema["items"])
             out.append(lambda v: not isinstance(v, list) or all(item(x) for x in v))
-        if "minItems" in schema:
-            out.append(lambda v, n=schema["minItems"]: not isinstance(v, list) or len(v) >= n)
-        if "maxItems" in schema:
-            out.append(lambda v, n=schema["maxItems"]: not isinstance(v, list) or len(v) <= n)
+        if "minItems" in schema or "maxItems" in schema:
+            out.append(_length(list, schema.get("minItems"), schema.get("maxItems")))
         return out
 
     def _objects(self, schema: Mapping[str, Any]) -> list[Check]:

@@ -24,7 +24,8 @@ from typing import Any, NoReturn
 import jinja2
 import jinja2.meta
 import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from . import template as _legacy
 
@@ -65,15 +66,15 @@ class _Null(jinja2.StrictUndefined):
 
     __slots__ = ()
 
-    def __bool__(self) -> bool:
+    def __bool__(self) -> bool:  # type: ignore[override]  # StrictUndefined's raises; a null is just false
         return False
 
     def _fail_with_undefined_error(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise MissingVariable(str(self._undefined_name), "is null in this row")
 
     # StrictUndefined binds these to the failing method at class creation, so rebind them to ours.
-    __iter__ = __str__ = __len__ = __contains__ = _fail_with_undefined_error  # type: ignore[assignment]
-    __getattr__ = __getitem__ = __call__ = _fail_with_undefined_error  # type: ignore[assignment]
+    __iter__ = __str__ = __len__ = __contains__ = _fail_with_undefined_error
+    __getattr__ = __getitem__ = __call__ = _fail_with_undefined_error
 
 
 _ENV = ImmutableSandboxedEnvironment(

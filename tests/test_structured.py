@@ -111,10 +111,10 @@ def test_from_response_format_inline_and_from_a_file(tmp_path: Path) -> None:
 
 
 def test_load_schema_errors_name_the_file_or_the_place(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="cannot read the schema file .*missing.json"):
+    with pytest.raises(ValueError, match=r"cannot read the schema file .*missing\.json"):
         load_schema("missing.json", tmp_path)
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(ValueError, match="bad.json' is not JSON"):
+    with pytest.raises(ValueError, match=r"bad\.json' is not JSON"):
         load_schema(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="not a valid JSON schema at properties/x/type"):
         load_schema({"type": "object", "properties": {"x": {"type": "strnig"}}})

@@ -99,7 +99,7 @@ def test_syntax_error_names_the_template() -> None:
 
 
 def test_render_errors_name_the_template_and_the_sandbox_holds() -> None:
-    with pytest.raises(TemplateError, match="template prompt: .*has no attribute 'missing'"):
+    with pytest.raises(TemplateError, match=r"template prompt: .*has no attribute 'missing'"):
         Template("{{ex.missing}}").render({"ex": {"text": "a"}})
     with pytest.raises(TemplateError, match="sandboxed"):
         Template("{{ ex.__class__.__mro__ }}").render({"ex": {}})

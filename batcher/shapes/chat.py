@@ -115,15 +115,17 @@ def _usage(usage: Any) -> tuple[int | None, ...]:
 
 def _opt_str(container: Mapping[str, Any], key: str, what: str) -> str | None:
     v = container.get(key)
-    if v is not None and not isinstance(v, str):
-        raise ContractError(f"{what}.{key} is not a string")
-    return v
+    if v is None or isinstance(v, str):
+        return v
+    raise ContractError(f"{what}.{key} is not a string")
 
 
 def _reason(v: Any) -> str | None:
-    if v is not None and v not in FINISH_REASONS:
+    if v is None:
+        return None
+    if v not in FINISH_REASONS:
         raise ContractError(f"unknown finish_reason {v!r}")
-    return v
+    return str(v)
 
 
 def _tool_calls(raw: Any) -> list[dict[str, Any]] | None:
@@ -195,7 +197,7 @@ def parse_chat(content: bytes) -> ChatAnswer:
 
 
 class _Choice:
-    __slots__ = ("content", "reasoning", "reason", "refusal", "tools")
+    __slots__ = ("content", "reason", "reasoning", "refusal", "tools")
 
     def __init__(self) -> None:
         self.content: list[str] = []
@@ -403,7 +405,8 @@ class ChatShape:
             fields["stream_options"] = {**(fields.get("stream_options") or {}), "include_usage": True}
         self._base = fields
         orq = fields.get("orq") or {}
-        self._static_inputs = orq.get("inputs") if isinstance(orq.get("inputs"), dict) else {}
+        static = orq.get("inputs")
+        self._static_inputs: dict[str, Any] = static if isinstance(static, dict) else {}
         self._columns = {**CHAT_COLUMNS, **(self.structured.columns if self.structured else {})}
 
     def path(self) -> str:

@@ -190,7 +190,7 @@ def _label(text: str, enum: list[Any]) -> Any | None:
     """The enum value the cue words of `text` point at (for a sentiment-like enum), else None."""
     words = set(text.lower().translate(_PUNCT).split())
     scores = {label: len(words & cues) for label, cues in _LABEL_CUES.items() if label in enum}
-    if not scores or len(set(scores.values())) == 1 and len(scores) > 1 or max(scores.values()) == 0:
+    if not scores or (len(set(scores.values())) == 1 and len(scores) > 1) or max(scores.values()) == 0:
         return None
     return max(scores, key=lambda k: scores[k])
 
@@ -272,7 +272,7 @@ def _number(schema: Mapping[str, Any], dice: _Dice, where: str, integer: bool) -
     if integer:
         lo_i = math.ceil(lo) + (1 if "exclusiveMinimum" in schema and math.ceil(lo) == lo else 0)
         hi_i = math.floor(hi) - (1 if "exclusiveMaximum" in schema and math.floor(hi) == hi else 0)
-        return lo_i + dice.draw(where) % max(1, hi_i - lo_i + 1)
+        return int(lo_i + dice.draw(where) % max(1, hi_i - lo_i + 1))
     frac = (dice.draw(where) % 9999 + 1) / 10000  # strictly inside (0, 1): exclusive bounds hold
     return round(lo + (hi - lo) * frac, 4) if hi > lo else float(lo)
 
@@ -355,7 +355,8 @@ def chat_completion(body: Mapping[str, Any], *, created: int = 1_767_225_600, co
     key = json.dumps([body.get("model"), messages, body.get("seed"), body.get("temperature")],
                      sort_keys=True, default=str)
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    raw_thinking = body.get("thinking")
+    thinking: dict[str, Any] = raw_thinking if isinstance(raw_thinking, dict) else {}
     think = reasoning if reasoning is not None else thinking.get("type") == "enabled" or \
         body.get("reasoning_effort") not in (None, "none")
     choices, completion_tokens, reasoning_tokens = [], 0, 0
@@ -402,7 +403,7 @@ def chat_completion(body: Mapping[str, Any], *, created: int = 1_767_225_600, co
 def break_answer(completion: dict[str, Any], how: str = "schema") -> dict[str, Any]:
     """A fault: the same completion with content that is not JSON (`how="not_json"`) or JSON that breaks any
     useful schema (`how="schema"`: an object whose values are all of the wrong type)."""
-    out = json.loads(json.dumps(completion))
+    out: dict[str, Any] = json.loads(json.dumps(completion))
     for choice in out["choices"]:
         message = choice["message"]
         if how == "not_json":
@@ -414,8 +415,7 @@ def break_answer(completion: dict[str, Any], how: str = "schema") -> dict[str, A
                 value = {}
             keys = list(value) if isinstance(value, dict) and value else ["answer"]
             message["content"] = json.dumps({k: [{"unexpected": True}] for k in keys})
-        message["tool_calls"] = None
-        message.pop("tool_calls")
+        message.pop("tool_calls", None)
         choice["finish_reason"] = "stop"
     return out
 

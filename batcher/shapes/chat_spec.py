@@ -118,7 +118,7 @@ class AudioPart(_Model):
 class FileData(_Model):
     file_data: str | None = None
     uri: str | None = None
-    mimeType: str | None = None  # noqa: N815 - the wire's spelling
+    mimeType: str | None = None
     filename: str | None = None
 
 
@@ -264,7 +264,7 @@ class FunctionParameters(BaseModel):
     type: Literal["object"]
     properties: dict[str, Any]
     required: list[str] | None = None
-    additionalProperties: bool | None = None  # noqa: N815 - the wire's spelling
+    additionalProperties: bool | None = None
 
 
 class FunctionDef(_Model):

@@ -30,9 +30,16 @@ from jsonschema import validators
 from jsonschema.exceptions import SchemaError, best_match
 
 from ._fastcheck import compile_check
-from .shapes.base import SchemaViolation
+from .wire import ContractError
 
 __all__ = ["Column", "SchemaViolation", "StructuredOutput", "load_schema"]
+
+class SchemaViolation(ContractError):
+    """The answer is not JSON, or breaks the requested schema. The message is the validator's. A contract
+    failure: the attempt loop asks again once, then writes an error row of kind `schema`."""
+
+    kind = "schema"
+
 
 _SCALARS: dict[str, pa.DataType] = {
     "string": pa.string(),

@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import pyarrow as pa
 
+from ..structured import SchemaViolation
 from ..wire import ContractError
 
 __all__ = ["Answer", "Api", "ContractError", "Refused", "SchemaViolation", "Shape", "StreamFolder"]
@@ -31,12 +32,6 @@ Api = Literal["orq", "openai"]
 # `Prompt` is what a row carries to the shape: a rendered prompt string (completions) or a rendered list of
 # messages (chat). The shape refuses the one it cannot send.
 Prompt = str | list[dict[str, Any]]
-
-
-class SchemaViolation(ContractError):
-    """The answer is not JSON, or breaks the requested schema. The message is the validator's."""
-
-    kind = "schema"
 
 
 class Refused(Exception):

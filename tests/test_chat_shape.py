@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -239,6 +240,12 @@ def test_record_with_a_schema_adds_typed_columns_and_refuses_refusals() -> None:
         shape.record(answer({"content": '{"sentiment": "meh"}'}))
     with pytest.raises(SchemaViolation, match="not JSON"):
         shape.record(answer({"content": "positive"}))
+    with pytest.raises(SchemaViolation, match="no content"):
+        shape.record(answer({"content": None}))
+    # A tool call is an answer: tool_calls filled, the schema's columns null.
+    call = shape.record(answer({"content": None, "tool_calls": [{"id": "c", "type": "function",
+                                                                 "function": {"name": "f", "arguments": "{}"}}]}))
+    assert call["sentiment"] is None and call["answer_text"] is None and json.loads(call["tool_calls"])
     # Without a schema a refusal is just a column.
     assert ChatShape({}, "orq").record(answer({"content": None, "refusal": "No."}))["refusal"] == "No."
 
@@ -328,3 +335,31 @@ def test_messages_from_a_column() -> None:
                          ([{"role": "user"}], r"\[0\]\.user\.content"), ([{"content": "x"}], "role")]:
         with pytest.raises(ValueError, match=message):
             messages_from_value(bad)
+
+
+def _split(text: str, cuts: list[int]) -> list[str]:
+    points = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
+    return [text[a:b] for a, b in itertools.pairwise(points)]
+
+
+@given(st.text(max_size=40), st.text(min_size=1, max_size=40), st.lists(st.integers(0, 100), max_size=6),
+       st.lists(st.integers(0, 100), max_size=6), st.booleans())
+def test_stream_folds_any_split_of_content_and_tool_arguments(content, args, cuts, arg_cuts, interleave) -> None:
+    """However a server cuts the deltas (and however two choices interleave), the fold is the same."""
+    calls = [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                                   "function": {"name": "f", "arguments": ""}}]},
+              "finish_reason": None}]
+    calls += [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+               "finish_reason": None} for piece in _split(args, arg_cuts)]
+    texts = [{"index": 1, "delta": {"content": piece}, "finish_reason": None} for piece in _split(content, cuts)]
+    if interleave:
+        events = [e for pair in zip(calls, texts, strict=False) for e in pair]
+        events += calls[len(texts):] + texts[len(calls):]
+    else:
+        events = [*texts, *calls]
+    events += [{"index": 1, "delta": {}, "finish_reason": "stop"},
+               {"index": 0, "delta": {}, "finish_reason": "tool_calls"}]
+    answer = _fold(_lines([{"choices": [e]} for e in events]))
+    assert answer.text is None and answer.finish_reason == "tool_calls"
+    assert answer.tool_calls == [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": args}}]
+    assert answer.choices[1] == {"index": 1, "text": content, "finish_reason": "stop"}

@@ -101,7 +101,8 @@ class Shape(Protocol):
         ...
 
     def record(self, answer: Answer) -> dict[str, Any]:
-        """The output fields of an answer (the shape's extra columns included), or SchemaViolation/Refused."""
+        """The output fields of an answer (the shape's extra columns included), or SchemaViolation/Refused.
+        Only the first choice fills a schema's columns."""
         ...
 
     def prompt_text(self, body: Mapping[str, Any]) -> str:

@@ -28,7 +28,7 @@ from pydantic import TypeAdapter, ValidationError
 from ..spec import DEFAULT_MAX_TOKENS
 from ..structured import StructuredOutput, load_schema
 from ..templating import Template, TemplateError
-from .base import Api, ContractError, Prompt, Refused, SchemaViolation
+from .base import Api, ContractError, Prompt, Refused
 from .chat_spec import OPENAI_CHAT_FIELDS, ChatRequestSpec, Message
 
 __all__ = [
@@ -455,12 +455,11 @@ class ChatShape:
         if self.structured is not None:
             if rec.get("refusal"):
                 raise Refused(rec["refusal"])
-            if rec.get("text") is None:
-                raise SchemaViolation(
-                    "the answer has no content to parse as JSON"
-                    + (" (it is a tool call)" if rec.get("tool_calls") else "")
-                )
-            rec.update(self.structured.parse(rec["text"]))
+            if rec.get("text") is None and rec.get("tool_calls"):
+                # A tool call is an answer too (the job asked for tools): it fills tool_calls, not the schema.
+                rec.update(dict.fromkeys(self.structured.columns))
+            else:
+                rec.update(self.structured.parse(rec.get("text")))
         return rec
 
     def prompt_text(self, body: Mapping[str, Any]) -> str:

@@ -243,3 +243,37 @@ def test_chat_input_takes_exactly_one_source_and_checks_messages() -> None:
     with pytest.raises(ValidationError):
         ChatInput.model_validate({"messages": [{"role": "system", "content": [
             {"type": "image_url", "image_url": {"url": "x"}}]}]})  # system messages take text parts only
+
+
+RANGES = {  # field: (low, high, the range as the error words it)
+    "temperature": (0, 2, "between 0 and 2"),
+    "top_p": (0, 1, "between 0 and 1"),
+    "frequency_penalty": (-2, 2, "between -2 and 2"),
+    "presence_penalty": (-2, 2, "between -2 and 2"),
+    "n": (1, 128, "between 1 and 128"),
+    "top_logprobs": (0, 20, "between 0 and 20"),
+    "max_completion_tokens": (1, None, "greater than 0"),
+    "max_tokens": (1, None, "at least 1"),
+}
+
+
+@st.composite
+def out_of_range(draw: st.DrawFn) -> tuple[str, float, str]:
+    field = draw(st.sampled_from(sorted(RANGES)))
+    lo, hi, words = RANGES[field]
+    integer = field in ("n", "top_logprobs", "max_completion_tokens", "max_tokens")
+    below = st.integers(-10**6, lo - 1) if integer else st.floats(-1e6, lo, exclude_max=True)
+    above = st.integers(hi + 1, 10**6) if integer and hi is not None else st.floats(hi, 1e6, exclude_min=True) \
+        if hi is not None else st.nothing()
+    return field, draw(st.one_of(below, above)), words
+
+
+@given(out_of_range())
+def test_any_out_of_range_value_is_refused_naming_the_field_and_the_range(case) -> None:
+    field, value, words = case
+    extra = {"logprobs": True} if field == "top_logprobs" else {}
+    with pytest.raises(ValidationError) as info:
+        ChatRequestSpec.model_validate({"model": "m", field: value, **extra})
+    errors = info.value.errors(include_url=False)
+    assert [e["loc"] for e in errors] == [(field,)]
+    assert words in errors[0]["msg"]

@@ -208,7 +208,8 @@ def _resolve(schema: Any, root: Mapping[str, Any]) -> Any:
 
 def sample(schema: Any, dice: _Dice, root: Mapping[str, Any] | None = None, where: str = "", text: str = "",
            depth: int = 0) -> Any:
-    """A value that conforms to `schema` (the structured-output subset of JSON Schema), drawn from `dice`."""
+    """A value that conforms to `schema` (the structured-output subset of JSON Schema), drawn from `dice`.
+    Not honoured: `pattern` and `format` on strings, `uniqueItems`, `not`; `oneOf` takes its first branch."""
     root = root if root is not None else (schema if isinstance(schema, Mapping) else {})
     schema = _resolve(schema, root)
     if not isinstance(schema, Mapping) or not schema:

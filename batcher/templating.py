@@ -16,6 +16,7 @@ times faster (benchmarks/templates.py), with the same output and the same errors
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from collections.abc import Mapping
@@ -49,11 +50,22 @@ class TemplateError(ValueError):
         self.template = name
 
 
+def _iso(value: Any) -> Any:
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    return str(value)  # Decimal, timedelta, bytes...: their own text
+
+
 def to_text(value: Any) -> str:
-    """A row value as prompt text: strings as they are, anything else as JSON."""
+    """A row value as prompt text: strings as they are, anything else as JSON; dates and times in ISO 8601
+    (quoted inside lists and objects). The same rule as template.py on main (issue 13): phase 2 keeps one copy."""
     if isinstance(value, str):
         return value
-    return json.dumps(value, ensure_ascii=False, default=str)
+    if type(value) is int:
+        return str(value)
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    return json.dumps(value, ensure_ascii=False, default=_iso)
 
 
 def _finalize(value: Any) -> Any:

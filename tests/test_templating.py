@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+from decimal import Decimal
 
 import pytest
 from hypothesis import given
@@ -63,6 +65,14 @@ def test_non_strings_render_as_json_not_python() -> None:
     t = Template("{{flag}} {{obj}} {{items}} {{none_inside}}")
     row = {"flag": True, "obj": {"a": 0}, "items": [1, 2], "none_inside": {"x": None}}
     assert t.render(row) == 'true {"a": 0} [1, 2] {"x": null}'
+
+
+@pytest.mark.parametrize("suffix", ["", JINJA])
+def test_dates_render_in_iso_8601_as_template_py_does(suffix: str) -> None:
+    row = {"d": dt.date(2026, 11, 23), "t": dt.datetime(2026, 11, 23, 9, 55, tzinfo=dt.UTC),
+           "many": [dt.date(2026, 1, 2)], "price": Decimal("1.50")}
+    out = Template("{{d}} {{t}} {{many}} {{price}}" + suffix).render(row)
+    assert out == '2026-11-23 2026-11-23T09:55:00+00:00 ["2026-01-02"] "1.50"'
 
 
 def test_few_shot_loop_and_branches() -> None:

@@ -32,8 +32,10 @@ from . import template as _legacy
 
 __all__ = ["MissingVariable", "Template", "TemplateError", "to_text"]
 
-# Plain `{{ name }}` holes and no other Jinja syntax: the fast path.
-_HOLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+# Plain `{{ name }}` holes and no other Jinja syntax: the fast path. A dash is part of a name here, as it was for
+# template.py (`{{review-text}}` is a column); inside Jinja syntax it is a minus, so such a column cannot be used
+# in a template with tags.
+_HOLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_-]*)\s*\}\}")
 _JINJA_SYNTAX = re.compile(r"\{\{|\{%|\{#")
 
 

@@ -128,6 +128,12 @@ def test_jinja_normalises_carriage_returns_in_the_template_text_only() -> None:
     assert Template("a\r\nb{{x}}" + JINJA).render({"x": "\r"}) == "a\nb\r"
 
 
+def test_a_dashed_column_still_works_in_a_plain_template() -> None:
+    t = Template("Review: {{review-text}}")
+    assert t.is_plain and t.variables == ["review-text"]
+    assert t.render({"review-text": "ok"}) == legacy.Template("Review: {{review-text}}").render({"review-text": "ok"})
+
+
 def test_values_are_not_re_expanded() -> None:
     assert Template("{{a}}").render({"a": "{{b}}"}) == "{{b}}"
     assert Template("{{a}}" + JINJA).render({"a": "{% if %}"}) == "{% if %}"

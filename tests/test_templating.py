@@ -1,0 +1,139 @@
+"""templating.py: Jinja2 templates that keep `{{var}}` working, with loops, branches, JSON values and clear errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from batcher import template as legacy
+from batcher.templating import MissingVariable, Template, TemplateError
+
+names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True).filter(
+    lambda n: n not in {"true", "false", "none", "True", "False", "None", "and", "or", "not", "in", "is", "if"}
+)
+# No "\r": Jinja normalises a template's own line ends to "\n" (documented in templating.py).
+literal = st.text(alphabet=st.characters(blacklist_characters="{}%#\r", blacklist_categories=("Cs",)), max_size=20)
+json_scalars = st.one_of(st.text(max_size=10), st.integers(-10**6, 10**6), st.booleans(),
+                         st.floats(allow_nan=False, allow_infinity=False))
+values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                              st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+                      max_leaves=6)
+JINJA = "{% if true %}{% endif %}"  # a no-op tag: forces the Jinja path for the same output
+
+
+def _expected(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+@given(st.lists(st.tuples(literal, names), max_size=5), literal, st.data())
+def test_fast_path_and_jinja_render_the_same(parts, tail, data) -> None:
+    source = "".join(f"{lit}{{{{{name}}}}}" for lit, name in parts) + tail
+    row = {name: data.draw(values) for _, name in parts}
+    fast, jinja = Template(source), Template(source + JINJA)
+    assert fast.is_plain and not jinja.is_plain
+    expected = "".join(f"{lit}{_expected(row[name])}" for lit, name in parts) + tail
+    assert fast.render(row) == jinja.render(row) == expected
+    assert fast.variables == [name for _, name in parts]
+    assert set(jinja.variables) == {name for _, name in parts}
+
+
+@given(st.lists(st.tuples(literal, names), max_size=4), literal, st.data())
+def test_string_rows_render_as_the_legacy_template_did(parts, tail, data) -> None:
+    source = "".join(f"{lit}{{{{ {name} }}}}" for lit, name in parts) + tail
+    row = {name: data.draw(st.text(max_size=10)) for _, name in parts}
+    assert Template(source).render(row) == legacy.Template(source).render(row)
+
+
+@pytest.mark.parametrize("suffix", ["", JINJA])
+@given(name=names, lit=literal)
+def test_missing_and_null_variables_are_named(suffix, name, lit) -> None:
+    t = Template(f"{lit}{{{{ {name} }}}}{suffix}")
+    with pytest.raises(MissingVariable, match=f"{{{{{name}}}}} is not a column"):
+        t.render({})
+    with pytest.raises(MissingVariable, match=f"{{{{{name}}}}} is null"):
+        t.render({name: None})
+    with pytest.raises(legacy.MissingVariable):  # callers that catch template.py's error catch this one
+        t.render({})
+
+
+def test_non_strings_render_as_json_not_python() -> None:
+    t = Template("{{flag}} {{obj}} {{items}} {{none_inside}}")
+    row = {"flag": True, "obj": {"a": 0}, "items": [1, 2], "none_inside": {"x": None}}
+    assert t.render(row) == 'true {"a": 0} [1, 2] {"x": null}'
+
+
+@pytest.mark.parametrize("suffix", ["", JINJA])
+def test_dates_render_in_iso_8601_as_template_py_does(suffix: str) -> None:
+    row = {"d": dt.date(2026, 11, 23), "t": dt.datetime(2026, 11, 23, 9, 55, tzinfo=dt.UTC),
+           "many": [dt.date(2026, 1, 2)], "price": Decimal("1.50")}
+    out = Template("{{d}} {{t}} {{many}} {{price}}" + suffix).render(row)
+    assert out == '2026-11-23 2026-11-23T09:55:00+00:00 ["2026-01-02"] "1.50"'
+
+
+def test_few_shot_loop_and_branches() -> None:
+    t = Template(
+        "Label the review.\n{% for ex in examples %}Review: {{ex.text}}\nLabel: {{ex.label}}\n{% endfor %}"
+        "{% if stars >= 4 %}(likely positive)\n{% endif %}Review: {{text}}\nLabel:"
+    )
+    assert t.variables == ["examples", "stars", "text"]
+    row = {"examples": [{"text": "awful", "label": "negative"}, {"text": "ok", "label": "neutral"}],
+           "stars": 5, "text": "great"}
+    assert t.render(row) == (
+        "Label the review.\nReview: awful\nLabel: negative\nReview: ok\nLabel: neutral\n"
+        "(likely positive)\nReview: great\nLabel:"
+    )
+    assert "likely" not in t.render({**row, "stars": 2, "examples": []})
+
+
+def test_a_null_column_is_false_in_a_branch_but_an_error_when_printed() -> None:
+    t = Template("{% if notes %}Notes: {{notes}}{% else %}no notes{% endif %}")
+    assert t.render({"notes": None}) == "no notes"
+    with pytest.raises(MissingVariable, match="notes"):
+        Template("{{notes}}{% if true %}{% endif %}").render({"notes": None})
+    with pytest.raises(MissingVariable, match="examples"):
+        Template("{% for e in examples %}{{e}}{% endfor %}").render({"examples": None})
+
+
+def test_trailing_newline_and_no_html_escaping() -> None:
+    assert Template("{{a}}\n{% if true %}{% endif %}\n").render({"a": "<b>&"}) == "<b>&\n\n"
+
+
+def test_syntax_error_names_the_template() -> None:
+    with pytest.raises(TemplateError, match=r"template messages\[1\]\.content: line 1: .*endif"):
+        Template("{% if x %}open", name="messages[1].content")
+
+
+def test_render_errors_name_the_template_and_the_sandbox_holds() -> None:
+    with pytest.raises(TemplateError, match=r"template prompt: .*has no attribute 'missing'"):
+        Template("{{ex.missing}}").render({"ex": {"text": "a"}})
+    with pytest.raises(TemplateError, match="sandboxed"):
+        Template("{{ ex.__class__.__mro__ }}").render({"ex": {}})
+    with pytest.raises(TemplateError):
+        Template("{{ items.append(1) }}").render({"items": []})  # immutable sandbox: no mutation of row values
+
+
+def test_globals_are_not_columns() -> None:
+    t = Template("{% for i in range(n) %}{{i}}{% endfor %}")
+    assert t.variables == ["n"]
+    assert t.render({"n": 3}) == "012"
+
+
+def test_jinja_normalises_carriage_returns_in_the_template_text_only() -> None:
+    assert Template("a\r\nb{{x}}").render({"x": "\r"}) == "a\r\nb\r"  # the fast path keeps the text as is
+    assert Template("a\r\nb{{x}}" + JINJA).render({"x": "\r"}) == "a\nb\r"
+
+
+def test_a_dashed_column_still_works_in_a_plain_template() -> None:
+    t = Template("Review: {{review-text}}")
+    assert t.is_plain and t.variables == ["review-text"]
+    assert t.render({"review-text": "ok"}) == legacy.Template("Review: {{review-text}}").render({"review-text": "ok"})
+
+
+def test_values_are_not_re_expanded() -> None:
+    assert Template("{{a}}").render({"a": "{{b}}"}) == "{{b}}"
+    assert Template("{{a}}" + JINJA).render({"a": "{% if %}"}) == "{% if %}"

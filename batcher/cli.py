@@ -33,6 +33,7 @@ def _run(args: argparse.Namespace) -> int:
         prices=PriceTable.from_file(args.prices) if args.prices else None,
         base_url=args.base_url,
         verbose=args.verbose,
+        overwrite=args.overwrite,
     )
     result = run_job(spec, options)
     if result.status == "nothing_to_do":
@@ -71,6 +72,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="discard any partial run and start over")
     run.add_argument("--prices", metavar="FILE", help="price table overriding the shipped one")
     run.add_argument("--base-url", help="override endpoint.base_url")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an existing output file that batcher did not write")
     run.add_argument("--verbose", "-v", action="store_true", help="print every failed attempt and the decision")
     run.set_defaults(func=_run)
 

@@ -409,7 +409,7 @@ class InputColumns:
             chunks = [b.column(0) for b in pf.iter_batches(batch_size=65_536, columns=[self.id_column])]
             self._all_ids = pa.chunked_array(chunks, type=self._schema.field(self.id_column).type).combine_chunks()
         found = pc.index_in(ids, value_set=self._all_ids)
-        order = pc.sort_indices(found, null_placement="at_end")
+        order = pc.sort_indices(found)  # nulls (ids no longer in the input) last
         table = self._take_sorted(pc.take(found, order).to_pylist())
         return table.take(pc.sort_indices(order))
 

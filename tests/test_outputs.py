@@ -389,3 +389,20 @@ def test_failed_final_write_leaves_no_temp_file(
             run_job(spec, options(limit=3))
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".o.parquet.batcher"]
 
+
+
+def test_kept_columns_are_found_by_id_when_the_input_moved(tmp_path: Path) -> None:
+    """Journal positions from before the input was edited: the ids at those positions no longer match, so the
+    rows are found by id (an id gone from the input gives nulls), not taken from whatever row is there now."""
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"rid": ["new", "a", "b", "c"], "v": [b"\x00", b"A", b"B", b"C"]}), src,
+                   row_group_size=2)
+    cols = batcher.sinks.InputColumns(src, ["v"], "rid")
+    # positions as they were before "new" was prepended; "gone" was deleted since
+    got = cols.take(pa.array([0, 1, 2, 3]), pa.array(["a", "b", "c", "gone"]))
+    assert got.column_names == ["v"] and got.column("v").to_pylist() == [b"A", b"B", b"C", None]
+    # in step again: by position, across the input's row groups, and past its end as nulls
+    assert cols.take(pa.array([1, 3, 7]), pa.array(["a", "c", "x"])).column("v").to_pylist() == [b"A", b"C", None]
+    positional = batcher.sinks.InputColumns(src, ["v"], None)
+    assert positional.take(pa.array([2, 3]), None).column("v").to_pylist() == [b"B", b"C"]
+    assert positional.take(pa.array([0]), None).column("v").to_pylist() == [b"\x00"]  # back to the start

@@ -440,8 +440,6 @@ def json_values(arr: pa.Array | pa.ChunkedArray) -> list[Any]:
     if pa.types.is_null(t):
         return [None] * len(arr)
     if pa.types.is_floating(t):
-        if pa.types.is_float16(t):
-            arr = arr.cast(pa.float32())
         return pc.if_else(pc.is_finite(arr), arr, pa.scalar(None, arr.type)).to_pylist()  # type: ignore[no-any-return]
     if (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
             or pa.types.is_binary_view(t)):

@@ -406,3 +406,17 @@ def test_kept_columns_are_found_by_id_when_the_input_moved(tmp_path: Path) -> No
     positional = batcher.sinks.InputColumns(src, ["v"], None)
     assert positional.take(pa.array([2, 3]), None).column("v").to_pylist() == [b"B", b"C"]
     assert positional.take(pa.array([0]), None).column("v").to_pylist() == [b"\x00"]  # back to the start
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_jsonl_integer_beyond_int64_is_kept(make_spec, tmp_path: Path, fmt: str) -> None:
+    big = 2**70
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "t": "x", "n": big if i == 1 else i} for i in range(3)])
+    out = tmp_path / f"o.{fmt}"
+    spec = parse_spec(make_spec(input={"path": str(src), "id_column": "id", "prompt": "{{t}}"},
+                                output={"path": str(out), "keep_columns": ["n"]}))
+    assert run_job(spec, options()).ok == 3
+    if fmt == "parquet":
+        assert pq.read_table(out).column("n").to_pylist() == ["0", str(big), "2"]  # as JSON text
+    else:
+        assert [_strict(x)["n"] for x in out.read_text().splitlines()] == [0, big, 2]

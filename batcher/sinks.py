@@ -142,7 +142,10 @@ def fingerprint(material: dict[str, Any]) -> str:
 
 
 def _dumps(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
+    try:
+        return (json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
+    except UnicodeEncodeError:  # a lone surrogate (a kept JSONL value, say) is valid JSON only escaped
+        return (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
 
 
 class Journal:
@@ -290,13 +293,24 @@ def _table(records: list[dict[str, Any]], schema: pa.Schema, id_name: str, keep:
         t = schema.field(name).type
         try:
             arrays[name] = pa.array(values, type=t)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeEncodeError):
             if name not in kept_names or not (pa.types.is_string(t) or pa.types.is_large_string(t)):
                 raise
             # A JSONL column of mixed values (strings and an object, say) is typed string by the source: its
             # strings stay as they are, anything else is kept as JSON text.
-            arrays[name] = pa.array([v if v is None or isinstance(v, str) else _json_text(v) for v in values], type=t)
+            arrays[name] = pa.array([None if v is None else _utf8(v if isinstance(v, str) else _json_text(v))
+                                     for v in values], type=t)
     return arrays
+
+
+def _utf8(text: str) -> str:
+    """`text`, with any lone surrogate (valid in JSON as an escape, common in truncated text, but not UTF-8, so
+    not storable in Parquet) as U+FFFD."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def _journal_schema(schema: pa.Schema, id_name: str, keep: list[str]) -> pa.Schema:

@@ -420,3 +420,19 @@ def test_jsonl_integer_beyond_int64_is_kept(make_spec, tmp_path: Path, fmt: str)
         assert pq.read_table(out).column("n").to_pylist() == ["0", str(big), "2"]  # as JSON text
     else:
         assert [_strict(x)["n"] for x in out.read_text().splitlines()] == [0, big, 2]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_jsonl_kept_lone_surrogate(make_spec, tmp_path: Path, fmt: str) -> None:
+    """`"\\ud83d"` is valid JSON (a truncated emoji): JSONL output gives it back escaped, as given; Parquet
+    strings are UTF-8, so there it is U+FFFD. Either way the run finishes."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "t": "x", "s": "ok\\ud83d"}\n{"id": "b", "t": "y", "s": {"e": "\\ud83d"}}\n')
+    out = tmp_path / f"o.{fmt}"
+    spec = parse_spec(make_spec(input={"path": str(src), "id_column": "id", "prompt": "{{t}}"},
+                                output={"path": str(out), "keep_columns": ["s"]}))
+    assert run_job(spec, options()).ok == 2
+    if fmt == "parquet":
+        assert pq.read_table(out).column("s").to_pylist() == ["ok\ufffd", '{"e":"\ufffd"}']
+    else:
+        assert [_strict(x)["s"] for x in out.read_text().splitlines()] == ["ok\ud83d", {"e": "\ud83d"}]

@@ -1,7 +1,7 @@
 """The `batcher` command line: run, validate, plan, report, gateway.
 
 Exit codes: 0 done (or nothing to do), 1 unexpected failure, 2 invalid spec or usage, 3 unusable input,
-4 output not writable (or disk full mid-run), 5 a partial run of another spec is in the way (use --fresh),
+4 output not writable (or disk full mid-run; or the output is the input, or a file batcher did not write), 5 a partial run of another spec is in the way (use --fresh),
 6 the server refused the API key, 7 stopped at the cost budget, 130/143 interrupted by SIGINT/SIGTERM.
 Every stop but 1-5 leaves the run resumable by running the same command again.
 """

@@ -223,8 +223,7 @@ class Source:
 
     def _parquet_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
         pf = pq.ParquetFile(self.path, pre_buffer=False)
-        needed_for_rows = self._needed(keep=False)
-        columns = [c for c in self._needed() if c in needed_for_rows]
+        columns = self._needed(keep=False)
         index = 0
         for batch in pf.iter_batches(batch_size=self.spec.batch_size, columns=columns or None):
             n = batch.num_rows

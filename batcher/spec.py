@@ -516,6 +516,8 @@ def _format_errors(source: str, exc: ValidationError) -> str:
         value = err.get("input")
         shown = "" if err["type"] in ("missing",) or isinstance(value, dict) else f" (got {json.dumps(value, default=str)})"
         line = f"  {field}: {msg}{shown}"
+        if field == "(top level)" and re.match(r"[a-z_]+(\.[a-z_]+)+: ", msg):
+            line = f"  {msg}"  # a check across sections that names its field itself
         if line not in seen:
             seen.add(line)
             lines.append(line)

@@ -272,7 +272,7 @@ def test_kept_columns_that_clash_are_refused_before_any_call(
     raw = make_spec(input={"id_column": id_column}, output={"keep_columns": keep})
     with pytest.raises(SpecError) as err:
         parse_spec(raw)
-    assert "output.keep_columns" in str(err.value) and message in str(err.value)
+    assert f"\n  output.keep_columns: {message}" in str(err.value)  # the field first, as every spec error
     path = _write_spec(tmp_path / "job.yaml", raw)
     assert main(["validate", str(path)]) == 2
     assert main(["run", str(path), "--quiet"]) == 2

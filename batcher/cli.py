@@ -1,9 +1,10 @@
 """The `batcher` command line: run, validate, plan, report, gateway.
 
 Exit codes: 0 done (or nothing to do), 1 unexpected failure, 2 invalid spec or usage, 3 unusable input,
-4 output not writable (or disk full mid-run), 5 a partial run of another spec is in the way (use --fresh),
-6 the server refused the API key, 7 stopped at the cost budget (at once, with no request, when a rerun's
-cap is already spent by the job), 130/143 interrupted by SIGINT/SIGTERM.
+4 output not writable (or disk full mid-run; or the output is the input, or a file batcher did not write),
+5 a partial run of another spec is in the way (use --fresh), 6 the server refused the API key, 7 stopped at the
+cost budget (at once, with no request, when a rerun's cap is already spent by the job), 130/143 interrupted by
+SIGINT/SIGTERM.
 Every stop but 1-5 leaves the run resumable by running the same command again.
 """
 
@@ -39,6 +40,7 @@ def _run(args: argparse.Namespace) -> int:
         prices=PriceTable.from_file(args.prices) if args.prices else None,
         base_url=args.base_url,
         verbose=args.verbose,
+        overwrite=args.overwrite,
     )
     result = run_job(spec, options)
     if result.status == "nothing_to_do":
@@ -77,6 +79,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="discard any partial run and start over")
     run.add_argument("--prices", metavar="FILE", help="price table overriding the shipped one")
     run.add_argument("--base-url", help="override endpoint.base_url")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace an existing output file that batcher did not write")
     run.add_argument("--verbose", "-v", action="store_true", help="print every failed attempt and the decision")
     run.set_defaults(func=_run)
 

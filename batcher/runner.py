@@ -36,6 +36,7 @@ from .prices import Price, PriceTable
 from .progress import Progress
 from .routing import Backoff, RoutePlan, plan_for
 from .sinks import (
+    InputColumns,
     Journal,
     RunState,
     compact_journal,
@@ -43,6 +44,7 @@ from .sinks import (
     fingerprint,
     output_schema,
     state_dir_for,
+    written_by_batcher,
 )
 from .sources import Source, SourceInfo, SourceRow
 from .spec import JobSpec, format_of, load_spec
@@ -64,6 +66,7 @@ class RunOptions:
     base_url: str | None = None  # overrides endpoint.base_url (tests, benchmarks)
     seed: int | None = None  # backoff jitter; None = random
     verbose: bool = False  # one stderr line per failed attempt and what batcher does about it
+    overwrite: bool = False  # replace an existing output that batcher did not write
 
 
 @dataclass
@@ -143,6 +146,25 @@ def _probe_output(path: Path) -> None:
         raise OutputError(f"the output path {path} is a folder")
 
 
+def _check_output_target(output: Path, input_path: Path, overwrite: bool) -> None:
+    """Never replace the input, nor a file batcher did not write (unless told to), before any call is made."""
+    if not output.exists():
+        return
+    same = False
+    with contextlib.suppress(OSError):
+        same = os.path.samefile(output, input_path)  # ./x and /abs/x, symlinks and hard links alike
+    if same:
+        # Not even with --overwrite: the run reads the input until its last row is written, and a rerun
+        # would take the output for the input.
+        raise OutputError(f"the output {output} is the input file {input_path}: writing it would destroy the "
+                          "input; choose another output path")
+    if not overwrite and not written_by_batcher(output):
+        raise OutputError(
+            f"the output {output} already exists and was not written by batcher (no state folder "
+            f"{state_dir_for(output)}); choose another output path, or pass --overwrite to replace it"
+        )
+
+
 def run_fingerprint(spec: JobSpec) -> str:
     return fingerprint(
         {
@@ -164,7 +186,9 @@ class _Job:
         self.options = options
         self.output = options.output or spec.output.path
         self.fmt = spec.output.resolved_format if options.output is None else _fmt_of(options.output, spec)
-        self.source = Source(spec.input, spec.output.keep_columns)
+        # Kept columns other than the input's id column (that one is the output's id already)
+        self.keep = [c for c in spec.output.keep_columns if c != spec.input.id_source]
+        self.source = Source(spec.input, self.keep)
         self.builder = BodyBuilder(spec.request, spec.endpoint.api)
         self.plan: RoutePlan = plan_for(spec.request, spec.endpoint.api, spec.limits.max_rate_limit_wait_s)
         self.prices = PriceTable.default().overridden(
@@ -402,7 +426,8 @@ class _Job:
                     "cannot be enforced; add it under prices: (USD per million prompt/completion tokens)"
                 )
         _probe_output(self.output)
-        self.schema = output_schema(self.source.id_name, info.id_type, info.keep_types)
+        _check_output_target(self.output, spec.input.path, opts.overwrite)
+        self.schema = output_schema(self.source.id_name, info.id_type, {c: info.keep_types[c] for c in self.keep})
         fp = run_fingerprint(spec)
         state_dir = state_dir_for(self.output)
         state = RunState.load(state_dir)
@@ -451,14 +476,18 @@ class _Job:
 
     def _finish(self, info: SourceInfo) -> None:
         spec = self.spec
+        keep_from = None
+        if self.keep and self.source.format == "parquet" and self.fmt != "openai_batch":
+            keep_from = InputColumns(spec.input.path, self.keep, spec.input.id_column)
         written = finalize(
             self.state.directory / "journal.jsonl",
             self.output,
             self.fmt,
             self.schema,
             self.source.id_name,
-            spec.output.keep_columns,
+            self.keep,
             spec.output.row_group_size,
+            keep_from=keep_from,
         )
         all_ok = written == info.rows and self.result.errors == 0 and self.result.skipped + self.result.ok == info.rows
         # "finished" makes the next rerun a no-op; anything else (error rows, a --limit run) resumes.

@@ -8,10 +8,13 @@ a temporary name, fsyncs it and renames it into place: readers never see a half-
 
 from __future__ import annotations
 
+import base64
+import bisect
 import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import time
 from array import array
@@ -26,14 +29,19 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
 from .errors import OutputError
+from .spec import kept_column_name
 
 __all__ = [
+    "OUTPUT_MARKER",
     "RESULT_COLUMNS",
+    "InputColumns",
     "Journal",
     "RunState",
     "finalize",
+    "json_values",
     "output_schema",
     "state_dir_for",
+    "written_by_batcher",
 ]
 
 CHOICE_TYPE = pa.list_(
@@ -63,14 +71,19 @@ RESULT_COLUMNS: dict[str, pa.DataType] = {
 
 def kept_name(column: str, id_name: str) -> str:
     """A kept input column's name in the output: its own, unless batcher's columns already use it."""
-    return f"input_{column}" if column in RESULT_COLUMNS or column == id_name else column
+    return kept_column_name(column, id_name)
 
 
 def output_schema(id_name: str, id_type: pa.DataType, keep_types: dict[str, pa.DataType]) -> pa.Schema:
+    """`keep_types`: the kept columns other than the input's own id column, in the spec's order."""
     fields = [pa.field(id_name, id_type)]
-    fields += [pa.field(kept_name(c, id_name), t) for c, t in keep_types.items() if c != id_name]
+    fields += [pa.field(kept_name(c, id_name), t) for c, t in keep_types.items()]
     fields += [pa.field(name, t) for name, t in RESULT_COLUMNS.items()]
     return pa.schema(fields)
+
+
+# Key in a Parquet output's footer metadata: batcher wrote this file (see `written_by_batcher`).
+OUTPUT_MARKER = b"batcher"
 
 
 def state_dir_for(output: Path) -> Path:
@@ -129,7 +142,10 @@ def fingerprint(material: dict[str, Any]) -> str:
 
 
 def _dumps(record: dict[str, Any]) -> bytes:
-    return (json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
+    try:
+        return (json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str) + "\n").encode()
+    except UnicodeEncodeError:  # a lone surrogate (a kept JSONL value, say) is valid JSON only escaped
+        return (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
 
 
 class Journal:
@@ -254,39 +270,61 @@ def compact_journal(directory: Path) -> list[Any]:
     return ids
 
 
-def _table(records: list[dict[str, Any]], schema: pa.Schema, id_name: str, keep: list[str]) -> pa.Table:
-    columns: dict[str, list[Any]] = {f.name: [] for f in schema}
-    kept = [(c, kept_name(c, id_name)) for c in keep if c != id_name]
+def _json_text(value: Any) -> str:
+    return json.dumps(_finite(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+
+
+def _table(records: list[dict[str, Any]], schema: pa.Schema, id_name: str, keep: list[str]) -> dict[str, Any]:
+    """The Python path of `_table_from_lines`: records to the slice's columns, by output name."""
+    kept = [(c, kept_name(c, id_name)) for c in keep]
+    columns: dict[str, list[Any]] = {id_name: [], **{name: [] for _, name in kept}, **{n: [] for n in RESULT_COLUMNS}}
+    positions: list[Any] = []
     for rec in records:
+        positions.append(rec.get("_i"))
         columns[id_name].append(rec.get("id"))
         k = rec.get("keep") or {}
         for c, out_name in kept:
             columns[out_name].append(k.get(c))
         for name in RESULT_COLUMNS:
             columns[name].append(rec.get(name))
-    arrays = []
-    for f in schema:
-        values = columns[f.name]
+    arrays: dict[str, Any] = {"_i": pa.array(positions, type=pa.int64())}
+    kept_names = {name for _, name in kept}
+    for name, values in columns.items():
+        t = schema.field(name).type
         try:
-            arrays.append(pa.array(values, type=f.type))
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            # A kept JSONL value that does not fit the column's type: keep it, as JSON text.
-            arrays.append(pa.array([None if v is None else json.dumps(v, default=str) for v in values], type=f.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
+            arrays[name] = pa.array(values, type=t)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeEncodeError):
+            if name not in kept_names or not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+                raise
+            # A JSONL column of mixed values (strings and an object, say) is typed string by the source: its
+            # strings stay as they are, anything else is kept as JSON text.
+            arrays[name] = pa.array([None if v is None else _utf8(v if isinstance(v, str) else _json_text(v))
+                                     for v in values], type=t)
+    return arrays
+
+
+def _utf8(text: str) -> str:
+    """`text`, with any lone surrogate (valid in JSON as an escape, common in truncated text, but not UTF-8, so
+    not storable in Parquet) as U+FFFD."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
 
 
 def _journal_schema(schema: pa.Schema, id_name: str, keep: list[str]) -> pa.Schema:
     fields = [pa.field("_i", pa.int64()), pa.field("id", schema.field(id_name).type)]
-    kept = [c for c in keep if c != id_name]
-    if kept:
-        fields.append(pa.field("keep", pa.struct([(c, schema.field(kept_name(c, id_name)).type) for c in kept])))
+    if keep:
+        fields.append(pa.field("keep", pa.struct([(c, schema.field(kept_name(c, id_name)).type) for c in keep])))
     fields += [pa.field(name, t) for name, t in RESULT_COLUMNS.items()]
     return pa.schema(fields)
 
 
-def _table_from_lines(lines: list[bytes], schema: pa.Schema, id_name: str, keep: list[str]) -> pa.Table:
-    """Parse a row group's journal lines with Arrow's JSON reader (C++, typed by the output schema); lines
-    whose kept values do not fit their column's type go through the slower Python path instead."""
+def _table_from_lines(lines: list[bytes], schema: pa.Schema, id_name: str, keep: list[str]) -> dict[str, Any]:
+    """A slice of journal lines as columns by output name (plus `_i`, the rows' positions), parsed by Arrow's
+    JSON reader (C++, typed by the output schema); a slice whose kept values do not fit their column's type
+    goes through the slower Python path instead. `keep`: the kept columns the journal carries (JSONL inputs)."""
     buf = b"".join(lines)
     try:
         parsed = pa_json.read_json(
@@ -298,12 +336,183 @@ def _table_from_lines(lines: list[bytes], schema: pa.Schema, id_name: str, keep:
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return _table([json.loads(x) for x in lines], schema, id_name, keep)
-    kept = [c for c in keep if c != id_name]
-    keep_col = parsed.column("keep").combine_chunks() if kept else None
-    arrays = [parsed.column("id")]
-    arrays += [pc.struct_field(keep_col, [i]) for i in range(len(kept))]
-    arrays += [parsed.column(name) for name in RESULT_COLUMNS]
-    return pa.Table.from_arrays(arrays, schema=schema)
+    arrays: dict[str, Any] = {"_i": parsed.column("_i"), id_name: parsed.column("id")}
+    if keep:
+        keep_col = parsed.column("keep").combine_chunks()
+        for i, c in enumerate(keep):
+            arrays[kept_name(c, id_name)] = pc.struct_field(keep_col, [i])
+    arrays.update((name, parsed.column(name)) for name in RESULT_COLUMNS)
+    return arrays
+
+
+class InputColumns:
+    """A Parquet input's kept columns, taken by row position when the output is written.
+
+    Why not through the journal: a kept value would have to survive JSON (dates, durations, decimals, bytes,
+    maps, nanosecond timestamps, dictionaries...) and be re-typed at the end, and every row would pay for it
+    while the run lasts. Read back from the input they are the input's own Arrow values, whatever the type,
+    and cost one sequential pass over those columns. Rows are asked for in input order (the journal is sorted
+    by position), so one input batch at a time is held. With an id column, the ids at those positions are
+    checked against the journal's; if the input was edited since (rows moved), the rows are found by id.
+    """
+
+    def __init__(self, path: Path, columns: list[str], id_column: str | None) -> None:
+        self.path = path
+        self.columns = columns
+        self.id_column = id_column
+        self._read = list(dict.fromkeys([*columns, *([id_column] if id_column else [])]))
+        arrow = pq.ParquetFile(path, pre_buffer=False).schema_arrow
+        self._schema = pa.schema([arrow.field(c) for c in self._read])
+        self._all_ids: pa.Array | None = None
+        self._restart()
+
+    def _restart(self) -> None:
+        pf = pq.ParquetFile(self.path, pre_buffer=False)
+        self._batches = pf.iter_batches(batch_size=16_384, columns=self._read)
+        self._batch: pa.RecordBatch | None = None
+        self._start = self._end = 0
+        self._exhausted = False
+
+    def _advance(self) -> None:
+        batch = next(self._batches, None)
+        if batch is None:
+            self._exhausted = True
+            return
+        self._batch = pa.record_batch([batch.column(c) for c in self._read], schema=self._schema)
+        self._start, self._end = self._end, self._end + batch.num_rows
+
+    def _take_sorted(self, positions: list[int | None]) -> pa.Table:
+        """Rows at ascending positions (None, sorted last, or past the input's end: a row of nulls)."""
+        known: list[int] = [p for p in positions if p is not None]  # the Nones are sorted last
+        if known and known[0] < self._start:
+            self._restart()
+        pieces: list[pa.RecordBatch] = []
+        i = 0
+        while i < len(known):
+            p = known[i]
+            while p >= self._end and not self._exhausted:
+                self._advance()
+            if p >= self._end or self._batch is None:
+                break
+            j = bisect.bisect_left(known, self._end, i)
+            start = self._start
+            pieces.append(self._batch.take(pa.array([q - start for q in known[i:j]], type=pa.int64())))
+            i = j
+        if len(positions) > i:
+            n = len(positions) - i
+            pieces.append(pa.record_batch([pa.nulls(n, f.type) for f in self._schema], schema=self._schema))
+        return pa.Table.from_batches(pieces, schema=self._schema)
+
+    def take(self, positions: Any, ids: Any) -> pa.Table:
+        """The kept columns of the rows at `positions` (the journal's `_i`), whose ids are `ids`."""
+        table = self._take_sorted(positions.to_pylist())
+        if self.id_column is not None:
+            try:
+                same = pc.equal(table.column(self.id_column), ids)
+                moved = not pc.all(pc.fill_null(same, False)).as_py()
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                moved = False  # ids of a type Arrow cannot compare: trust the positions
+            if moved:
+                table = self._take_by_id(ids)
+        return table.select(self.columns)
+
+    def _take_by_id(self, ids: Any) -> pa.Table:
+        assert self.id_column is not None
+        if self._all_ids is None:
+            pf = pq.ParquetFile(self.path, pre_buffer=False)
+            chunks = [b.column(0) for b in pf.iter_batches(batch_size=65_536, columns=[self.id_column])]
+            self._all_ids = pa.chunked_array(chunks, type=self._schema.field(self.id_column).type).combine_chunks()
+        found = pc.index_in(ids, value_set=self._all_ids)
+        order = pc.sort_indices(found)  # nulls (ids no longer in the input) last
+        table = self._take_sorted(pc.take(found, order).to_pylist())
+        return table.take(pc.sort_indices(order))
+
+
+def _iso_duration(value: int, per_second: int) -> str:
+    sign = "-" if value < 0 else ""
+    seconds, fraction = divmod(abs(value), per_second)
+    digits = len(str(per_second)) - 1
+    frac = f".{fraction:0{digits}d}".rstrip("0") if fraction else ""
+    return f"{sign}PT{seconds}{frac}S"
+
+
+_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
+def json_values(arr: pa.Array | pa.ChunkedArray) -> list[Any]:
+    """An Arrow column as JSON-ready Python values, by the mapping the README documents: NaN and ±Infinity
+    -> null, bytes -> base64, dates, times and timestamps -> ISO 8601 strings, durations -> ISO 8601 seconds
+    (`PT1.5S`), decimals -> strings, maps -> lists of [key, value] pairs, dictionaries -> their values.
+    Done a column at a time in Arrow where it can be (no per-value Python for numbers, strings, temporals)."""
+    if isinstance(arr, pa.ChunkedArray):
+        return [v for chunk in arr.chunks for v in json_values(chunk)]
+    t = arr.type
+    if isinstance(t, pa.ExtensionType):
+        return json_values(arr.storage)
+    if pa.types.is_dictionary(t):
+        return json_values(arr.dictionary_decode())
+    if pa.types.is_null(t):
+        return [None] * len(arr)
+    if pa.types.is_floating(t):
+        return pc.if_else(pc.is_finite(arr), arr, pa.scalar(None, arr.type)).to_pylist()  # type: ignore[no-any-return]
+    if (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+            or pa.types.is_binary_view(t)):
+        return [None if v is None else base64.b64encode(v).decode("ascii") for v in arr.to_pylist()]
+    if pa.types.is_decimal(t) or pa.types.is_date(t) or pa.types.is_time(t):
+        return arr.cast(pa.string()).to_pylist()  # type: ignore[no-any-return]
+    if pa.types.is_timestamp(t):
+        text = pc.replace_substring(arr.cast(pa.string()), " ", "T", max_replacements=1)
+        # Arrow writes the offset as +0100; RFC 3339 (and most parsers) want +01:00
+        return pc.replace_substring_regex(text, r"([+-]\d\d)(\d\d)$", r"\1:\2").to_pylist()  # type: ignore[no-any-return]
+    if pa.types.is_duration(t):
+        per = _PER_SECOND[t.unit]
+        return [None if v is None else _iso_duration(v, per) for v in arr.cast(pa.int64()).to_pylist()]
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_map(t):
+        offsets = arr.offsets.to_pylist()
+        base = offsets[0]
+        child = arr.values.slice(base, offsets[-1] - base)
+        if pa.types.is_map(t):
+            keys, items = (json_values(f) for f in child.flatten())
+            values: list[Any] = [list(pair) for pair in zip(keys, items, strict=True)]
+        else:
+            values = json_values(child)
+        valid = arr.is_valid().to_pylist()
+        return [values[offsets[i] - base : offsets[i + 1] - base] if valid[i] else None for i in range(len(arr))]
+    if pa.types.is_fixed_size_list(t):
+        size = t.list_size
+        values = json_values(arr.values.slice(arr.offset * size, len(arr) * size))
+        valid = arr.is_valid().to_pylist()
+        return [values[i * size : (i + 1) * size] if valid[i] else None for i in range(len(arr))]
+    if pa.types.is_struct(t):
+        names = [t.field(i).name for i in range(t.num_fields)]
+        fields = [json_values(f) for f in arr.flatten()]
+        valid = arr.is_valid().to_pylist()
+        return [dict(zip(names, row, strict=True)) if ok else None for ok, *row in zip(valid, *fields, strict=True)]
+    return arr.to_pylist()  # type: ignore[no-any-return]
+
+
+def _finite(value: Any) -> Any:
+    """`value` with NaN and ±Infinity, at any depth, as None (JSON has no spelling for them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _dumps_output(record: dict[str, Any]) -> bytes:
+    """A line of JSONL output: always valid JSON. NaN/Infinity are rare, so they cost a second pass only when
+    there is one."""
+    try:
+        text = json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+    except ValueError:
+        text = _json_text(record)
+    try:
+        return (text + "\n").encode()
+    except UnicodeEncodeError:  # a lone surrogate (valid JSON when escaped, common in truncated text)
+        return (json.dumps(_finite(record), separators=(",", ":"), allow_nan=False, default=str) + "\n").encode()
 
 
 def _openai_batch_line(rec: dict[str, Any], n: int) -> dict[str, Any]:
@@ -343,6 +552,29 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
     return [*names, "choices.list.element.finish_reason"]
 
 
+def written_by_batcher(output: Path) -> bool:
+    """Whether `output` is a file batcher wrote: its state folder is beside it, or (Parquet) its footer carries
+    batcher's key (for an output whose state folder was cleaned away)."""
+    if (state_dir_for(output) / "run.json").exists():
+        return True
+    try:
+        metadata = pq.read_schema(output).metadata or {}
+    except (OSError, pa.ArrowException):
+        return False
+    return OUTPUT_MARKER in metadata
+
+
+def _chunks(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for rec in records:
+        chunk.append(rec)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def finalize(
     journal: Path,
     output: Path,
@@ -351,14 +583,30 @@ def finalize(
     id_name: str,
     keep: list[str],
     row_group_size: int,
+    *,
+    keep_from: InputColumns | None = None,
 ) -> int:
-    """Write the journal's records to `output` atomically; returns the number of rows written."""
+    """Write the journal's records to `output` atomically; returns the number of rows written.
+
+    `keep`: the kept input columns (not the input's id column), by input name. They come from the journal
+    (JSONL inputs: the values as given) or, with `keep_from`, from the Parquet input itself by row position.
+    """
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
+    journal_keep = [] if keep_from is not None else keep
     rows = 0
     try:
         if fmt == "parquet":
-            with pq.ParquetWriter(tmp, schema, compression="zstd", use_dictionary=_dictionary_columns(schema)) as writer:
+
+            def table_of(lines: list[bytes]) -> pa.Table:
+                columns = _table_from_lines(lines, schema, id_name, journal_keep)
+                if keep_from is not None:
+                    joined = keep_from.take(columns["_i"], columns[id_name])
+                    columns.update((kept_name(c, id_name), joined.column(c)) for c in keep)
+                return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+            marked = schema.with_metadata({**(schema.metadata or {}), OUTPUT_MARKER: b"1"})
+            with pq.ParquetWriter(tmp, marked, compression="zstd", use_dictionary=_dictionary_columns(schema)) as writer:
                 # Lines are parsed a slice at a time into Arrow tables, and a row group is written once the
                 # slices add up to one: the peak is one row group in Arrow, not also its JSON text.
                 lines: list[bytes] = []
@@ -368,7 +616,7 @@ def finalize(
                 for line in ordered_lines(journal):
                     lines.append(line)
                     if len(lines) >= step:
-                        tables.append(_table_from_lines(lines, schema, id_name, keep))
+                        tables.append(table_of(lines))
                         pending += len(lines)
                         lines = []
                         if pending >= row_group_size:
@@ -376,38 +624,51 @@ def finalize(
                             rows += pending
                             tables, pending = [], 0
                 if lines:
-                    tables.append(_table_from_lines(lines, schema, id_name, keep))
+                    tables.append(table_of(lines))
                     pending += len(lines)
                 if tables:
                     writer.write_table(pa.concat_tables(tables), row_group_size=row_group_size)
                     rows += pending
                 elif rows == 0:
-                    writer.write_table(_table([], schema, id_name, keep))
+                    writer.write_table(schema.empty_table())
         else:
+            id_type = schema.field(id_name).type
             with open(tmp, "wb") as f:
-                out_lines: list[bytes] = []
-                for rec in ordered_records(journal):
+                for chunk in _chunks(ordered_records(journal), min(row_group_size, 2_000)):
+                    out_lines: list[bytes] = []
                     if fmt == "openai_batch":
-                        out_lines.append(_dumps(_openai_batch_line(rec, rows)))
-                    else:
-                        out = {id_name: rec.get("id")}
-                        k = rec.get("keep") or {}
-                        for c in keep:
-                            if c != id_name:
-                                out[kept_name(c, id_name)] = k.get(c)
-                        out.update((name, rec.get(name)) for name in RESULT_COLUMNS)
-                        out_lines.append(_dumps(out))
-                    rows += 1
-                    if len(out_lines) >= row_group_size:
+                        for rec in chunk:
+                            out_lines.append(_dumps(_openai_batch_line(rec, rows)))
+                            rows += 1
                         f.write(b"".join(out_lines))
-                        out_lines.clear()
-                f.write(b"".join(out_lines))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+                        continue
+                    kept: list[tuple[str, list[Any]]] = []
+                    if keep_from is not None:
+                        joined = keep_from.take(
+                            pa.array([r["_i"] for r in chunk], type=pa.int64()),
+                            pa.array([r.get("id") for r in chunk], type=id_type),
+                        )
+                        kept = [(kept_name(c, id_name), json_values(joined.column(c))) for c in keep]
+                    for j, rec in enumerate(chunk):
+                        out = {id_name: rec.get("id")}
+                        if keep_from is not None:
+                            out.update((name, values[j]) for name, values in kept)
+                        else:
+                            k = rec.get("keep") or {}
+                            out.update((kept_name(c, id_name), k.get(c)) for c in keep)
+                        out.update((name, rec.get(name)) for name in RESULT_COLUMNS)
+                        out_lines.append(_dumps_output(out))
+                    rows += len(chunk)
+                    f.write(b"".join(out_lines))
+        with open(tmp, "rb+") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, output)
         _fsync_dir(output.parent)
-    except OSError as exc:
+    except BaseException as exc:
+        # Whatever failed, no temporary file is left behind (a rerun that fails the same way would add another)
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise OutputError(f"cannot write the output {output}: {exc.strerror or exc}") from None
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write the output {output}: {exc.strerror or exc}") from None
+        raise
     return rows

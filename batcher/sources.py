@@ -103,19 +103,22 @@ class Source:
         self.path = spec.path
         self.format = spec.resolved_format
         self.keep_columns = keep_columns
+        # A Parquet input's kept columns are not read here: the sink takes them from the file itself when it
+        # writes the output (any Arrow type, untouched); a JSONL input's kept values travel in the journal.
+        self._row_keep = [] if self.format == "parquet" else keep_columns
         self.template = Template(spec.prompt) if spec.prompt is not None else None
         self.id_name = spec.id_column or ("custom_id" if self.format == "openai_batch" else "id")
 
     # -- pre-flight ---------------------------------------------------------------------------------------
 
-    def _needed(self) -> list[str]:
+    def _needed(self, keep: bool = True) -> list[str]:
         cols: list[str] = []
         for c in (
             ([self.spec.id_column] if self.spec.id_column else [])
             + ([self.spec.prompt_column] if self.spec.prompt_column else [])
             + (self.template.variables if self.template else [])
             + self.spec.inputs_columns
-            + self.keep_columns
+            + (self.keep_columns if keep else [])
         ):
             if c not in cols:
                 cols.append(c)
@@ -210,8 +213,11 @@ class Source:
                     )
                 ids.append(v)
             for c in self.keep_columns:
-                if obj.get(c) is not None:
-                    keep_types[c].add(type(obj[c]).__name__)
+                v = obj.get(c)
+                if v is not None:
+                    # an integer beyond int64 fits no Arrow integer: such a column is kept as JSON text
+                    big = type(v) is int and not -(2**63) <= v < 2**63
+                    keep_types[c].add("bigint" if big else type(v).__name__)
         if self.format != "openai_batch":
             never = [c for c in self._needed() if c not in seen_keys and c != self.spec.id_column]
             if never and rows:
@@ -261,7 +267,7 @@ class Source:
 
     def _parquet_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
         pf = pq.ParquetFile(self.path, pre_buffer=False)
-        columns = self._needed()
+        columns = self._needed(keep=False)
         index = 0
         for batch in pf.iter_batches(batch_size=self.spec.batch_size, columns=columns or None):
             n = batch.num_rows
@@ -346,7 +352,7 @@ class Source:
         return f"prompt is {n} characters, over input.max_prompt_chars ({self.spec.max_prompt_chars})"
 
     def _row(self, index: int, row_id: Any, record: dict[str, Any]) -> SourceRow:
-        keep = {c: record.get(c) for c in self.keep_columns}
+        keep = {c: record.get(c) for c in self._row_keep}
         try:
             if self.template is not None:
                 prompt = self.template.render(record)

@@ -32,7 +32,9 @@ __all__ = [
     "DEFAULT_FALLBACK_ON_CODES",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_RETRY_ON_CODES",
+    "RESULT_COLUMN_NAMES",
     "JobSpec",
+    "kept_column_name",
     "load_spec",
     "parse_spec",
 ]
@@ -40,6 +42,19 @@ __all__ = [
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_RETRY_ON_CODES = (429, 500, 502, 503, 504)
 DEFAULT_FALLBACK_ON_CODES = (408, 429, 500, 502, 503, 504, 529)
+
+# The columns batcher writes after the id and the kept input columns (`sinks.RESULT_COLUMNS` gives their types).
+RESULT_COLUMN_NAMES = frozenset({
+    "text", "finish_reason", "choices", "model", "status", "error", "error_kind", "http_status", "attempts",
+    "cached", "latency_ms", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
+    "reasoning_tokens", "completion_id", "cost_usd",
+})
+
+
+def kept_column_name(column: str, id_name: str) -> str:
+    """A kept input column's name in the output: its own, unless the id or batcher's columns already use it."""
+    return f"input_{column}" if column in RESULT_COLUMN_NAMES or column == id_name else column
+
 
 StatusCode = Annotated[int, Field(ge=100, le=599)]
 FallbackCode = Annotated[int, Field(ge=400, le=599)]
@@ -341,6 +356,16 @@ class InputSpec(_Model):
     def resolved_format(self) -> str:
         return self.format or format_of(self.path, "input")
 
+    @property
+    def id_source(self) -> str | None:
+        """The input column holding the ids (None: ids are row positions)."""
+        return self.id_column or ("custom_id" if self.resolved_format == "openai_batch" else None)
+
+    @property
+    def id_name(self) -> str:
+        """The id's column name in the output."""
+        return self.id_source or "id"
+
 
 class OutputSpec(_Model):
     path: Path
@@ -474,11 +499,32 @@ class JobSpec(_Model):
                     f"request.{orq_only[0]} is orq-only and cannot be sent with endpoint.api: openai "
                     "(routing fields like retry and cache still apply: batcher enforces them itself)"
                 )
+        self._kept_names()
         if self.input.inputs_columns and self.endpoint.api == "openai":
             raise ValueError("input.inputs_columns fills orq.inputs, which endpoint.api: openai cannot send")
         if self.input.inputs_columns and self.request.orq is not None and isinstance(self.request.orq.inputs, list):
             raise ValueError("input.inputs_columns needs request.orq.inputs as a mapping (or unset), not a list")
         return self
+
+    def _kept_names(self) -> None:
+        """Two kept columns written under one output name would crash the Parquet write after every call was
+        paid (or overwrite each other in JSONL): refuse them here, before any call."""
+        id_source, id_name = self.input.id_source, self.input.id_name
+        by_name: dict[str, str] = {}
+        for column in self.output.keep_columns:
+            if column == id_source:
+                continue  # it is the output's id column already
+            name = kept_column_name(column, id_name)
+            if name in by_name:
+                other = by_name[name]
+                raise ValueError(
+                    f"output.keep_columns: {column!r} is listed twice"
+                    if other == column
+                    else f"output.keep_columns: {other!r} and {column!r} would both be written as the output "
+                    f"column {name!r} (a kept column named like the id or one of batcher's columns gets an "
+                    "input_ prefix); keep only one"
+                )
+            by_name[name] = column
 
     @property
     def job_name(self) -> str:
@@ -519,6 +565,8 @@ def _format_errors(source: str, exc: ValidationError) -> str:
         value = err.get("input")
         shown = "" if err["type"] in ("missing",) or isinstance(value, dict) else f" (got {json.dumps(value, default=str)})"
         line = f"  {field}: {msg}{shown}"
+        if field == "(top level)" and re.match(r"[a-z_]+(\.[a-z_]+)+: ", msg):
+            line = f"  {msg}"  # a check across sections that names its field itself
         if line not in seen:
             seen.add(line)
             lines.append(line)

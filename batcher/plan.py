@@ -41,7 +41,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from .errors import BatcherError, SpecError
+from .errors import SpecError
 from .prices import Price, PriceTable
 from .routing import plan_for
 from .runner import run_fingerprint
@@ -427,18 +427,9 @@ def render_text(plan: Plan) -> str:
 
 
 def load_price_file(path: str) -> PriceTable:
-    """`--prices FILE` for plan and report: a file that cannot be read or parsed is a usage error (exit 2)
-    naming the file, not a traceback."""
-    import yaml
-
-    try:
-        return PriceTable.from_file(path)
-    except BatcherError:
-        raise
-    except OSError as exc:
-        raise SpecError(f"--prices {path}: {exc.strerror or exc}") from None
-    except (ValueError, TypeError, KeyError, AttributeError, yaml.YAMLError) as exc:
-        raise SpecError(f"--prices {path}: not a price table ({type(exc).__name__}: {exc})") from None
+    """`--prices FILE` for plan and report: checked like a spec's `prices:` (a SpecError, exit 2, naming the file
+    and the entry; see PriceTable.from_file)."""
+    return PriceTable.from_file(path)
 
 
 def _positive(text: str) -> float:

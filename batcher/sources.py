@@ -171,7 +171,7 @@ class Source:
             chunks = [_plain(b.column(0)) for b in pf.iter_batches(batch_size=65_536, columns=[self.spec.id_column])]
             ids = pa.chunked_array(chunks, type=id_type)
             self._check_ids(ids)
-        keep_types = {c: _decoded(schema.field(c).type) for c in self.keep_columns}
+        keep_types = {c: schema.field(c).type for c in self.keep_columns}
         return SourceInfo(rows=rows, id_type=id_type, keep_types=keep_types)
 
     def _check_ids(self, ids: pa.ChunkedArray | pa.Array) -> None:
@@ -335,15 +335,14 @@ class Source:
         return SourceRow(index, row_id, prompt, keep=keep, body=body, model=model)
 
     def _unsendable_row(self, row: SourceRow, lineno: int) -> SourceRow:
-        """An error row if a value bound for the request or the output holds a lone surrogate; else the row."""
+        """An error row if a value bound for the request holds a lone surrogate; else the row. Kept columns are not
+        sent: the sink writes them back as given (escaped in JSONL, U+FFFD in Parquet's UTF-8 strings)."""
         parts: list[tuple[str, Any]] = [("the prompt", row.prompt), ("the body", row.body)]
         parts += [(f"inputs column {c!r}", v) for c, v in (row.inputs or {}).items()]
-        parts += [(f"kept column {c!r}", v) for c, v in row.keep.items()]
         bad = [what for what, value in parts if value is not None and _unsendable(value)]
         if not bad:
             return row
-        keep = {c: (None if _unsendable(v) else v) for c, v in row.keep.items()}
-        return SourceRow(row.index, row.id, None, keep=keep, error=(
+        return SourceRow(row.index, row.id, None, keep=row.keep, error=(
             f"line {lineno}: {', '.join(bad)} holds a lone UTF-16 surrogate (an escape like \\ud83d without "
             "its pair, often from truncated text), which is not valid Unicode and cannot be sent"
         ))

@@ -25,6 +25,7 @@ import anyio
 import pyarrow as pa
 from anyio.abc import ObjectSendStream
 
+from . import storage
 from .budget import Budget, BudgetStop, recorded_spend, unpriced
 from .cache import ResponseCache
 from .call import Caller, Records, Work
@@ -169,7 +170,7 @@ def run_fingerprint(spec: JobSpec) -> str:
     return fingerprint(
         {
             "input": spec.input.model_dump(mode="json", exclude={"batch_size", "max_prompt_chars"}),
-            "input_path": str(spec.input.path.resolve()),
+            "input_path": storage.location(spec.input.path),
             "keep": spec.output.keep_columns,
             "format": spec.output.resolved_format,
             "request": spec.request.model_dump(mode="json", exclude_unset=True),
@@ -478,7 +479,7 @@ class _Job:
         spec = self.spec
         keep_from = None
         if self.keep and self.source.format == "parquet" and self.fmt != "openai_batch":
-            keep_from = InputColumns(spec.input.path, self.keep, spec.input.id_column)
+            keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column)
         written = finalize(
             self.state.directory / "journal.jsonl",
             self.output,

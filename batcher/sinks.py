@@ -356,19 +356,29 @@ class InputColumns:
     checked against the journal's; if the input was edited since (rows moved), the rows are found by id.
     """
 
-    def __init__(self, path: Path, columns: list[str], id_column: str | None) -> None:
-        self.path = path
+    def __init__(self, path: Path | list[str], columns: list[str], id_column: str | None) -> None:
+        # several files (a directory or glob input): positions run on from one file to the next
+        self.paths = [str(path)] if isinstance(path, Path) else list(path)
         self.columns = columns
         self.id_column = id_column
         self._read = list(dict.fromkeys([*columns, *([id_column] if id_column else [])]))
-        arrow = pq.ParquetFile(path, pre_buffer=False).schema_arrow
+        arrow = self._file(self.paths[0]).schema_arrow
         self._schema = pa.schema([arrow.field(c) for c in self._read])
         self._all_ids: pa.Array | None = None
         self._restart()
 
+    @staticmethod
+    def _file(path: str) -> pq.ParquetFile:
+        from .storage import is_remote, open_input
+
+        return pq.ParquetFile(open_input(path) if is_remote(path) else path, pre_buffer=False)
+
+    def _all_batches(self, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
+        for path in self.paths:
+            yield from self._file(path).iter_batches(batch_size=batch_size, columns=columns)
+
     def _restart(self) -> None:
-        pf = pq.ParquetFile(self.path, pre_buffer=False)
-        self._batches = pf.iter_batches(batch_size=16_384, columns=self._read)
+        self._batches = self._all_batches(self._read, 16_384)
         self._batch: pa.RecordBatch | None = None
         self._start = self._end = 0
         self._exhausted = False
@@ -419,8 +429,7 @@ class InputColumns:
     def _take_by_id(self, ids: Any) -> pa.Table:
         assert self.id_column is not None
         if self._all_ids is None:
-            pf = pq.ParquetFile(self.path, pre_buffer=False)
-            chunks = [b.column(0) for b in pf.iter_batches(batch_size=65_536, columns=[self.id_column])]
+            chunks = [b.column(0) for b in self._all_batches([self.id_column], 65_536)]
             self._all_ids = pa.chunked_array(chunks, type=self._schema.field(self.id_column).type).combine_chunks()
         found = pc.index_in(ids, value_set=self._all_ids)
         order = pc.sort_indices(found)  # nulls (ids no longer in the input) last

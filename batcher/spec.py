@@ -321,6 +321,11 @@ def format_of(path: Path, section: str) -> str:
         return "parquet"
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
+    if section == "input" and path.is_dir():  # a directory of inputs: the format its files share
+        found = {format_of(p, section) for p in path.iterdir()
+                 if p.is_file() and p.suffix.lower() in (".parquet", ".jsonl", ".ndjson")}
+        if len(found) == 1:
+            return found.pop()
     raise ValueError(f"cannot tell the format of {str(path)!r}: use .parquet or .jsonl, or set {section}.format")
 
 

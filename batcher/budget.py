@@ -48,6 +48,10 @@ class Budget:
         self.reserved += worst
         return True
 
+    async def areserve(self, worst: float) -> bool:
+        """`reserve`, for a budget that may have to ask for room first (a worker's share of a job's cap)."""
+        return self.reserve(worst)
+
     def settle(self, worst: float, actual: float | None, *, answered: bool) -> None:
         """Release a reservation. `actual` None on an answer means its cost is unknown (a model with no
         price answered): the whole reservation counts as spent, so the cap still holds."""

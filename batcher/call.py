@@ -165,7 +165,7 @@ class Caller:
             await self.stopping.wait()
         return not self.halted
 
-    def _reserve(self, item: Work) -> tuple[float, dict[str, Any] | None]:
+    async def _reserve(self, item: Work) -> tuple[float, dict[str, Any] | None]:
         """Reserve the row's worst case: (worst, None) when it fits; (0, an error row) when it cannot be priced;
         sets `budget_hit` (and returns (0, None)) when it does not fit."""
         if not self.budget.enforced:
@@ -176,7 +176,7 @@ class Caller:
         if worst is None:
             return 0.0, self.records.error(
                 row, "budget", f"no price for one of {models}: limits.max_cost_usd cannot be enforced")
-        if not self.budget.reserve(worst):
+        if not await self.budget.areserve(worst):
             self.budget_hit = True
             return 0.0, None
         return worst, None
@@ -190,7 +190,7 @@ class Caller:
         waited = 0.0  # told to wait by 429s, this row
         started: float | None = None  # the first attempt's send: queueing at the limiter is not latency
         stream = bool(body.get("stream"))
-        worst, refused = self._reserve(item)
+        worst, refused = await self._reserve(item)
         if refused is not None:
             return refused
         if self.budget_hit:

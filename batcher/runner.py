@@ -216,6 +216,7 @@ class _Job:
             verbose=options.verbose,
             recent_max=3 * spec.input.batch_size + 16 * spec.limits.concurrency,
         )
+        self.concurrency = spec.limits.concurrency  # this process's share of it, for one worker of a cluster
         self.endpoint: Endpoint | None = None
         self.endpoint_id = ""
         self.progress: Progress | None = None
@@ -338,9 +339,21 @@ class _Job:
         self.pool.cancel_work()
 
     async def run(self) -> RunResult:
-        spec, opts = self.spec, self.options
+        opts = self.options
         t0 = time.perf_counter()
         info = self._preflight()
+        total = info.rows if opts.limit is None else min(opts.limit, info.rows)
+        error = await self._pipeline(max(0, total - self.result.skipped), self.state.directory)
+        self.result.rows = self.result.skipped + self.result.ok + self.result.errors
+        self.result.wall_s = time.perf_counter() - t0
+        return self._conclude(info, error)
+
+    def _start_helpers(self, tg: anyio.abc.TaskGroup) -> None:
+        """Tasks that run beside the pool (a distributed shard's heartbeat); none for a local run."""
+
+    async def _pipeline(self, todo: int, journal_dir: Path) -> BaseException | None:
+        """The pipeline over `self.source`, journaled in `journal_dir`: a fatal or output error is returned."""
+        spec, opts = self.spec, self.options
         base_url = opts.base_url or spec.endpoint.base_url
         api_key = _api_key(spec, base_url)
         async with contextlib.AsyncExitStack() as stack:
@@ -359,15 +372,13 @@ class _Job:
                 stack.callback(self.cache.close)
                 if not self.cache.enabled:
                     self.cache = None
-            self.journal = Journal(self.state.directory)
+            self.journal = Journal(journal_dir)
             stack.callback(self.journal.close)
-            total = info.rows if opts.limit is None else min(opts.limit, info.rows)
-            todo = max(0, total - self.result.skipped)
             self.progress = Progress(todo, enabled=_progress_enabled(opts), job=spec.job_name)
             stack.callback(self.progress.close)
             endpoint = self.endpoint
             self.pool: Pool[Work, _Result, WorkerClient] = Pool(
-                concurrency=spec.limits.concurrency,
+                concurrency=self.concurrency,
                 feed=self.feed,
                 work=self.caller.work,
                 open_worker=lambda: WorkerClient(endpoint),
@@ -378,14 +389,16 @@ class _Job:
             async with anyio.create_task_group() as tg:
                 if opts.handle_signals:
                     tg.start_soon(self._watch_signals)
+                self._start_helpers(tg)
                 try:
                     await self.pool.run()
                 except (FatalRequestError, OutputError) as exc:
                     error = exc
                 finally:
                     tg.cancel_scope.cancel()
-        self.result.rows = self.result.skipped + self.result.ok + self.result.errors
-        self.result.wall_s = time.perf_counter() - t0
+        return error
+
+    def _conclude(self, info: SourceInfo, error: BaseException | None) -> RunResult:
         if isinstance(error, OutputError):
             self.state.save()
             raise error

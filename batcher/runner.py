@@ -12,6 +12,7 @@ import contextlib
 import gc
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -36,6 +37,7 @@ from .pool import Pool, WorkSender
 from .prices import Price, PriceTable
 from .progress import Progress
 from .routing import Backoff, RoutePlan, plan_for
+from .shards import fold_shards
 from .sinks import (
     InputColumns,
     Journal,
@@ -68,6 +70,8 @@ class RunOptions:
     seed: int | None = None  # backoff jitter; None = random
     verbose: bool = False  # one stderr line per failed attempt and what batcher does about it
     overwrite: bool = False  # replace an existing output that batcher did not write
+    ray: str | None = None  # run on Ray: "local" (a local instance), "auto" or "ray://host:port"; None: here
+    workers: int | None = None  # Ray workers (default: one per CPU of the cluster, capped by the shards)
 
 
 @dataclass
@@ -410,11 +414,11 @@ class _Job:
         if isinstance(error, FatalRequestError):
             res.status = "fatal"
             res.message = f"{error}. Nothing answered was lost: fix the key and rerun the same command to resume"
-        elif self.pool.feeding_stopped and res.signal is not None:
+        elif self._interrupted():
             res.status = "interrupted"
             res.message = (f"interrupted: {res.skipped + res.ok + res.errors} rows saved in {self.output}; "
                            "rerun the same command to finish the rest")
-        elif self.caller.budget_hit and self.budget.cap is not None:
+        elif self._budget_hit() and self.budget.cap is not None:
             res.status = "budget"
             BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent)
             earlier = f" (${self.budget.spent_before:.4f} of it by earlier runs)" if self.budget.spent_before else ""
@@ -428,9 +432,15 @@ class _Job:
             BudgetStop(self.state.directory).clear()
         return res
 
+    def _interrupted(self) -> bool:
+        return self.pool.feeding_stopped and self.result.signal is not None
+
+    def _budget_hit(self) -> bool:
+        return self.caller.budget_hit
+
     def _preflight(self) -> SourceInfo:
         spec, opts = self.spec, self.options
-        info = self.source.check()
+        info = self._check_input()
         if spec.limits.max_cost_usd is not None:
             # every model that may answer: the primary, the fallbacks and the balancer's, on both APIs
             missing = unpriced(self.prices, self.plan.may_answer)
@@ -459,11 +469,7 @@ class _Job:
                 self.result.status = "nothing_to_do"
                 self.result.skipped = info.rows
                 raise _NothingToDo()
-            ids = compact_journal(state_dir)
-            self.result.skipped = len(ids)
-            if ids:
-                self.done_ids = pa.array(ids, type=info.id_type)
-            self._budget_so_far(state_dir)
+            self._resume(state_dir, info)
         else:
             state = RunState(state_dir, fp)
             state.save()
@@ -471,12 +477,27 @@ class _Job:
         self.info = info
         return info
 
+    def _check_input(self) -> SourceInfo:
+        return self.source.check()
+
+    def _resume(self, state_dir: Path, info: SourceInfo) -> None:
+        """Pick up an earlier run's answers: the ids to skip and the spend so far."""
+        fold_shards(state_dir)  # a distributed run's journals, if one stopped before merging them
+        ids = compact_journal(state_dir)
+        self.result.skipped = len(ids)
+        if ids:
+            self.done_ids = pa.array(ids, type=info.id_type)
+        self._budget_so_far(state_dir)
+
+    def _recorded_spend(self, state_dir: Path) -> float:
+        return recorded_spend(state_dir / "journal.jsonl")
+
     def _budget_so_far(self, state_dir: Path) -> None:
         """The cap is the job's: earlier runs' spend counts, and a job stopped at its cap stays stopped under it."""
         cap = self.budget.cap
         if cap is None:
             return
-        before = recorded_spend(state_dir / "journal.jsonl")
+        before = self._recorded_spend(state_dir)
         self.budget.spent_before = self.budget.spent = before
         stopped_at = BudgetStop(state_dir).stopped_at()
         if before >= cap or (stopped_at is not None and cap <= stopped_at):
@@ -519,6 +540,8 @@ class _BudgetReached(Exception):
 
 
 def _remove_state(directory: Path) -> None:
+    for name in ("shards", "shards.new", "shards.old"):
+        shutil.rmtree(directory / name, ignore_errors=True)
     for name in ("journal.jsonl", "run.json", "journal.compact.tmp", BudgetStop.NAME):
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
@@ -550,7 +573,12 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
     options = options or RunOptions(**kwargs)
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
-    job = _Job(spec, options)
+    if options.ray is not None:
+        from .distributed import RayJob  # imports Ray: only a --ray run pays for it
+
+        job: _Job = RayJob(spec, options)
+    else:
+        job = _Job(spec, options)
     try:
         return await job.run()
     except _NothingToDo:

@@ -190,7 +190,7 @@ def test_pacer_holds_the_rate_across_rate_changes() -> None:
             p.take(1)
             sent += 1
         clock.t += 0.01
-    assert 5 * 10 + 5 * 20 - 3 <= sent <= 5 * 10 + 5 * 20 + 2
+    assert 140 <= sent <= 5 * 10 + 5 * 20 + 2  # never over; a little under from the 10 ms steps
 
 
 def test_tables_equal_helper_sees_a_difference(tmp_path: Path) -> None:

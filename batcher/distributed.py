@@ -36,6 +36,7 @@ import ray
 from .budget import recorded_spend
 from .coordinator import PROGRESS_KEYS, Coordination, LeasedBudget, LeasedCooldown, LeasedLimits
 from .errors import BatcherError, FatalRequestError
+from .mirror import Mirror, local_scratch
 from .progress import Progress
 from .runner import RunOptions, RunResult, _Job, _progress_enabled, _say
 from .shards import Shard, merge_journals, place, plan_shards, prepare_journals, shard_dir
@@ -109,6 +110,7 @@ class _Task:
     shard: Shard
     journal_dir: str
     id_type: pa.DataType
+    remote: str | None = None  # the shard's state on object storage (the journal_dir is then a scratch copy)
 
 
 class _ShardJob(_Job):
@@ -179,7 +181,13 @@ class _ShardJob(_Job):
     async def run_shard(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         directory = Path(self.task.journal_dir)
+        if self.task.remote is not None:
+            directory = local_scratch()
+            self.mirror = Mirror(directory, self.task.remote)
+            self.mirror.pull_journal("", directory)
         ids = compact_journal(directory)
+        if self.mirror is not None:
+            self.mirror.push_base("", directory)
         self.result.skipped = len(ids)
         self.done_ids = pa.array(ids, type=self.task.id_type) if ids else None
         shard = self.task.shard
@@ -276,6 +284,9 @@ class RayJob(_Job):
 
     def _prepare(self, state_dir: Path) -> None:
         prepare_journals(state_dir, self.shards)
+        if self.mirror is not None:
+            self.mirror.push_shards()
+            self.mirror.push_base("", state_dir)
 
     def _recorded_spend(self, state_dir: Path) -> float:
         return sum(recorded_spend(shard_dir(state_dir, s.number) / "journal.jsonl") for s in self.shards)
@@ -298,7 +309,13 @@ class RayJob(_Job):
         res = self.result
         res.rows = res.skipped + res.ok + res.errors
         res.wall_s = time.perf_counter() - t0
+        if self.mirror is not None:  # what the workers journaled on the store
+            for name in self.mirror.shard_dirs():
+                self.mirror.pull_journal(f"shards/{name}", state_dir / "shards" / name)
         merge_journals(state_dir)
+        if self.mirror is not None:
+            self.mirror.push_base("", state_dir)
+            self.mirror.drop_tree("shards")
         if isinstance(error, BaseException) and not isinstance(error, FatalRequestError):
             self.state.save()
             raise error
@@ -366,7 +383,8 @@ class RayJob(_Job):
                 while pending and idle and not stopping:
                     i = idle.popleft()
                     shard = pending.popleft()
-                    task = _Task(shard, str(shard_dir(state_dir, shard.number)), info.id_type)
+                    remote = None if self.mirror is None else f"{self.mirror.remote}/shards/{shard.number:05d}"
+                    task = _Task(shard, str(shard_dir(state_dir, shard.number)), info.id_type, remote)
                     running[actors[i].run_shard.remote(task)] = (i, shard)
                 if stopping:
                     pending.clear()

@@ -33,6 +33,7 @@ from .call import Caller, Records, Work
 from .client import Endpoint, WorkerClient
 from .errors import FatalRequestError, OutputError, ResumeError, SpecError
 from .limits import RateLimits
+from .mirror import Mirror, MirroredJournal, staging_dir
 from .pool import Pool, WorkSender
 from .prices import Price, PriceTable
 from .progress import Progress
@@ -116,7 +117,8 @@ class RunResult:
         cost = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
         if self.unpriced:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
-        return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {self.output}"
+        where = storage.uri_of(self.output) or self.output
+        return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {where}"
 
 
 # What the writer receives: a worker's row (None when the row was not sent: budget, fatal stop, signal), or a
@@ -190,6 +192,11 @@ class _Job:
         self.spec = spec
         self.options = options
         self.output = options.output or spec.output.path
+        # An output on object storage: the run is staged on this machine and mirrored there (mirror.py)
+        self.remote_output = storage.uri_of(self.output)
+        self.mirror: Mirror | None = None
+        if self.remote_output is not None:
+            self.output = staging_dir(self.remote_output) / self.remote_output.rpartition("/")[2]
         self.fmt = spec.output.resolved_format if options.output is None else _fmt_of(options.output, spec)
         # Kept columns other than the input's id column (that one is the output's id already)
         self.keep = [c for c in spec.output.keep_columns if c != spec.input.id_source]
@@ -202,7 +209,7 @@ class _Job:
         cache_cfg = spec.request.routing("cache")
         self.cache_ttl: float | None = cache_cfg.ttl if cache_cfg is not None else None
         self.cache: ResponseCache | None = None
-        self.result = RunResult(output=self.output, status="failed")
+        self.result = RunResult(output=Path(self.remote_output or self.output), status="failed")
         self.records = Records(self.prices)
         self.budget = Budget(spec.limits.max_cost_usd)  # the spend of earlier runs is added in _preflight
         self.caller = Caller(
@@ -352,6 +359,9 @@ class _Job:
         self.result.wall_s = time.perf_counter() - t0
         return self._conclude(info, error)
 
+    def _open_journal(self, directory: Path) -> Journal:
+        return Journal(directory) if self.mirror is None else MirroredJournal(directory, self.mirror, "")
+
     def _start_helpers(self, tg: anyio.abc.TaskGroup) -> None:
         """Tasks that run beside the pool (a distributed shard's heartbeat); none for a local run."""
 
@@ -376,7 +386,7 @@ class _Job:
                 stack.callback(self.cache.close)
                 if not self.cache.enabled:
                     self.cache = None
-            self.journal = Journal(journal_dir)
+            self.journal = self._open_journal(journal_dir)
             stack.callback(self.journal.close)
             self.progress = Progress(todo, enabled=_progress_enabled(opts), job=spec.job_name)
             stack.callback(self.progress.close)
@@ -405,6 +415,8 @@ class _Job:
     def _conclude(self, info: SourceInfo, error: BaseException | None) -> RunResult:
         if isinstance(error, OutputError):
             self.state.save()
+            if self.mirror is not None:
+                self.mirror.push_small()
             raise error
         # Whatever stopped the run, the output shows everything answered so far; the state stays resumable.
         # The pool's sessions, tasks and streams are garbage now: free them before the final write's peak.
@@ -430,6 +442,8 @@ class _Job:
         else:
             res.status = "finished"
             BudgetStop(self.state.directory).clear()
+        if self.mirror is not None:
+            self.mirror.push_small()
         return res
 
     def _interrupted(self) -> bool:
@@ -454,6 +468,12 @@ class _Job:
         self.schema = output_schema(self.source.id_name, info.id_type, {c: info.keep_types[c] for c in self.keep})
         fp = run_fingerprint(spec)
         state_dir = state_dir_for(self.output)
+        if self.remote_output is not None:
+            parent, _, name = self.remote_output.rpartition("/")
+            self.mirror = Mirror(state_dir, f"{parent}/.{name}.batcher")
+            if opts.fresh:
+                self.mirror.drop_tree("")
+            self.mirror.pull()
         state = RunState.load(state_dir)
         self.done_ids: pa.Array | None = None
         if state is not None and opts.fresh:
@@ -473,6 +493,8 @@ class _Job:
         else:
             state = RunState(state_dir, fp)
             state.save()
+        if self.mirror is not None:
+            self.mirror.push_small()
         self.state = state
         self.info = info
         return info
@@ -484,6 +506,8 @@ class _Job:
         """Pick up an earlier run's answers: the ids to skip and the spend so far."""
         fold_shards(state_dir)  # a distributed run's journals, if one stopped before merging them
         ids = compact_journal(state_dir)
+        if self.mirror is not None:
+            self.mirror.push_base("", state_dir)
         self.result.skipped = len(ids)
         if ids:
             self.done_ids = pa.array(ids, type=info.id_type)
@@ -524,6 +548,8 @@ class _Job:
             spec.output.row_group_size,
             keep_from=keep_from,
         )
+        if self.remote_output is not None:
+            storage.upload(self.output, self.remote_output)
         all_ok = written == info.rows and self.result.errors == 0 and self.result.skipped + self.result.ok == info.rows
         # "finished" makes the next rerun a no-op; anything else (error rows, a --limit run) resumes.
         self.state.status = "finished" if all_ok else "partial"

@@ -34,6 +34,7 @@ __all__ = [
     "iter_lines",
     "location",
     "open_input",
+    "upload",
     "uri_of",
 ]
 
@@ -106,6 +107,19 @@ def open_input(path: str | os.PathLike[str]) -> Any:
         return fs.open_input_file(inner)
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"cannot read {uri}: {_clean(exc)}") from None
+
+
+def upload(local: Path, uri: str) -> None:
+    """A finished local file to its place on the store (one PUT: readers see all of it or nothing)."""
+    from .errors import OutputError
+
+    fs, inner = filesystem(uri)
+    try:
+        with open(local, "rb") as src, fs.open_output_stream(inner) as dst:
+            while chunk := src.read(8 << 20):
+                dst.write(chunk)
+    except (OSError, pa.ArrowException) as exc:
+        raise OutputError(f"cannot write the output {uri}: {_clean(exc)}") from None
 
 
 def size_of(path: str | os.PathLike[str]) -> int:

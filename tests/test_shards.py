@@ -68,7 +68,7 @@ def test_directory_of_parquet_files_is_one_input(make_spec, tmp_path: Path) -> N
 
 def test_glob_of_jsonl_files_positions_run_on(make_spec, tmp_path: Path) -> None:
     rows = [json.loads(x) for x in (SAMPLES / "reviews.jsonl").read_text().splitlines()]
-    write_jsonl(tmp_path / "a-1.jsonl", rows[:100] + ["{broken"])
+    write_jsonl(tmp_path / "a-1.jsonl", [*rows[:100], "{broken"])
     write_jsonl(tmp_path / "a-2.jsonl", rows[100:])
     spec = parse_spec(make_spec(input={"path": str(tmp_path / "a-*.jsonl"), "id_column": None},
                                 output={"path": str(tmp_path / "o.parquet")}))

@@ -1,9 +1,11 @@
 """The `batcher` command line: run, validate, plan, report, gateway.
 
 Exit codes: 0 done (or nothing to do), 1 unexpected failure, 2 invalid spec or usage, 3 unusable input,
-4 output not writable (or disk full mid-run), 5 a partial run of another spec is in the way (use --fresh),
-6 the server refused the API key, 7 stopped at the cost budget, 130/143 interrupted by SIGINT/SIGTERM.
-Every stop but 1-5 leaves the run resumable by running the same command again.
+4 output not writable (or disk full mid-run), 5 a partial run of another spec, or of a changed input without
+id_column, is in the way (use --fresh), 6 the server refused the API key, 7 stopped at the cost budget,
+8 another run of this job holds its lock (`--wait` waits for it), 130/143 interrupted by SIGINT/SIGTERM
+(at any moment, start-up included: one line, no traceback).
+After 4, 6, 7, 8, 130 and 143 the run is resumable: run the same command again (after 4, once there is room).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def _run(args: argparse.Namespace) -> int:
         prices=PriceTable.from_file(args.prices) if args.prices else None,
         base_url=args.base_url,
         verbose=args.verbose,
+        wait=args.wait,
     )
     result = run_job(spec, options)
     if result.status == "nothing_to_do":
@@ -72,6 +75,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--prices", metavar="FILE", help="price table overriding the shipped one")
     run.add_argument("--base-url", help="override endpoint.base_url")
     run.add_argument("--verbose", "-v", action="store_true", help="print every failed attempt and the decision")
+    run.add_argument("--wait", action="store_true",
+                     help="if another run of this job is under way, wait for it to end, then resume (else: exit 8)")
     run.set_defaults(func=_run)
 
     val = sub.add_parser("validate", help="check a job spec without running it")
@@ -94,7 +99,16 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before the run watches signals itself (start-up, preflight, waiting for the lock) or after:
+        # nothing was sent yet or everything is written; one line, not a traceback.
+        print("batcher: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["gateway"]:
         return _gateway(argparse.Namespace(), argv[1:])
     # The process is ours here, not a library's: let it hand memory back to the OS between bursts.
@@ -111,9 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     except BatcherError as exc:
         print(f"batcher: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("batcher: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # `batcher report ... | head`: the reader left; say nothing more.
         sys.stderr.close()

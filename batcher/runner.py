@@ -34,11 +34,13 @@ from .prices import Price, PriceTable
 from .progress import Progress
 from .routing import Backoff, RoutePlan, decide, plan_for
 from .sinks import (
+    JobLock,
     Journal,
     RunState,
     compact_journal,
     finalize,
     fingerprint,
+    input_identity,
     output_schema,
     state_dir_for,
 )
@@ -62,6 +64,7 @@ class RunOptions:
     base_url: str | None = None  # overrides endpoint.base_url (tests, benchmarks)
     seed: int | None = None  # backoff jitter; None = random
     verbose: bool = False  # one stderr line per failed attempt and what batcher does about it
+    wait: bool = False  # another run of the job holds its lock: wait for it instead of refusing (exit 8)
 
 
 @dataclass
@@ -170,9 +173,13 @@ def _probe_output(path: Path) -> None:
 
 
 def run_fingerprint(spec: JobSpec) -> str:
+    """The settings a partial run must share with its rerun. The input is named by its resolved path (`./f`,
+    `/abs/f` and a symlink to it are one input), not by its content: with `id_column` the ids name the rows, so
+    rows may be appended or edited between runs. Without one, rows are positions and `input_identity` (size,
+    mtime, a hash of the ends) is checked as well, in `_preflight`."""
     return fingerprint(
         {
-            "input": spec.input.model_dump(mode="json", exclude={"batch_size", "max_prompt_chars"}),
+            "input": spec.input.model_dump(mode="json", exclude={"path", "batch_size", "max_prompt_chars"}),
             "input_path": str(spec.input.path.resolve()),
             "keep": spec.output.keep_columns,
             "format": spec.output.resolved_format,
@@ -218,6 +225,7 @@ class _Job:
         self.endpoint: Endpoint | None = None
         self.endpoint_id = ""
         self.progress: Progress | None = None
+        self.lock: JobLock | None = None
 
     # -- one row --------------------------------------------------------------------------------------------
 
@@ -517,7 +525,8 @@ class _Job:
         self.result.rows = self.result.skipped + self.result.ok + self.result.errors
         self.result.wall_s = time.perf_counter() - t0
         if isinstance(error, OutputError):
-            self.state.save()
+            # Nothing more is written: run.json already says the run is unfinished, and on a full disk a state
+            # write here would fail too and hide the error that matters.
             raise error
         # Whatever stopped the run, the output shows everything answered so far; the state stays resumable.
         # The pool's sessions, tasks and streams are garbage now: free them before the final write's peak.
@@ -556,6 +565,14 @@ class _Job:
         self.schema = output_schema(self.source.id_name, info.id_type, info.keep_types)
         fp = run_fingerprint(spec)
         state_dir = state_dir_for(self.output)
+        # Locked before the state is read and held until the output's final write (released by `arun_job`):
+        # a second run would otherwise pay for every row again, and its start-up (or --fresh) would replace
+        # the journal the first one is appending to.
+        self.lock = JobLock(state_dir)
+        self.lock.acquire(
+            wait=opts.wait,
+            on_wait=lambda holder: _say(f"batcher: waiting for the other run of this job to end ({holder})", False),
+        )
         state = RunState.load(state_dir)
         self.done_ids: pa.Array | None = None
         if state is not None and opts.fresh:
@@ -565,6 +582,15 @@ class _Job:
             raise ResumeError(
                 f"{state_dir} holds a partial run of a different spec (the request, input or output settings "
                 "changed). Rerun with --fresh to start over, or restore the old spec to finish it"
+            )
+        positional = spec.input.id_column is None and self.source.format != "openai_batch"
+        identity = input_identity(spec.input.path) if positional else None
+        if state is not None and state.input != identity:
+            raise ResumeError(
+                f"the input {spec.input.path} changed since the run in {state_dir} (size, modification time or "
+                "content), and its rows are known by position (no input.id_column): resuming would put answers "
+                "on the wrong rows. Restore the file, or rerun with --fresh to start over (with an id_column, "
+                "rows may be edited or appended between runs)"
             )
         if state is not None:
             if state.status == "finished" and state.rows == info.rows and self.output.exists() and opts.limit is None:
@@ -576,7 +602,7 @@ class _Job:
             if ids:
                 self.done_ids = pa.array(ids, type=info.id_type)
         else:
-            state = RunState(state_dir, fp)
+            state = RunState(state_dir, fp, input=identity)
             state.save()
         self.state = state
         self.info = info
@@ -642,6 +668,9 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
     except _NothingToDo:
         job.result.message = f"{job.output} is complete ({job.result.skipped} rows): nothing to do (--fresh starts over)"
         return job.result
+    finally:
+        if job.lock is not None:
+            job.lock.release()
 
 
 def run_job(spec: JobSpec | str | Path, options: RunOptions | None = None, **kwargs: Any) -> RunResult:

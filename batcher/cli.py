@@ -5,7 +5,8 @@ Exit codes: 0 done (or nothing to do), 1 unexpected failure, 2 invalid spec or u
 id_column, is in the way (use --fresh), 6 the server refused the API key, 7 stopped at the cost budget,
 8 another run of this job holds its lock (`--wait` waits for it), 130/143 interrupted by SIGINT/SIGTERM
 (at any moment, start-up included: one line, no traceback).
-After 4, 6, 7, 8, 130 and 143 the run is resumable: run the same command again (after 4, once there is room).
+After 4, 6, 7, 130 and 143 the run is resumable: run the same command again (after 4, once there is room);
+after 8, once the other run has ended.
 """
 
 from __future__ import annotations

@@ -479,6 +479,8 @@ class _Job:
         spec, opts = self.spec, self.options
         t0 = time.perf_counter()
         info = self._preflight()
+        await self._lock_job()
+        self._resume_state(info)
         base_url = opts.base_url or spec.endpoint.base_url
         api_key = _api_key(spec, base_url)
         async with contextlib.AsyncExitStack() as stack:
@@ -551,7 +553,7 @@ class _Job:
         return res
 
     def _preflight(self) -> SourceInfo:
-        spec, opts = self.spec, self.options
+        spec = self.spec
         info = self.source.check()
         if spec.limits.max_cost_usd is not None:
             models = set(self.plan.models) | {m for m, _ in self.plan.load_balancer}
@@ -563,16 +565,27 @@ class _Job:
                 )
         _probe_output(self.output)
         self.schema = output_schema(self.source.id_name, info.id_type, info.keep_types)
+        self.info = info
+        return info
+
+    async def _lock_job(self) -> None:
+        """Locked before the state is read and held until the output's final write (released by `arun_job`):
+        a second run would otherwise pay for every row again, and its start-up (or --fresh) would replace the
+        journal the first one is appending to. The wait polls, with an await between tries, so that Ctrl-C
+        (which asyncio turns into a cancellation) stops it at once."""
+        self.lock = JobLock(state_dir_for(self.output))
+        if self.lock.try_acquire():
+            return
+        if not self.options.wait:
+            raise self.lock.refusal()
+        _say(f"batcher: waiting for the other run of this job to end ({self.lock.holder()})", False)
+        while not self.lock.try_acquire():  # noqa: ASYNC110 - a lock of another process sets no Event of ours
+            await anyio.sleep(0.2)
+
+    def _resume_state(self, info: SourceInfo) -> None:
+        spec, opts = self.spec, self.options
         fp = run_fingerprint(spec)
         state_dir = state_dir_for(self.output)
-        # Locked before the state is read and held until the output's final write (released by `arun_job`):
-        # a second run would otherwise pay for every row again, and its start-up (or --fresh) would replace
-        # the journal the first one is appending to.
-        self.lock = JobLock(state_dir)
-        self.lock.acquire(
-            wait=opts.wait,
-            on_wait=lambda holder: _say(f"batcher: waiting for the other run of this job to end ({holder})", False),
-        )
         state = RunState.load(state_dir)
         self.done_ids: pa.Array | None = None
         if state is not None and opts.fresh:
@@ -605,8 +618,6 @@ class _Job:
             state = RunState(state_dir, fp, input=identity)
             state.save()
         self.state = state
-        self.info = info
-        return info
 
     def _finish(self, info: SourceInfo) -> None:
         spec = self.spec

@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,6 +170,7 @@ class JobLock:
     def __init__(self, directory: Path) -> None:
         self.path = directory / "lock"
         self._fd: int | None = None
+        self.held = False
 
     def holder(self) -> str:
         """Who holds the lock, from what the holder wrote in it."""
@@ -179,41 +180,42 @@ class JobLock:
         except (OSError, ValueError, KeyError, TypeError):
             return "a process that has not written its details yet"
 
-    def acquire(self, *, wait: bool = False, on_wait: Callable[[str], None] | None = None) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise OutputError(f"cannot open the job's lock {self.path}: {exc.strerror or exc}") from None
-        try:
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free (and write who holds it); False if another process holds it."""
+        if self.held:
+            return True
+        if self._fd is None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = self.holder()
-                if not wait:
-                    raise JobLockedError(
-                        f"another run of this job holds its lock ({self.path}): {holder}. Let it finish (or stop "
-                        "it), or rerun with --wait to start as soon as it ends"
-                    ) from None
-                if on_wait is not None:
-                    on_wait(holder)
-                fcntl.flock(fd, fcntl.LOCK_EX)  # a signal interrupts it (KeyboardInterrupt), as it should
-            started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-            info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode()
-            # Only for the message a second run prints: a full disk must not stop the run from starting here.
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, info, 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise OutputError(f"cannot write the job's lock {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.held = True
+        started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode()
+        # Only for the message a second run prints: a full disk must not stop the run from starting here.
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, info, 0)
+        return True
+
+    def refusal(self) -> JobLockedError:
+        return JobLockedError(
+            f"another run of this job holds its lock ({self.path}): {self.holder()}. Let it finish (or stop it), "
+            "or rerun with --wait to start as soon as it ends"
+        )
 
     def release(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
+            if self.held:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+            self.held = False
             os.close(fd)  # closing the last descriptor releases the flock
 
 

@@ -75,11 +75,12 @@ def test_a_second_run_of_a_running_job_is_refused_or_waits(tmp_path: Path) -> No
     rows, first_part = 120, 60
     src = write_jsonl(tmp_path / "in.jsonl", _rows(rows))
     out = tmp_path / "out" / "o.parquet"
-    # One call at a time, 50 ms each: the first run's 60 rows take ~3 s, time enough for the others to meet it.
-    with serve_in_thread(GatewayConfig(latency_s=0.05)) as gw:
+    with serve_in_thread(GatewayConfig(latency_s=0.01)) as gw:
         spec = str(_spec_file(tmp_path, src, out, gw.base_url, concurrency=1))
         first = _cli("run", spec, "--quiet", "--limit", str(first_part))
         _wait_for(lambda: _journal_lines(out) > 0, "the first run to journal a row")
+        # Hold the first run mid-job (one call at a time, a second each) while the others meet it.
+        gw.set_faults([{"kind": "slow", "delay_s": 1.0}])
         assert first.poll() is None
         second = _cli("run", spec, "--quiet")
         fresh = _cli("run", spec, "--quiet", "--fresh")
@@ -92,7 +93,6 @@ def test_a_second_run_of_a_running_job_is_refused_or_waits(tmp_path: Path) -> No
             assert "another run of this job holds its lock" in text and "--wait" in text
             assert f"pid {first.pid} on {socket.gethostname()}" in text and "started 20" in text
             assert "Traceback" not in text and text.count("\n") == 1
-        assert first.poll() is None, "the refusals took too long to show anything"
         # A run waiting for the lock stops on Ctrl-C like any other: one line, 130, nothing touched.
         lock = state_dir_for(out) / "lock"
         _wait_for(lambda: _has_open(interrupted.pid, lock), "the run with --wait to wait on the lock")
@@ -102,6 +102,7 @@ def test_a_second_run_of_a_running_job_is_refused_or_waits(tmp_path: Path) -> No
         assert first.poll() is None
         journaled = _journal_lines(out)
         assert journaled > 0  # --fresh and the refused runs deleted nothing of the running job's state
+        gw.set_faults([])
         _, err = first.communicate(timeout=60)
         assert first.returncode == 0, err.decode()
         _, err = waiter.communicate(timeout=60)

@@ -248,14 +248,16 @@ class Journal:
         if not data or self._fd is None:
             return
         fd = self._fd
-        start = os.lseek(fd, 0, os.SEEK_END)
+        start = -1
         try:
+            start = os.lseek(fd, 0, os.SEEK_END)
             while data:
                 data = data[os.write(fd, data):]
             os.fsync(fd)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, start)
+            if start >= 0:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
             raise OutputError(f"cannot write the journal {self.path}: {exc.strerror or exc}") from None
 
     def close(self) -> None:

@@ -302,6 +302,8 @@ class RayJob(_Job):
     async def run(self) -> RunResult:
         t0 = time.perf_counter()
         info = self._preflight()
+        await self._lock_job()
+        self._resume_state(info)
         state_dir = self.state.directory
         if not (state_dir / "shards").exists():
             self._prepare(state_dir)  # a new job: the shards' folders and plan

@@ -186,19 +186,11 @@ class MirroredJournal(Journal):
         self.prefix = f"{rel}/journal" if rel else "journal"
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
-        data = b"".join(_dumps(r) for r in records)
-        if not data:
+        recs = list(records)
+        if not recs:
             return
-        self._write(data)
-        self.mirror.put(f"{self.prefix}/{_seq()}.jsonl", data)
-
-    def _write(self, data: bytes) -> None:
-        try:
-            self._f.write(data)
-            self._f.flush()
-            os.fsync(self._f.fileno())
-        except OSError as exc:
-            raise OutputError(f"cannot write the journal {self.path}: {exc.strerror or exc}") from None
+        super().append(recs)  # on the local disk first: the staging copy stays a valid journal
+        self.mirror.put(f"{self.prefix}/{_seq()}.jsonl", b"".join(_dumps(r) for r in recs))
 
 
 def local_scratch() -> Path:

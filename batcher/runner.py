@@ -41,11 +41,13 @@ from .routing import Backoff, RoutePlan, plan_for
 from .shards import fold_shards
 from .sinks import (
     InputColumns,
+    JobLock,
     Journal,
     RunState,
     compact_journal,
     finalize,
     fingerprint,
+    input_identity,
     output_schema,
     state_dir_for,
     written_by_batcher,
@@ -73,6 +75,7 @@ class RunOptions:
     overwrite: bool = False  # replace an existing output that batcher did not write
     ray: str | None = None  # run on Ray: "local" (a local instance), "auto" or "ray://host:port"; None: here
     workers: int | None = None  # Ray workers (default: one per CPU of the cluster, capped by the shards)
+    wait: bool = False  # another run of the job holds its lock: wait for it instead of refusing (exit 8)
 
 
 @dataclass
@@ -173,9 +176,13 @@ def _check_output_target(output: Path, input_path: Path, overwrite: bool) -> Non
 
 
 def run_fingerprint(spec: JobSpec) -> str:
+    """The settings a partial run must share with its rerun. The input is named by its resolved path (`./f`,
+    `/abs/f` and a symlink to it are one input), not by its content: with `id_column` the ids name the rows, so
+    rows may be appended or edited between runs. Without one, rows are positions and `input_identity` (size,
+    mtime, a hash of the ends) is checked as well, in `_preflight`."""
     return fingerprint(
         {
-            "input": spec.input.model_dump(mode="json", exclude={"batch_size", "max_prompt_chars"}),
+            "input": spec.input.model_dump(mode="json", exclude={"path", "batch_size", "max_prompt_chars"}),
             "input_path": storage.location(spec.input.path),
             "keep": spec.output.keep_columns,
             "format": spec.output.resolved_format,
@@ -231,6 +238,7 @@ class _Job:
         self.endpoint: Endpoint | None = None
         self.endpoint_id = ""
         self.progress: Progress | None = None
+        self.lock: JobLock | None = None
 
     def prepare(self, row: SourceRow) -> Work | dict[str, Any]:
         """A row becomes work for a worker, or directly a result (an error row)."""
@@ -353,6 +361,8 @@ class _Job:
         opts = self.options
         t0 = time.perf_counter()
         info = self._preflight()
+        await self._lock_job()
+        self._resume_state(info)
         total = info.rows if opts.limit is None else min(opts.limit, info.rows)
         error = await self._pipeline(max(0, total - self.result.skipped), self.state.directory)
         self.result.rows = self.result.skipped + self.result.ok + self.result.errors
@@ -414,9 +424,8 @@ class _Job:
 
     def _conclude(self, info: SourceInfo, error: BaseException | None) -> RunResult:
         if isinstance(error, OutputError):
-            self.state.save()
-            if self.mirror is not None:
-                self.mirror.push_small()
+            # Nothing more is written: run.json already says the run is unfinished, and on a full disk a state
+            # write here would fail too and hide the error that matters.
             raise error
         # Whatever stopped the run, the output shows everything answered so far; the state stays resumable.
         # The pool's sessions, tasks and streams are garbage now: free them before the final write's peak.
@@ -453,7 +462,7 @@ class _Job:
         return self.caller.budget_hit
 
     def _preflight(self) -> SourceInfo:
-        spec, opts = self.spec, self.options
+        spec = self.spec
         info = self._check_input()
         if spec.limits.max_cost_usd is not None:
             # every model that may answer: the primary, the fallbacks and the balancer's, on both APIs
@@ -464,8 +473,27 @@ class _Job:
                     "cannot be enforced; add it under prices: (USD per million prompt/completion tokens)"
                 )
         _probe_output(self.output)
-        _check_output_target(self.output, spec.input.path, opts.overwrite)
+        _check_output_target(self.output, spec.input.path, self.options.overwrite)
         self.schema = output_schema(self.source.id_name, info.id_type, {c: info.keep_types[c] for c in self.keep})
+        self.info = info
+        return info
+
+    async def _lock_job(self) -> None:
+        """Locked before the state is read and held until the output's final write (released by `arun_job`):
+        a second run would otherwise pay for every row again, and its start-up (or --fresh) would replace the
+        journal the first one is appending to. The wait polls, with an await between tries, so that Ctrl-C
+        (which asyncio turns into a cancellation) stops it at once."""
+        self.lock = JobLock(state_dir_for(self.output))
+        if self.lock.try_acquire():
+            return
+        if not self.options.wait:
+            raise self.lock.refusal()
+        _say(f"batcher: waiting for the other run of this job to end ({self.lock.holder()})", False)
+        while not self.lock.try_acquire():  # noqa: ASYNC110 - a lock of another process sets no Event of ours
+            await anyio.sleep(0.2)
+
+    def _resume_state(self, info: SourceInfo) -> None:
+        spec, opts = self.spec, self.options
         fp = run_fingerprint(spec)
         state_dir = state_dir_for(self.output)
         if self.remote_output is not None:
@@ -484,6 +512,15 @@ class _Job:
                 f"{state_dir} holds a partial run of a different spec (the request, input or output settings "
                 "changed). Rerun with --fresh to start over, or restore the old spec to finish it"
             )
+        positional = spec.input.id_column is None and self.source.format != "openai_batch"
+        identity = self._input_identity() if positional else None
+        if state is not None and state.input != identity:
+            raise ResumeError(
+                f"the input {spec.input.path} changed since the run in {state_dir} (size, modification time or "
+                "content), and its rows are known by position (no input.id_column): resuming would put answers "
+                "on the wrong rows. Restore the file, or rerun with --fresh to start over (with an id_column, "
+                "rows may be edited or appended between runs)"
+            )
         if state is not None:
             if state.status == "finished" and state.rows == info.rows and self.output.exists() and opts.limit is None:
                 self.result.status = "nothing_to_do"
@@ -491,16 +528,21 @@ class _Job:
                 raise _NothingToDo()
             self._resume(state_dir, info)
         else:
-            state = RunState(state_dir, fp)
+            state = RunState(state_dir, fp, input=identity)
             state.save()
         if self.mirror is not None:
             self.mirror.push_small()
         self.state = state
-        self.info = info
-        return info
 
     def _check_input(self) -> SourceInfo:
         return self.source.check()
+
+    def _input_identity(self) -> dict[str, Any]:
+        files = self.source.files
+        if len(files) == 1 and not storage.is_remote(files[0]):
+            return input_identity(Path(files[0]))
+        # a directory, a glob or an object: every file's, in order (a file added or removed changes positions)
+        return {"files": [storage.identity(f) for f in files]}
 
     def _resume(self, state_dir: Path, info: SourceInfo) -> None:
         """Pick up an earlier run's answers: the ids to skip and the spend so far."""
@@ -613,6 +655,9 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
     except _BudgetReached:
         job.result.rows = job.result.skipped
         return job.result
+    finally:
+        if job.lock is not None:
+            job.lock.release()
 
 
 def run_job(spec: JobSpec | str | Path, options: RunOptions | None = None, **kwargs: Any) -> RunResult:

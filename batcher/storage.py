@@ -30,6 +30,7 @@ from .errors import InputError
 __all__ = [
     "expand_inputs",
     "filesystem",
+    "identity",
     "is_remote",
     "iter_lines",
     "location",
@@ -120,6 +121,18 @@ def upload(local: Path, uri: str) -> None:
                 dst.write(chunk)
     except (OSError, pa.ArrowException) as exc:
         raise OutputError(f"cannot write the output {uri}: {_clean(exc)}") from None
+
+
+def identity(path: str) -> dict[str, Any]:
+    """What names a file's content cheaply (see `sinks.input_identity`); for an object, its size and time."""
+    uri = uri_of(path)
+    if uri is None:
+        from .sinks import input_identity
+
+        return {"path": path, **input_identity(Path(path))}
+    fs, inner = filesystem(uri)
+    info = fs.get_file_info(inner)
+    return {"path": uri, "size": info.size, "mtime_ns": info.mtime_ns}
 
 
 def size_of(path: str | os.PathLike[str]) -> int:

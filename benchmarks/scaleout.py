@@ -4,8 +4,8 @@ against the gateway in its own process.
     python benchmarks/scaleout.py [--quick] [--rows 4000] [--latency-ms 20] [-c 32] [--rpm 2400]
 
 Figures per setup: rows/s (wall of the run itself: Ray's start-up is shown apart, it is paid once per driver),
-CPU per 1,000 rows of the whole machine less the gateway's own (the driver, the workers and Ray's own daemons:
-what a cluster pays), peak RSS of each Ray worker process, and for the limited runs the achieved rate and the
+CPU per row of this process and every process under it (the driver, Ray's daemons and its workers: what a
+cluster pays; the gateway is a process of its own and not counted), peak RSS of each Ray worker process, and for the limited runs the achieved rate and the
 worst 10-second window as shares of `requests_per_minute`. On 2 cores, 2 workers cannot run faster than one
 process: what this measures is the overhead of the engine, and that the limits hold; benchmarks/README.md
 gives the model for larger clusters.
@@ -70,32 +70,49 @@ class Gateway:
         h._http("POST", f"{self.base_url}/_reset")
 
 
-def _machine_cpu() -> float:
-    t = psutil.cpu_times()
-    return float(t.user + t.system)
-
-
-class WorkerRss:
-    """Peak RSS of every Ray worker process that runs shards, sampled every 100 ms."""
+class Tree:
+    """This process and every process under it (Ray's daemons and workers, started by a local `ray.init`):
+    their CPU seconds over the run (a worker that exits is counted up to its last 100 ms sample), and the peak
+    RSS of each worker that runs shards. The machine is shared: its own CPU counters would count other users."""
 
     def __init__(self) -> None:
         self.peak: dict[int, int] = {}
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._poll, daemon=True)
+        self._sample(initial=True)
+
+    def _sample(self, initial: bool = False) -> None:
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                with p.oneshot():
+                    t = p.cpu_times()
+                    cpu = t.user + t.system
+                    if "ShardWorker" in " ".join(p.cmdline()):
+                        self.peak[p.pid] = max(self.peak.get(p.pid, 0), p.memory_info().rss)
+            except psutil.Error:
+                continue
+            if initial:
+                self.first[p.pid] = cpu
+            self.last[p.pid] = cpu
 
     def _poll(self) -> None:
         while not self._stop.wait(0.1):
-            for p in psutil.process_iter(["cmdline", "memory_info"]):
-                if "ShardWorker" in " ".join(p.info["cmdline"] or []) and p.info["memory_info"] is not None:
-                    self.peak[p.pid] = max(self.peak.get(p.pid, 0), p.info["memory_info"].rss)
+            self._sample()
 
-    def __enter__(self) -> WorkerRss:
+    def cpu(self) -> float:
+        return sum(v - self.first.get(pid, 0.0) for pid, v in self.last.items())
+
+    def __enter__(self) -> Tree:
         self._t.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._t.join(timeout=5)
+        self._sample()
 
 
 def run_one(spec_path: Path, gw: Gateway, *, ray: str | None, workers: int | None) -> dict[str, Any]:
@@ -104,11 +121,10 @@ def run_one(spec_path: Path, gw: Gateway, *, ray: str | None, workers: int | Non
 
     gw.reset()
     out = spec_path.with_suffix(".out.parquet")
-    cpu0, gcpu0 = _machine_cpu(), gw.cpu()
-    with WorkerRss() as rss:
+    with Tree() as rss:
         res = run_job(spec_path, RunOptions(output=out, quiet=True, handle_signals=False, fresh=True, ray=ray,
                                             workers=workers))
-    cpu = _machine_cpu() - cpu0 - (gw.cpu() - gcpu0)
+    cpu = rss.cpu()
     stats = gw.stats()
     arrivals = stats.get("arrivals", [])
     span = (max(arrivals) - min(arrivals)) if len(arrivals) > 1 else 0.0

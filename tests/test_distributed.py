@@ -177,3 +177,35 @@ def test_ray_input_error_comes_back_as_itself(make_spec, tmp_path: Path) -> None
 
     with pytest.raises(InputError, match="duplicate ids"):
         run_job(spec, options(ray="local", workers=2))
+
+
+def test_ray_ctrl_c_on_the_driver_stops_every_worker_and_writes_what_was_answered(make_spec, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    with serve_in_thread(GatewayConfig(latency_s=0.1)) as gw:
+        path = _big_input(tmp_path, 400, 25)
+        out = tmp_path / "o.parquet"
+        spec = make_spec(input={"path": str(path)}, output={"path": str(out)}, endpoint={"base_url": gw.base_url},
+                         limits={"concurrency": 4, "grace_seconds": 5}, cache_dir=None)
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        proc = subprocess.Popen([sys.executable, "-m", "batcher", "run", str(tmp_path / "job.yaml"), "--ray",
+                                 "--workers", "2", "--quiet"], env=env, stderr=subprocess.PIPE, text=True)
+        state = tmp_path / ".o.parquet.batcher"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and _journaled(state) < 40:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        sent = gw.stats.billed
+        time.sleep(0.5)
+        assert gw.stats.billed == sent  # nothing left any worker after the driver stopped
+        df = pl.read_parquet(out)
+        assert 40 <= df.height < 400 and df["review_id"].n_unique() == df.height
+        assert "rerun the same command" in err
+        again = run_job(parse_spec(spec), options(ray="local", workers=2))
+        assert again.status == "finished" and again.skipped == df.height and again.ok == 400 - df.height

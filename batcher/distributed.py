@@ -294,6 +294,9 @@ class RayJob(_Job):
     def _interrupted(self) -> bool:
         return self._interrupt
 
+    def _part_starts(self) -> list[int]:
+        return [s.index_base for s in self.shards]
+
     def _budget_hit(self) -> bool:
         return self._budget
 

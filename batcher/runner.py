@@ -38,7 +38,7 @@ from .pool import Pool, WorkSender
 from .prices import Price, PriceTable
 from .progress import Progress
 from .routing import Backoff, RoutePlan, plan_for
-from .shards import fold_shards
+from .shards import fold_shards, write_parts
 from .sinks import (
     InputColumns,
     JobLock,
@@ -143,7 +143,7 @@ def _api_key(spec: JobSpec, base_url: str) -> str | None:
     return key or None
 
 
-def _probe_output(path: Path) -> None:
+def _probe_output(path: Path, folder: bool = False) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.parent / f".{path.name}.probe{os.getpid()}"
@@ -152,8 +152,8 @@ def _probe_output(path: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise OutputError(f"cannot write the output {path}: {exc.strerror or exc}") from None
-    if path.exists() and path.is_dir():
-        raise OutputError(f"the output path {path} is a folder")
+    if path.exists() and path.is_dir() != folder:
+        raise OutputError(f"the output path {path} is {'not ' if folder else ''}a folder")
 
 
 def _check_output_target(output: Path, input_path: Path, overwrite: bool) -> None:
@@ -472,7 +472,7 @@ class _Job:
                     f"limits.max_cost_usd: no price for {missing[0]!r} (a model that may answer), so the budget "
                     "cannot be enforced; add it under prices: (USD per million prompt/completion tokens)"
                 )
-        _probe_output(self.output)
+        _probe_output(self.output, folder=self.fmt == "parquet_dataset")
         _check_output_target(self.output, spec.input.path, self.options.overwrite)
         self.schema = output_schema(self.source.id_name, info.id_type, {c: info.keep_types[c] for c in self.keep})
         self.info = info
@@ -537,6 +537,10 @@ class _Job:
     def _check_input(self) -> SourceInfo:
         return self.source.check()
 
+    def _part_starts(self) -> list[int]:
+        """Where the parts of a `parquet_dataset` output begin (row positions): one part for a local run."""
+        return [0]
+
     def _input_identity(self) -> dict[str, Any]:
         files = self.source.files
         if len(files) == 1 and not storage.is_remote(files[0]):
@@ -580,16 +584,15 @@ class _Job:
         keep_from = None
         if self.keep and self.source.format == "parquet" and self.fmt != "openai_batch":
             keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column)
-        written = finalize(
-            self.state.directory / "journal.jsonl",
-            self.output,
-            self.fmt,
-            self.schema,
-            self.source.id_name,
-            self.keep,
-            spec.output.row_group_size,
-            keep_from=keep_from,
-        )
+        def write(journal: Path, output: Path, fmt: str) -> int:
+            return finalize(journal, output, fmt, self.schema, self.source.id_name, self.keep,
+                            spec.output.row_group_size, keep_from=keep_from)
+
+        journal = self.state.directory / "journal.jsonl"
+        if self.fmt == "parquet_dataset":
+            written = write_parts(journal, self.output, self._part_starts(), lambda j, o: write(j, o, "parquet"))
+        else:
+            written = write(journal, self.output, self.fmt)
         if self.remote_output is not None:
             storage.upload(self.output, self.remote_output)
         all_ok = written == info.rows and self.result.errors == 0 and self.result.skipped + self.result.ok == info.rows

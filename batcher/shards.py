@@ -19,7 +19,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -226,3 +226,38 @@ def fold_shards(state_dir: Path) -> None:
         if old.is_dir() and not (state_dir / SHARDS).exists():
             old.rename(state_dir / SHARDS)
         merge_journals(state_dir)
+
+
+def write_parts(journal: Path, folder: Path, starts: Sequence[int], write: Callable[[Path, Path], int]) -> int:
+    """A `parquet_dataset` output: the journal's rows as one Parquet file per part (parts begin at `starts`,
+    row positions), written by `write(part_journal, part_file)`, into a new folder that then replaces `folder`
+    (readers see the old parts or the new ones, never a mix). Returns the rows written."""
+    work = folder.with_name(f".{folder.name}.parts{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    journals = work / "journals"
+    parts = work / "parts"
+    journals.mkdir(parents=True)
+    parts.mkdir()
+    try:
+        files: dict[int, object] = {}
+        bounds = sorted(set(starts)) or [0]
+        try:
+            for raw in _journal_lines(journal):
+                pos = _position(raw)
+                if pos is not None:
+                    _append(journals, _bisect(bounds, pos), [raw], files)
+        finally:
+            for f in files.values():
+                f.close()  # type: ignore[attr-defined]
+        rows = 0
+        numbers = sorted(files) or [0]
+        for k in numbers:
+            rows += write(journals / f"{k:05d}" / "journal.jsonl", parts / f"part-{k:05d}.parquet")
+        old = folder.with_name(f".{folder.name}.old{os.getpid()}")
+        if folder.exists():
+            folder.rename(old)
+        parts.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+        return rows
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -374,11 +374,20 @@ class InputSpec(_Model):
 
 class OutputSpec(_Model):
     path: Path
-    format: Literal["parquet", "jsonl", "openai_batch"] | None = None
+    # parquet_dataset: a folder of Parquet parts read as one dataset (what a path ending with "/" means)
+    format: Literal["parquet", "jsonl", "openai_batch", "parquet_dataset"] | None = None
     keep_columns: list[str] = Field(default_factory=list)
     row_group_size: int = Field(10_000, ge=1, le=1_000_000)
 
     _path = field_validator("path", mode="before")(_expand)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _folder(cls, data: Any) -> Any:
+        path = data.get("path") if isinstance(data, dict) else None
+        if isinstance(path, str) and path.endswith("/") and data.get("format") is None:
+            return {**data, "format": "parquet_dataset"}
+        return data
 
     @property
     def resolved_format(self) -> str:

@@ -14,6 +14,7 @@ stores or prints a secret, and errors name only the bucket and key.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import os
@@ -114,6 +115,16 @@ def upload(local: Path, uri: str) -> None:
     """A finished local file to its place on the store (one PUT: readers see all of it or nothing)."""
     from .errors import OutputError
 
+    if local.is_dir():  # a folder of parts: each one, then no stale part of an earlier write
+        names = {p.name for p in local.iterdir() if p.is_file()}
+        for name in sorted(names):
+            upload(local / name, f"{uri}/{name}")
+        fs, inner = filesystem(uri)
+        with contextlib.suppress(OSError, pa.ArrowException):
+            for info in fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True)):
+                if info.base_name not in names:
+                    fs.delete_file(info.path)
+        return
     fs, inner = filesystem(uri)
     try:
         with open(local, "rb") as src, fs.open_output_stream(inner) as dst:

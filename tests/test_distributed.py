@@ -209,3 +209,14 @@ def test_ray_ctrl_c_on_the_driver_stops_every_worker_and_writes_what_was_answere
         assert "rerun the same command" in err
         again = run_job(parse_spec(spec), options(ray="local", workers=2))
         assert again.status == "finished" and again.skipped == df.height and again.ok == 400 - df.height
+
+
+def test_ray_folder_output_has_a_part_per_shard_read_as_one_dataset(make_spec, tmp_path: Path) -> None:
+    one = parse_spec(make_spec(output={"path": str(tmp_path / "one.parquet")}))
+    spec = parse_spec(make_spec(output={"path": str(tmp_path / "ds") + "/"}))
+    run_job(one, options())
+    res = run_job(spec, options(ray="local", workers=2))
+    assert res.status == "finished" and res.ok == 300
+    assert len(list((tmp_path / "ds").glob("part-*.parquet"))) == 3  # the input's three row groups
+    ds = pl.read_parquet(tmp_path / "ds" / "*.parquet").drop(TIMING)
+    assert ds.equals(_table(tmp_path / "one.parquet"))

@@ -198,3 +198,18 @@ def test_tables_equal_helper_sees_a_difference(tmp_path: Path) -> None:
     pq.write_table(pa.table({"a": [2], "latency_ms": [1.0], "completion_id": ["x"]}), tmp_path / "y.parquet")
     with pytest.raises(AssertionError):
         _same(tmp_path / "x.parquet", tmp_path / "y.parquet")
+
+
+def test_output_path_ending_with_a_slash_is_a_folder_of_parquet_parts(make_spec, tmp_path: Path) -> None:
+    one = parse_spec(make_spec(output={"path": str(tmp_path / "one.parquet"), "keep_columns": ["product"]}))
+    spec = parse_spec(make_spec(output={"path": str(tmp_path / "ds") + "/", "keep_columns": ["product"]}))
+    assert spec.output.resolved_format == "parquet_dataset"
+    run_job(one, options())
+    res = run_job(spec, options(limit=100))
+    assert res.ok == 100
+    res = run_job(spec, options())
+    assert res.status == "finished" and res.skipped == 100
+    parts = sorted(p.name for p in (tmp_path / "ds").iterdir())
+    assert parts == ["part-00000.parquet"]
+    ds = pl.from_arrow(pq.read_table(tmp_path / "ds")).drop(TIMING)  # pyarrow reads the folder as one dataset
+    assert ds.equals(pl.read_parquet(tmp_path / "one.parquet").drop(TIMING))

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
+import shutil
 import signal
 import time
 from collections import deque
@@ -138,6 +138,7 @@ class _ShardJob(_Job):
         self.budget = self.caller.budget = self.leased_budget
         self._sent: dict[str, float] = dict.fromkeys(PROGRESS_KEYS, 0.0)
         self._stopped = False
+        self._scratch: Path | None = None
 
     async def _call(self, method: str, *args: Any) -> Any:
         return await getattr(self.coordinator, method).remote(*args)
@@ -183,6 +184,7 @@ class _ShardJob(_Job):
         directory = Path(self.task.journal_dir)
         if self.task.remote is not None:
             directory = local_scratch()
+            self._scratch = directory
             self.mirror = Mirror(directory, self.task.remote)
             self.mirror.pull_journal("", directory)
         ids = compact_journal(directory)
@@ -229,6 +231,13 @@ class ShardWorker:
 
     def run_shard(self, task: _Task) -> dict[str, Any]:
         job = _ShardJob(self.spec, self.options, task, self.coordinator, self.worker, self.concurrency)
+        try:
+            return self._run(job)
+        finally:
+            if job._scratch is not None:  # a scratch copy of a journal that lives on object storage
+                shutil.rmtree(job._scratch, ignore_errors=True)
+
+    def _run(self, job: _ShardJob) -> dict[str, Any]:
         # The loop a single-process run has: Ray's workers make uvloop the default, under which the local gateway
         # (`base_url: local`) does not serve yet.
         result: dict[str, Any] = anyio.run(job.run_shard, backend_options={"loop_factory": asyncio.SelectorEventLoop})
@@ -479,8 +488,4 @@ def _worker_options(opts: RunOptions) -> RunOptions:
     from dataclasses import replace
 
     return replace(opts, quiet=True, progress=False, handle_signals=False, ray=None)
-
-
-def default_workers() -> int:
-    return max(1, math.floor(float(_resources().get("CPU", 1))))
 

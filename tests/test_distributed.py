@@ -220,3 +220,38 @@ def test_ray_folder_output_has_a_part_per_shard_read_as_one_dataset(make_spec, t
     assert len(list((tmp_path / "ds").glob("part-*.parquet"))) == 3  # the input's three row groups
     ds = pl.read_parquet(tmp_path / "ds" / "*.parquet").drop(TIMING)
     assert ds.equals(_table(tmp_path / "one.parquet"))
+
+
+def test_ray_driver_killed_then_rerun_resumes_every_shard(make_spec, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    with serve_in_thread(GatewayConfig(latency_s=0.1)) as gw:
+        path = _big_input(tmp_path, 400, 25)
+        out = tmp_path / "o.parquet"
+        spec = make_spec(input={"path": str(path)}, output={"path": str(out)}, endpoint={"base_url": gw.base_url},
+                         limits={"concurrency": 4}, cache_dir=None)
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        proc = subprocess.Popen([sys.executable, "-m", "batcher", "run", str(tmp_path / "job.yaml"), "--ray",
+                                 "--workers", "2", "--quiet"], env=env, stderr=subprocess.DEVNULL)
+        state = tmp_path / ".o.parquet.batcher"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and _journaled(state) < 60:
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait(timeout=60)
+        assert not out.exists()
+        # the dead driver's workers are ended by Ray; wait until nothing reaches the gateway any more
+        last = -1
+        while gw.stats.billed != last:
+            last = gw.stats.billed
+            time.sleep(1.0)
+        res = run_job(parse_spec(spec), options(ray="local", workers=2))
+        assert res.status == "finished", res.message
+        assert res.skipped >= 60 and res.skipped + res.ok == 400
+        df = pl.read_parquet(out)
+        assert df.height == 400 and df["review_id"].n_unique() == 400 and (df["status"] == "ok").all()
+        assert gw.stats.billed - 400 <= 2 * 4, gw.stats.billed  # re-asked: at most what was in flight

@@ -26,6 +26,7 @@ from jsonschema import Draft202012Validator
 
 from batcher.gateway import Fault, Gateway, GatewayConfig, main, serve_in_thread
 from batcher.openapi import load_openapi
+from batcher.wire import StreamAssembler, parse_completion
 
 ORQ = "/v2/router/completions"
 V1 = "/v1/completions"
@@ -300,6 +301,24 @@ async def test_every_answer_validates_against_the_contract(path: str, change: di
         mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == choice["index"]]
         assert "".join(c["text"] for c in mine) == choice["text"]
         assert mine[-1]["finish_reason"] == choice["finish_reason"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("max_tokens", [200, 4])  # finish_reason "stop", then "length", in every chunk
+async def test_batchers_stream_assembler_reads_the_same_completion_as_the_plain_answer(max_tokens: int) -> None:
+    """Every chunk now carries its choice's finish_reason; batcher's client must still assemble the plain answer."""
+    body = {**BODY, "n": 2, "max_tokens": max_tokens}
+    async with serving() as (_, client):
+        plain = parse_completion((await client.post(ORQ, json=body)).content)
+        async with client.stream("POST", ORQ, json={**body, "stream": True}) as r:
+            assembler = StreamAssembler()
+            async for line in r.aiter_lines():
+                assembler.feed_line(line)
+    streamed = assembler.result()
+    assert {c["finish_reason"] for c in plain.choices} == {"stop" if max_tokens == 200 else "length"}
+    assert streamed.choices == plain.choices
+    assert (streamed.text, streamed.finish_reason) == (plain.text, plain.finish_reason)
+    assert streamed.completion_tokens == plain.completion_tokens
 
 
 @pytest.mark.anyio

@@ -10,8 +10,10 @@ Retry-After, resets, slow answers, broken bodies). It counts what it saw so test
         assert gw.stats.by_status == {429: 1}
 
 It is written on a bare `asyncio.Protocol` with a hand-rolled HTTP/1.1 parser (no framework) because the
-benchmarks need it to serve thousands of requests per second on one core. Command line:
-`python -m batcher.gateway --port 8787 --latency-ms 20 --faults faults.yaml`.
+benchmarks need it to serve thousands of requests per second on one core. It runs on asyncio's loop and on
+uvloop alike (transports are used by their shape: uvloop's are not `asyncio.Transport`s). Its answers follow
+the contract's response schemas (checked in tests, not on the hot path), bar the faults that break them on
+purpose. Command line: `python -m batcher.gateway --port 8787 --latency-ms 20 --faults faults.yaml`.
 """
 
 from __future__ import annotations

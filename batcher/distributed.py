@@ -238,8 +238,8 @@ class ShardWorker:
                 shutil.rmtree(job._scratch, ignore_errors=True)
 
     def _run(self, job: _ShardJob) -> dict[str, Any]:
-        # The loop a single-process run has: Ray's workers make uvloop the default, under which the local gateway
-        # (`base_url: local`) does not serve yet.
+        # The loop a single-process run has (Ray's workers would otherwise pick uvloop when it is installed), so
+        # a shard behaves and measures as the same pipeline does in one process.
         result: dict[str, Any] = anyio.run(job.run_shard, backend_options={"loop_factory": asyncio.SelectorEventLoop})
         return result
 

@@ -192,7 +192,7 @@ class Source:
             if storage.is_remote(name):
                 storage.size_of(name)  # raises InputError naming the URI when it is not there
                 continue
-            path = self.path if len(self.parts) == 1 and self.whole else type(self.path)(name)
+            path = self.path if name == str(self.path) else type(self.path)(name)
             if not path.exists():
                 raise InputError(f"input file {path} does not exist")
             if not path.is_file():
@@ -227,7 +227,7 @@ class Source:
             raise InputError(f"cannot read {self._name(part)} as Parquet: {exc}") from None
 
     def _name(self, part: InputPart) -> str:
-        return str(self.path) if self.whole and len(self.parts) == 1 else (storage.uri_of(part.path) or part.path)
+        return str(self.path) if part.path == str(self.path) else (storage.uri_of(part.path) or part.path)
 
     def _scan_parquet(self, part: InputPart) -> Scan:
         pf = self._parquet_file(part)

@@ -66,6 +66,14 @@ def test_directory_of_parquet_files_is_one_input(make_spec, tmp_path: Path) -> N
     _same(tmp_path / "one.parquet", tmp_path / "many.parquet")
 
 
+def test_a_folder_holding_one_file(make_spec, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "only.parquet").write_bytes((SAMPLES / "reviews.parquet").read_bytes())
+    spec = parse_spec(make_spec(input={"path": str(folder)}, output={"path": str(tmp_path / "o.parquet")}))
+    assert run_job(spec, options()).ok == 300
+
+
 def test_glob_of_jsonl_files_positions_run_on(make_spec, tmp_path: Path) -> None:
     rows = [json.loads(x) for x in (SAMPLES / "reviews.jsonl").read_text().splitlines()]
     write_jsonl(tmp_path / "a-1.jsonl", [*rows[:100], "{broken"])

@@ -254,4 +254,6 @@ def test_ray_driver_killed_then_rerun_resumes_every_shard(make_spec, tmp_path: P
         assert res.skipped >= 60 and res.skipped + res.ok == 400
         df = pl.read_parquet(out)
         assert df.height == 400 and df["review_id"].n_unique() == 400 and (df["status"] == "ok").all()
-        assert gw.stats.billed - 400 <= 2 * 4, gw.stats.billed  # re-asked: at most what was in flight
+        # re-asked: per call slot (4 in all), at most the call in flight, the answer queued for the journal and
+        # the one in the group being gathered (README: "Resume, stops and secrets")
+        assert gw.stats.billed - 400 <= 3 * 4, gw.stats.billed

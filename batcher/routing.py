@@ -155,7 +155,7 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     return max(0.0, min(when.timestamp() - now, MAX_RETRY_AFTER_S))
 
 
-FailureKind = Literal["status", "transport", "timeout", "contract"]
+FailureKind = Literal["status", "transport", "timeout", "contract", "schema"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +201,9 @@ def decide(
             return Decision("retry", delay=delay, pause_pool=True)
     if rate_limit:
         retry = False
-    elif failure.kind == "contract":
-        # A body that breaks the contract is likely to break again: one more try, never more.
+    elif failure.kind in ("contract", "schema"):
+        # A body that breaks the contract (or an answer that breaks the job's json_schema) is likely to break
+        # again: one more try, never more.
         retry = contract_retries_used < 1
     elif failure.kind in ("transport", "timeout"):
         retry = retries_used < plan.retries

@@ -162,9 +162,13 @@ def entry() -> int:
     global _OWN_PROCESS
     argv = sys.argv[1:]
     if argv[:1] != ["gateway"]:
-        from .memory import tune_process_memory
+        try:
+            from .memory import tune_process_memory
 
-        tune_process_memory()
+            tune_process_memory()  # imports pyarrow: the longest stretch of start-up
+        except KeyboardInterrupt:
+            print("batcher: interrupted", file=sys.stderr)
+            return 130
         _OWN_PROCESS = True
     return main(argv)
 

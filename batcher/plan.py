@@ -42,13 +42,14 @@ from typing import Any
 import pyarrow as pa
 
 from .errors import SpecError
+from .limits import limiter_tokens as _limiter_tokens
 from .prices import Price, PriceTable
 from .routing import plan_for
 from .runner import run_fingerprint
+from .shapes import shape_of_job
 from .sinks import RunState, read_journal, state_dir_for
 from .sources import Source
 from .spec import JobSpec, load_spec
-from .wire import BodyBuilder
 
 __all__ = ["CHARS_PER_TOKEN", "PROMPT_TOLERANCE", "ModelEstimate", "Plan", "add_parser", "make_plan"]
 
@@ -228,7 +229,7 @@ def make_plan(
     source = Source(spec.input, spec.output.keep_columns)
     info = source.check()
     route = plan_for(spec.request, spec.endpoint.api)
-    builder = BodyBuilder(spec.request, spec.endpoint.api)
+    shape = shape_of_job(spec)
     fallbacks = [f.model for f in (spec.request.routing("fallbacks") or [])]
 
     ids, nothing_to_do = _done_ids(spec, out, info.rows, limit, fresh, notes)
@@ -257,14 +258,15 @@ def make_plan(
                     no_model += 1
                     input_errors += 1
                     continue
-                body = builder.body(row.prompt, model, row.inputs, row.body)
-                bound = int(body.get("max_tokens") or 0) * int(body.get("n") or 1) + _reasoning_budget(body)
+                body = shape.body(row.prompt, model, row.inputs, row.body)
+                text = shape.prompt_text(body)  # a chat row: the text of all its messages
                 t = tallies.setdefault(model, _Tally())
                 t.rows += 1
-                t.chars += len(row.prompt)
-                t.completion += bound
+                t.chars += len(text)
+                t.completion += int(body.get("max_completion_tokens") or body.get("max_tokens") or 0) * int(
+                    body.get("n") or 1) + _reasoning_budget(body)
                 # What runner._Job.prepare charges the tokens_per_minute limiter for this call.
-                t.limiter += len(row.prompt) / 3.0 + int(body.get("max_tokens") or 0) * int(body.get("n") or 1)
+                t.limiter += _limiter_tokens(text, body)
 
     models: list[ModelEstimate] = []
     unpriced: set[str] = set()

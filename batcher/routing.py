@@ -13,9 +13,12 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .spec import DEFAULT_FALLBACK_ON_CODES, DEFAULT_RETRY_ON_CODES, LoadBalancer, RequestSpec
+
+if TYPE_CHECKING:
+    from .shapes.chat_spec import ChatRequestSpec
 
 __all__ = [
     "Backoff",
@@ -73,7 +76,7 @@ class RoutePlan:
 DEFAULT_CALL_TIMEOUT_S = 600.0
 
 
-def plan_for(request: RequestSpec, api: str, max_rate_limit_wait_s: float = 300.0) -> RoutePlan:
+def plan_for(request: RequestSpec | ChatRequestSpec, api: str, max_rate_limit_wait_s: float = 300.0) -> RoutePlan:
     retry = request.routing("retry")
     fallbacks = request.routing("fallbacks") or []
     fb_codes = request.routing("fallback_on_codes")

@@ -30,11 +30,12 @@ from .cache import ResponseCache
 from .call import Caller, Records, Work
 from .client import Endpoint, WorkerClient
 from .errors import FatalRequestError, OutputError, ResumeError, SpecError
-from .limits import RateLimits
+from .limits import RateLimits, limiter_tokens
 from .pool import Pool, WorkSender
 from .prices import Price, PriceTable
 from .progress import Progress
 from .routing import Backoff, RoutePlan, plan_for
+from .shapes import Shape, shape_of_job
 from .sinks import (
     InputColumns,
     JobLock,
@@ -50,7 +51,6 @@ from .sinks import (
 )
 from .sources import Source, SourceInfo, SourceRow
 from .spec import JobSpec, format_of, load_spec
-from .shapes import Shape, shape_of_job
 
 __all__ = ["RunOptions", "RunResult", "arun_job", "run_job"]
 
@@ -183,13 +183,6 @@ def run_fingerprint(spec: JobSpec) -> str:
             "api": spec.endpoint.api,  # not base_url: moving to another replica of a server is not a new job
         }
     )
-
-
-def limiter_tokens(prompt_text: str, body: dict[str, Any]) -> float:
-    """What the tokens_per_minute limiter is charged for a call: the prompt text / 3 and every choice's token
-    bound (max_completion_tokens or max_tokens, whichever the body has)."""
-    bound = body.get("max_completion_tokens") or body.get("max_tokens") or 0
-    return len(prompt_text) / 3.0 + bound * (body.get("n") or 1)
 
 
 class _Job:

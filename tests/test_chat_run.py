@@ -346,3 +346,18 @@ def test_report_by_a_schema_column(make_spec, gateway: Gateway, tmp_path: Path, 
     for r in _rows(out):
         counts[r["sentiment"]] = counts.get(r["sentiment"], 0) + 1
     assert groups == counts
+
+
+def test_the_demo_is_a_structured_labeling_run(tmp_path: Path) -> None:
+    from batcher import load_spec
+
+    root = SAMPLES.parent
+    spec = load_spec(root / "jobs" / "demo.yaml")
+    assert spec.is_chat and spec.endpoint.base_url == "local" and spec.endpoint.api_key_env
+    spec = spec.model_copy(update={"input": spec.input.model_copy(update={"path": root / "samples" / "reviews.parquet"}),
+                                   "cache_dir": tmp_path / "cache"})
+    result = run_job(spec, options(output=tmp_path / "demo.parquet"))
+    assert result.status == "finished" and result.ok == N_REVIEWS
+    schema = pq.read_schema(tmp_path / "demo.parquet")
+    assert schema.field("sentiment").type == pa.string() and schema.field("confidence").type == pa.float64()
+    assert schema.field("topics").type == pa.list_(pa.string())

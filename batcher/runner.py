@@ -172,9 +172,17 @@ def run_fingerprint(spec: JobSpec) -> str:
     """The settings a partial run must share with its rerun. The input is named by its resolved path (`./f`,
     `/abs/f` and a symlink to it are one input), not by its content: with `id_column` the ids name the rows, so
     rows may be appended or edited between runs. Without one, rows are positions and `input_identity` (size,
-    mtime, a hash of the ends) is checked as well, in `_preflight`."""
+    mtime, a hash of the ends) is checked as well, in `_preflight`. A json_schema given as a file counts by its
+    content, not its path: an edited schema retypes the columns."""
+    material: dict[str, Any] = {}
+    schema = getattr(getattr(getattr(spec.request, "response_format", None), "json_schema", None), "schema_", None)
+    if isinstance(schema, str):
+        from .structured import load_schema
+
+        material["schema"] = load_schema(schema)
     return fingerprint(
         {
+            **material,
             "input": spec.input.model_dump(mode="json", exclude={"path", "batch_size", "max_prompt_chars"}),
             "input_path": str(spec.input.path.resolve()),
             "keep": spec.output.keep_columns,

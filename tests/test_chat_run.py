@@ -361,3 +361,18 @@ def test_the_demo_is_a_structured_labeling_run(tmp_path: Path) -> None:
     schema = pq.read_schema(tmp_path / "demo.parquet")
     assert schema.field("sentiment").type == pa.string() and schema.field("confidence").type == pa.float64()
     assert schema.field("topics").type == pa.list_(pa.string())
+
+
+def test_an_edited_schema_file_is_a_new_job_not_a_resume(make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    from batcher.errors import ResumeError
+
+    schema_file = tmp_path / "label.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    fmt = {"type": "json_schema", "json_schema": {"name": "label", "schema": str(schema_file)}}
+    spec = parse_spec(_chat(make_spec, request={"response_format": fmt}))
+    assert run_job(spec, options(limit=10)).ok == 10
+    schema_file.write_text(json.dumps({**SCHEMA, "properties": {**SCHEMA["properties"], "extra": {"type": "string"}}}))
+    with pytest.raises(ResumeError):
+        run_job(spec, options())
+    assert run_job(spec, options(fresh=True)).ok == N_REVIEWS
+    assert "extra" in pq.read_schema(tmp_path / "out" / "t.parquet").names

@@ -771,6 +771,7 @@ class Gateway:
         if self.config.validate:
             # Parse the schema now and off the loop, not on the first request's clock.
             await asyncio.to_thread(_orq_validator)
+            await asyncio.to_thread(chat_sim.request_validator)  # the chat extract too (once per process)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _HttpProtocol(self), self.config.host, self.config.port, reuse_address=True

@@ -129,7 +129,8 @@ def test_a_chat_field_in_a_prompt_job_says_where_it_belongs() -> None:
 def test_structured_labeling_run_writes_typed_columns(make_spec, gateway: Gateway, tmp_path: Path) -> None:
     out = tmp_path / "labels.parquet"
     spec = parse_spec(_chat(make_spec, output={"path": str(out), "keep_columns": ["rating"]},
-                            request={"response_format": LABEL_FORMAT}))
+                            input={"inputs_columns": ["customer_name"]},
+                            request={"response_format": LABEL_FORMAT, "orq": {"inputs": {"team": "data"}}}))
     result = run_job(spec, options())
     assert result.status == "finished" and result.ok == N_REVIEWS and result.errors == 0
     schema = pq.read_schema(out)
@@ -154,6 +155,7 @@ def test_structured_labeling_run_writes_typed_columns(make_spec, gateway: Gatewa
     assert body["path"] == "/v2/router/chat/completions"
     assert body["body"]["messages"][0] == MESSAGES[0] and body["body"]["response_format"] == LABEL_FORMAT
     assert "prompt" not in body["body"] and body["body"]["max_completion_tokens"] == 256
+    assert set(body["body"]["orq"]["inputs"]) == {"team", "customer_name"}  # orq.inputs from inputs_columns
 
 
 def test_typed_columns_in_jsonl_output_and_a_schema_file(make_spec, gateway: Gateway, tmp_path: Path) -> None:
@@ -376,3 +378,20 @@ def test_an_edited_schema_file_is_a_new_job_not_a_resume(make_spec, gateway: Gat
         run_job(spec, options())
     assert run_job(spec, options(fresh=True)).ok == N_REVIEWS
     assert "extra" in pq.read_schema(tmp_path / "out" / "t.parquet").names
+
+
+def test_a_body_the_gateway_refuses_is_an_error_row_with_its_message(make_spec, gateway: Gateway,
+                                                                     tmp_path: Path) -> None:
+    lines = [{"custom_id": "good", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "user", "content": "hi"}]}},
+             {"custom_id": "bad", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "user", "content": "hi"}], "temperature": 7}}]
+    src = write_jsonl(tmp_path / "batch.jsonl", lines)
+    spec = parse_spec(make_spec(input={"path": str(src), "format": "openai_batch", "id_column": None, "prompt": None},
+                                output={"path": str(tmp_path / "o.jsonl")}, request={"max_tokens": None}))
+    assert run_job(spec, options()).errors == 1
+    rows = {r["custom_id"]: r for r in map(json.loads, (tmp_path / "o.jsonl").read_text().splitlines())}
+    assert rows["good"]["status"] == "ok"
+    bad = rows["bad"]
+    assert bad["status"] == "error" and bad["http_status"] == 400 and bad["attempts"] == 1
+    assert "temperature" in bad["error"]

@@ -541,7 +541,7 @@ class _ChatRequest(dict[str, Any]):
 
 
 def _request_shape(value: Any) -> str:
-    if isinstance(value, _ChatRequest) or type(value).__name__ == "ChatRequestSpec":
+    if isinstance(value, _ChatRequest | ChatRequestSpec):  # ChatRequestSpec: imported at the end of the module
         return "chat"
     return "completions"
 

@@ -395,3 +395,21 @@ def test_a_body_the_gateway_refuses_is_an_error_row_with_its_message(make_spec, 
     bad = rows["bad"]
     assert bad["status"] == "error" and bad["http_status"] == 400 and bad["attempts"] == 1
     assert "temperature" in bad["error"]
+
+
+def test_fallbacks_and_the_load_balancer_route_chat_rows(make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    gateway.set_faults([{"kind": "status", "status": 503, "model": "openai/gpt-4o-mini"}])
+    spec = parse_spec(_chat(make_spec, endpoint={"api": "openai"}, request={
+        "retry": {"count": 1, "on_codes": [503]}, "fallbacks": [{"model": "openai/gpt-4o"}],
+        "response_format": LABEL_FORMAT}))
+    result = run_job(spec, options(limit=20))
+    assert result.ok == 20
+    rows = _rows(tmp_path / "out" / "t.parquet")
+    assert all(r["model"] == "openai/gpt-4o" and r["attempts"] == 3 and r["sentiment"] for r in rows)
+    gateway.set_faults([])
+    balanced = parse_spec(_chat(make_spec, output={"path": str(tmp_path / "lb.parquet")}, request={
+        "model": None, "load_balancer": {"type": "weight_based", "models": [
+            {"model": "openai/gpt-4o-mini", "weight": 0.5}, {"model": "openai/gpt-4o", "weight": 0.5}]}}))
+    assert run_job(balanced, options()).ok == N_REVIEWS
+    models = {r["model"] for r in _rows(tmp_path / "lb.parquet")}
+    assert models == {"openai/gpt-4o-mini", "openai/gpt-4o"}

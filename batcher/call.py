@@ -233,6 +233,8 @@ class Caller:
         answered = False
         actual: float | None = None
         paid: dict[str, Any] = {}  # tokens and cost of answers refused by the shape (schema, refusal)
+        settled = 0.0  # of their cost, what the budget was already charged (before asking again)
+        last_cost: float | None = None
         try:
             while True:
                 await self.cooldown.wait()
@@ -254,7 +256,9 @@ class Caller:
                     try:
                         answer = self.shape.record(comp)
                     except SchemaViolation as exc:
+                        before = paid.get("cost_usd") or 0.0
                         paid = self._paid(paid, comp, body["model"])
+                        last_cost = None if paid["cost_usd"] is None else paid["cost_usd"] - before
                         failure = Failure("schema", f"the answer breaks the response format: {exc}", status=200)
                     except Refused as exc:
                         paid = self._paid(paid, comp, body["model"])
@@ -291,6 +295,18 @@ class Caller:
                             contract_retries += 1
                         else:
                             retries += 1
+                        if failure.kind == "schema" and self.budget.enforced:
+                            # The broken answer was billed: charge it now and reserve the next attempt anew,
+                            # so that asking again cannot take the spend past the cap.
+                            self.budget.settle(worst, last_cost, answered=True)
+                            settled += worst if last_cost is None else last_cost
+                            worst, _ = self._reserve(item)
+                            if self.budget_hit:
+                                answered, actual = True, paid.get("cost_usd")
+                                return self.records.error(
+                                    row, failure.kind, f"{failure.message}; not asked again: another attempt "
+                                    "might pass limits.max_cost_usd", http_status=failure.status, attempts=attempts,
+                                    model=body["model"], latency_ms=(time.perf_counter() - started) * 1000, **paid)
                         if not await self._sleep(d.delay):
                             return None
                         continue
@@ -318,4 +334,4 @@ class Caller:
                     rec["_cache"] = (item.key, answer)
                 return rec
         finally:
-            self.budget.settle(worst, actual, answered=answered)
+            self.budget.settle(worst, actual if actual is None else actual - settled, answered=answered)

@@ -413,3 +413,20 @@ def test_fallbacks_and_the_load_balancer_route_chat_rows(make_spec, gateway: Gat
     assert run_job(balanced, options()).ok == N_REVIEWS
     models = {r["model"] for r in _rows(tmp_path / "lb.parquet")}
     assert models == {"openai/gpt-4o-mini", "openai/gpt-4o"}
+
+
+def test_asking_again_after_a_billed_broken_answer_never_passes_the_cap(make_spec, gateway: Gateway,
+                                                                       tmp_path: Path) -> None:
+    # Completion tokens only are priced, and every answer is cut at 5 tokens (so it is not JSON): each answer
+    # costs exactly the reservation's worst case, and a row asked twice costs two of them.
+    gateway.set_faults([{"kind": "not_json"}])
+    per_answer = 5 * 1000 / 1e6
+    spec = parse_spec(_chat(make_spec, request={"max_completion_tokens": 5, "response_format": LABEL_FORMAT},
+                            prices={"openai/gpt-4o-mini": {"prompt": 0, "completion": 1000}},
+                            limits={"max_cost_usd": 1.6 * per_answer, "concurrency": 1}))
+    result = run_job(spec, options(limit=3))
+    rows = [r for r in _rows(tmp_path / "out" / "t.parquet") if r["status"] == "error"]
+    spent = sum(r["cost_usd"] or 0 for r in rows)
+    assert result.status == "budget" and gateway.stats.total == 1  # the second attempt would not fit
+    assert spent == pytest.approx(per_answer) and spent <= 1.6 * per_answer
+    assert rows[0]["error_kind"] == "schema" and "not asked again" in rows[0]["error"]

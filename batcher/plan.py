@@ -107,6 +107,7 @@ class Plan:
     wall_s: float
     bound_by: str  # concurrency | requests_per_minute | tokens_per_minute
     notes: tuple[str, ...] = field(default=())
+    max_tokens_field: str = "max_tokens"  # the request field `max_tokens` is read from (chat: max_completion_tokens)
 
     @property
     def prompt_tokens_low(self) -> int:
@@ -334,6 +335,7 @@ def make_plan(
         prompt_tolerance=PROMPT_TOLERANCE,
         completion_tokens_max=sum(t.completion for t in tallies.values()),
         max_tokens=spec.request.effective_max_tokens,
+        max_tokens_field="max_completion_tokens" if spec.is_chat and spec.request.max_tokens is None else "max_tokens",
         n=spec.request.n or 1,
         models=tuple(models),
         unpriced=tuple(sorted(unpriced)),
@@ -398,7 +400,7 @@ def render_text(plan: Plan) -> str:
         f"  prompt tokens  ~{plan.prompt_tokens:,} ({plan.prompt_tokens_low:,} - {plan.prompt_tokens_high:,}): "
         f"{plan.prompt_chars:,} chars / {plan.chars_per_token:g}, stated error +/-{tol}",
         "                 (measured +12.1% vs the local gateway on samples/reviews.parquet; real tokenizers differ)",
-        f"  completion     <= {plan.completion_tokens_max:,} tokens (max_tokens {plan.max_tokens} x n {plan.n} per row)",
+        f"  completion     <= {plan.completion_tokens_max:,} tokens ({plan.max_tokens_field} {plan.max_tokens} x n {plan.n} per row)",
     ]
     if plan.to_send == 0:
         lines.append("  cost           $0: nothing to send")

@@ -257,3 +257,22 @@ def test_ray_driver_killed_then_rerun_resumes_every_shard(make_spec, tmp_path: P
         # re-asked: per call slot (4 in all), at most the call in flight, the answer queued for the journal and
         # the one in the group being gathered (README: "Resume, stops and secrets")
         assert gw.stats.billed - 400 <= 3 * 4, gw.stats.billed
+
+
+def test_ray_chat_structured_demo_is_the_single_process_output(tmp_path: Path) -> None:
+    import yaml
+
+    from .conftest import ROOT
+
+    demo = yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())
+    demo["input"]["path"] = str(ROOT / "samples" / "reviews.parquet")
+    demo["endpoint"]["local"] = {"latency_ms": 1}
+    outs = []
+    for name, kw in (("one", {}), ("many", {"ray": "local", "workers": 2})):
+        spec = {**demo, "output": {**demo["output"], "path": str(tmp_path / f"{name}.parquet")},
+                "cache_dir": str(tmp_path / f"cache-{name}")}
+        res = run_job(parse_spec(spec), options(**kw))
+        assert res.status == "finished" and res.ok == 300, res.message
+        outs.append(_table(tmp_path / f"{name}.parquet"))
+    assert {"sentiment", "confidence", "topics", "product"} <= set(outs[1].columns)
+    assert outs[0].equals(outs[1])

@@ -4,6 +4,10 @@ call, and retry/fallback as `routing.decide` says, until the row has its record.
 It knows a body, a client and the records it writes, not the wire shape: a client is anything with
 `complete(body, stream=..., deadline_s=...)` that returns an answer with `to_record()` or raises `AttemptFailed`.
 
+Budget: a row's worst case is reserved before its first attempt, and again before a retry that follows an attempt
+whose outcome is unknown (that one's worst case was charged as spent). A row that does not fit waits for calls in
+flight to settle; the budget is reached (`budget_hit`) only when nothing is in flight and it still does not fit.
+
 Stopping: after `stop()` (the first Ctrl-C) no request leaves, neither a row's first attempt nor a retry
 waiting out its backoff; such a row returns None (not answered: a rerun asks it). A refused key (401/403)
 calls `on_fatal` and every row still to send returns None too.
@@ -20,7 +24,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from .budget import Budget, worst_case
+from .budget import Budget, SpendLog, body_models, worst_case
 from .client import AttemptFailed
 from .errors import FatalRequestError
 from .limits import Cooldown, RateLimits
@@ -103,6 +107,7 @@ class Caller:
         cooldown: Cooldown | None = None,
         verbose: bool = False,
         recent_max: int = 1024,
+        spend_log: SpendLog | None = None,
     ) -> None:
         self.plan = plan
         self.records = records
@@ -115,6 +120,8 @@ class Caller:
         self.verbose = verbose
         self.fatal: FatalRequestError | None = None
         self.budget_hit = False
+        self.needed = 0.0  # the worst case of the row that did not fit, once `budget_hit`
+        self.spend_log = spend_log
         self.stopping = anyio.Event()
         self._inflight: dict[str, anyio.Event] = {}
         self._recent: dict[str, dict[str, Any]] = {}
@@ -128,6 +135,7 @@ class Caller:
     def stop(self) -> None:
         """No new request from now on, retries included; calls on the wire finish."""
         self.stopping.set()
+        self.budget.wake()
 
     def _remember(self, key: str, completion: dict[str, Any]) -> None:
         """Answers of this run by cache key, so a duplicate row makes no second call. The feeder looked the
@@ -165,21 +173,39 @@ class Caller:
             await self.stopping.wait()
         return not self.halted
 
-    def _reserve(self, item: Work) -> tuple[float, dict[str, Any] | None]:
-        """Reserve the row's worst case: (worst, None) when it fits; (0, an error row) when it cannot be priced;
-        sets `budget_hit` (and returns (0, None)) when it does not fit."""
+    def _worst(self, item: Work) -> tuple[float, dict[str, Any] | None]:
+        """The row's worst case (0 without a cap), or an error row when it cannot be priced. Every model that
+        may answer counts: the row's, the plan's, and any routing in an OpenAI Batch line's own body."""
         if not self.budget.enforced:
             return 0.0, None
         row = item.row
-        models = list(dict.fromkeys([item.body["model"], *self.plan.may_answer]))
+        models = list(dict.fromkeys([item.body["model"], *self.plan.may_answer, *body_models(item.body)]))
         worst = worst_case(self.records.prices, models, row.prompt or "", item.body)
         if worst is None:
+            missing = [m for m in models if self.records.prices.get(m) is None]
             return 0.0, self.records.error(
-                row, "budget", f"no price for one of {models}: limits.max_cost_usd cannot be enforced")
-        if not self.budget.reserve(worst):
-            self.budget_hit = True
-            return 0.0, None
+                row, "budget", f"no price for {missing[0]!r} (one of {models}, the models that may answer this "
+                "row): limits.max_cost_usd cannot be enforced, so the row was not sent")
         return worst, None
+
+    async def _hold(self, worst: float) -> bool:
+        """Reserve `worst`, waiting while calls in flight may free enough; False when the run is stopping or
+        the budget is reached (nothing in flight, and it still does not fit)."""
+        if not self.budget.enforced:
+            return not self.halted
+        while not self.budget.reserve(worst):
+            if self.halted or self.budget_hit:
+                return False
+            if self.budget.in_flight == 0:
+                self.budget_hit = True
+                self.needed = worst
+                self.budget.wake()  # the rows waiting behind this one stop too
+                return False
+            await self.budget.changed()
+        if self.halted or self.budget_hit:
+            self.budget.settle(worst, None, answered=False)
+            return False
+        return True
 
     async def _call(self, item: Work, client: Client) -> dict[str, Any] | None:
         row, plan = item.row, self.plan
@@ -190,15 +216,19 @@ class Caller:
         waited = 0.0  # told to wait by 429s, this row
         started: float | None = None  # the first attempt's send: queueing at the limiter is not latency
         stream = bool(body.get("stream"))
-        worst, refused = self._reserve(item)
+        worst, refused = self._worst(item)
         if refused is not None:
             return refused
-        if self.budget_hit:
-            return None
-        answered = False
-        actual: float | None = None
+        held = False  # a reservation of `worst` for the next (or current) attempt
+        sending = False
+        unconfirmed = 0.0  # worst cases charged for this row's attempts of unknown outcome
+        enforced = self.budget.enforced
         try:
             while True:
+                if not held:
+                    if not await self._hold(worst):
+                        return None
+                    held = True
                 await self.cooldown.wait()
                 await self.limits.acquire(item.est_tokens)
                 # Again: a 429 may have paused the pool while this worker queued at the limiter.
@@ -208,10 +238,18 @@ class Caller:
                 attempts += 1
                 if started is None:
                     started = time.perf_counter()
+                if self.spend_log is not None:
+                    self.spend_log.sent(row.id, worst)  # before the send: a kill now still counts it
+                sending = True
                 try:
                     comp = await client.complete(body, stream=stream, deadline_s=plan.call_timeout_s)
                 except AttemptFailed as exc:
+                    sending = False
                     failure = exc.failure
+                    if failure.maybe_billed and enforced:
+                        self.budget.charge(worst)
+                        held = False
+                        unconfirmed += worst
                     d = decide(plan, failure, retries_used=retries, contract_retries_used=contract_retries,
                                has_next_model=model_i + 1 < len(models), backoff=self.backoff, rng=self.rng,
                                rate_limited=rate_limited, rate_limit_waited_s=waited)
@@ -228,6 +266,7 @@ class Caller:
                                 f"the server refused the API key (HTTP {failure.status}): {failure.message}",
                                 failure.status or 401,
                             )
+                            self.budget.wake()
                             self.on_fatal(self.fatal)
                         return None
                     if d.action == "retry":
@@ -247,18 +286,27 @@ class Caller:
                         retries = contract_retries = 0
                         body = {**item.body, "model": models[model_i]}
                         continue
+                    extra = {"unconfirmed_usd": unconfirmed} if unconfirmed else {}
                     return self.records.error(
                         row, failure.kind, failure.message, http_status=failure.status, attempts=attempts,
-                        model=body["model"], latency_ms=(time.perf_counter() - started) * 1000,
+                        model=body["model"], latency_ms=(time.perf_counter() - started) * 1000, **extra,
                     )
+                sending = False
                 answer = comp.to_record()
                 rec = self.records.ok(row, answer, cached=False, attempts=attempts,
                                       latency_ms=(time.perf_counter() - started) * 1000, asked_model=body["model"])
-                answered = True
-                actual = rec.get("cost_usd")
+                if unconfirmed:
+                    rec["unconfirmed_usd"] = unconfirmed
+                held = False
+                self.budget.settle(worst, rec.get("cost_usd"), answered=True)
                 if item.key is not None:
                     self._remember(item.key, answer)
                     rec["_cache"] = (item.key, answer)
                 return rec
         finally:
-            self.budget.settle(worst, actual, answered=answered)
+            if held:
+                # Cancelled mid-call (second Ctrl-C, grace over, a refused key): the server may bill it.
+                if sending:
+                    self.budget.charge(worst)
+                else:
+                    self.budget.settle(worst, None, answered=False)

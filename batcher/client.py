@@ -151,13 +151,18 @@ class WorkerClient:
                         return await self._stream(response)
                     return parse_completion(await response.read())
         except TimeoutError:
-            raise AttemptFailed(Failure("timeout", f"no complete answer within {deadline_s:g} s")) from None
+            # Possibly billed: the server may have received the request (and may still answer it).
+            raise AttemptFailed(Failure("timeout", f"no complete answer within {deadline_s:g} s",
+                                        maybe_billed=True)) from None
         except (aiohttp.ClientError, OSError) as exc:
             # ClientError covers refused and dropped connections, truncated bodies and unparseable responses.
+            # Only a connection never made (refused, DNS, TLS) is known not to have reached the server.
             msg = self.endpoint.redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
-            raise AttemptFailed(Failure("transport", msg)) from None
+            sent = not isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError)
+            raise AttemptFailed(Failure("transport", msg, maybe_billed=sent)) from None
         except ContractError as exc:
-            raise AttemptFailed(Failure("contract", self.endpoint.redact(f"bad response: {exc}"), status=200)) from None
+            raise AttemptFailed(Failure("contract", self.endpoint.redact(f"bad response: {exc}"), status=200,
+                                        maybe_billed=True)) from None
 
     @staticmethod
     async def _stream(response: aiohttp.ClientResponse) -> Completion:

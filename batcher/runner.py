@@ -25,7 +25,7 @@ import anyio
 import pyarrow as pa
 from anyio.abc import ObjectSendStream
 
-from .budget import Budget, BudgetStop, recorded_spend, unpriced
+from .budget import Budget, BudgetStop, PriorSpend, SpendLog, fold_spend, unpriced
 from .cache import ResponseCache
 from .call import Caller, Records, Work
 from .client import Endpoint, WorkerClient
@@ -86,6 +86,7 @@ class RunResult:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     unpriced: int = 0  # answers from a model with no price: cost_usd null, not in cost_usd
+    unconfirmed_usd: float = 0.0  # charged at the worst case: attempts of unknown outcome (timeouts, drops)
     wall_s: float = 0.0
     message: str = ""
     signal: int | None = None
@@ -112,6 +113,8 @@ class RunResult:
             parts.append(f"{self.skipped} done earlier")
         tokens = f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens"
         cost = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
+        if self.unconfirmed_usd:
+            cost += f" + ≤ ${self.unconfirmed_usd:.4f} unconfirmed (calls cut off or dropped after sending: may have been billed)"
         if self.unpriced:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
         return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {self.output}"
@@ -370,6 +373,10 @@ class _Job:
                     self.cache = None
             self.journal = Journal(self.state.directory)
             stack.callback(self.journal.close)
+            if self.budget.enforced:
+                spend_log = SpendLog(self.state.directory)
+                stack.callback(spend_log.close)
+                self.caller.spend_log = spend_log
             total = info.rows if opts.limit is None else min(opts.limit, info.rows)
             todo = max(0, total - self.result.skipped)
             self.progress = Progress(todo, enabled=_progress_enabled(opts), job=spec.job_name)
@@ -394,6 +401,7 @@ class _Job:
                 finally:
                     tg.cancel_scope.cancel()
         self.result.rows = self.result.skipped + self.result.ok + self.result.errors
+        self.result.unconfirmed_usd = max(0.0, self.budget.unconfirmed - self.budget.unconfirmed_before)
         self.result.wall_s = time.perf_counter() - t0
         if isinstance(error, OutputError):
             # Nothing more is written: run.json already says the run is unfinished, and on a full disk a state
@@ -413,11 +421,11 @@ class _Job:
                            "rerun the same command to finish the rest")
         elif self.caller.budget_hit and self.budget.cap is not None:
             res.status = "budget"
-            BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent)
+            BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent, self.caller.needed)
             earlier = f" (${self.budget.spent_before:.4f} of it by earlier runs)" if self.budget.spent_before else ""
             res.message = (
                 f"stopped before passing limits.max_cost_usd (${self.budget.cap:g}): the job has spent "
-                f"${self.budget.spent:.4f}{earlier}; raise limits.max_cost_usd and rerun the same command to "
+                f"${self.budget.spent:.4f}{earlier} and the next row may cost up to ${self.caller.needed:.4f}; raise limits.max_cost_usd and rerun the same command to "
                 "finish the rest"
             )
         else:
@@ -484,29 +492,37 @@ class _Job:
                 self.result.status = "nothing_to_do"
                 self.result.skipped = info.rows
                 raise _NothingToDo()
+            # Before the compaction, which drops error rows (and what their unknown attempts may have cost).
+            prior = fold_spend(state_dir)
             ids = compact_journal(state_dir)
             self.result.skipped = len(ids)
             if ids:
                 self.done_ids = pa.array(ids, type=info.id_type)
-            self._budget_so_far(state_dir)
+            self._budget_so_far(state_dir, prior)
         else:
             state = RunState(state_dir, fp, input=identity)
             state.save()
         self.state = state
 
-    def _budget_so_far(self, state_dir: Path) -> None:
-        """The cap is the job's: earlier runs' spend counts, and a job stopped at its cap stays stopped under it."""
+    def _budget_so_far(self, state_dir: Path, prior: PriorSpend) -> None:
+        """The cap is the job's: earlier runs' spend counts (answers, and calls of unknown outcome at their worst
+        case), and a job stopped at its cap stays stopped under it while the row that did not fit still does
+        not."""
         cap = self.budget.cap
         if cap is None:
             return
-        before = recorded_spend(state_dir / "journal.jsonl")
+        before = prior.spent
         self.budget.spent_before = self.budget.spent = before
-        stopped_at = BudgetStop(state_dir).stopped_at()
-        if before >= cap or (stopped_at is not None and cap <= stopped_at):
+        self.budget.unconfirmed_before = self.budget.unconfirmed = prior.unconfirmed
+        stop = BudgetStop(state_dir)
+        needed = stop.needed()
+        if before >= cap or (needed is not None and before + needed > cap):
             self.result.status = "budget"
+            unconfirmed = f" (≤ ${prior.unconfirmed:.4f} of it unconfirmed)" if prior.unconfirmed else ""
+            nxt = f", and its next row may cost up to ${needed:.4f}" if needed is not None else ""
             self.result.message = (
                 f"limits.max_cost_usd (${cap:g}) is already reached for this job: earlier runs spent "
-                f"${before:.4f} and stopped at a cap of ${(stopped_at or cap):g}; no request made. Raise "
+                f"${before:.4f}{unconfirmed}{nxt}; no request made. Raise "
                 "limits.max_cost_usd and rerun the same command to finish the rest"
             )
             raise _BudgetReached()
@@ -542,7 +558,8 @@ class _BudgetReached(Exception):
 
 
 def _remove_state(directory: Path) -> None:
-    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", BudgetStop.NAME):
+    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", BudgetStop.NAME, SpendLog.NAME,
+                 SpendLog.NAME + ".tmp"):
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
 

@@ -14,6 +14,7 @@ from batcher.budget import Budget, BudgetStop, completion_bound, recorded_spend,
 from batcher.cli import main as cli_main
 from batcher.gateway import Fault, Gateway
 from batcher.prices import Price, PriceTable
+from batcher.sinks import state_dir_for
 
 from .conftest import options
 
@@ -185,3 +186,48 @@ def test_the_cap_is_for_the_job_across_reruns(make_spec, gateway: Gateway, tmp_p
     done = pl.read_parquet(out)
     assert done.height == 300 and (done["status"] == "ok").all() and done["cost_usd"].sum() <= 100.0
     assert gateway.stats.billed == 300  # no row paid twice
+
+
+# --- a cap that many workers share (finding: a failed reservation used to declare the budget reached) ----------
+
+LB_PRICES = {"cheap/m": {"prompt": 0.1, "completion": 0.1}, "dear/m": {"prompt": 50, "completion": 200}}
+LB_REQUEST = {"model": None, "max_tokens": 50,
+              "load_balancer": {"type": "weight_based", "models": [{"model": "cheap/m", "weight": 0.9},
+                                                                   {"model": "dear/m", "weight": 0.1}]}}
+
+
+@pytest.mark.parametrize("concurrency", [1, 32])
+def test_many_workers_wait_for_calls_in_flight_instead_of_stopping_early(make_spec, gateway: Gateway, tmp_path: Path,
+                                                                         capsys, concurrency: int) -> None:
+    # 32 pessimistic reservations (each at dear/m's worst case) fill the cap long before the spend does: a row
+    # that does not fit waits for them to settle. The whole job costs about half the cap, at any concurrency.
+    spec = make_spec(endpoint={"api": "openai"}, prices=LB_PRICES, request=LB_REQUEST,
+                     limits={"max_cost_usd": 0.5, "concurrency": concurrency})
+    result = run_job(parse_spec(spec), options())
+    df = pl.read_parquet(spec["output"]["path"])
+    print(f"concurrency {concurrency}: {result.ok} rows ok, ${df['cost_usd'].sum():.4f} of a $0.5 cap "
+          f"(exit {result.exit_code})")
+    assert result.exit_code == 0 and result.ok == 300 and df["cost_usd"].sum() <= 0.5
+    # the same cap again: nothing is left, and nothing is refused as "already reached"
+    capsys.readouterr()
+    assert cli_main(["run", _spec_file(tmp_path, spec), "--quiet"]) == 0
+    assert "already reached" not in capsys.readouterr().err and gateway.stats.billed == 300
+
+
+def test_a_cap_that_a_row_no_longer_fits_stops_once_nothing_is_in_flight(make_spec, gateway: Gateway,
+                                                                         tmp_path: Path, capsys) -> None:
+    # A cap about 40 worst cases wide: the job stops when the next row does not fit with nothing in flight,
+    # having spent more than half the cap (not after the first 32 reservations), and a rerun says so at once.
+    spec = make_spec(endpoint={"api": "openai"}, prices={"dear/m": {"prompt": 50, "completion": 200}},
+                     request={"model": "dear/m", "max_tokens": 50}, limits={"max_cost_usd": 0.5, "concurrency": 32})
+    path = _spec_file(tmp_path, spec)
+    assert cli_main(["run", path, "--quiet"]) == 7
+    df = pl.read_parquet(spec["output"]["path"])
+    needed = BudgetStop(state_dir_for(Path(spec["output"]["path"]))).needed()
+    spent = df["cost_usd"].sum()
+    assert needed is not None and spent <= 0.5 < spent + needed
+    assert df.height > 32
+    capsys.readouterr()
+    sent = gateway.stats.total
+    assert cli_main(["run", path, "--quiet"]) == 7
+    assert "already reached" in capsys.readouterr().err and gateway.stats.total == sent

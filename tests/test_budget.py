@@ -12,7 +12,7 @@ import pytest
 from batcher import SpecError, parse_spec, run_job
 from batcher.budget import Budget, BudgetStop, completion_bound, recorded_spend, unpriced, worst_case
 from batcher.cli import main as cli_main
-from batcher.gateway import Fault, Gateway
+from batcher.gateway import Fault, Gateway, GatewayConfig, serve_in_thread
 from batcher.prices import Price, PriceTable
 from batcher.sinks import state_dir_for
 
@@ -205,11 +205,11 @@ def test_many_workers_wait_for_calls_in_flight_instead_of_stopping_early(make_sp
                      limits={"max_cost_usd": 0.5, "concurrency": concurrency})
     result = run_job(parse_spec(spec), options())
     df = pl.read_parquet(spec["output"]["path"])
-    print(f"concurrency {concurrency}: {result.ok} rows ok, ${df['cost_usd'].sum():.4f} of a $0.5 cap "
-          f"(exit {result.exit_code})")
+    with capsys.disabled():
+        print(f"concurrency {concurrency}: {result.ok} rows ok, ${df['cost_usd'].sum():.4f} of a $0.5 cap "
+              f"(exit {result.exit_code})")
     assert result.exit_code == 0 and result.ok == 300 and df["cost_usd"].sum() <= 0.5
     # the same cap again: nothing is left, and nothing is refused as "already reached"
-    capsys.readouterr()
     assert cli_main(["run", _spec_file(tmp_path, spec), "--quiet"]) == 0
     assert "already reached" not in capsys.readouterr().err and gateway.stats.billed == 300
 
@@ -231,3 +231,34 @@ def test_a_cap_that_a_row_no_longer_fits_stops_once_nothing_is_in_flight(make_sp
     sent = gateway.stats.total
     assert cli_main(["run", path, "--quiet"]) == 7
     assert "already reached" in capsys.readouterr().err and gateway.stats.total == sent
+
+
+def _calls_counted(state: Path) -> int:
+    """Calls batcher counted as spent: intents in spend.log (one per call sent; read before a fold)."""
+    return sum(1 for line in (state / "spend.log").read_text().splitlines() if line.startswith("["))
+
+
+def test_calls_cut_off_by_the_deadline_count_at_their_worst_case(make_spec, tmp_path: Path, capsys) -> None:
+    # Every call outlives the deadline: the server bills it, batcher never sees an answer. Each such attempt is
+    # charged its worst case, so the cap bounds what was billed; the journal keeps it for the rerun.
+    with serve_in_thread(GatewayConfig(latency_s=0.3)) as gw:
+        spec = make_spec(endpoint={"base_url": gw.base_url, "api": "openai"}, prices={DEAR: {"prompt": 2.5, "completion": 10}},
+                         request={"model": DEAR, "timeout": {"call_timeout": 50}, "retry": {"count": 2}},
+                         limits={"max_cost_usd": 0.01, "concurrency": 8})
+        result = run_job(parse_spec(spec), options(limit=60))
+        state = state_dir_for(Path(spec["output"]["path"]))
+        counted = _calls_counted(state)
+        billed = gw.stats.billed
+        df = pl.read_parquet(spec["output"]["path"])
+        with capsys.disabled():
+            print(f"deadline: gateway billed {billed} calls, batcher counted {counted} calls, "
+                  f"≤ ${result.unconfirmed_usd:.4f} unconfirmed of a $0.01 cap")
+        assert billed > 0 and counted >= billed
+        assert (df["status"] == "error").all() and result.status == "budget"
+        assert 0 < result.unconfirmed_usd <= 0.01 and "unconfirmed" in result.summary()
+        # the rerun counts what may have been billed: nothing more is sent under the same cap
+        sent = gw.stats.total
+        capsys.readouterr()
+        assert cli_main(["run", _spec_file(tmp_path, spec), "--quiet", "--limit", "60"]) == 7
+        err = capsys.readouterr().err
+        assert "already reached" in err and "unconfirmed" in err and gw.stats.total == sent

@@ -262,3 +262,28 @@ def test_calls_cut_off_by_the_deadline_count_at_their_worst_case(make_spec, tmp_
         assert cli_main(["run", _spec_file(tmp_path, spec), "--quiet", "--limit", "60"]) == 7
         err = capsys.readouterr().err
         assert "already reached" in err and "unconfirmed" in err and gw.stats.total == sent
+
+
+def test_fold_spend_counts_unanswered_calls_and_unconfirmed_attempts_once(tmp_path: Path) -> None:
+    from batcher.budget import SpendLog, fold_spend
+
+    log = SpendLog(tmp_path)
+    for rid, worst in (("a", 0.5), ("b", 0.25), ("b", 0.25), ("c", 0.125), (7, 1.0)):
+        log.sent(rid, worst)
+    log.close()
+    with open(tmp_path / "spend.log", "ab") as f:
+        f.write(b'["d", 64')  # torn by the kill: written before the send, so that call never left
+    journal = [
+        {"_i": 0, "id": "a", "status": "ok", "cost_usd": 0.1},  # answered: its cost, not its intent
+        {"_i": 1, "id": "b", "status": "ok", "cost_usd": 0.1, "unconfirmed_usd": 0.25},  # one timeout, then an answer
+        {"_i": 2, "id": "c", "status": "error", "unconfirmed_usd": 0.125},  # timed out for good
+    ]  # row 7: in flight at the kill, no record: its worst case
+    (tmp_path / "journal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in journal))
+    prior = fold_spend(tmp_path)
+    assert prior.spent == pytest.approx(0.1 + 0.35 + 0.125 + 1.0)
+    assert prior.unconfirmed == pytest.approx(0.25 + 0.125 + 1.0)
+    # the compaction drops the error row; the carried line keeps what it (and row 7) may have cost
+    (tmp_path / "journal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in journal[:2]))
+    again = fold_spend(tmp_path)
+    assert again == prior
+    assert recorded_spend(tmp_path / "journal.jsonl") == pytest.approx(0.45)

@@ -344,3 +344,44 @@ def test_endpoint_repr_and_redaction_hide_the_key() -> None:
     e = Endpoint.make("http://127.0.0.1:1", "orq", CANARY)
     assert CANARY not in repr(e) and CANARY not in str(e)
     assert e.redact(f"server said: bad key {CANARY}!") == "server said: bad key ***!"
+
+
+@pytest.mark.slow
+def test_calls_in_flight_at_kill_9_count_against_the_cap_on_resume(tmp_path: Path) -> None:
+    # Every call costs the same (one prompt, completion tokens free), so the gateway's billed count prices
+    # what was really spent. Calls in flight at a kill were billed but never answered: spend.log holds them.
+    rows, concurrency, kills = 400, 16, 4
+    src = write_jsonl(tmp_path / "in.jsonl", _rows(rows))
+    out = tmp_path / "out.parquet"
+    with serve_in_thread(GatewayConfig(latency_s=0.3)) as gw:
+        spec = _spec_file(tmp_path, {
+            "input": {"path": str(src), "id_column": "id", "prompt": "Say hi"},
+            "output": {"path": str(out)},
+            "endpoint": {"base_url": gw.base_url},
+            "request": {"model": "openai/gpt-4o-mini", "max_tokens": 8},
+            "prices": {"openai/gpt-4o-mini": {"prompt": 1000, "completion": 0}},
+            "limits": {"concurrency": concurrency, "max_cost_usd": 100.0},
+        })
+        assert _cli("run", str(spec), "--quiet", "--limit", "2").wait(timeout=60) == 0  # what one call costs
+        for _ in range(kills):
+            before = gw.stats.total
+            proc = _cli("run", str(spec), "--quiet")
+            deadline = time.monotonic() + 30
+            # kill once a second pool of calls is on the wire (the first one answered)
+            while gw.stats.total - before < 2 * concurrency and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert proc.poll() is None, "the run ended before it was killed: the kill proves nothing"
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=30)
+        billed = gw.stats.billed
+    from batcher.budget import fold_spend
+
+    state = state_dir_for(out)
+    journal = [json.loads(x) for x in (state / "journal.jsonl").read_bytes().splitlines()]
+    per_call = next(r["cost_usd"] for r in journal if r["status"] == "ok")
+    answered = sum(r["cost_usd"] for r in journal if r["status"] == "ok")
+    counted = fold_spend(state).spent
+    print(f"\nkill -9 x{kills}: gateway billed {billed} calls = ${billed * per_call:.4f}; journal answers "
+          f"${answered:.4f}; batcher counts ${counted:.4f}")
+    assert billed > len([r for r in journal if r["status"] == "ok"])  # calls were in flight at the kills
+    assert counted >= billed * per_call - 1e-9

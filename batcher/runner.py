@@ -28,7 +28,7 @@ from anyio.abc import ObjectSendStream
 from .budget import Budget, BudgetStop, PriorSpend, SpendLog, fold_spend, unpriced
 from .cache import ResponseCache
 from .call import Caller, Records, Work
-from .client import Endpoint, WorkerClient
+from .client import Endpoint, WorkerClient, check_api_key
 from .errors import FatalRequestError, OutputError, ResumeError, SpecError
 from .limits import RateLimits
 from .pool import Pool, WorkSender
@@ -127,7 +127,7 @@ _Result = dict[str, Any] | list[dict[str, Any]] | None
 
 def _api_key(spec: JobSpec, base_url: str) -> str | None:
     env = spec.endpoint.api_key_env
-    key = os.environ.get(env) if env else None
+    key = check_api_key(os.environ.get(env), env) if env else None
     host = urllib.parse.urlsplit(base_url).hostname if base_url != "local" else "local"
     # orq itself always needs a key; a gateway on this machine (ours, or a test double) may not.
     if not key and spec.endpoint.api == "orq" and host not in ("local", "127.0.0.1", "localhost", "::1"):

@@ -334,6 +334,49 @@ def test_canary_key_never_leaks(tmp_path: Path) -> None:
         assert CANARY[3:].encode() not in blob, name
 
 
+@pytest.mark.parametrize("key", ["sk-CANARYé-2", "sk-CANARY\x01-2", "sk-CANA RY\u00a0-2"])
+def test_a_key_with_control_or_non_ascii_characters_is_refused_before_any_request(tmp_path: Path, key: str) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", _rows(5))
+    with serve_in_thread(GatewayConfig(faults=[{"kind": "status", "status": 500, "echo_auth": True}])) as gw:
+        spec = _spec_file(tmp_path, {
+            "input": {"path": str(src), "id_column": "id", "prompt": "{{text}}"},
+            "output": {"path": str(tmp_path / "o.jsonl")},
+            "endpoint": {"base_url": gw.base_url, "api": "openai", "api_key_env": "MYKEY"},
+            "request": {"model": "m", "max_tokens": 4},
+        })
+        proc = _cli("run", str(spec), "--verbose", env={"MYKEY": key})
+        out, err = proc.communicate(timeout=60)
+        assert gw.stats.total == 0
+    assert proc.returncode == 2 and err.decode().count("\n") == 1 and "MYKEY" in err.decode(), err.decode()
+    files = _files(tmp_path)
+    for name, blob in {"stdout": out, "stderr": err, **{str(p): b for p, b in files.items()}}.items():
+        for form in ("CANARY", "CANA RY"):
+            assert form.encode() not in blob, name
+
+
+def test_a_key_ending_in_a_newline_is_stripped_and_works(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", _rows(5))
+    with serve_in_thread(GatewayConfig(api_key=CANARY)) as gw:
+        spec = _spec_file(tmp_path, {
+            "input": {"path": str(src), "id_column": "id", "prompt": "{{text}}"},
+            "output": {"path": str(tmp_path / "o.jsonl")},
+            "endpoint": {"base_url": gw.base_url, "api": "openai", "api_key_env": "MYKEY"},
+            "request": {"model": "m", "max_tokens": 4},
+        })
+        proc = _cli("run", str(spec), env={"MYKEY": f"  {CANARY}\n"})
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and b"5 ok" in err, err.decode()
+
+
+def test_redaction_covers_the_keys_byte_forms() -> None:
+    from batcher.client import Endpoint
+
+    key = "sk-CANARYé-2"
+    e = Endpoint.make("http://127.0.0.1:1", "openai", key)
+    for echoed in (key, key.encode().decode("latin-1"), key.encode("latin-1").decode("utf-8", "replace")):
+        assert e.redact(f"got Bearer {echoed}!") == "got Bearer ***!", echoed
+
+
 def _files(root: Path) -> dict[Path, bytes]:
     return {f: f.read_bytes() for f in root.rglob("*") if f.is_file()}
 

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -347,9 +348,43 @@ class _Job:
         await anyio.sleep(seconds)
         self.pool.cancel_work()
 
+    @contextlib.contextmanager
+    def _signals_while_finishing(self, outer: dict[int, Any]) -> Iterator[None]:
+        """From the end of the pool to the end of the run (the output's final write above all): the first
+        SIGINT/SIGTERM lets the write finish and makes the run `interrupted` (exit 130/143, with the resume
+        hint); the next one stops at once (`_StopNow`), the journal whole, so still resumable. Then the
+        handlers the run found are put back (anyio's signal receiver left the defaults in their place)."""
+        if not outer:
+            yield
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            if self.result.signal is None:
+                self.result.signal = signum
+                _say("\nbatcher: stopping: writing the output first (Ctrl-C again stops now)", self.options.quiet)
+            else:
+                raise _StopNow(signum)
+
+        for signum in outer:
+            signal.signal(signum, handler)
+        try:
+            yield
+        finally:
+            for signum, previous in outer.items():
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(signum, previous)
+
     async def run(self) -> RunResult:
-        spec, opts = self.spec, self.options
+        opts = self.options
         t0 = time.perf_counter()
+        outer: dict[int, Any] = {}
+        if opts.handle_signals and threading.current_thread() is threading.main_thread():
+            outer = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        with contextlib.ExitStack() as finishing:
+            return await self._run(t0, outer, finishing)
+
+    async def _run(self, t0: float, outer: dict[int, Any], finishing: contextlib.ExitStack) -> RunResult:
+        spec, opts = self.spec, self.options
         info = self._preflight()
         await self._lock_job()
         self._resume_state(info)
@@ -400,6 +435,9 @@ class _Job:
                     error = exc
                 finally:
                     tg.cancel_scope.cancel()
+            # The watcher is gone (and anyio put the default handlers back): a signal from here on must
+            # neither kill the final write nor go unheard.
+            finishing.enter_context(self._signals_while_finishing(outer))
         self.result.rows = self.result.skipped + self.result.ok + self.result.errors
         self.result.unconfirmed_usd = max(0.0, self.budget.unconfirmed - self.budget.unconfirmed_before)
         self.result.wall_s = time.perf_counter() - t0
@@ -410,12 +448,19 @@ class _Job:
         # Whatever stopped the run, the output shows everything answered so far; the state stays resumable.
         # The pool's sessions, tasks and streams are garbage now: free them before the final write's peak.
         gc.collect()
-        self._finish(info)
         res = self.result
+        try:
+            self._finish(info)
+        except _StopNow as stop:
+            res.status = "interrupted"
+            res.signal = res.signal or stop.signum
+            res.message = (f"stopped before the output was written: {res.skipped + res.ok + res.errors} rows are "
+                           "saved in the journal; rerun the same command to write them and finish the rest")
+            return res
         if isinstance(error, FatalRequestError):
             res.status = "fatal"
             res.message = f"{error}. Nothing answered was lost: fix the key and rerun the same command to resume"
-        elif self.pool.feeding_stopped and res.signal is not None:
+        elif res.signal is not None:
             res.status = "interrupted"
             res.message = (f"interrupted: {res.skipped + res.ok + res.errors} rows saved in {self.output}; "
                            "rerun the same command to finish the rest")
@@ -551,6 +596,14 @@ class _Job:
 
 class _NothingToDo(Exception):
     pass
+
+
+class _StopNow(KeyboardInterrupt):
+    """The second signal while the output is being written: stop at once (the journal is whole)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class _BudgetReached(Exception):

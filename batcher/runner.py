@@ -519,9 +519,11 @@ class _Job:
             _remove_state(state_dir)
             state = None
         if state is not None and state.fingerprint != fp:
+            done = state.status == "finished"
             raise ResumeError(
-                f"{state_dir} holds a partial run of a different spec (the request, input or output settings "
-                "changed). Rerun with --fresh to start over, or restore the old spec to finish it"
+                f"{state_dir} holds {'a finished' if done else 'a partial'} run of a different spec (the request, "
+                "input or output settings changed). Rerun with --fresh to start over (the output is replaced), or "
+                f"restore the old spec {'to keep it' if done else 'to finish it'}"
             )
         positional = spec.input.id_column is None and self.source.format != "openai_batch"
         identity = input_identity(spec.input.path) if positional else None

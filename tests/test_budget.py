@@ -80,6 +80,9 @@ def test_recorded_spend_and_the_stop_marker(tmp_path: Path) -> None:
         ('{"my/model": {"prompt": "cheap", "completion": 1}}', "p.json", "my/model.prompt"),
         ('{"my/model": 3}', "p.json", "my/model"),
         ('{"my/model": {"prompt": 1, "completion": 1, "extra": 1}}', "p.json", "my/model.extra"),
+        ('{"my/model": {"prompt": "1", "completion": 1}}', "p.json", "my/model.prompt: Input should be a valid number"),
+        ('{"my/model": {"prompt": 1, "completion": true}}', "p.json", "my/model.completion: Input should be a valid number"),
+        ("my/model: {prompt: 1, completion: 1, cached_prompt: '0.5'}", "p.yaml", "my/model.cached_prompt"),
     ],
 )
 def test_prices_file_is_checked_like_the_specs_prices(tmp_path: Path, content: str | None, name: str,

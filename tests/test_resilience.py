@@ -164,10 +164,14 @@ def test_second_sigint_stops_at_once_and_stays_resumable(tmp_path: Path) -> None
 def test_fingerprint_change_is_refused_unless_fresh(make_spec, gateway: Gateway, capsys) -> None:
     run_job(parse_spec(make_spec()), options(limit=10))
     changed = parse_spec(make_spec(request={"temperature": 0.5}))
-    with pytest.raises(ResumeError, match=r"different spec.*--fresh") as err:
+    with pytest.raises(ResumeError, match=r"a partial run of a different spec.*--fresh") as err:
         run_job(changed, options())
     assert err.value.exit_code == 5
     assert run_job(changed, options(fresh=True, limit=5)).ok == 5
+    # a complete job is not called partial
+    assert run_job(changed, options(fresh=True)).status == "finished"
+    with pytest.raises(ResumeError, match=r"a finished run of a different spec.*--fresh.*to keep it"):
+        run_job(parse_spec(make_spec()), options())
 
 
 # --- bad input: one clear message, one exit code, zero requests ----------------------------------------------

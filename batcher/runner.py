@@ -540,7 +540,9 @@ class _Job:
                 self.result.skipped = info.rows
                 raise _NothingToDo()
             # Before the compaction, which drops error rows (and what their unknown attempts may have cost).
-            prior = fold_spend(state_dir)
+            prior = PriorSpend(0.0, 0.0)
+            if self.budget.enforced or (state_dir / SpendLog.NAME).exists():  # else: no need to read the journal
+                prior = fold_spend(state_dir)
             ids = compact_journal(state_dir)
             self.result.skipped = len(ids)
             if ids:

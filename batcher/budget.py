@@ -115,10 +115,10 @@ class Budget:
 
 
 def completion_bound(body: dict[str, Any]) -> int:
-    """Completion tokens one call may bill at most: every choice's `max_tokens`, and the thinking budget (some
-    providers bill reasoning on top)."""
+    """Completion tokens one call may bill at most: every choice's `max_completion_tokens` (chat) or
+    `max_tokens`, and the thinking budget (some providers bill reasoning on top)."""
     n = body.get("n") or 1
-    bound = (body.get("max_tokens") or 0) * n
+    bound = (body.get("max_completion_tokens") or body.get("max_tokens") or 0) * n
     thinking = body.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "enabled":
         budget = thinking.get("budget_tokens")
@@ -279,7 +279,9 @@ def fold_spend(directory: Path) -> PriorSpend:
             confirmed += _amount(rec.get("cost_usd"))
             unconfirmed += u
         else:
-            carried += u  # error rows are dropped by the compaction: carry what they may have cost
+            # error rows are dropped by the compaction: carry what they cost (answers refused by the shape)
+            # and what they may have cost (attempts of unknown outcome)
+            carried += _amount(rec.get("cost_usd")) + u
     # A row without a cost-bearing record: an answer records its cost (or lack of one) in `cost_usd`, so an
     # intent is unaccounted only when its row has no such record at all.
     carried += sum(w for key, w in intents.items() if key not in recorded)

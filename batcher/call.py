@@ -2,11 +2,16 @@
 call, and retry/fallback as `routing.decide` says, until the row has its record.
 
 It knows a body, a client and the records it writes, not the wire shape: a client is anything with
-`complete(body, stream=..., deadline_s=...)` that returns an answer with `to_record()` or raises `AttemptFailed`.
+`complete(body, stream=..., deadline_s=...)` that returns an answer or raises `AttemptFailed`, and the job's
+shape turns the answer into the row's fields (`shape.record`). An answer that breaks the job's json_schema
+(`SchemaViolation`) is a failure of kind "schema", asked again once as a contract failure is; a refusal where a
+schema needs an answer (`Refused`) is an error row of kind "refusal" at once. Either answer was paid for: its
+cost is on the row and in the budget.
 
-Budget: a row's worst case is reserved before its first attempt, and again before a retry that follows an attempt
-whose outcome is unknown (that one's worst case was charged as spent). A row that does not fit waits for calls in
-flight to settle; the budget is reached (`budget_hit`) only when nothing is in flight and it still does not fit.
+Budget: a row's worst case is reserved before its first attempt, and again before an attempt that follows one
+that may have been billed (an unknown outcome, charged at its worst case; a paid answer that broke the schema,
+charged its cost). A row that does not fit waits for calls in flight to settle; the budget is reached
+(`budget_hit`) only when nothing is in flight and it still does not fit.
 
 Stopping: after `stop()` (the first Ctrl-C) no request leaves, neither a row's first attempt nor a retry
 waiting out its backoff; such a row returns None (not answered: a rerun asks it). A refused key (401/403)
@@ -29,7 +34,8 @@ from .client import AttemptFailed
 from .errors import FatalRequestError
 from .limits import Cooldown, RateLimits
 from .prices import PriceTable
-from .routing import Backoff, RoutePlan, decide
+from .routing import Backoff, Failure, RoutePlan, decide
+from .shapes import Refused, SchemaViolation
 from .sources import SourceRow
 
 __all__ = ["Answer", "Caller", "Client", "Records", "Work"]
@@ -37,6 +43,18 @@ __all__ = ["Answer", "Caller", "Client", "Records", "Work"]
 
 class Answer(Protocol):
     def to_record(self) -> dict[str, Any]: ...
+
+
+class Recorder(Protocol):
+    """What the attempt loop needs of a shape: an answer's output fields, or SchemaViolation / Refused."""
+
+    def record(self, answer: Any) -> dict[str, Any]: ...
+
+
+class _PlainRecorder:
+    def record(self, answer: Any) -> dict[str, Any]:
+        rec: dict[str, Any] = answer.to_record()
+        return rec
 
 
 class Client(Protocol):
@@ -49,6 +67,7 @@ class Work:
     body: dict[str, Any]
     key: str | None  # cache key; None when the job has no cache
     est_tokens: float  # what the tokens_per_minute limiter is charged
+    prompt_text: str | None = None  # all the text the body sends (shape.prompt_text); None: the row's prompt
 
 
 class Records:
@@ -107,9 +126,11 @@ class Caller:
         cooldown: Cooldown | None = None,
         verbose: bool = False,
         recent_max: int = 1024,
+        shape: Recorder | None = None,
         spend_log: SpendLog | None = None,
     ) -> None:
         self.plan = plan
+        self.shape: Recorder = shape or _PlainRecorder()
         self.records = records
         self.budget = budget
         self.limits = limits
@@ -180,7 +201,8 @@ class Caller:
             return 0.0, None
         row = item.row
         models = list(dict.fromkeys([item.body["model"], *self.plan.may_answer, *body_models(item.body)]))
-        worst = worst_case(self.records.prices, models, row.prompt or "", item.body)
+        text = item.prompt_text if item.prompt_text is not None else row.prompt if isinstance(row.prompt, str) else ""
+        worst = worst_case(self.records.prices, models, text, item.body)
         if worst is None:
             missing = [m for m in models if self.records.prices.get(m) is None]
             return 0.0, self.records.error(
@@ -207,6 +229,26 @@ class Caller:
             return False
         return True
 
+    def _paid(self, paid: dict[str, Any], answer: Any, asked_model: str) -> dict[str, Any]:
+        """`paid` plus one billed answer that did not become the row's: its tokens and cost (None: unpriced)."""
+        fields = answer.to_record()
+        model = fields.get("model") or asked_model
+        cost = self.records.cost(model, asked_model, fields)
+        out = dict(paid)
+        for k in ("prompt_tokens", "completion_tokens", "total_tokens", "reasoning_tokens"):
+            if fields.get(k) is not None:
+                out[k] = (out.get(k) or 0) + fields[k]
+        out["cost_usd"] = None if cost is None or ("cost_usd" in paid and paid["cost_usd"] is None) \
+            else (paid.get("cost_usd") or 0.0) + cost
+        out["text"] = fields.get("text")  # the last refused answer, as it came
+        return out
+
+    def _charge_paid(self, paid: dict[str, Any], comp: Any, model: str) -> tuple[dict[str, Any], float | None]:
+        """`paid` with one more billed answer that did not become the row's, and that answer's cost."""
+        before = paid.get("cost_usd") or 0.0
+        paid = self._paid(paid, comp, model)
+        return paid, None if paid["cost_usd"] is None else paid["cost_usd"] - before
+
     async def _call(self, item: Work, client: Client) -> dict[str, Any] | None:
         row, plan = item.row, self.plan
         models = [item.body["model"], *plan.models[1:]]
@@ -222,11 +264,25 @@ class Caller:
         held = False  # a reservation of `worst` for the next (or current) attempt
         sending = False
         unconfirmed = 0.0  # worst cases charged for this row's attempts of unknown outcome
+        paid: dict[str, Any] = {}  # tokens and cost of answers refused by the shape (schema, refusal)
+        failure: Failure | None = None
         enforced = self.budget.enforced
+
+        def spent() -> dict[str, Any]:
+            """What this row may have cost besides its answer, for its record."""
+            return {**paid, **({"unconfirmed_usd": unconfirmed} if unconfirmed else {})}
+
         try:
             while True:
                 if not held:
                     if not await self._hold(worst):
+                        if failure is not None and not self.halted and (paid or unconfirmed):
+                            # Asked before, and paid (or maybe paid) for: its record keeps what it cost.
+                            return self.records.error(
+                                row, failure.kind, f"{failure.message}; not asked again: another attempt might "
+                                "pass limits.max_cost_usd", http_status=failure.status, attempts=attempts,
+                                model=body["model"], latency_ms=(time.perf_counter() - (started or 0.0)) * 1000,
+                                **spent())
                         return None
                     held = True
                 await self.cooldown.wait()
@@ -240,6 +296,8 @@ class Caller:
                     started = time.perf_counter()
                 if self.spend_log is not None:
                     self.spend_log.sent(row.id, worst)  # before the send: a kill now still counts it
+                failure = None
+                answer: dict[str, Any] | None = None
                 sending = True
                 try:
                     comp = await client.complete(body, stream=stream, deadline_s=plan.call_timeout_s)
@@ -250,6 +308,26 @@ class Caller:
                         self.budget.charge(worst)
                         held = False
                         unconfirmed += worst
+                else:
+                    sending = False
+                    try:
+                        answer = self.shape.record(comp)
+                    except SchemaViolation as exc:
+                        # The broken answer was billed: charge it now; the next attempt is reserved anew, so
+                        # that asking again cannot take the spend past the cap.
+                        paid, cost = self._charge_paid(paid, comp, body["model"])
+                        held = False
+                        self.budget.settle(worst, cost, answered=True)
+                        failure = Failure("schema", f"the answer breaks the response format: {exc}", status=200)
+                    except Refused as exc:
+                        paid, cost = self._charge_paid(paid, comp, body["model"])
+                        held = False
+                        self.budget.settle(worst, cost, answered=True)
+                        return self.records.error(
+                            row, "refusal", f"the model refused: {exc.refusal}", http_status=200, attempts=attempts,
+                            model=body["model"], latency_ms=(time.perf_counter() - started) * 1000,
+                            refusal=exc.refusal, **spent())
+                if failure is not None:
                     d = decide(plan, failure, retries_used=retries, contract_retries_used=contract_retries,
                                has_next_model=model_i + 1 < len(models), backoff=self.backoff, rng=self.rng,
                                rate_limited=rate_limited, rate_limit_waited_s=waited)
@@ -274,7 +352,7 @@ class Caller:
                             rate_limited += 1
                             waited += d.delay
                             self.cooldown.extend(d.delay)
-                        elif failure.kind == "contract":
+                        elif failure.kind in ("contract", "schema"):
                             contract_retries += 1
                         else:
                             retries += 1
@@ -286,19 +364,21 @@ class Caller:
                         retries = contract_retries = 0
                         body = {**item.body, "model": models[model_i]}
                         continue
-                    extra = {"unconfirmed_usd": unconfirmed} if unconfirmed else {}
                     return self.records.error(
                         row, failure.kind, failure.message, http_status=failure.status, attempts=attempts,
-                        model=body["model"], latency_ms=(time.perf_counter() - started) * 1000, **extra,
+                        model=body["model"], latency_ms=(time.perf_counter() - started) * 1000, **spent(),
                     )
-                sending = False
-                answer = comp.to_record()
+                assert answer is not None
                 rec = self.records.ok(row, answer, cached=False, attempts=attempts,
                                       latency_ms=(time.perf_counter() - started) * 1000, asked_model=body["model"])
+                actual = rec.get("cost_usd")
+                held = False
+                self.budget.settle(worst, actual, answered=True)
+                if paid:  # the row cost its refused answers too
+                    rec["cost_usd"] = None if actual is None or paid.get("cost_usd") is None \
+                        else actual + paid["cost_usd"]
                 if unconfirmed:
                     rec["unconfirmed_usd"] = unconfirmed
-                held = False
-                self.budget.settle(worst, rec.get("cost_usd"), answered=True)
                 if item.key is not None:
                     self._remember(item.key, answer)
                     rec["_cache"] = (item.key, answer)

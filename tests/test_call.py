@@ -211,7 +211,9 @@ async def test_attempts_of_unknown_outcome_are_charged_their_worst_case_and_stat
     # under a cap of 2.5 worst cases, the third attempt is not sent: the cap holds for unknown outcomes too
     caller = _caller(cap=2.5 * WORST)
     client = _Client(lambda n, b: Failure("timeout", "no answer", maybe_billed=True))
-    assert await caller.work(_work(), client) is None
+    rec = await caller.work(_work(), client)
+    assert rec is not None and rec["status"] == "error" and "not asked again" in rec["error"]
+    assert rec["unconfirmed_usd"] == pytest.approx(2 * WORST)  # the record keeps what it may have cost
     assert len(client.sent) == 2 and caller.budget_hit and caller.budget.spent <= 2.5 * WORST
 
 

@@ -44,6 +44,7 @@ def _run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         overwrite=args.overwrite,
         wait=args.wait,
+        loop=args.loop,
     )
     result = run_job(spec, options)
     if result.status == "nothing_to_do":
@@ -87,6 +88,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--verbose", "-v", action="store_true", help="print every failed attempt and the decision")
     run.add_argument("--wait", action="store_true",
                      help="if another run of this job is under way, wait for it to end, then resume (else: exit 8)")
+    run.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                     help="event loop: uvloop when installed (auto, the default; $BATCHER_LOOP=asyncio turns it "
+                          "off), or asyncio")
     run.set_defaults(func=_run)
 
     val = sub.add_parser("validate", help="check a job spec without running it")

@@ -8,8 +8,10 @@ a signal stops the run early, and each leaves it resumable.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
+import importlib.util
 import os
 import random
 import signal
@@ -71,6 +73,7 @@ class RunOptions:
     verbose: bool = False  # one stderr line per failed attempt and what batcher does about it
     overwrite: bool = False  # replace an existing output that batcher did not write
     wait: bool = False  # another run of the job holds its lock: wait for it instead of refusing (exit 8)
+    loop: str = "auto"  # run_job's event loop: auto (uvloop when installed), uvloop, asyncio; see `event_loop`
 
 
 @dataclass
@@ -90,6 +93,7 @@ class RunResult:
     wall_s: float = 0.0
     message: str = ""
     signal: int | None = None
+    loop: str = ""  # the event loop the run used: "uvloop" or "asyncio"
 
     @property
     def exit_code(self) -> int:
@@ -373,6 +377,7 @@ class _Job:
     async def run(self) -> RunResult:
         spec, opts = self.spec, self.options
         t0 = time.perf_counter()
+        self.result.loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
         info = self._preflight()
         await self._lock_job()
         self._resume_state(info)
@@ -615,6 +620,37 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
             job.lock.release()
 
 
+LOOP_ENV = "BATCHER_LOOP"
+
+
+def uvloop_installed() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def event_loop(choice: str = "auto", *, local_gateway: bool = False) -> str:
+    """The event loop a run gets: "uvloop" or "asyncio". `auto` (the default) takes uvloop when it is installed
+    (`pip install 'batcher[fast]'`) unless $BATCHER_LOOP says `asyncio`; `uvloop` insists on it (a SpecError
+    when it is missing). The in-process gateway (`base_url: local`) serves on asyncio's transports only, so
+    `auto` keeps asyncio for it."""
+    if choice == "auto":
+        choice = os.environ.get(LOOP_ENV, "").strip().lower() or "auto"
+    if choice not in ("auto", "uvloop", "asyncio"):
+        raise SpecError(f"the event loop must be auto, uvloop or asyncio (--loop or ${LOOP_ENV}), got {choice!r}")
+    if choice == "uvloop" and not uvloop_installed():
+        raise SpecError("the uvloop event loop was asked for but uvloop is not installed: "
+                        "pip install 'batcher[fast]'")
+    if choice == "auto":
+        return "uvloop" if uvloop_installed() and not local_gateway else "asyncio"
+    return choice
+
+
 def run_job(spec: JobSpec | str | Path, options: RunOptions | None = None, **kwargs: Any) -> RunResult:
-    """Run a job synchronously (on anyio's asyncio backend)."""
-    return anyio.run(lambda: arun_job(spec, options, **kwargs))
+    """Run a job synchronously, on uvloop when it is installed (see `event_loop`), else on asyncio."""
+    options = options or RunOptions(**kwargs)
+    if not isinstance(spec, JobSpec):
+        spec = load_spec(spec)
+    local = (options.base_url or spec.endpoint.base_url) == "local"
+    use_uvloop = event_loop(options.loop, local_gateway=local) == "uvloop"
+    job_spec = spec
+    return anyio.run(lambda: arun_job(job_spec, options), backend="asyncio",
+                     backend_options={"use_uvloop": use_uvloop})

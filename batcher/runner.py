@@ -52,10 +52,10 @@ from .sinks import (
     written_by_batcher,
 )
 from .sources import Source, SourceInfo, SourceRow
-from .spec import JobSpec, format_of, load_spec
+from .spec import JobSpec, format_of, load_spec, parse_max_errors
 from .wire import BodyBuilder, cache_key
 
-__all__ = ["RunOptions", "RunResult", "arun_job", "run_job"]
+__all__ = ["ERRORS_EXIT_CODE", "RunOptions", "RunResult", "arun_job", "run_job"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ class RunOptions:
     verbose: bool = False  # one stderr line per failed attempt and what batcher does about it
     overwrite: bool = False  # replace an existing output that batcher did not write
     wait: bool = False  # another run of the job holds its lock: wait for it instead of refusing (exit 8)
+    max_errors: str | None = None  # overrides limits.max_errors: "10" rows or "2.5%" of the rows
     loop: str = "auto"  # run_job's event loop: auto (uvloop when installed), uvloop, asyncio; see `event_loop`
 
 
@@ -94,9 +95,13 @@ class RunResult:
     message: str = ""
     signal: int | None = None
     loop: str = ""  # the event loop the run used: "uvloop" or "asyncio"
+    error_kinds: dict[str, int] = field(default_factory=dict)  # error rows by error_kind
+    over_max_errors: bool = False  # finished, with more error rows than max_errors allows
 
     @property
     def exit_code(self) -> int:
+        if self.status == "finished" and self.over_max_errors:
+            return ERRORS_EXIT_CODE
         if self.status in ("finished", "nothing_to_do"):
             return 0
         if self.status == "interrupted":
@@ -108,9 +113,11 @@ class RunResult:
         return 1
 
     def summary(self) -> str:
+        kinds = sorted(self.error_kinds.items(), key=lambda kv: (-kv[1], kv[0]))
+        detail = f" ({', '.join(f'{n} {kind}' for kind, n in kinds)})" if kinds else ""
         parts = [
             f"{self.ok} ok",
-            f"{self.errors} error",
+            f"{self.errors} error{detail}",
             f"{self.cached} cached",
         ]
         if self.skipped:
@@ -121,6 +128,10 @@ class RunResult:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
         return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {self.output}"
 
+
+# A run that finished with more error rows than --max-errors / limits.max_errors allow (default: none): a
+# scheduler can tell it from a clean run (0) and from a run that stopped early (1-8, 130, 143).
+ERRORS_EXIT_CODE = 9
 
 # A power loss or a kernel crash costs at most the answers journaled in the last SYNC_INTERVAL_S (plus one
 # fdatasync's time): they are asked again on resume. A kill -9 costs none of them (see `sinks.Journal`).
@@ -231,6 +242,11 @@ class _Job:
             verbose=options.verbose,
             recent_max=3 * spec.input.batch_size + 16 * spec.limits.concurrency,
         )
+        try:
+            self.max_errors = parse_max_errors(options.max_errors) if options.max_errors is not None \
+                else spec.limits.error_allowance
+        except ValueError as exc:
+            raise SpecError(f"--max-errors {exc}") from None
         self.endpoint: Endpoint | None = None
         self.endpoint_id = ""
         self.progress: Progress | None = None
@@ -342,6 +358,8 @@ class _Job:
                 res.cost_usd += r.get("cost_usd") or 0.0
             else:
                 res.errors += 1
+                kind = r.get("error_kind") or "unknown"
+                res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
             res.attempts += r.get("attempts") or 0
         if self.progress is not None:
             self.progress.advance(len(records), res)
@@ -456,6 +474,16 @@ class _Job:
         else:
             res.status = "finished"
             BudgetStop(self.state.directory).clear()
+            allowance = self.max_errors
+            if not allowance.allows(res.errors, res.rows):
+                res.over_max_errors = True
+                flag = f"{allowance}" + (f" ({allowance.percent * res.rows / 100:g} of {res.rows} rows)"
+                                         if allowance.percent is not None else "")
+                res.message = (
+                    f"{res.errors} error row{'s' if res.errors != 1 else ''}, over max-errors {flag}: exit "
+                    f"{ERRORS_EXIT_CODE}. Rerun the same command to ask them again, or raise --max-errors "
+                    "(or limits.max_errors) to accept them"
+                )
         return res
 
     def _preflight(self) -> SourceInfo:

@@ -655,11 +655,10 @@ def uvloop_installed() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
 
-def event_loop(choice: str = "auto", *, local_gateway: bool = False) -> str:
+def event_loop(choice: str = "auto") -> str:
     """The event loop a run gets: "uvloop" or "asyncio". `auto` (the default) takes uvloop when it is installed
     (`pip install 'batcher[fast]'`) unless $BATCHER_LOOP says `asyncio`; `uvloop` insists on it (a SpecError
-    when it is missing). The in-process gateway (`base_url: local`) serves on asyncio's transports only, so
-    `auto` keeps asyncio for it."""
+    when it is missing). Everything in batcher, the in-process gateway included, runs on both."""
     if choice == "auto":
         choice = os.environ.get(LOOP_ENV, "").strip().lower() or "auto"
     if choice not in ("auto", "uvloop", "asyncio"):
@@ -668,7 +667,7 @@ def event_loop(choice: str = "auto", *, local_gateway: bool = False) -> str:
         raise SpecError("the uvloop event loop was asked for but uvloop is not installed: "
                         "pip install 'batcher[fast]'")
     if choice == "auto":
-        return "uvloop" if uvloop_installed() and not local_gateway else "asyncio"
+        return "uvloop" if uvloop_installed() else "asyncio"
     return choice
 
 
@@ -677,8 +676,7 @@ def run_job(spec: JobSpec | str | Path, options: RunOptions | None = None, **kwa
     options = options or RunOptions(**kwargs)
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
-    local = (options.base_url or spec.endpoint.base_url) == "local"
-    use_uvloop = event_loop(options.loop, local_gateway=local) == "uvloop"
+    use_uvloop = event_loop(options.loop) == "uvloop"
     job_spec = spec
     return anyio.run(lambda: arun_job(job_spec, options), backend="asyncio",
                      backend_options={"use_uvloop": use_uvloop})

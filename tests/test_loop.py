@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -12,7 +13,7 @@ from batcher.errors import SpecError
 from batcher.gateway import Gateway
 from batcher.runner import event_loop, uvloop_installed
 
-from .conftest import options
+from .conftest import SAMPLES, options
 
 LOOPS = [
     "asyncio",
@@ -47,7 +48,6 @@ def test_auto_takes_uvloop_when_installed_and_the_env_turns_it_off(monkeypatch: 
     monkeypatch.delenv("BATCHER_LOOP", raising=False)
     assert event_loop("auto") == ("uvloop" if uvloop_installed() else "asyncio")
     assert event_loop("asyncio") == "asyncio"
-    assert event_loop("auto", local_gateway=True) == "asyncio"  # the in-process gateway serves on asyncio
     monkeypatch.setenv("BATCHER_LOOP", "asyncio")
     assert event_loop("auto") == "asyncio"
     monkeypatch.setenv("BATCHER_LOOP", "tokio")
@@ -60,6 +60,18 @@ def test_asking_for_uvloop_without_it_is_a_clear_error(monkeypatch: pytest.Monke
     assert event_loop("auto") == "asyncio"  # batcher works the same without it
     with pytest.raises(SpecError, match=r"pip install 'batcher\[fast\]'"):
         event_loop("uvloop")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_in_process_gateway_runs_on_each_loop(tmp_path: Path, loop: str) -> None:
+    spec = parse_spec({
+        "input": {"path": str(SAMPLES / "reviews.parquet"), "id_column": "review_id", "prompt": "{{text}}"},
+        "output": {"path": str(tmp_path / "o.parquet")},
+        "endpoint": {"base_url": "local", "local": {"latency_ms": 0, "jitter_ms": 0}},
+        "request": {"model": "openai/gpt-4o-mini", "max_tokens": 4},
+    })
+    result = run_job(spec, options(loop=loop, limit=50))
+    assert result.loop == loop and result.ok == 50
 
 
 def test_a_run_without_uvloop_installed_runs_on_asyncio(make_spec: Any, gateway: Gateway,

@@ -73,7 +73,7 @@ class RunOptions:
     verbose: bool = False  # one stderr line per failed attempt and what batcher does about it
     overwrite: bool = False  # replace an existing output that batcher did not write
     wait: bool = False  # another run of the job holds its lock: wait for it instead of refusing (exit 8)
-    max_errors: str | None = None  # overrides limits.max_errors: "10" rows or "2.5%" of the rows
+    max_errors: int | str | None = None  # overrides limits.max_errors: "10" rows or "2.5%" of the rows
     loop: str = "auto"  # run_job's event loop: auto (uvloop when installed), uvloop, asyncio; see `event_loop`
 
 

@@ -6,14 +6,13 @@
 It knows nothing of HTTP or files: the runner passes `feed`, `work`, `record` and `write`. A worker hands its
 result to `record` (synchronous: the journal's write(2)) the moment `work` returns, before it takes its next item
 and without yielding to the loop, so at any moment the answers not yet recorded are only the calls in flight;
-`write` then gets results in batches (counts, progress, the cache), where gathering costs no durability. Bounded
-buffers give
-backpressure end to end (a slow disk slows the workers, slow workers slow the reader). Stopping has two
-steps, as Ctrl-C does: `stop_feeding()` lets work already started finish and be written (items still queued for
-the workers are not started); `cancel_work()` abandons it. Either way the writer drains everything that was
-produced, so no answer that arrived is dropped.
+`write` then gets results in batches (counts, progress, the cache), where gathering costs no durability.
+Bounded buffers give backpressure end to end (a slow disk slows the workers, slow workers slow the reader).
+Stopping has two steps, as Ctrl-C does: `stop_feeding()` lets work already started finish and be written
+(items still queued for the workers are not started); `cancel_work()` abandons it. Either way the writer drains
+everything that was produced, so no answer that arrived is dropped (unless the sink itself failed).
 
-An exception from `work` or `write` is not a row's failure (the runner turns those into rows): it stops the
+An exception from `work`, `record` or `write` is not a row's failure (the runner turns those into rows): it stops the
 pool, the writer still drains, and `run` raises that very exception, traceback and all, so a bug surfaces as
 itself rather than as a half-written run.
 """

@@ -39,9 +39,11 @@ __all__ = [
     "DEFAULT_RETRY_ON_CODES",
     "RESULT_COLUMN_NAMES",
     "JobSpec",
+    "MaxErrors",
     "batch_file_is_chat",
     "kept_column_name",
     "load_spec",
+    "parse_max_errors",
     "parse_spec",
 ]
 
@@ -342,7 +344,10 @@ def format_of(path: Path, section: str) -> str:
         return "parquet"
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
-    raise ValueError(f"cannot tell the format of {str(path)!r}: use .parquet or .jsonl, or set {section}.format")
+    if section == "input" and suffix in (".csv", ".tsv"):
+        return suffix[1:]
+    kinds = ".parquet, .jsonl, .csv or .tsv" if section == "input" else ".parquet or .jsonl"
+    raise ValueError(f"cannot tell the format of {str(path)!r}: use {kinds}, or set {section}.format")
 
 
 def _expand(v: Any) -> Any:
@@ -375,7 +380,7 @@ def batch_file_is_chat(path: Path) -> bool:
 
 class InputSpec(_Model):
     path: Path
-    format: Literal["parquet", "jsonl", "openai_batch"] | None = None
+    format: Literal["parquet", "jsonl", "openai_batch", "csv", "tsv"] | None = None
     id_column: str | None = None
     prompt: str | None = None
     prompt_column: str | None = None
@@ -520,6 +525,43 @@ class EndpointSpec(_Model):
         return v
 
 
+@dataclasses.dataclass(frozen=True)
+class MaxErrors:
+    """How many error rows a finished run may have and still succeed (exit 0): a count, or a percentage of the
+    run's rows. Over it, the run exits 9 (`runner.ERRORS_EXIT_CODE`)."""
+
+    count: int | None = 0
+    percent: float | None = None
+
+    def allows(self, errors: int, rows: int) -> bool:
+        if self.percent is not None:
+            return errors * 100 <= self.percent * rows
+        return errors <= (self.count or 0)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
+
+
+def parse_max_errors(value: int | str) -> MaxErrors:
+    """`10` or `"10"`: at most 10 error rows; `"2.5%"`: at most 2.5% of the rows. ValueError otherwise."""
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            percent = float(text[:-1])
+            if not 0 <= percent <= 100:  # NaN fails both
+                raise ValueError
+            return MaxErrors(count=None, percent=percent)
+        if isinstance(value, bool):
+            raise ValueError
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return MaxErrors(count=count)
+    except ValueError:
+        raise ValueError(f"must be a count of error rows (10) or a percentage of the rows (2.5%), 0-100%; "
+                         f"got {value!r}") from None
+
+
 class Limits(_Model):
     concurrency: int = Field(32, ge=1, le=4096)
     requests_per_minute: float | None = Field(None, gt=0)
@@ -528,6 +570,18 @@ class Limits(_Model):
     # total time one row may be paused by 429s before the 429 becomes its error (or a fallback)
     max_rate_limit_wait_s: float = Field(300, ge=0, le=86_400)
     grace_seconds: float = Field(30, ge=0, le=3600)
+    # error rows a finished run may have and still exit 0: a count (10) or a share of the rows ("2.5%")
+    max_errors: int | str = 0
+
+    @field_validator("max_errors")
+    @classmethod
+    def _max_errors(cls, v: int | str) -> int | str:
+        parse_max_errors(v)
+        return v
+
+    @property
+    def error_allowance(self) -> MaxErrors:
+        return parse_max_errors(self.max_errors)
 
 
 class Price(_Model):

@@ -13,6 +13,7 @@ import gc
 import os
 import random
 import signal
+import stat
 import sys
 import time
 import urllib.parse
@@ -136,7 +137,22 @@ def _api_key(spec: JobSpec, base_url: str) -> str | None:
     return key or None
 
 
+def _refuse_special_output(path: Path) -> None:
+    """An existing output path must be a regular file (or a folder, refused below), with or without --overwrite:
+    the final write renames a temporary file over it, which would turn /dev/null or a fifo into a plain file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # absent (or unreadable: the probe names the cause)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a fifo" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise OutputError(f"the output path {path} is {kind}, not a regular file: batcher writes its output by "
+                          "renaming a finished file into place, which would replace it; choose a file path")
+
+
 def _probe_output(path: Path) -> None:
+    _refuse_special_output(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.parent / f".{path.name}.probe{os.getpid()}"

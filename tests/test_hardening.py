@@ -1,0 +1,59 @@
+"""What an outside tester broke by reading only the README: each test drives the command line, as they did."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from batcher.cli import main
+from batcher.gateway import Gateway
+from batcher.sinks import state_dir_for
+
+
+def _small_parquet(path: Path, n: int = 3) -> Path:
+    pq.write_table(pa.table({"rid": list(range(n)), "p": [f"p{i}" for i in range(n)]}), path)
+    return path
+
+
+def _spec(base_url: str, inp: Path, out: Path, **sections: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": "t",
+        "input": {"path": str(inp), "id_column": "rid", "prompt": "Say {{p}}"},
+        "output": {"path": str(out)},
+        "endpoint": {"base_url": base_url, "api": "orq"},
+        "request": {"model": "openai/gpt-4o-mini", "max_tokens": 2},
+    }
+    for name, value in sections.items():
+        spec[name] = {**spec.get(name, {}), **value}
+    return spec
+
+
+def _write(path: Path, spec: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+# ------------------------------------------------------------------------------- 4: device files, fifos
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_path_that_is_a_fifo_is_refused_before_any_call(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str], overwrite: bool
+) -> None:
+    out = tmp_path / "pipe.jsonl"
+    os.mkfifo(out)
+    spec = _write(tmp_path / "job.yaml", _spec(gateway.base_url, _small_parquet(tmp_path / "in.parquet"), out,
+                                               output={"format": "jsonl"}))
+    assert main(["run", str(spec), "--quiet", *(["--overwrite"] if overwrite else [])]) == 4
+    err = capsys.readouterr().err
+    assert f"the output path {out} is a fifo, not a regular file" in err
+    assert stat.S_ISFIFO(out.stat().st_mode)
+    assert not state_dir_for(out).exists()
+    assert gateway.stats.total == 0

@@ -510,11 +510,24 @@ class JobSpec(_Model):
         """Two kept columns written under one output name would crash the Parquet write after every call was
         paid (or overwrite each other in JSONL): refuse them here, before any call."""
         id_source, id_name = self.input.id_source, self.input.id_name
+        if id_name in RESULT_COLUMN_NAMES:
+            # The id is written under its own name (resume matches it, openai_batch output carries it as
+            # custom_id): renaming it would break both, so the clash is refused rather than every call paid for
+            # an output that cannot be written.
+            raise ValueError(
+                f"input.id_column: {id_name!r} is the name of one of batcher's output columns "
+                f"({', '.join(sorted(RESULT_COLUMN_NAMES))}); rename that column in the input"
+            )
         by_name: dict[str, str] = {}
         for column in self.output.keep_columns:
             if column == id_source:
                 continue  # it is the output's id column already
             name = kept_column_name(column, id_name)
+            if name == id_name:
+                raise ValueError(
+                    f"output.keep_columns: {column!r} would be written as the output column {name!r}, which is "
+                    "the id column (input.id_column); keep it under another name or choose another id_column"
+                )
             if name in by_name:
                 other = by_name[name]
                 raise ValueError(

@@ -57,3 +57,34 @@ def test_an_output_path_that_is_a_fifo_is_refused_before_any_call(
     assert stat.S_ISFIFO(out.stat().st_mode)
     assert not state_dir_for(out).exists()
     assert gateway.stats.total == 0
+
+
+# ------------------------------------------------------------------------------- 2: an id named like a result
+
+
+@pytest.mark.parametrize("column", ["text", "status", "model", "error"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "openai_batch"])
+def test_an_id_column_named_like_an_output_column_is_refused_by_validate(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str], column: str, fmt: str
+) -> None:
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({column: ["a", "b"], "p": ["x", "y"]}), inp)
+    out = tmp_path / ("o.parquet" if fmt == "parquet" else "o.jsonl")
+    spec = _spec(gateway.base_url, inp, out, input={"id_column": column}, output={"format": fmt})
+    path = _write(tmp_path / "job.yaml", spec)
+    assert main(["validate", str(path)]) == 2
+    assert main(["run", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"input.id_column: {column!r} is the name of one of batcher's output columns" in err
+    assert gateway.stats.total == 0 and not out.exists()
+
+
+def test_a_kept_column_renamed_onto_the_id_is_refused(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"input_text": ["a", "b"], "text": ["x", "y"], "p": ["x", "y"]}), inp)
+    spec = _spec(gateway.base_url, inp, tmp_path / "o.parquet", input={"id_column": "input_text"},
+                 output={"keep_columns": ["text"]})
+    assert main(["validate", str(_write(tmp_path / "job.yaml", spec))]) == 2
+    assert "'text' would be written as the output column 'input_text', which is the id column" in capsys.readouterr().err

@@ -26,9 +26,11 @@ column named like a figure is renamed `by_<name>` (`group_columns`); text tables
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import json
 import math
+import os
 import sys
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
@@ -620,6 +622,10 @@ def _histogram(bins: list[tuple[float, float, int]], marks: dict[str, float]) ->
     return "".join(parts)
 
 
+# In every page `batcher report --html` writes: a file with it near its start may be replaced without --overwrite.
+HTML_MARKER = "<!-- batcher report: this page was written by batcher report --html -->"
+
+
 def html_report(lf: pl.LazyFrame, title: str) -> str:
     """A self-contained page (inline SVG, no script): cost by model, latency distribution, the two tables."""
     per_model = usage_table(lf, [])
@@ -646,7 +652,7 @@ def html_report(lf: pl.LazyFrame, title: str) -> str:
         "<h2>Errors</h2>", f"<pre>{html.escape(text_table(eh, eb))}</pre>" if eb else "<p>No errors.</p>",
     ]
     style = "body{font-family:system-ui,sans-serif;margin:2em}svg text{font-size:12px}pre{font-size:12px}"
-    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+    return (f'<!DOCTYPE html>\n{HTML_MARKER}\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n")
 
 
@@ -713,7 +719,31 @@ def _split_by(values: Sequence[str] | None) -> list[str]:
     return out
 
 
+def _check_html_target(target: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Before anything is read: the page never replaces one of the report's own inputs (not even with
+    --overwrite), nor a file that is not a page `batcher report` wrote (`HTML_MARKER` after its doctype)."""
+    if not target.exists():
+        return
+    for path in inputs:
+        same = False
+        with contextlib.suppress(OSError):
+            same = os.path.samefile(target, path)
+        if same:
+            raise OutputError(f"--html {target} is one of the files being reported ({path}): writing the page "
+                              "would destroy it; choose another file for the charts")
+    if overwrite:
+        return
+    head = b""
+    with contextlib.suppress(OSError), open(target, "rb") as f:
+        head = f.read(512)
+    if HTML_MARKER.encode() not in head:
+        raise OutputError(f"--html {target} already exists and is not a report page batcher wrote; choose another "
+                          "file, or pass --overwrite to replace it")
+
+
 def _report(args: argparse.Namespace) -> int:
+    if args.html:
+        _check_html_target(Path(args.html), _expand(args.outputs), args.overwrite)
     lf = scan_outputs(args.outputs)
     if args.prices:
         # As for `batcher run --prices`: the file's prices override the shipped table, model by model.
@@ -749,4 +779,6 @@ def add_parser(sub: Any) -> None:
                    help="which table to print (csv prints usage unless this says errors)")
     p.add_argument("--prices", metavar="FILE", help="recompute cost from tokens with this price table")
     p.add_argument("--html", metavar="FILE", help="also write charts (cost by model, latency) as one HTML file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --html replace an existing file that is not a page batcher report wrote")
     p.set_defaults(func=_report)

@@ -88,3 +88,73 @@ def test_a_kept_column_renamed_onto_the_id_is_refused(
                  output={"keep_columns": ["text"]})
     assert main(["validate", str(_write(tmp_path / "job.yaml", spec))]) == 2
     assert "'text' would be written as the output column 'input_text', which is the id column" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- 1: report --html over a file
+
+
+def _one_run(gateway: Gateway, tmp_path: Path) -> Path:
+    out = tmp_path / "out" / "rsb.parquet"
+    spec = _write(tmp_path / "job.yaml", _spec(gateway.base_url, _small_parquet(tmp_path / "in.parquet"), out))
+    assert main(["run", str(spec), "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_report_html_never_replaces_a_file_it_reports(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str], overwrite: bool
+) -> None:
+    out = _one_run(gateway, tmp_path)
+    before = out.read_bytes()
+    for target in (str(out), str(out.parent), f"{out.parent}/./../out/rsb.parquet"):
+        args = ["report", target, "--html", str(out), *(["--overwrite"] if overwrite else [])]
+        assert main(args) == 4
+        err = capsys.readouterr().err
+        assert f"--html {out} is one of the files being reported" in err
+        assert out.read_bytes() == before
+
+
+def test_report_html_replaces_only_its_own_pages_without_overwrite(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _one_run(gateway, tmp_path)
+    precious = tmp_path / "precious.parquet"
+    precious.write_bytes(b"PAR1 not mine")
+    assert main(["report", str(out), "--html", str(precious)]) == 4
+    assert "already exists and is not a report page batcher wrote" in capsys.readouterr().err
+    assert precious.read_bytes() == b"PAR1 not mine"
+    page = tmp_path / "r.html"
+    assert main(["report", str(out), "--html", str(page)]) == 0
+    assert main(["report", str(out), "--html", str(page)]) == 0  # its own page: replaced, no flag needed
+    assert main(["report", str(out), "--html", str(precious), "--overwrite"]) == 0
+    assert precious.read_text().startswith("<!DOCTYPE html>")
+
+
+# ------------------------------------------------------------------------------- 6: plan's extreme flags
+
+
+def _plan_spec(tmp_path: Path) -> Path:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"p": "hello there"}\n' * 3)
+    spec = {"name": "t", "input": {"path": str(inp), "prompt": "{{p}}"}, "output": {"path": str(tmp_path / "o.jsonl")},
+            "endpoint": {"base_url": "local"}, "request": {"model": "openai/gpt-4o-mini", "max_tokens": 2}}
+    return _write(tmp_path / "job.yaml", spec)
+
+
+@pytest.mark.parametrize("value", ["5e-324", "1e-320", "0.09", "100.5", "1e300"])
+def test_plan_refuses_chars_per_token_outside_its_range(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", str(_plan_spec(tmp_path)), "--chars-per-token", value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "from 0.1 to 100 characters per token" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--chars-per-token", "0.1"), ("--chars-per-token", "100"),
+                                             ("--latency-ms", "5e-324"), ("--latency-ms", "1e308")])
+def test_plan_takes_extreme_values_inside_the_range(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flag: str, value: str
+) -> None:
+    assert main(["plan", str(_plan_spec(tmp_path)), flag, value]) == 0
+    assert "prompt tokens" in capsys.readouterr().out

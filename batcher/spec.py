@@ -56,12 +56,19 @@ def kept_column_name(column: str, id_name: str) -> str:
     return f"input_{column}" if column in RESULT_COLUMN_NAMES or column == id_name else column
 
 
+# Integer fields whose contract sets no upper bound get one that every server and Parquet column can hold (a
+# `max_tokens: 999999999999999999999` would overflow the budget's int64 arithmetic and the server's int32).
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 StatusCode = Annotated[int, Field(ge=100, le=599)]
 FallbackCode = Annotated[int, Field(ge=400, le=599)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # strict: the official spec's types, not Python's coercions (`n: true`, `temperature: "0.5"`, `max_tokens: 3.0`
+    # and `echo: 1` are errors naming the field and the type); an int is still a valid float (`temperature: 1`).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # --- routing (top level, or inside `orq` in the older form) -------------------------------------------------
@@ -216,7 +223,7 @@ class ThinkingDisabled(_Model):
 
 class ThinkingEnabled(_Model):
     type: Literal["enabled"]
-    budget_tokens: int = Field(ge=1024)
+    budget_tokens: int = Field(ge=1024, le=INT32_MAX)
     thinking_level: Literal["minimal", "low", "medium", "high"] | None = None
 
 
@@ -262,9 +269,9 @@ class RequestSpec(_Model):
     model: str | None = Field(None, min_length=1)
     echo: bool | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
@@ -337,7 +344,7 @@ class InputSpec(_Model):
     prompt_column: str | None = None
     inputs_columns: list[str] = Field(default_factory=list)
     batch_size: int = Field(1_000, ge=1, le=1_000_000)
-    max_prompt_chars: int = Field(1_000_000, ge=1)
+    max_prompt_chars: int = Field(1_000_000, ge=1, le=INT32_MAX)
 
     _path = field_validator("path", mode="before")(_expand)
 
@@ -421,7 +428,7 @@ class LocalGateway(_Model):
     latency_ms: float = Field(20, ge=0, le=600_000)
     jitter_ms: float = Field(0, ge=0, le=600_000)
     faults: list[Annotated[dict[str, Any], AfterValidator(_check_fault)]] = Field(default_factory=list)
-    seed: int = 0
+    seed: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
 
 
 class EndpointSpec(_Model):

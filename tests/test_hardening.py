@@ -158,3 +158,51 @@ def test_plan_takes_extreme_values_inside_the_range(
 ) -> None:
     assert main(["plan", str(_plan_spec(tmp_path)), flag, value]) == 0
     assert "prompt tokens" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------- 5: the official spec's types
+
+
+LOOSE = [
+    ({"top_p": True}, "request.top_p: Input should be a valid number (got true)"),
+    ({"n": True}, "request.n: Input should be a valid integer (got true)"),
+    ({"echo": 1}, "request.echo: Input should be a valid boolean (got 1)"),
+    ({"temperature": "0.5"}, 'request.temperature: Input should be a valid number (got "0.5")'),
+    ({"max_tokens": 3.0}, "request.max_tokens: Input should be a valid integer (got 3.0)"),
+    ({"stream": "yes"}, 'request.stream: Input should be a valid boolean (got "yes")'),
+    ({"seed": "7"}, 'request.seed: Input should be a valid integer (got "7")'),
+    ({"retry": {"count": 2.0}}, "request.retry.count: Input should be a valid integer (got 2.0)"),
+    ({"max_tokens": 999999999999999999999}, "request.max_tokens: Input should be less than or equal to 2147483647"),
+    ({"max_tokens": 2**31}, "request.max_tokens: Input should be less than or equal to 2147483647"),
+    ({"seed": 2**63}, "request.seed: Input should be less than or equal to 9223372036854775807"),
+]
+
+
+@pytest.mark.parametrize(("request_fields", "message"), LOOSE)
+def test_request_fields_are_not_coerced(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str], request_fields: dict[str, Any],
+    message: str,
+) -> None:
+    spec = _spec(gateway.base_url, _small_parquet(tmp_path / "in.parquet"), tmp_path / "o.parquet",
+                 request=request_fields)
+    path = _write(tmp_path / "job.yaml", spec)
+    assert main(["validate", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert main(["run", str(path), "--quiet"]) == 2
+    assert gateway.stats.total == 0
+
+
+def test_ints_are_still_floats_and_the_bounds_are_reachable(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fields = {"temperature": 1, "top_p": 1, "frequency_penalty": -2, "seed": -(2**63), "echo": False, "n": 1}
+    spec = _spec(gateway.base_url, _small_parquet(tmp_path / "in.parquet"), tmp_path / "o.parquet", request=fields)
+    path = _write(tmp_path / "job.yaml", spec)
+    assert main(["validate", str(path)]) == 0
+    spec["request"]["max_tokens"] = 2**31 - 1
+    assert main(["validate", str(_write(path, spec))]) == 0
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_spec_still_validates(path: Path) -> None:
+    assert main(["validate", str(path)]) == 0

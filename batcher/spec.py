@@ -603,6 +603,37 @@ def parse_spec(data: Any, source: str = "<spec>") -> JobSpec:
         raise SpecError(_format_errors(source, exc)) from None
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, minus two surprises: a key written twice is an error (PyYAML keeps the last one
+    silently), and `1e-3` is a number as in YAML 1.2 and JSON (PyYAML 1.1 reads it as a string, which the strict
+    spec types would then refuse)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: keys written here override the merged ones, as YAML means
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: construct_mapping names it below
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice (lines {first} and {line}); write it once",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_spec(path: str | Path) -> JobSpec:
     """Read and validate a YAML (or JSON) job spec file."""
     path = Path(path)
@@ -611,7 +642,7 @@ def load_spec(path: str | Path) -> JobSpec:
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the job spec: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise SpecError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {exc}") from None
     spec = parse_spec(data, str(path))

@@ -206,3 +206,36 @@ def test_ints_are_still_floats_and_the_bounds_are_reachable(
 @pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "jobs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_example_spec_still_validates(path: Path) -> None:
     assert main(["validate", str(path)]) == 0
+
+
+# ------------------------------------------------------------------------------- 7: YAML spelling
+
+
+def test_a_key_written_twice_in_a_yaml_spec_is_an_error(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = yaml.safe_dump(_spec(gateway.base_url, _small_parquet(tmp_path / "in.parquet"), tmp_path / "o.parquet"))
+    path = tmp_path / "job.yaml"
+    path.write_text(text + "request:\n  model: openai/gpt-4o\n")
+    assert main(["validate", str(path)]) == 2
+    line = text.splitlines().index("request:") + 1
+    assert f"the key 'request' appears twice (lines {line} and {len(text.splitlines()) + 1})" in capsys.readouterr().err
+    assert main(["run", str(path), "--quiet"]) == 2 and gateway.stats.total == 0
+
+
+def test_yaml_anchors_merge_and_exponent_floats_still_read(gateway: Gateway, tmp_path: Path) -> None:
+    spec = _spec(gateway.base_url, _small_parquet(tmp_path / "in.parquet"), tmp_path / "o.parquet")
+    del spec["request"]
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec) + "base: &b {model: openai/gpt-4o-mini, max_tokens: 2}\n"
+                    "request:\n  <<: *b\n  max_tokens: 3\n  temperature: 1e-1\n")
+    from batcher.spec import load_spec
+
+    spec_text = path.read_text().replace("base: &b", "x-base: &b")
+    path.write_text(spec_text)
+    with pytest.raises(Exception, match="x-base"):  # unknown top-level keys stay errors; the merge itself reads
+        load_spec(path)
+    path.write_text(spec_text.replace("x-base: &b {model: openai/gpt-4o-mini, max_tokens: 2}\n", "")
+                    .replace("request:\n  <<: *b\n", "request:\n  <<: &b {model: openai/gpt-4o-mini, max_tokens: 2}\n"))
+    loaded = load_spec(path)
+    assert (loaded.request.model, loaded.request.max_tokens, loaded.request.temperature) == ("openai/gpt-4o-mini", 3, 0.1)

@@ -613,7 +613,7 @@ class _SpecLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # `<<: *defaults`: keys written here override the merged ones, as YAML means
-            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            key = self.construct_object(key_node, deep=True)
             try:
                 first = seen.get(key)
             except TypeError:
@@ -642,7 +642,7 @@ def load_spec(path: str | Path) -> JobSpec:
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the job spec: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise SpecError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {exc}") from None
     spec = parse_spec(data, str(path))

@@ -31,6 +31,7 @@ import html
 import json
 import math
 import os
+import re
 import sys
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
@@ -121,10 +122,19 @@ def _kind(value: Any) -> str:
     return "json"  # an object or an array
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(text: str) -> str:
+    """A lone surrogate (`"\\udc00"` is valid JSON, and batcher keeps it escaped in JSONL outputs) as U+FFFD,
+    as in a Parquet output: polars strings are UTF-8, which cannot hold one."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def _json_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
+    if value is None:
+        return None
+    return _utf8(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
 
 
 # What each result column may hold in a JSONL output (besides null); ints are fine where floats are.
@@ -193,8 +203,8 @@ def _read_jsonl(path: Path) -> pl.LazyFrame:
 
     def frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
         return pl.DataFrame([
-            pl.Series(key, [_json_text(r.get(key)) if key in as_text else r.get(key) for r in rows], dtype=dtype,
-                      strict=False)
+            pl.Series(key, [_json_text(r.get(key)) if key in as_text or dtype == pl.String() else r.get(key)
+                            for r in rows], dtype=dtype, strict=False)
             for key, dtype in schema.items()
         ])
 
@@ -244,8 +254,12 @@ def _scan_one(path: Path) -> pl.LazyFrame:
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
     if "status" not in names:
-        hint = " (an openai_batch output? report reads batcher's parquet/jsonl format)" if "custom_id" in names else ""
-        raise InputError(f"{path}: not a batcher output: no 'status' column{hint}")
+        if "custom_id" in names and "response" in names:
+            raise InputError(
+                f"{path}: an openai_batch output (OpenAI Batch API lines): it has no latency, attempts or cost, so "
+                "batcher report reads batcher's own format only; for a report, run the job with output.format: "
+                "parquet or jsonl (its own output.path; with request.cache set, answers already cached are not paid again)")
+        raise InputError(f"{path}: not a batcher output: no 'status' column")
     for name, dtype in lf.collect_schema().items():
         want = _JSONL_TYPES.get(name)
         if want is not None and not _fits(dtype, want):
@@ -273,7 +287,33 @@ def scan_outputs(paths: Iterable[str | Path]) -> pl.LazyFrame:
     Files may differ in their kept input columns: a column missing from one file is null in its rows.
     """
     frames = [_scan_one(p) for p in _expand(paths)]
-    return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+    if len(frames) == 1:
+        return frames[0]
+    # A kept column read as two types that have no common one (a Parquet map kept by one output, the same column
+    # as JSONL [key, value] pairs in another; a duration and its ISO text) is read as text in every file, as a
+    # JSONL column that mixes types is: strings as they are, anything else as its JSON text.
+    types: dict[str, set[pl.DataType]] = {}
+    for lf in frames:
+        for name, dtype in lf.collect_schema().items():
+            if dtype != pl.Null():
+                types.setdefault(name, set()).add(dtype)
+    clash = {name for name, seen in types.items()
+             if name not in _JSONL_TYPES and len(seen) > 1 and not all(t.is_numeric() for t in seen)}
+    if clash:
+        frames = [lf.with_columns(_as_text(name, dtype) for name, dtype in lf.collect_schema().items() if name in clash)
+                  for lf in frames]
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+def _as_text(name: str, dtype: pl.DataType) -> pl.Expr:
+    if dtype == pl.String():
+        return pl.col(name)
+    if dtype.is_nested():
+        # `{"v":<value as JSON>}` minus its wrapping: polars JSON-encodes structs only.
+        return pl.struct(pl.col(name).alias("v")).struct.json_encode().str.slice(5).str.head(-1).alias(name)
+    if isinstance(dtype, (pl.Duration, pl.Time)):
+        return pl.col(name).dt.to_string("iso")  # exact, as batcher's JSONL outputs spell them
+    return pl.col(name).cast(pl.String)
 
 
 def _require(lf: pl.LazyFrame, columns: Iterable[str]) -> None:
@@ -489,10 +529,15 @@ def _bytes_text(value: bytes) -> str:
 
 
 def _text_keys(usage: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """Group columns csv and json cannot hold as they are, as text: binary ones by `_bytes_text`, ones polars
-    cannot cast to text (durations) by Python's str; every other column as is."""
+    """Group columns csv and json cannot hold as they are, as text: durations and times in exact ISO 8601,
+    binary ones by `_bytes_text`, others polars cannot cast to text by Python's str; every other column as is."""
     converted = []
     for k in keys:
+        if isinstance(usage.schema[k], (pl.Duration, pl.Time)):
+            # ISO 8601 with every digit of the unit (`-PT0.000000001S`, `23:59:59.999999999`), as batcher's
+            # JSONL outputs spell them: a cast to text (or Python's str) drops the nanoseconds.
+            converted.append(usage[k].dt.to_string("iso"))
+            continue
         if usage.schema[k] != pl.Binary():
             try:
                 usage[k].cast(pl.String)

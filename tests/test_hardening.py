@@ -239,3 +239,81 @@ def test_yaml_anchors_merge_and_exponent_floats_still_read(gateway: Gateway, tmp
                     .replace("request:\n  <<: *b\n", "request:\n  <<: &b {model: openai/gpt-4o-mini, max_tokens: 2}\n"))
     loaded = load_spec(path)
     assert (loaded.request.model, loaded.request.max_tokens, loaded.request.temperature) == ("openai/gpt-4o-mini", 3, 0.1)
+
+
+# ------------------------------------------------------------------------------- 3: report on batcher's JSONL
+
+
+def _run_keeping(gateway: Gateway, tmp_path: Path, inp: Path, out: Path, keep: list[str], fmt: str = "") -> Path:
+    spec = _spec(gateway.base_url, inp, out, output={"keep_columns": keep, **({"format": fmt} if fmt else {})})
+    spec["input"].pop("id_column")
+    assert main(["run", str(_write(tmp_path / f"{out.name}.yaml", spec)), "--quiet"]) == 0
+    return out
+
+
+def test_report_reads_a_kept_lone_surrogate_in_a_jsonl_output(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"p":"a","k":"\\udc00"}\n{"p":"b","k":"x"}\n')
+    out = _run_keeping(gateway, tmp_path, inp, tmp_path / "x.jsonl", ["k"])
+    assert '"k":"\\udc00"' in out.read_text()
+    capsys.readouterr()
+    assert main(["report", str(out), "--by", "k", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[1] for line in lines[1:3]] == ["x", "\ufffd"] or \
+           [line.split(",")[1] for line in lines[1:3]] == ["\ufffd", "x"]
+
+
+def test_report_of_a_parquet_and_a_jsonl_output_with_kept_maps_and_durations(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({
+        "p": ["a", "b"],
+        "m": pa.array([[("a", 1)], [("b", 2)]], pa.map_(pa.string(), pa.int64())),
+        "dt": pa.array([-1, 2], pa.duration("ns")),
+    }), inp)
+    a = _run_keeping(gateway, tmp_path, inp, tmp_path / "x.parquet", ["m", "dt"])
+    b = _run_keeping(gateway, tmp_path, inp, tmp_path / "x.jsonl", ["m", "dt"])
+    capsys.readouterr()
+    assert main(["report", str(a), str(b)]) == 0
+    assert main(["report", str(a), str(b), "--by", "dt", "--format", "csv"]) == 0
+    out = capsys.readouterr().out
+    # the JSONL's ISO text and the Parquet's durations are one group each, to the nanosecond
+    assert "openai/gpt-4o-mini,-PT0.000000001S,2," in out and "openai/gpt-4o-mini,PT0.000000002S,2," in out
+
+
+def test_report_csv_keeps_times_and_durations_exact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "o.parquet"
+    pq.write_table(pa.table({
+        "dur": pa.array([-1], pa.duration("ns")), "tm": pa.array([86_399_999_999_999], pa.time64("ns")),
+        "model": ["m"], "status": ["ok"], "cached": [False], "attempts": [1], "latency_ms": [1.0],
+        "prompt_tokens": [1], "completion_tokens": [1], "cached_tokens": [0], "reasoning_tokens": [0],
+        "cost_usd": [0.1],
+    }), path)
+    assert main(["report", str(path), "--by", "dur,tm", "--format", "csv"]) == 0
+    assert "m,-PT0.000000001S,23:59:59.999999999,1," in capsys.readouterr().out
+
+
+def test_report_on_an_openai_batch_output_says_how_to_get_a_report(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _run_keeping(gateway, tmp_path, _small_parquet(tmp_path / "in.parquet"), tmp_path / "b.jsonl", [],
+                       fmt="openai_batch")
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 3
+    err = capsys.readouterr().err
+    assert "an openai_batch output" in err and "output.format: parquet or jsonl" in err and "Traceback" not in err
+
+
+def test_a_jsonl_input_holding_only_a_bom_is_empty(gateway: Gateway, tmp_path: Path) -> None:
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b"\xef\xbb\xbf")
+    spec = _spec(gateway.base_url, inp, tmp_path / "o.jsonl")
+    spec["input"].pop("id_column")
+    assert main(["run", str(_write(tmp_path / "job.yaml", spec)), "--quiet"]) == 0
+    assert (tmp_path / "o.jsonl").read_text() == "" and gateway.stats.total == 0
+    inp.write_bytes(b'\xef\xbb\xbf{"p": "x"}\n')
+    assert main(["run", str(tmp_path / "job.yaml"), "--quiet", "--fresh"]) == 0
+    assert gateway.stats.total == 1

@@ -317,3 +317,43 @@ def test_a_jsonl_input_holding_only_a_bom_is_empty(gateway: Gateway, tmp_path: P
     inp.write_bytes(b'\xef\xbb\xbf{"p": "x"}\n')
     assert main(["run", str(tmp_path / "job.yaml"), "--quiet", "--fresh"]) == 0
     assert gateway.stats.total == 1
+
+
+# ------------------------------------------------------------------------------- 2 and 5 for chat jobs
+
+
+def _chat_spec(base_url: str, inp: Path, out: Path, **request: Any) -> dict[str, Any]:
+    spec = _spec(base_url, inp, out, request={"max_completion_tokens": 2, **request})
+    spec["request"].pop("max_tokens")
+    del spec["input"]["prompt"]
+    spec["input"]["messages"] = [{"role": "user", "content": "{{p}}"}]
+    return spec
+
+
+def test_an_id_column_named_like_a_chat_column_is_refused_by_validate(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"refusal": ["a", "b"], "p": ["x", "y"]}), inp)
+    spec = _chat_spec(gateway.base_url, inp, tmp_path / "o.parquet")
+    spec["input"]["id_column"] = "refusal"
+    path = _write(tmp_path / "job.yaml", spec)
+    assert main(["validate", str(path)]) == 2
+    assert main(["run", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "input.id_column: the output column 'refusal' is also one of the chat shape's own columns" in err
+    assert gateway.stats.total == 0
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"n": True}, "request.n: Input should be a valid integer (got true)"),
+    ({"temperature": "0.5"}, 'request.temperature: Input should be a valid number (got "0.5")'),
+    ({"max_completion_tokens": 3.0}, "request.max_completion_tokens: Input should be a valid integer (got 3.0)"),
+    ({"max_completion_tokens": 2**31}, "request.max_completion_tokens: must be greater than 0 and at most 2147483647"),
+])
+def test_chat_request_fields_are_not_coerced(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str], fields: dict[str, Any], message: str
+) -> None:
+    spec = _chat_spec(gateway.base_url, _small_parquet(tmp_path / "in.parquet"), tmp_path / "o.parquet", **fields)
+    assert main(["validate", str(_write(tmp_path / "job.yaml", spec))]) == 2
+    assert message in capsys.readouterr().err

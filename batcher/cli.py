@@ -74,6 +74,9 @@ def _validate(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
     spec = load_spec(args.spec)
+    from .runner import check_output_columns
+
+    check_output_columns(spec)
     print(f"{args.spec}: valid job spec {spec.job_name!r} ({spec.input.path} -> {spec.output.path})")
     return 0
 

@@ -15,6 +15,7 @@ import importlib.util
 import os
 import random
 import signal
+import stat
 import sys
 import time
 import urllib.parse
@@ -53,7 +54,7 @@ from .sinks import (
     written_by_batcher,
 )
 from .sources import Source, SourceInfo, SourceRow
-from .spec import JobSpec, format_of, load_spec, parse_max_errors
+from .spec import JobSpec, format_of, kept_column_name, load_spec, parse_max_errors
 
 __all__ = ["ERRORS_EXIT_CODE", "RunOptions", "RunResult", "arun_job", "run_job"]
 
@@ -156,7 +157,38 @@ def _api_key(spec: JobSpec, base_url: str) -> str | None:
     return key or None
 
 
+def _refuse_special_output(path: Path) -> None:
+    """An existing output path must be a regular file (or a folder, refused below), with or without --overwrite:
+    the final write renames a temporary file over it, which would turn /dev/null or a fifo into a plain file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # absent (or unreadable: the probe names the cause)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a fifo" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise OutputError(f"the output path {path} is {kind}, not a regular file: batcher writes its output by "
+                          "renaming a finished file into place, which would replace it; choose a file path")
+
+
+def check_output_columns(spec: JobSpec, shape: Shape | None = None) -> None:
+    """Two output columns under one name would crash the final write after every call was paid: the id or a kept
+    column named like one of the shape's own columns (chat: refusal, tool_calls, reasoning). The spec checks
+    batcher's fixed columns (`JobSpec._kept_names`); this adds the shape's, for `validate` and before any call."""
+    shape = shape or shape_of_job(spec)
+    id_name = spec.input.id_name
+    owners: dict[str, str] = {id_name: "input.id_column"}
+    for c in spec.output.keep_columns:
+        if c != spec.input.id_source:
+            owners.setdefault(kept_column_name(c, id_name), f"output.keep_columns ({c!r})")
+    for name in shape.extra_columns:
+        if name in owners:
+            raise SpecError(f"{owners[name]}: the output column {name!r} is also one of the {shape.name} shape's "
+                            "own columns; rename that column in the input")
+
+
 def _probe_output(path: Path) -> None:
+    _refuse_special_output(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.parent / f".{path.name}.probe{os.getpid()}"
@@ -506,6 +538,7 @@ class _Job:
                     f"limits.max_cost_usd: no price for {missing[0]!r} (a model that may answer), so the budget "
                     "cannot be enforced; add it under prices: (USD per million prompt/completion tokens)"
                 )
+        check_output_columns(spec, self.shape)
         _probe_output(self.output)
         _check_output_target(self.output, spec.input.path, self.options.overwrite)
         self.schema = output_schema(self.source.id_name, info.id_type, {c: info.keep_types[c] for c in self.keep},

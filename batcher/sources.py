@@ -328,6 +328,8 @@ class Source:
         search = _ESCAPED_SURROGATE.search
         with open(self.path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
+                if lineno == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a BOM (Windows editors): not part of the first line
                 if not raw.strip():
                     continue
                 try:

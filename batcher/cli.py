@@ -4,17 +4,21 @@ Exit codes: 0 done (or nothing to do), 1 unexpected failure, 2 invalid spec or u
 4 output not writable (or disk full mid-run; or the output is the input, or a file batcher did not write),
 5 a partial run of another spec, or of a changed input without id_column, is in the way (use --fresh), 6 the
 server refused the API key, 7 stopped at the cost budget (at once, with no request, when a rerun's cap is
-already spent by the job), 8 another run of this job holds its lock (`--wait` waits for it), 130/143
+already spent by the job), 8 another run of this job holds its lock (`--wait` waits for it), 9 finished with
+more error rows than --max-errors (or limits.max_errors; default 0) allows, 130/143
 interrupted by SIGINT/SIGTERM (at any moment, start-up included: one line, no traceback).
-After 4, 6, 7, 130 and 143 the run is resumable: run the same command again (after 4, once there is room);
+After 4, 6, 7, 9, 130 and 143 the run is resumable: run the same command again (after 4, once there is room;
+after 9 it asks the error rows again);
 after 8, once the other run has ended.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 from .errors import BatcherError
 
@@ -46,6 +50,8 @@ def _run(args: argparse.Namespace) -> int:
         ray=args.ray,
         workers=args.workers,
         wait=args.wait,
+        loop=args.loop,
+        max_errors=args.max_errors,
     )
     result = run_job(spec, options)
     if result.status == "nothing_to_do":
@@ -58,10 +64,23 @@ def _run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _max_errors(value: str) -> str:
+    from .spec import parse_max_errors
+
+    try:
+        parse_max_errors(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def _validate(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
     spec = load_spec(args.spec)
+    from .runner import check_output_columns
+
+    check_output_columns(spec)
     print(f"{args.spec}: valid job spec {spec.job_name!r} ({spec.input.path} -> {spec.output.path})")
     return 0
 
@@ -94,6 +113,12 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
                      help="Ray workers (default: one per CPU of the cluster, capped by the shards)")
     run.add_argument("--wait", action="store_true",
                      help="if another run of this job is under way, wait for it to end, then resume (else: exit 8)")
+    run.add_argument("--max-errors", type=_max_errors, metavar="N|P%",
+                     help="error rows a finished run may have and still exit 0: a count, or a percentage of the "
+                          "rows (default: limits.max_errors, else 0; over it: exit 9)")
+    run.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                     help="event loop: uvloop when installed (auto, the default; $BATCHER_LOOP=asyncio turns it "
+                          "off), or asyncio")
     run.set_defaults(func=_run)
 
     val = sub.add_parser("validate", help="check a job spec without running it")
@@ -133,14 +158,26 @@ def _expand_path_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error(str(exc))
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) outside the run's own signal handling, as a KeyboardInterrupt that knows its signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:
-        # Ctrl-C before the run watches signals itself (start-up, preflight, waiting for the lock) or after:
+    except KeyboardInterrupt as exc:
+        # A signal before the run watches signals itself (start-up, preflight, waiting for the lock) or after:
         # nothing was sent yet or everything is written; one line, not a traceback.
         print("batcher: interrupted", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
 
 
 def _main(argv: list[str]) -> int:
@@ -171,13 +208,16 @@ def entry() -> int:
     global _OWN_PROCESS
     argv = sys.argv[1:]
     if argv[:1] != ["gateway"]:
+        # SIGTERM kills silently by default: from here on it stops batcher as Ctrl-C does (one line, 143).
+        # The run replaces this with its own handling while it runs, and puts it back after.
+        signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
             from .memory import tune_process_memory
 
             tune_process_memory()  # imports pyarrow: the longest stretch of start-up
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             print("batcher: interrupted", file=sys.stderr)
-            return 130
+            return 128 + int(getattr(exc, "signum", signal.SIGINT))
         _OWN_PROCESS = True
     return main(argv)
 

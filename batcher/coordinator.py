@@ -278,6 +278,7 @@ class LeasedBudget(Budget):
             return False
         self.used += worst
         self.reserved += worst
+        self.in_flight += 1
         return True
 
     async def areserve(self, worst: float) -> bool:
@@ -294,11 +295,20 @@ class LeasedBudget(Budget):
     def settle(self, worst: float, actual: float | None, *, answered: bool) -> None:
         if self.cap is None:
             return
-        self.reserved = max(0.0, self.reserved - worst)
         spent = (worst if actual is None else actual) if answered else 0.0
         self.used -= worst - spent
         self.spent += spent
         self._unreported += spent
+        self._release(worst)
+
+    def charge(self, worst: float) -> None:
+        """An attempt of unknown outcome: its worst case counts as spent (and stays used from the chunk)."""
+        if self.cap is None:
+            return
+        self.spent += worst
+        self.unconfirmed += worst
+        self._unreported += worst
+        self._release(worst)
 
     def _take_unreported(self) -> float:
         spent, self._unreported = self._unreported, 0.0

@@ -33,7 +33,7 @@ import anyio
 import pyarrow as pa
 import ray
 
-from .budget import recorded_spend
+from .budget import PriorSpend, fold_spend
 from .coordinator import PROGRESS_KEYS, Coordination, LeasedBudget, LeasedCooldown, LeasedLimits
 from .errors import BatcherError, FatalRequestError
 from .mirror import Mirror, local_scratch
@@ -210,6 +210,7 @@ class _ShardJob(_Job):
             "fatal": str(error) if error is not None else None,
             "fatal_status": error.status if isinstance(error, FatalRequestError) else None,
             "budget_hit": self.caller.budget_hit,
+            "needed": self.caller.needed,  # the worst case of the row that did not fit
             "interrupted": self.pool.feeding_stopped and self._stopped,
             "wall_s": time.perf_counter() - t0,
             "pid": os.getpid(),
@@ -289,16 +290,18 @@ class RayJob(_Job):
 
     def _resume(self, state_dir: Path, info: SourceInfo) -> None:
         self._prepare(state_dir)
-        self._budget_so_far(state_dir)
+        prior = PriorSpend(0.0, 0.0)
+        if self.budget.enforced:  # what every shard's journal and spend log say was spent
+            for s in self.shards:
+                p = fold_spend(shard_dir(state_dir, s.number))
+                prior = PriorSpend(prior.spent + p.spent, prior.unconfirmed + p.unconfirmed)
+        self._budget_so_far(state_dir, prior)
 
     def _prepare(self, state_dir: Path) -> None:
         prepare_journals(state_dir, self.shards)
         if self.mirror is not None:
             self.mirror.push_shards()
             self.mirror.push_base("", state_dir)
-
-    def _recorded_spend(self, state_dir: Path) -> float:
-        return sum(recorded_spend(shard_dir(state_dir, s.number) / "journal.jsonl") for s in self.shards)
 
     def _interrupted(self) -> bool:
         return self._interrupt
@@ -441,6 +444,7 @@ class RayJob(_Job):
                         coordinator.stop.remote()
                     if out["budget_hit"]:
                         self._budget = True
+                        self.caller.needed = max(self.caller.needed or 0.0, out["needed"] or 0.0)
                     if out["interrupted"]:
                         self._interrupt = True
                 shown = self._show(coordinator, shown)

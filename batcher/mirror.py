@@ -18,17 +18,16 @@ import contextlib
 import hashlib
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 
 from . import storage
 from .errors import OutputError
-from .sinks import Journal, _dumps
+from .sinks import Journal
 
 __all__ = ["Mirror", "MirroredJournal", "staging_dir"]
 
@@ -178,19 +177,37 @@ class Mirror:
 
 
 class MirroredJournal(Journal):
-    """A journal whose every append is on the store (a segment object) before it returns."""
+    """A journal whose lines also go to the store: each group commit (`sync`, every 0.1 s in a thread while
+    answers come) puts the lines written since the last one as one segment object, so the store is as current
+    as the local disk's fsync'd part."""
 
     def __init__(self, directory: Path, mirror: Mirror, rel: str) -> None:
         super().__init__(directory)
         self.mirror = mirror
         self.prefix = f"{rel}/journal" if rel else "journal"
+        self._pending: list[bytes] = []
+        self._guard = threading.Lock()
 
-    def append(self, records: Iterable[dict[str, Any]]) -> None:
-        recs = list(records)
-        if not recs:
-            return
-        super().append(recs)  # on the local disk first: the staging copy stays a valid journal
-        self.mirror.put(f"{self.prefix}/{_seq()}.jsonl", b"".join(_dumps(r) for r in recs))
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if data:
+            with self._guard:
+                self._pending.append(data)
+
+    def sync(self) -> None:
+        super().sync()
+        self._upload()
+
+    def _upload(self) -> None:
+        with self._guard:
+            data, self._pending = b"".join(self._pending), []
+        if data:
+            self.mirror.put(f"{self.prefix}/{_seq()}.jsonl", data)
+
+    def close(self) -> None:
+        super().close()
+        with contextlib.suppress(OutputError):
+            self._upload()
 
 
 def local_scratch() -> Path:

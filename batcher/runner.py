@@ -8,13 +8,17 @@ a signal stops the run early, and each leaves it resumable.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
+import importlib.util
 import os
 import random
 import shutil
 import signal
+import stat
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -27,10 +31,10 @@ import pyarrow as pa
 from anyio.abc import ObjectSendStream
 
 from . import storage
-from .budget import Budget, BudgetStop, recorded_spend, unpriced
+from .budget import Budget, BudgetStop, PriorSpend, SpendLog, fold_spend, unpriced
 from .cache import ResponseCache
 from .call import Caller, Records, Work
-from .client import Endpoint, WorkerClient
+from .client import Endpoint, WorkerClient, check_api_key
 from .errors import FatalRequestError, OutputError, ResumeError, SpecError
 from .limits import RateLimits, limiter_tokens
 from .mirror import Mirror, MirroredJournal, staging_dir
@@ -46,6 +50,7 @@ from .sinks import (
     Journal,
     RunState,
     compact_journal,
+    encode_lines,
     finalize,
     fingerprint,
     input_identity,
@@ -54,9 +59,9 @@ from .sinks import (
     written_by_batcher,
 )
 from .sources import Source, SourceInfo, SourceRow
-from .spec import JobSpec, format_of, load_spec
+from .spec import JobSpec, format_of, kept_column_name, load_spec, parse_max_errors
 
-__all__ = ["RunOptions", "RunResult", "arun_job", "run_job"]
+__all__ = ["ERRORS_EXIT_CODE", "RunOptions", "RunResult", "arun_job", "run_job"]
 
 
 @dataclass(frozen=True)
@@ -73,9 +78,11 @@ class RunOptions:
     seed: int | None = None  # backoff jitter; None = random
     verbose: bool = False  # one stderr line per failed attempt and what batcher does about it
     overwrite: bool = False  # replace an existing output that batcher did not write
+    wait: bool = False  # another run of the job holds its lock: wait for it instead of refusing (exit 8)
+    max_errors: int | str | None = None  # overrides limits.max_errors: "10" rows or "2.5%" of the rows
+    loop: str = "auto"  # run_job's event loop: auto (uvloop when installed), uvloop, asyncio; see `event_loop`
     ray: str | None = None  # run on Ray: "local" (a local instance), "auto" or "ray://host:port"; None: here
     workers: int | None = None  # Ray workers (default: one per CPU of the cluster, capped by the shards)
-    wait: bool = False  # another run of the job holds its lock: wait for it instead of refusing (exit 8)
 
 
 @dataclass
@@ -92,12 +99,18 @@ class RunResult:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     unpriced: int = 0  # answers from a model with no price: cost_usd null, not in cost_usd
+    unconfirmed_usd: float = 0.0  # charged at the worst case: attempts of unknown outcome (timeouts, drops)
     wall_s: float = 0.0
     message: str = ""
     signal: int | None = None
+    loop: str = ""  # the event loop the run used: "uvloop" or "asyncio"
+    error_kinds: dict[str, int] = field(default_factory=dict)  # error rows by error_kind
+    over_max_errors: bool = False  # finished, with more error rows than max_errors allows
 
     @property
     def exit_code(self) -> int:
+        if self.status == "finished" and self.over_max_errors:
+            return ERRORS_EXIT_CODE
         if self.status in ("finished", "nothing_to_do"):
             return 0
         if self.status == "interrupted":
@@ -109,20 +122,32 @@ class RunResult:
         return 1
 
     def summary(self) -> str:
+        kinds = sorted(self.error_kinds.items(), key=lambda kv: (-kv[1], kv[0]))
+        detail = f" ({', '.join(f'{n} {kind}' for kind, n in kinds)})" if kinds else ""
         parts = [
             f"{self.ok} ok",
-            f"{self.errors} error",
+            f"{self.errors} error{detail}",
             f"{self.cached} cached",
         ]
         if self.skipped:
             parts.append(f"{self.skipped} done earlier")
         tokens = f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens"
         cost = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
+        if self.unconfirmed_usd:
+            cost += f" + ≤ ${self.unconfirmed_usd:.4f} unconfirmed (calls cut off or dropped after sending: may have been billed)"
         if self.unpriced:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
         where = storage.uri_of(self.output) or self.output
         return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {where}"
 
+
+# A run that finished with more error rows than --max-errors / limits.max_errors allow (default: none): a
+# scheduler can tell it from a clean run (0) and from a run that stopped early (1-8, 130, 143).
+ERRORS_EXIT_CODE = 9
+
+# A power loss or a kernel crash costs at most the answers journaled in the last SYNC_INTERVAL_S (plus one
+# fdatasync's time): they are asked again on resume. A kill -9 costs none of them (see `sinks.Journal`).
+SYNC_INTERVAL_S = 0.1
 
 # What the writer receives: a worker's row (None when the row was not sent: budget, fatal stop, signal), or a
 # list of rows the feeder settled without a call.
@@ -131,7 +156,7 @@ _Result = dict[str, Any] | list[dict[str, Any]] | None
 
 def _api_key(spec: JobSpec, base_url: str) -> str | None:
     env = spec.endpoint.api_key_env
-    key = os.environ.get(env) if env else None
+    key = check_api_key(os.environ.get(env), env) if env else None
     host = urllib.parse.urlsplit(base_url).hostname if base_url != "local" else "local"
     # orq itself always needs a key; a gateway on this machine (ours, or a test double) may not.
     if not key and spec.endpoint.api == "orq" and host not in ("local", "127.0.0.1", "localhost", "::1"):
@@ -143,7 +168,39 @@ def _api_key(spec: JobSpec, base_url: str) -> str | None:
     return key or None
 
 
+def _refuse_special_output(path: Path) -> None:
+    """An existing output path must be a regular file (or a folder, refused below), with or without --overwrite:
+    the final write renames a temporary file over it, which would turn /dev/null or a fifo into a plain file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # absent (or unreadable: the probe names the cause)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a fifo" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise OutputError(f"the output path {path} is {kind}, not a regular file: batcher writes its output by "
+                          "renaming a finished file into place, which would replace it; choose a file path")
+
+
+def check_output_columns(spec: JobSpec, shape: Shape | None = None) -> None:
+    """Two output columns under one name would crash the final write after every call was paid: the id or a kept
+    column named like one of the shape's own columns (chat: refusal, tool_calls, reasoning). The spec checks
+    batcher's fixed columns (`JobSpec._kept_names`); this adds the shape's, for `validate` and before any call."""
+    shape = shape or shape_of_job(spec)
+    id_name = spec.input.id_name
+    owners: dict[str, str] = {id_name: "input.id_column"}
+    for c in spec.output.keep_columns:
+        if c != spec.input.id_source:
+            owners.setdefault(kept_column_name(c, id_name), f"output.keep_columns ({c!r})")
+    for name in shape.extra_columns:
+        if name in owners:
+            raise SpecError(f"{owners[name]}: the output column {name!r} is also one of the {shape.name} shape's "
+                            "own columns; rename that column in the input")
+
+
 def _probe_output(path: Path, folder: bool = False) -> None:
+    if not folder:
+        _refuse_special_output(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.parent / f".{path.name}.probe{os.getpid()}"
@@ -244,6 +301,11 @@ class _Job:
             recent_max=3 * spec.input.batch_size + 16 * spec.limits.concurrency,
         )
         self.concurrency = spec.limits.concurrency  # this process's share of it, for one worker of a cluster
+        try:
+            self.max_errors = parse_max_errors(options.max_errors) if options.max_errors is not None \
+                else spec.limits.error_allowance
+        except ValueError as exc:
+            raise SpecError(f"--max-errors {exc}") from None
         self.endpoint: Endpoint | None = None
         self.endpoint_id = ""
         self.progress: Progress | None = None
@@ -303,17 +365,38 @@ class _Job:
                     return
                 await work.send(w)
 
+    def record(self, r: _Result) -> None:
+        """A worker's answer, into the journal the moment it exists (see `Journal`): one write(2) from the event
+        loop, no thread hop and no fsync (`_sync_journal` groups those)."""
+        if isinstance(r, dict):
+            entry = r.pop("_cache", None)  # the cache's copy is not journaled
+            self.journal.write(encode_lines((r,)))
+            if entry is not None:
+                r["_cache"] = entry
+
+    async def _sync_journal(self) -> None:
+        try:
+            await self.journal.sync_periodically(SYNC_INTERVAL_S)
+        except OutputError as exc:
+            self.pool.fail(exc)
+
     async def write(self, batch: list[_Result]) -> None:
+        """Counts, progress and the cache, for results in groups. Answers are journaled already (`record`);
+        rows settled without a call (cache hits, input errors: a crash costs nothing to redo) are journaled
+        here, encoded in a thread since they come a whole input batch at a time."""
         records: list[dict[str, Any]] = []
+        settled: list[dict[str, Any]] = []
         for r in batch:
             if isinstance(r, list):
-                records.extend(r)
+                settled.extend(r)
             elif r is not None:
                 records.append(r)
+        if settled:
+            self.journal.write(await anyio.to_thread.run_sync(encode_lines, settled))
+            records.extend(settled)
         if not records:
             return
         to_cache = [c for c in (r.pop("_cache", None) for r in records) if c is not None]
-        await anyio.to_thread.run_sync(self.journal.append, records)
         if self.cache is not None and self.cache_ttl is not None:
             ttl = self.cache_ttl
             items = [(k, c, ttl) for k, c in to_cache]
@@ -333,6 +416,8 @@ class _Job:
                 res.cost_usd += r.get("cost_usd") or 0.0
             else:
                 res.errors += 1
+                kind = r.get("error_kind") or "unknown"
+                res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
             res.attempts += r.get("attempts") or 0
         if self.progress is not None:
             self.progress.advance(len(records), res)
@@ -365,15 +450,54 @@ class _Job:
         await anyio.sleep(seconds)
         self.pool.cancel_work()
 
+    @contextlib.contextmanager
+    def _signals_while_finishing(self, outer: dict[int, Any]) -> Iterator[None]:
+        """From the end of the pool to the end of the run (the output's final write above all): the first
+        SIGINT/SIGTERM lets the write finish and makes the run `interrupted` (exit 130/143, with the resume
+        hint); the next one stops at once (`_StopNow`), the journal whole, so still resumable. Then the
+        handlers the run found are put back (anyio's signal receiver left the defaults in their place)."""
+        if not outer:
+            yield
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            if self.result.signal is None:
+                self.result.signal = signum
+                _say("\nbatcher: stopping: writing the output first (Ctrl-C again stops now)", self.options.quiet)
+            else:
+                raise _StopNow(signum)
+
+        for signum in outer:
+            signal.signal(signum, handler)
+        try:
+            yield
+        finally:
+            for signum, previous in outer.items():
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(signum, previous)
+
     async def run(self) -> RunResult:
         opts = self.options
         t0 = time.perf_counter()
+        self.result.loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+        outer: dict[int, Any] = {}
+        if opts.handle_signals and threading.current_thread() is threading.main_thread():
+            outer = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        with contextlib.ExitStack() as finishing:
+            return await self._run(t0, outer, finishing)
+
+    async def _run(self, t0: float, outer: dict[int, Any], finishing: contextlib.ExitStack) -> RunResult:
+        opts = self.options
         info = self._preflight()
         await self._lock_job()
         self._resume_state(info)
         total = info.rows if opts.limit is None else min(opts.limit, info.rows)
-        error = await self._pipeline(max(0, total - self.result.skipped), self.state.directory)
+        # The watcher is gone (and anyio put the default handlers back) once the pipeline ends: a signal from
+        # there on must neither kill the final write nor go unheard.
+        error = await self._pipeline(max(0, total - self.result.skipped), self.state.directory,
+                                     lambda: finishing.enter_context(self._signals_while_finishing(outer)))
         self.result.rows = self.result.skipped + self.result.ok + self.result.errors
+        self.result.unconfirmed_usd = max(0.0, self.budget.unconfirmed - self.budget.unconfirmed_before)
         self.result.wall_s = time.perf_counter() - t0
         return self._conclude(info, error)
 
@@ -383,8 +507,9 @@ class _Job:
     def _start_helpers(self, tg: anyio.abc.TaskGroup) -> None:
         """Tasks that run beside the pool (a distributed shard's heartbeat); none for a local run."""
 
-    async def _pipeline(self, todo: int, journal_dir: Path) -> BaseException | None:
-        """The pipeline over `self.source`, journaled in `journal_dir`: a fatal or output error is returned."""
+    async def _pipeline(self, todo: int, journal_dir: Path, drained: Any = None) -> BaseException | None:
+        """The pipeline over `self.source`, journaled in `journal_dir`: a fatal or output error is returned.
+        `drained` is called once the pool has stopped, before the pipeline's resources close."""
         spec, opts = self.spec, self.options
         base_url = opts.base_url or spec.endpoint.base_url
         api_key = _api_key(spec, base_url)
@@ -407,6 +532,10 @@ class _Job:
                     self.cache = None
             self.journal = self._open_journal(journal_dir)
             stack.callback(self.journal.close)
+            if self.budget.enforced:
+                spend_log = SpendLog(journal_dir)
+                stack.callback(spend_log.close)
+                self.caller.spend_log = spend_log
             self.progress = Progress(todo, enabled=_progress_enabled(opts), job=spec.job_name)
             stack.callback(self.progress.close)
             endpoint = self.endpoint
@@ -417,11 +546,13 @@ class _Job:
                 open_worker=lambda: WorkerClient(endpoint, self.shape),
                 close_worker=lambda c: c.aclose(),
                 write=self.write,
+                record=self.record,
             )
             error: BaseException | None = None
             async with anyio.create_task_group() as tg:
                 if opts.handle_signals:
                     tg.start_soon(self._watch_signals)
+                tg.start_soon(self._sync_journal)
                 self._start_helpers(tg)
                 try:
                     await self.pool.run()
@@ -429,6 +560,8 @@ class _Job:
                     error = exc
                 finally:
                     tg.cancel_scope.cancel()
+            if drained is not None:
+                drained()
         return error
 
     def _conclude(self, info: SourceInfo, error: BaseException | None) -> RunResult:
@@ -439,8 +572,15 @@ class _Job:
         # Whatever stopped the run, the output shows everything answered so far; the state stays resumable.
         # The pool's sessions, tasks and streams are garbage now: free them before the final write's peak.
         gc.collect()
-        self._finish(info)
         res = self.result
+        try:
+            self._finish(info)
+        except _StopNow as stop:
+            res.status = "interrupted"
+            res.signal = res.signal or stop.signum
+            res.message = (f"stopped before the output was written: {res.skipped + res.ok + res.errors} rows are "
+                           "saved in the journal; rerun the same command to write them and finish the rest")
+            return res
         if isinstance(error, FatalRequestError):
             res.status = "fatal"
             res.message = f"{error}. Nothing answered was lost: fix the key and rerun the same command to resume"
@@ -450,25 +590,29 @@ class _Job:
                            "rerun the same command to finish the rest")
         elif self._budget_hit() and self.budget.cap is not None:
             res.status = "budget"
-            BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent)
+            BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent, self.caller.needed)
             earlier = f" (${self.budget.spent_before:.4f} of it by earlier runs)" if self.budget.spent_before else ""
             res.message = (
                 f"stopped before passing limits.max_cost_usd (${self.budget.cap:g}): the job has spent "
-                f"${self.budget.spent:.4f}{earlier}; raise limits.max_cost_usd and rerun the same command to "
+                f"${self.budget.spent:.4f}{earlier} and the next row may cost up to ${self.caller.needed:.4f}; raise limits.max_cost_usd and rerun the same command to "
                 "finish the rest"
             )
         else:
             res.status = "finished"
             BudgetStop(self.state.directory).clear()
+            allowance = self.max_errors
+            if not allowance.allows(res.errors, res.rows):
+                res.over_max_errors = True
+                flag = f"{allowance}" + (f" ({allowance.percent * res.rows / 100:g} of {res.rows} rows)"
+                                         if allowance.percent is not None else "")
+                res.message = (
+                    f"{res.errors} error row{'s' if res.errors != 1 else ''}, over max-errors {flag}: exit "
+                    f"{ERRORS_EXIT_CODE}. Rerun the same command to ask them again, or raise --max-errors "
+                    "(or limits.max_errors) to accept them"
+                )
         if self.mirror is not None:
             self.mirror.push_small()
         return res
-
-    def _interrupted(self) -> bool:
-        return self.pool.feeding_stopped and self.result.signal is not None
-
-    def _budget_hit(self) -> bool:
-        return self.caller.budget_hit
 
     def _preflight(self) -> SourceInfo:
         spec = self.spec
@@ -481,6 +625,7 @@ class _Job:
                     f"limits.max_cost_usd: no price for {missing[0]!r} (a model that may answer), so the budget "
                     "cannot be enforced; add it under prices: (USD per million prompt/completion tokens)"
                 )
+        check_output_columns(spec, self.shape)
         _probe_output(self.output, folder=self.fmt == "parquet_dataset")
         _check_output_target(self.output, spec.input.path, self.options.overwrite)
         self.schema = output_schema(self.source.id_name, info.id_type, {c: info.keep_types[c] for c in self.keep},
@@ -518,9 +663,11 @@ class _Job:
             _remove_state(state_dir)
             state = None
         if state is not None and state.fingerprint != fp:
+            done = state.status == "finished"
             raise ResumeError(
-                f"{state_dir} holds a partial run of a different spec (the request, input or output settings "
-                "changed). Rerun with --fresh to start over, or restore the old spec to finish it"
+                f"{state_dir} holds {'a finished' if done else 'a partial'} run of a different spec (the request, "
+                "input or output settings changed). Rerun with --fresh to start over (the output is replaced), or "
+                f"restore the old spec {'to keep it' if done else 'to finish it'}"
             )
         positional = spec.input.id_column is None and self.source.format != "openai_batch"
         identity = self._input_identity() if positional else None
@@ -547,10 +694,6 @@ class _Job:
     def _check_input(self) -> SourceInfo:
         return self.source.check()
 
-    def _part_starts(self) -> list[int]:
-        """Where the parts of a `parquet_dataset` output begin (row positions): one part for a local run."""
-        return [0]
-
     def _input_identity(self) -> dict[str, Any]:
         files = self.source.files
         if len(files) == 1 and not storage.is_remote(files[0]):
@@ -558,33 +701,50 @@ class _Job:
         # a directory, a glob or an object: every file's, in order (a file added or removed changes positions)
         return {"files": [storage.identity(f) for f in files]}
 
+    def _part_starts(self) -> list[int]:
+        """Where the parts of a `parquet_dataset` output begin (row positions): one part for a local run."""
+        return [0]
+
     def _resume(self, state_dir: Path, info: SourceInfo) -> None:
         """Pick up an earlier run's answers: the ids to skip and the spend so far."""
         fold_shards(state_dir)  # a distributed run's journals, if one stopped before merging them
+        # Before the compaction, which drops error rows (and what their unknown attempts may have cost).
+        prior = PriorSpend(0.0, 0.0)
+        if self.budget.enforced or (state_dir / SpendLog.NAME).exists():  # else: no need to read the journal
+            prior = fold_spend(state_dir)
         ids = compact_journal(state_dir)
         if self.mirror is not None:
             self.mirror.push_base("", state_dir)
         self.result.skipped = len(ids)
         if ids:
             self.done_ids = pa.array(ids, type=info.id_type)
-        self._budget_so_far(state_dir)
+        self._budget_so_far(state_dir, prior)
 
-    def _recorded_spend(self, state_dir: Path) -> float:
-        return recorded_spend(state_dir / "journal.jsonl")
+    def _interrupted(self) -> bool:
+        return self.result.signal is not None
 
-    def _budget_so_far(self, state_dir: Path) -> None:
-        """The cap is the job's: earlier runs' spend counts, and a job stopped at its cap stays stopped under it."""
+    def _budget_hit(self) -> bool:
+        return self.caller.budget_hit
+
+    def _budget_so_far(self, state_dir: Path, prior: PriorSpend) -> None:
+        """The cap is the job's: earlier runs' spend counts (answers, and calls of unknown outcome at their worst
+        case), and a job stopped at its cap stays stopped under it while the row that did not fit still does
+        not."""
         cap = self.budget.cap
         if cap is None:
             return
-        before = self._recorded_spend(state_dir)
+        before = prior.spent
         self.budget.spent_before = self.budget.spent = before
-        stopped_at = BudgetStop(state_dir).stopped_at()
-        if before >= cap or (stopped_at is not None and cap <= stopped_at):
+        self.budget.unconfirmed_before = self.budget.unconfirmed = prior.unconfirmed
+        stop = BudgetStop(state_dir)
+        needed = stop.needed()
+        if before >= cap or (needed is not None and before + needed > cap):
             self.result.status = "budget"
+            unconfirmed = f" (≤ ${prior.unconfirmed:.4f} of it unconfirmed)" if prior.unconfirmed else ""
+            nxt = f", and its next row may cost up to ${needed:.4f}" if needed is not None else ""
             self.result.message = (
                 f"limits.max_cost_usd (${cap:g}) is already reached for this job: earlier runs spent "
-                f"${before:.4f} and stopped at a cap of ${(stopped_at or cap):g}; no request made. Raise "
+                f"${before:.4f}{unconfirmed}{nxt}; no request made. Raise "
                 "limits.max_cost_usd and rerun the same command to finish the rest"
             )
             raise _BudgetReached()
@@ -617,6 +777,14 @@ class _NothingToDo(Exception):
     pass
 
 
+class _StopNow(KeyboardInterrupt):
+    """The second signal while the output is being written: stop at once (the journal is whole)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _BudgetReached(Exception):
     pass
 
@@ -624,7 +792,8 @@ class _BudgetReached(Exception):
 def _remove_state(directory: Path) -> None:
     for name in ("shards", "shards.new", "shards.old"):
         shutil.rmtree(directory / name, ignore_errors=True)
-    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", BudgetStop.NAME):
+    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", BudgetStop.NAME, SpendLog.NAME,
+                 SpendLog.NAME + ".tmp"):
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
 
@@ -674,6 +843,35 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
             job.lock.release()
 
 
+LOOP_ENV = "BATCHER_LOOP"
+
+
+def uvloop_installed() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def event_loop(choice: str = "auto") -> str:
+    """The event loop a run gets: "uvloop" or "asyncio". `auto` (the default) takes uvloop when it is installed
+    (`pip install 'batcher[fast]'`) unless $BATCHER_LOOP says `asyncio`; `uvloop` insists on it (a SpecError
+    when it is missing). Everything in batcher, the in-process gateway included, runs on both."""
+    if choice == "auto":
+        choice = os.environ.get(LOOP_ENV, "").strip().lower() or "auto"
+    if choice not in ("auto", "uvloop", "asyncio"):
+        raise SpecError(f"the event loop must be auto, uvloop or asyncio (--loop or ${LOOP_ENV}), got {choice!r}")
+    if choice == "uvloop" and not uvloop_installed():
+        raise SpecError("the uvloop event loop was asked for but uvloop is not installed: "
+                        "pip install 'batcher[fast]'")
+    if choice == "auto":
+        return "uvloop" if uvloop_installed() else "asyncio"
+    return choice
+
+
 def run_job(spec: JobSpec | str | Path, options: RunOptions | None = None, **kwargs: Any) -> RunResult:
-    """Run a job synchronously (on anyio's asyncio backend)."""
-    return anyio.run(lambda: arun_job(spec, options, **kwargs))
+    """Run a job synchronously, on uvloop when it is installed (see `event_loop`), else on asyncio."""
+    options = options or RunOptions(**kwargs)
+    if not isinstance(spec, JobSpec):
+        spec = load_spec(spec)
+    use_uvloop = event_loop(options.loop) == "uvloop"
+    job_spec = spec
+    return anyio.run(lambda: arun_job(job_spec, options), backend="asyncio",
+                     backend_options={"use_uvloop": use_uvloop})

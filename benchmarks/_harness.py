@@ -97,7 +97,10 @@ def make_long_parquet(path: Path, rows: int, chars: int) -> Path:
     schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
     table = pa.table({"id": pa.array(range(rows), pa.int64()), "text": [long_text(i, chars) for i in range(rows)]},
                      schema=schema)
-    pq.write_table(table, tmp, compression="zstd", row_group_size=rows)
+    # Pages of at most 16 values (or pyarrow's 1 MB): pyarrow checks a page's size only every `write_batch_size`
+    # values (1,024 by default), so by default a page of long documents holds up to 1,024 of them (500 MB for
+    # 500 KB rows), and a page is decompressed whole by any reader: `batch_bytes` cannot bound that (README).
+    pq.write_table(table, tmp, compression="zstd", row_group_size=rows, write_batch_size=16)
     del table
     tmp.replace(path)
     return path

@@ -348,6 +348,8 @@ class Source:
                 continue
             size = sum(meta.column(j).total_uncompressed_size for j in range(meta.num_columns)
                        if meta.column(j).path_in_schema.split(".")[0] in wanted)
+            if size == 0:  # no leaf matched by name (a dotted column name): the whole row group, an upper bound
+                size = meta.total_byte_size
             per_row = max(size / meta.num_rows, per_row_seen, 1.0)
             step = max(1, min(self.spec.batch_size, int(budget / _READ_SHARE / per_row)))
             for batch in pf.iter_batches(batch_size=step, row_groups=[g], columns=columns or None):

@@ -184,3 +184,14 @@ async def test_without_a_byte_budget_the_buffer_is_bounded_by_items_only() -> No
                                       close_worker=nothing, write=nothing)
     await pool.run()
     assert max(levels) <= 8 and pool.sender is not None and pool.sender.bytes == 0
+
+
+def test_a_dotted_column_name_still_sizes_the_reads(tmp_path: Path) -> None:
+    # Parquet names the leaf "my.text" too, and it is not matched by its top-level name: the row group's whole
+    # size is the estimate, so reads stay small rather than falling back to batch_size rows.
+    table = pa.table({"my.text": [_text(i, 20_000) for i in range(60)]})
+    pq.write_table(table, tmp_path / "dotted.parquet", row_group_size=60)
+    source, batches = _batches(InputSpec(path=tmp_path / "dotted.parquet", prompt_column="my.text",
+                                         batch_bytes=BUDGET))
+    assert sum(len(b) for b in batches) == 60
+    assert source.stats.max_read_bytes <= BUDGET and source.stats.max_batch_bytes <= BUDGET

@@ -2,10 +2,12 @@
 
 Exit codes: 0 done (or nothing to do), 1 unexpected failure, 2 invalid spec or usage, 3 unusable input,
 4 output not writable (or disk full mid-run; or the output is the input, or a file batcher did not write),
-5 a partial run of another spec is in the way (use --fresh), 6 the server refused the API key, 7 stopped at the
-cost budget (at once, with no request, when a rerun's cap is already spent by the job), 130/143 interrupted by
-SIGINT/SIGTERM.
-Every stop but 1-5 leaves the run resumable by running the same command again.
+5 a partial run of another spec, or of a changed input without id_column, is in the way (use --fresh), 6 the
+server refused the API key, 7 stopped at the cost budget (at once, with no request, when a rerun's cap is
+already spent by the job), 8 another run of this job holds its lock (`--wait` waits for it), 130/143
+interrupted by SIGINT/SIGTERM (at any moment, start-up included: one line, no traceback).
+After 4, 6, 7, 130 and 143 the run is resumable: run the same command again (after 4, once there is room);
+after 8, once the other run has ended.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def _run(args: argparse.Namespace) -> int:
         base_url=args.base_url,
         verbose=args.verbose,
         overwrite=args.overwrite,
+        wait=args.wait,
     )
     result = run_job(spec, options)
     if result.status == "nothing_to_do":
@@ -82,6 +85,8 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="replace an existing output file that batcher did not write")
     run.add_argument("--verbose", "-v", action="store_true", help="print every failed attempt and the decision")
+    run.add_argument("--wait", action="store_true",
+                     help="if another run of this job is under way, wait for it to end, then resume (else: exit 8)")
     run.set_defaults(func=_run)
 
     val = sub.add_parser("validate", help="check a job spec without running it")
@@ -122,7 +127,16 @@ def _expand_path_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before the run watches signals itself (start-up, preflight, waiting for the lock) or after:
+        # nothing was sent yet or everything is written; one line, not a traceback.
+        print("batcher: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["gateway"]:
         return _gateway(argparse.Namespace(), argv[1:])
     parser = _parser(argv[0] if argv else None)
@@ -136,9 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     except BatcherError as exc:
         print(f"batcher: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("batcher: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:
         # `batcher report ... | head`: the reader left; say nothing more.
         sys.stderr.close()
@@ -151,9 +162,13 @@ def entry() -> int:
     global _OWN_PROCESS
     argv = sys.argv[1:]
     if argv[:1] != ["gateway"]:
-        from .memory import tune_process_memory
+        try:
+            from .memory import tune_process_memory
 
-        tune_process_memory()
+            tune_process_memory()  # imports pyarrow: the longest stretch of start-up
+        except KeyboardInterrupt:
+            print("batcher: interrupted", file=sys.stderr)
+            return 130
         _OWN_PROCESS = True
     return main(argv)
 

@@ -4,7 +4,8 @@
     ├── SpecError            the job spec is invalid (names the file, the field, the value, what is allowed)
     ├── InputError           the input file cannot be used (missing, unreadable, duplicate ids, bad columns)
     ├── OutputError          the output cannot be written (unwritable path, disk full mid-run)
-    ├── ResumeError          a partial run exists that this spec cannot continue (fingerprint changed)
+    ├── ResumeError          a partial run exists that this spec cannot continue (fingerprint or input changed)
+    ├── JobLockedError       another run of the same job holds its lock
     └── FatalRequestError    the server refused the key (401/403): the job stops, resumable
 
 Row-level failures (a 500 after retries, a malformed response, a missing template variable) are not
@@ -17,6 +18,7 @@ __all__ = [
     "BatcherError",
     "FatalRequestError",
     "InputError",
+    "JobLockedError",
     "OutputError",
     "ResumeError",
     "RowError",
@@ -44,6 +46,12 @@ class OutputError(BatcherError):
 
 class ResumeError(BatcherError):
     exit_code = 5
+
+
+class JobLockedError(BatcherError):
+    """Another process is running the same job (same output, same state folder) right now."""
+
+    exit_code = 8
 
 
 class FatalRequestError(BatcherError):

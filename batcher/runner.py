@@ -37,11 +37,13 @@ from .progress import Progress
 from .routing import Backoff, RoutePlan, plan_for
 from .sinks import (
     InputColumns,
+    JobLock,
     Journal,
     RunState,
     compact_journal,
     finalize,
     fingerprint,
+    input_identity,
     output_schema,
     state_dir_for,
     written_by_batcher,
@@ -67,6 +69,7 @@ class RunOptions:
     seed: int | None = None  # backoff jitter; None = random
     verbose: bool = False  # one stderr line per failed attempt and what batcher does about it
     overwrite: bool = False  # replace an existing output that batcher did not write
+    wait: bool = False  # another run of the job holds its lock: wait for it instead of refusing (exit 8)
 
 
 @dataclass
@@ -167,9 +170,14 @@ def _check_output_target(output: Path, input_path: Path, overwrite: bool) -> Non
 
 
 def run_fingerprint(spec: JobSpec) -> str:
+    """The settings a partial run must share with its rerun. The input is named by its resolved path (`./f`,
+    `/abs/f` and a symlink to it are one input), not by its content: with `id_column` the ids name the rows, so
+    rows may be appended or edited between runs. Without one, rows are positions and `input_identity` (size,
+    mtime, a hash of the ends) is checked as well, in `_preflight`."""
     return fingerprint(
         {
-            "input": spec.input.model_dump(mode="json", exclude={"batch_size", "batch_bytes", "max_prompt_chars"}),
+            "input": spec.input.model_dump(mode="json",
+                                           exclude={"path", "batch_size", "batch_bytes", "max_prompt_chars"}),
             "input_path": str(spec.input.path.resolve()),
             "keep": spec.output.keep_columns,
             "format": spec.output.resolved_format,
@@ -219,6 +227,7 @@ class _Job:
         self.endpoint: Endpoint | None = None
         self.endpoint_id = ""
         self.progress: Progress | None = None
+        self.lock: JobLock | None = None
 
     def prepare(self, row: SourceRow) -> Work | dict[str, Any]:
         """A row becomes work for a worker, or directly a result (an error row)."""
@@ -346,6 +355,8 @@ class _Job:
         spec, opts = self.spec, self.options
         t0 = time.perf_counter()
         info = self._preflight()
+        await self._lock_job()
+        self._resume_state(info)
         base_url = opts.base_url or spec.endpoint.base_url
         api_key = _api_key(spec, base_url)
         async with contextlib.AsyncExitStack() as stack:
@@ -395,7 +406,8 @@ class _Job:
         self.result.rows = self.result.skipped + self.result.ok + self.result.errors
         self.result.wall_s = time.perf_counter() - t0
         if isinstance(error, OutputError):
-            self.state.save()
+            # Nothing more is written: run.json already says the run is unfinished, and on a full disk a state
+            # write here would fail too and hide the error that matters.
             raise error
         # Whatever stopped the run, the output shows everything answered so far; the state stays resumable.
         # The pool's sessions, tasks and streams are garbage now: free them before the final write's peak.
@@ -424,7 +436,7 @@ class _Job:
         return res
 
     def _preflight(self) -> SourceInfo:
-        spec, opts = self.spec, self.options
+        spec = self.spec
         info = self.source.check()
         if spec.limits.max_cost_usd is not None:
             # every model that may answer: the primary, the fallbacks and the balancer's, on both APIs
@@ -435,8 +447,27 @@ class _Job:
                     "cannot be enforced; add it under prices: (USD per million prompt/completion tokens)"
                 )
         _probe_output(self.output)
-        _check_output_target(self.output, spec.input.path, opts.overwrite)
+        _check_output_target(self.output, spec.input.path, self.options.overwrite)
         self.schema = output_schema(self.source.id_name, info.id_type, {c: info.keep_types[c] for c in self.keep})
+        self.info = info
+        return info
+
+    async def _lock_job(self) -> None:
+        """Locked before the state is read and held until the output's final write (released by `arun_job`):
+        a second run would otherwise pay for every row again, and its start-up (or --fresh) would replace the
+        journal the first one is appending to. The wait polls, with an await between tries, so that Ctrl-C
+        (which asyncio turns into a cancellation) stops it at once."""
+        self.lock = JobLock(state_dir_for(self.output))
+        if self.lock.try_acquire():
+            return
+        if not self.options.wait:
+            raise self.lock.refusal()
+        _say(f"batcher: waiting for the other run of this job to end ({self.lock.holder()})", False)
+        while not self.lock.try_acquire():  # noqa: ASYNC110 - a lock of another process sets no Event of ours
+            await anyio.sleep(0.2)
+
+    def _resume_state(self, info: SourceInfo) -> None:
+        spec, opts = self.spec, self.options
         fp = run_fingerprint(spec)
         state_dir = state_dir_for(self.output)
         state = RunState.load(state_dir)
@@ -449,6 +480,15 @@ class _Job:
                 f"{state_dir} holds a partial run of a different spec (the request, input or output settings "
                 "changed). Rerun with --fresh to start over, or restore the old spec to finish it"
             )
+        positional = spec.input.id_column is None and self.source.format != "openai_batch"
+        identity = input_identity(spec.input.path) if positional else None
+        if state is not None and state.input != identity:
+            raise ResumeError(
+                f"the input {spec.input.path} changed since the run in {state_dir} (size, modification time or "
+                "content), and its rows are known by position (no input.id_column): resuming would put answers "
+                "on the wrong rows. Restore the file, or rerun with --fresh to start over (with an id_column, "
+                "rows may be edited or appended between runs)"
+            )
         if state is not None:
             if state.status == "finished" and state.rows == info.rows and self.output.exists() and opts.limit is None:
                 self.result.status = "nothing_to_do"
@@ -460,11 +500,9 @@ class _Job:
                 self.done_ids = pa.array(ids, type=info.id_type)
             self._budget_so_far(state_dir)
         else:
-            state = RunState(state_dir, fp)
+            state = RunState(state_dir, fp, input=identity)
             state.save()
         self.state = state
-        self.info = info
-        return info
 
     def _budget_so_far(self, state_dir: Path) -> None:
         """The cap is the job's: earlier runs' spend counts, and a job stopped at its cap stays stopped under it."""
@@ -558,6 +596,9 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
     except _BudgetReached:
         job.result.rows = job.result.skipped
         return job.result
+    finally:
+        if job.lock is not None:
+            job.lock.release()
 
 
 def run_job(spec: JobSpec | str | Path, options: RunOptions | None = None, **kwargs: Any) -> RunResult:

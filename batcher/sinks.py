@@ -4,6 +4,11 @@ A row counts as done only once its journal line is on disk, so a `kill -9` loses
 The journal lives in a state folder beside the output (`out/.NAME.parquet.batcher/`) with `run.json`, the run's
 fingerprint and status. `finalize` streams the journal into the output in row groups (never one big table) under
 a temporary name, fsyncs it and renames it into place: readers never see a half-written file.
+
+The state folder also holds `lock`: an exclusive `flock` held by the one run of the job (its pid, host and start
+time written inside, for the message a second run gets). The OS releases it when the process ends, however it
+ends, so a `kill -9` never leaves a stale lock behind. The file itself is never deleted: a lock on a file that was
+unlinked and recreated would not exclude anyone.
 """
 
 from __future__ import annotations
@@ -11,11 +16,14 @@ from __future__ import annotations
 import base64
 import bisect
 import contextlib
+import datetime
+import fcntl
 import hashlib
 import io
 import json
 import math
 import os
+import socket
 import time
 from array import array
 from collections.abc import Iterable, Iterator
@@ -28,16 +36,18 @@ import pyarrow.compute as pc
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from .errors import OutputError
+from .errors import JobLockedError, OutputError
 from .spec import kept_column_name
 
 __all__ = [
     "OUTPUT_MARKER",
     "RESULT_COLUMNS",
     "InputColumns",
+    "JobLock",
     "Journal",
     "RunState",
     "finalize",
+    "input_identity",
     "json_values",
     "output_schema",
     "state_dir_for",
@@ -101,11 +111,17 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Disk full (or a signal) half-way: the old file stays as it was, and no temp file is left behind.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     _fsync_dir(path.parent)
 
 
@@ -117,6 +133,7 @@ class RunState:
     fingerprint: str
     status: str = "running"
     rows: int = 0
+    input: dict[str, Any] | None = None  # `input_identity` of the input, for jobs whose rows are positions
 
     @property
     def file(self) -> Path:
@@ -128,12 +145,91 @@ class RunState:
             data = json.loads((directory / "run.json").read_text())
         except (OSError, ValueError):
             return None
-        return cls(directory, data.get("fingerprint", ""), data.get("status", "running"), int(data.get("rows", 0)))
+        return cls(directory, data.get("fingerprint", ""), data.get("status", "running"), int(data.get("rows", 0)),
+                   data.get("input"))
 
     def save(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        body = {"fingerprint": self.fingerprint, "status": self.status, "rows": self.rows, "updated": time.time()}
-        _write_atomic(self.file, json.dumps(body, indent=1).encode())
+        body = {"fingerprint": self.fingerprint, "status": self.status, "rows": self.rows, "input": self.input,
+                "updated": time.time()}
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.file, json.dumps(body, indent=1).encode())
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.file}: {exc.strerror or exc}") from None
+
+
+_ENDS = 1 << 20
+
+
+def input_identity(path: Path) -> dict[str, Any]:
+    """What names an input file's content, cheaply: its size, modification time and a hash of its first and
+    last MiB. Used only when rows are identified by position (no `id_column`): there an edited input would
+    shift answers onto the wrong rows. With ids, the ids name the rows and the file may change freely."""
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_ENDS))
+        if st.st_size > _ENDS:
+            f.seek(max(_ENDS, st.st_size - _ENDS))
+            h.update(f.read(_ENDS))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_ends": h.hexdigest()[:32]}
+
+
+class JobLock:
+    """One run per job at a time: an exclusive `flock` on `lock` in the state folder, held from before the
+    state is read until after the output's final write. It dies with its process (crash and `kill -9`
+    included), so it never needs breaking by hand."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "lock"
+        self._fd: int | None = None
+        self.held = False
+
+    def holder(self) -> str:
+        """Who holds the lock, from what the holder wrote in it."""
+        try:
+            info = json.loads(self.path.read_bytes() or b"{}")
+            return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that has not written its details yet"
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free (and write who holds it); False if another process holds it."""
+        if self.held:
+            return True
+        if self._fd is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise OutputError(f"cannot write the job's lock {self.path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.held = True
+        started = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode()
+        # Only for the message a second run prints: a full disk must not stop the run from starting here.
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, info, 0)
+        return True
+
+    def refusal(self) -> JobLockedError:
+        return JobLockedError(
+            f"another run of this job holds its lock ({self.path}): {self.holder()}. Let it finish (or stop it), "
+            "or rerun with --wait to start as soon as it ends"
+        )
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            if self.held:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+            self.held = False
+            os.close(fd)  # closing the last descriptor releases the flock
 
 
 def fingerprint(material: dict[str, Any]) -> str:
@@ -149,27 +245,42 @@ def _dumps(record: dict[str, Any]) -> bytes:
 
 
 class Journal:
-    """Append-only JSON lines; `append` returns once the lines are on disk."""
+    """Append-only JSON lines; `append` returns once the lines are on disk.
+
+    Written with `os.write` on an unbuffered descriptor: when the disk fills half-way through a group of lines,
+    the part that made it is cut off again, so the journal only ever holds whole lines (a buffered file would
+    also try to write the rest once more when it is closed)."""
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / "journal.jsonl"
-        directory.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "ab")
-
-    def append(self, records: Iterable[dict[str, Any]]) -> None:
-        data = b"".join(_dumps(r) for r in records)
-        if not data:
-            return
         try:
-            self._f.write(data)
-            self._f.flush()
-            os.fsync(self._f.fileno())
+            directory.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise OutputError(f"cannot write the journal {self.path}: {exc.strerror or exc}") from None
 
+    def append(self, records: Iterable[dict[str, Any]]) -> None:
+        data = memoryview(b"".join(_dumps(r) for r in records))
+        if not data or self._fd is None:
+            return
+        fd = self._fd
+        start = -1
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError as exc:
+            if start >= 0:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, start)
+            raise OutputError(f"cannot write the journal {self.path}: {exc.strerror or exc}") from None
+
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._f.close()
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def read_journal(path: Path) -> Iterator[dict[str, Any]]:
@@ -250,6 +361,21 @@ def compact_journal(directory: Path) -> list[Any]:
     tmp = path.with_name("journal.compact.tmp")
     done: set[Any] = set()
     ids: list[Any] = []
+    try:
+        _compact(path, tmp, done, ids)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        # The journal is replaced only once its compact copy is whole: a full disk leaves it as it was.
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot compact the journal {path}: {exc.strerror or exc}") from None
+        raise
+    _fsync_dir(directory)
+    return ids
+
+
+def _compact(path: Path, tmp: Path, done: set[Any], ids: list[Any]) -> None:
     with open(tmp, "wb") as out:
         buf: list[bytes] = []
         for rec in read_journal(path):
@@ -265,9 +391,6 @@ def compact_journal(directory: Path) -> list[Any]:
         out.write(b"".join(buf))
         out.flush()
         os.fsync(out.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(directory)
-    return ids
 
 
 def _json_text(value: Any) -> str:
@@ -665,7 +788,8 @@ def finalize(
         os.replace(tmp, output)
         _fsync_dir(output.parent)
     except BaseException as exc:
-        # Whatever failed, no temporary file is left behind (a rerun that fails the same way would add another)
+        # Disk full, a signal or any other failure during the write: the old output (or none) stays, and no
+        # temporary file is left behind (a rerun that fails the same way would add another).
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(exc, OSError):

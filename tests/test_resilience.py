@@ -19,6 +19,7 @@ import yaml
 
 from batcher import parse_spec, run_job
 from batcher.cli import main as cli_main
+from batcher.errors import OutputError, ResumeError
 from batcher.gateway import Gateway, GatewayConfig, serve_in_thread
 from batcher.sinks import Journal, state_dir_for
 
@@ -56,17 +57,35 @@ def test_kill_9_at_random_moments_then_resume(tmp_path: Path) -> None:
             "request": {"model": "openai/gpt-4o-mini", "max_tokens": 8},
             "limits": {"concurrency": concurrency},
         })
+        journal = state_dir_for(out) / "journal.jsonl"
+
+        def journaled() -> int:
+            return journal.read_bytes().count(b"\n") if journal.exists() else 0
+
         in_flight_at_kill = []
+        lines_at_kill = []
         for _ in range(kills):
+            before = journaled()  # after the previous kill, and before this run's start-up compacts it
             proc = _cli("run", str(spec), "--quiet")
-            time.sleep(rng.uniform(0.6, 1.6))
-            if proc.poll() is None:
-                in_flight_at_kill.append(gw.stats.in_flight)
-                proc.send_signal(signal.SIGKILL)
+            # Kill only once this run has journaled rows of its own, then at a random moment after that.
+            deadline = time.monotonic() + 30
+            while journaled() <= before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.5))
+            assert proc.poll() is None, "the run ended before it was killed: the kill proves nothing"
+            in_flight_at_kill.append(gw.stats.in_flight)
+            proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=30)
-        proc = _cli("run", str(spec), "--quiet")
+            lines_at_kill.append(journaled())
+            assert lines_at_kill[-1] > before  # the kill landed after this run's rows were on disk
+        done_before = len({r["id"] for r in map(json.loads, journal.read_bytes().splitlines()) if r["status"] == "ok"})
+        billed_before = gw.stats.billed
+        proc = _cli("run", str(spec))
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err.decode()
+        # The rerun skipped what the killed runs journaled, and asked only for the rest.
+        assert f"{done_before} done earlier".encode() in err, err.decode()
+        assert gw.stats.billed - billed_before == rows - done_before
         billed = gw.stats.billed
     df = pl.read_parquet(out)
     assert df.height == rows and df["id"].n_unique() == rows
@@ -77,7 +96,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path: Path) -> None:
     # writer is gathering (one answer per worker at this rate: 20 ms of answers is fewer).
     assert extra <= len(in_flight_at_kill) * 3 * concurrency
     print(f"\ncrash test: {len(in_flight_at_kill)} kills, {rows} rows, 0 duplicates, {billed} billed calls, "
-          f"{extra} extra (in flight at the kills: {in_flight_at_kill})")
+          f"{extra} extra (in flight at the kills: {in_flight_at_kill}; journal lines: {lines_at_kill})")
 
 
 def test_sigint_drains_in_flight_calls_and_the_rerun_finishes(tmp_path: Path) -> None:
@@ -145,8 +164,9 @@ def test_second_sigint_stops_at_once_and_stays_resumable(tmp_path: Path) -> None
 def test_fingerprint_change_is_refused_unless_fresh(make_spec, gateway: Gateway, capsys) -> None:
     run_job(parse_spec(make_spec()), options(limit=10))
     changed = parse_spec(make_spec(request={"temperature": 0.5}))
-    with pytest.raises(Exception, match=r"different spec.*--fresh"):
+    with pytest.raises(ResumeError, match=r"different spec.*--fresh") as err:
         run_job(changed, options())
+    assert err.value.exit_code == 5
     assert run_job(changed, options(fresh=True, limit=5)).ok == 5
 
 
@@ -246,8 +266,9 @@ def test_disk_full_stops_keeps_what_was_written_and_rerun_completes(make_spec, g
         raise OutputError(f"cannot write the journal {self.path}: {os.strerror(errno.ENOSPC)}")
 
     monkeypatch.setattr(Journal, "append", append)
-    with pytest.raises(Exception, match="No space left on device") as err:
+    with pytest.raises(OutputError, match="No space left on device") as err:
         run_job(spec, options())
+    assert err.value.exit_code == 4
     assert str(state_dir_for(spec.output.path)) in str(err.value)
     calls_at_failure = gateway.stats.total
     assert calls_at_failure < 300  # it stopped sending
@@ -288,6 +309,8 @@ def test_canary_key_never_leaks(tmp_path: Path) -> None:
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err.decode()
         assert b"HTTP 500" in err and b"***" in err  # the echoed key was there, and was redacted
+    # Everything the first run wrote, read now: the second run's --fresh deletes its journal.
+    first_files = _files(tmp_path)
     with serve_in_thread(GatewayConfig(api_key="sk-other")) as gw:  # the key refused: a fatal error path
         data = yaml.safe_load(spec.read_text())
         data["endpoint"]["base_url"] = gw.base_url
@@ -295,14 +318,24 @@ def test_canary_key_never_leaks(tmp_path: Path) -> None:
         proc = _cli("run", str(spec), "--verbose", "--fresh", env={"MY_KEY": CANARY})
         out2, err2 = proc.communicate(timeout=60)
         assert proc.returncode == 6 and b"refused the API key" in err2
-    blobs = [out, err, out2, err2]
-    for f in tmp_path.rglob("*"):
-        if f.is_file():
-            blobs.append(f.read_bytes())
-    assert len(blobs) > 6
-    for blob in blobs:
-        assert CANARY.encode() not in blob
-        assert CANARY[3:].encode() not in blob
+    second_files = _files(tmp_path)
+    # The scan covers what matters, with content: the journal of 60 answers, the run state, the output, the
+    # cache, the verbose lines of the faulty calls.
+    names = {p.name for p in first_files}
+    assert {"journal.jsonl", "run.json", "o.jsonl"} <= names, names
+    assert first_files[next(p for p in first_files if p.name == "journal.jsonl")].count(b"\n") == 60
+    assert any(p.is_relative_to(cache_dir) and len(b) > 0 for p, b in first_files.items())
+    assert err.count(b"batcher: row ") >= 3
+    blobs = {"stdout 1": out, "stderr 1": err, "stdout 2": out2, "stderr 2": err2}
+    blobs.update({f"{p} (after run 1)": b for p, b in first_files.items()})
+    blobs.update({f"{p} (after run 2)": b for p, b in second_files.items()})
+    for name, blob in blobs.items():
+        assert CANARY.encode() not in blob, name
+        assert CANARY[3:].encode() not in blob, name
+
+
+def _files(root: Path) -> dict[Path, bytes]:
+    return {f: f.read_bytes() for f in root.rglob("*") if f.is_file()}
 
 
 def test_endpoint_repr_and_redaction_hide_the_key() -> None:

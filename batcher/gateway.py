@@ -10,8 +10,10 @@ Retry-After, resets, slow answers, broken bodies). It counts what it saw so test
         assert gw.stats.by_status == {429: 1}
 
 It is written on a bare `asyncio.Protocol` with a hand-rolled HTTP/1.1 parser (no framework) because the
-benchmarks need it to serve thousands of requests per second on one core. Command line:
-`python -m batcher.gateway --port 8787 --latency-ms 20 --faults faults.yaml`.
+benchmarks need it to serve thousands of requests per second on one core. It runs on asyncio's loop and on
+uvloop alike (transports are used by their shape: uvloop's are not `asyncio.Transport`s). Its answers follow
+the contract's response schemas (checked in tests, not on the hot path), bar the faults that break them on
+purpose. Command line: `python -m batcher.gateway --port 8787 --latency-ms 20 --faults faults.yaml`.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 from urllib.parse import parse_qs
 
 import yaml
@@ -488,14 +490,16 @@ def _pieces(text: str) -> list[str]:
 
 
 def _sse_chunks(completion: dict[str, Any]) -> list[bytes]:
-    """The completion as SSE events: partial texts per choice, finish_reason on each choice's last chunk (null
-    before it, as OpenAI streams), usage only on the very last chunk."""
+    """The completion as SSE events: partial texts per choice, usage only on the very last chunk.
+
+    Every chunk carries its choice's finish_reason. OpenAI sends null before a choice's last chunk, but orq's
+    contract requires one of its enum values in every chunk (the official SDK rejects a null), so a client
+    must take a choice's last finish_reason as the answer, as batcher's StreamAssembler does."""
     head = {k: completion[k] for k in ("id", "object", "created", "model")}
     events: list[dict[str, Any]] = []
     for choice in completion["choices"]:
-        pieces = _pieces(choice["text"])
-        for i, piece in enumerate(pieces):
-            reason = choice["finish_reason"] if i == len(pieces) - 1 else None
+        reason = choice["finish_reason"]
+        for piece in _pieces(choice["text"]):
             events.append(
                 {**head, "choices": [{"index": choice["index"], "text": piece, "finish_reason": reason}]}
             )
@@ -574,12 +578,21 @@ class _Reply:
     tracked: bool = False  # counted in stats.in_flight until written
 
 
+class _Transport(Protocol):
+    """What the gateway uses of a transport. asyncio's own and uvloop's (which do not subclass
+    `asyncio.Transport`) both have it, so the check is by shape, never by `isinstance`."""
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
 class _HttpProtocol(asyncio.Protocol):
     """One connection: parse requests one at a time (no pipelining), answer in order, keep-alive by default."""
 
     def __init__(self, gateway: Gateway) -> None:
         self._gateway = gateway
-        self._transport: asyncio.Transport | None = None
+        self._transport: _Transport | None = None
         self._buffer = bytearray()
         # A parsed head whose body has not fully arrived: (method, target, headers, keep_alive, length).
         self._pending: tuple[str, str, dict[str, str], bool, int] | None = None
@@ -587,8 +600,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(_Transport, transport)
         self._gateway._connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -741,6 +753,12 @@ class Gateway:
         self._port = 0
         self._connections: set[_HttpProtocol] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        # The API shapes served: path -> handler (a request in, the reply out). Another shape (chat) plugs in
+        # here with its own handler; the control endpoints are answered apart and never counted.
+        self._routes: dict[str, Callable[[_Request], _Reply]] = {
+            ORQ_PATH: self._complete,
+            OPENAI_PATH: self._complete,
+        }
         self.set_faults(self.config.faults)
 
     # -- lifecycle
@@ -817,9 +835,8 @@ class Gateway:
 
     def _handle(self, request: _Request) -> _Reply:
         try:
-            if request.path == ORQ_PATH or request.path == OPENAI_PATH:
-                return self._complete(request)
-            return self._control(request)
+            handler = self._routes.get(request.path)
+            return self._control(request) if handler is None else handler(request)
         except Exception:  # a bug here must still answer, or the client would hang until its timeout
             log.exception("gateway failed on %s %s", request.method, request.path)
             return _reply(500, _error_body(500, "internal gateway error"))
@@ -955,7 +972,7 @@ class Gateway:
     def _control(self, request: _Request) -> _Reply:
         route = (request.method, request.path)
         if route == ("GET", "/health"):
-            return _json_reply({"status": "ok"})
+            return _json_reply({"status": "ok", "loop": _loop_name(asyncio.get_running_loop())})
         if route == ("GET", "/_stats"):
             flag = parse_qs(request.query).get("bodies", ["0"])[-1].lower()
             return _json_reply(self._stats.snapshot(bodies=flag in ("1", "true", "yes")))
@@ -972,21 +989,26 @@ class Gateway:
         if request.path in ("/health", "/_stats", "/_reset", "/_faults"):
             return _reply(405, _error_body(405, f"{request.method} is not allowed on {request.path}"))
         self._stats._arrive(request.path, request.headers, None)  # a wrong base_url shows up in the stats
-        return self._refuse(404, f"no route for {request.path}; use {ORQ_PATH} or {OPENAI_PATH}")
+        return self._refuse(404, f"no route for {request.path}; use {' or '.join(self._routes)}")
 
 
 # ---------------------------------------------------------------------------------------- threads and CLI
 
 
 @contextlib.contextmanager
-def serve_in_thread(config: GatewayConfig | None = None) -> Iterator[Gateway]:
+def serve_in_thread(
+    config: GatewayConfig | None = None,
+    *,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> Iterator[Gateway]:
     """A started Gateway on its own event loop in a daemon thread, closed on exit.
 
     For sync code, and for async code that must not share its loop with the server (whose CPU time would
     otherwise count against the code under test). Read `gateway.stats` freely; change faults with
-    `set_faults`, which is thread-safe.
+    `set_faults`, which is thread-safe. `loop_factory` (e.g. `uvloop.new_event_loop`) replaces asyncio's
+    default loop.
     """
-    loop = asyncio.new_event_loop()
+    loop = (loop_factory or asyncio.new_event_loop)()
 
     def run() -> None:
         asyncio.set_event_loop(loop)
@@ -1024,13 +1046,29 @@ def _load_faults(source: str) -> tuple[Fault, ...]:
     return _faults(data)
 
 
-def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+_LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def _loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop `main` serves on: uvloop when asked, or for "auto" when it is installed (an optional
+    speed-up, never a dependency); None is asyncio's default loop. The gateway works on both."""
+    if choice not in _LOOPS:
+        raise ValueError(f"loop must be one of {_LOOPS}, got {choice!r}")
+    if choice == "asyncio":
+        return None
     try:
-        uvloop = importlib.import_module("uvloop")  # optional speed-up; never a dependency
+        uvloop = importlib.import_module("uvloop")
     except ImportError:
+        if choice == "uvloop":
+            raise ValueError("--loop uvloop: uvloop is not installed (pip install uvloop)") from None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
+
+
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """"uvloop" or "asyncio": which implementation `loop` is (shown by GET /health)."""
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
 async def _serve_until_signalled(config: GatewayConfig) -> None:
@@ -1061,6 +1099,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-validate", action="store_true", help="skip the jsonschema check (faster)")
     parser.add_argument("--seed", type=int, default=0, help="seeds fault rates and jitter")
+    parser.add_argument(
+        "--loop", choices=_LOOPS, default="auto",
+        help="event loop: auto picks uvloop when it is installed (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     api_key = None
@@ -1069,6 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
         if not api_key:
             parser.error(f"--api-key-env: the environment variable {args.api_key_env} is not set")
     try:
+        loop_factory = _loop_factory(args.loop)
         faults = _load_faults(args.faults) if args.faults else ()
         config = GatewayConfig(
             host=args.host,
@@ -1083,7 +1126,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError, yaml.YAMLError) as exc:
         parser.error(str(exc))
     try:
-        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(_serve_until_signalled(config))
     except KeyboardInterrupt:
         return 130

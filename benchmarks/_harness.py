@@ -187,10 +187,14 @@ def _http(method: str, url: str, timeout: float = 60.0) -> Any:
 
 
 class GatewayProcess:
-    """`python -m batcher.gateway --no-validate` in its own process, so its CPU never counts as batcher's."""
+    """`python -m batcher.gateway --no-validate` in its own process, so its CPU never counts as batcher's.
 
-    def __init__(self, latency_ms: float = 0.0) -> None:
+    `loop` is the gateway's `--loop`: "auto" (uvloop when installed, as `batcher gateway` runs), "asyncio" or
+    "uvloop"; GET /health names the loop it runs on."""
+
+    def __init__(self, latency_ms: float = 0.0, loop: str = "auto") -> None:
         self.latency_ms = latency_ms
+        self.loop = loop
         self.port = free_port()
         self.base_url = f"http://{HOST}:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -198,7 +202,7 @@ class GatewayProcess:
 
     def __enter__(self) -> GatewayProcess:
         argv = [PY, "-m", "batcher.gateway", "--host", HOST, "--port", str(self.port),
-                "--latency-ms", str(self.latency_ms), "--no-validate"]
+                "--latency-ms", str(self.latency_ms), "--no-validate", "--loop", self.loop]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
         self._ps = psutil.Process(self.proc.pid)
         deadline = time.monotonic() + 30

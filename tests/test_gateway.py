@@ -1,15 +1,21 @@
-"""The simulated gateway over real HTTP on 127.0.0.1 (port 0), through httpx."""
+"""The simulated gateway over real HTTP on 127.0.0.1 (port 0), through httpx, on asyncio's default event loop
+and on uvloop (every test that starts a gateway runs on both; the uvloop leg is skipped when it is missing).
+
+Its answers are checked against the contract's response schemas with jsonschema (the extract shipped in
+batcher/_openapi), independently of the gateway's own code: every JSON body and every SSE event."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,7 @@ from jsonschema import Draft202012Validator
 
 from batcher.gateway import Fault, Gateway, GatewayConfig, main, serve_in_thread
 from batcher.openapi import load_openapi
+from batcher.wire import StreamAssembler, parse_completion
 
 ORQ = "/v2/router/completions"
 V1 = "/v1/completions"
@@ -31,9 +38,33 @@ BODY: dict[str, Any] = {
 REPO = Path(__file__).resolve().parents[1]
 
 
+HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
+LOOPS = [
+    pytest.param("asyncio", id="asyncio"),
+    pytest.param(
+        "uvloop", id="uvloop", marks=pytest.mark.skipif(not HAVE_UVLOOP, reason="uvloop is not installed")
+    ),
+]
+
+
+@pytest.fixture(params=LOOPS)
+def loop(request: pytest.FixtureRequest) -> str:
+    """The event loop the gateway under test runs on: "asyncio" (the default loop) or "uvloop"."""
+    return str(request.param)
+
+
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+def anyio_backend(loop: str) -> tuple[str, dict[str, Any]]:
+    return "asyncio", {"use_uvloop": loop == "uvloop"}  # aiolimiter (elsewhere) needs asyncio: uvloop is asyncio
+
+
+def loop_factory(loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if loop == "asyncio":
+        return None
+    import uvloop
+
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 @asynccontextmanager
@@ -45,10 +76,57 @@ async def serving(**config: Any) -> AsyncIterator[tuple[Gateway, httpx.AsyncClie
         yield gw, client
 
 
+@functools.cache
 def response_validator(content_type: str) -> Draft202012Validator:
     pointer = "#/paths/~1v2~1router~1completions/post/responses/200/content/"
     pointer += content_type.replace("/", "~1") + "/schema"
     return Draft202012Validator({**load_openapi(), "$ref": pointer})
+
+
+# The extract specifies no error responses; this is the body orq answers errors with, as the official SDK
+# reads it (orq_ai_sdk.models.APIErrorResponseData: code and param nullable, message and type required).
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "param", "type"],
+            "properties": {
+                "code": {"type": ["string", "null"]},
+                "message": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "type": {"type": "string"},
+            },
+        }
+    },
+}
+
+
+def check_json(data: Any) -> None:
+    """A 200 JSON body against the contract's application/json response schema."""
+    response_validator("application/json").validate(data)
+
+
+def check_stream(raw: str) -> list[dict[str, Any]]:
+    """Every SSE event of a stream against the contract's text/event-stream schema (which describes an event as
+    `{data: <chunk>}`); the events must end with `[DONE]`. Returns the chunks."""
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks
+    for chunk in chunks:
+        response_validator("text/event-stream").validate({"data": chunk})
+    return chunks
+
+
+def check_error(r: httpx.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/json"
+    data = r.json()
+    Draft202012Validator(ERROR_SCHEMA).validate(data)
+    error: dict[str, Any] = data["error"]
+    return error
 
 
 def sse_events(text: str) -> list[str]:
@@ -177,23 +255,100 @@ async def test_stream_sends_sse_chunks_then_done_with_usage_on_the_last() -> Non
             raw = (await r.aread()).decode()
             assert r.headers["content-type"] == "text/event-stream"
             assert r.headers["transfer-encoding"] == "chunked"
-    events = sse_events(raw)
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+    chunks = check_stream(raw)
     assert len(chunks) > 2
     assert all("usage" not in c for c in chunks[:-1])
     assert chunks[-1]["usage"] == plain["usage"]
     for index in (0, 1):
         mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert len(mine) > 1
         assert "".join(c["text"] for c in mine) == plain["choices"][index]["text"]
-        reasons = [c["finish_reason"] for c in mine]
-        assert reasons == [None] * (len(mine) - 1) + [plain["choices"][index]["finish_reason"]]
-    schema = response_validator("application/json")
-    for chunk in chunks:  # every chunk is completion-shaped, bar the null finish_reason of partial chunks
-        last_of_choice = chunk["choices"][0]["finish_reason"] is not None
-        if last_of_choice:
-            schema.validate(chunk)
+        # orq's contract wants a finish_reason in every chunk (never OpenAI's null): the choice's own, throughout
+        assert {c["finish_reason"] for c in mine} == {plain["choices"][index]["finish_reason"]}
     assert gw.stats.billed == 2
+
+
+CASES = {
+    "plain": {},
+    "n": {"n": 3},
+    "echo": {"echo": True},
+    "stop": {"stop": [" the ", " a "]},
+    "length": {"max_tokens": 2},
+    "thinking": {"thinking": {"type": "enabled", "budget_tokens": 1024}, "max_tokens": 2048},
+    "empty": {"prompt": "Is it positive, negative or neutral? I love it.", "stop": "pos"},  # "positive" cut at 0
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("path", [ORQ, V1])
+@pytest.mark.parametrize("change", list(CASES.values()), ids=list(CASES))
+async def test_every_answer_validates_against_the_contract(path: str, change: dict[str, Any]) -> None:
+    body = {**BODY, **change}
+    if path == V1:
+        body.pop("thinking", None)  # not an OpenAI field: a 400 there
+    async with serving() as (_, client):
+        r = await client.post(path, json=body)
+        assert r.status_code == 200
+        plain = r.json()
+        check_json(plain)
+        async with client.stream("POST", path, json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            chunks = check_stream((await r.aread()).decode())
+    # the stream says what the plain answer says
+    assert (plain["choices"][0]["text"] == "") == (change is CASES["empty"])
+    assert chunks[-1]["usage"] == plain["usage"]
+    for choice in plain["choices"]:
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == choice["index"]]
+        assert "".join(c["text"] for c in mine) == choice["text"]
+        assert mine[-1]["finish_reason"] == choice["finish_reason"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("max_tokens", [200, 4])  # finish_reason "stop", then "length", in every chunk
+async def test_batchers_stream_assembler_reads_the_same_completion_as_the_plain_answer(max_tokens: int) -> None:
+    """Every chunk now carries its choice's finish_reason; batcher's client must still assemble the plain answer."""
+    body = {**BODY, "n": 2, "max_tokens": max_tokens}
+    async with serving() as (_, client):
+        plain = parse_completion((await client.post(ORQ, json=body)).content)
+        async with client.stream("POST", ORQ, json={**body, "stream": True}) as r:
+            assembler = StreamAssembler()
+            async for line in r.aiter_lines():
+                assembler.feed_line(line)
+    streamed = assembler.result()
+    assert {c["finish_reason"] for c in plain.choices} == {"stop" if max_tokens == 200 else "length"}
+    assert streamed.choices == plain.choices
+    assert (streamed.text, streamed.finish_reason) == (plain.text, plain.finish_reason)
+    assert streamed.completion_tokens == plain.completion_tokens
+
+
+@pytest.mark.anyio
+async def test_error_answers_have_the_orq_error_shape() -> None:
+    faults = [
+        Fault("status", status=429, retry_after="1", prompt_contains="limit"),
+        Fault("status", status=503, prompt_contains="down"),
+        Fault("status", status=529, prompt_contains="overloaded"),
+    ]
+    async with serving(api_key="sk-1", faults=faults) as (_, client):
+        client.headers["authorization"] = "Bearer sk-1"
+        assert check_error(await client.post(ORQ, json={**BODY, "temperature": 3}), 400)["param"] == "temperature"
+        assert check_error(await client.post(ORQ, json={"model": "m"}), 400)["param"] == "prompt"
+        check_error(await client.post(ORQ, content=b"{nope"), 400)
+        check_error(await client.post(V1, json={**BODY, "orq": {}}), 400)
+        check_error(await client.post(ORQ, json=BODY, headers={"authorization": "Bearer no"}), 401)
+        check_error(await client.post("/v2/nowhere", json=BODY), 404)
+        check_error(await client.get(ORQ), 405)
+        assert check_error(await client.post(ORQ, json={**BODY, "prompt": "limit"}), 429)["type"] == (
+            "rate_limit_error"
+        )
+        assert check_error(await client.post(ORQ, json={**BODY, "prompt": "down"}), 503)["type"] == "server_error"
+        check_error(await client.post(ORQ, json={**BODY, "prompt": "overloaded"}), 529)
+        check_error(await client.post("/_faults", json=[{"kind": "nope"}]), 400)
+
+
+@pytest.mark.anyio
+async def test_health_names_the_loop_it_runs_on(loop: str) -> None:
+    async with serving() as (_, client):  # this module's tests run once per loop: show that they do
+        assert (await client.get("/health")).json() == {"status": "ok", "loop": loop}
 
 
 # ----------------------------------------------------------------------------------- auth and validation
@@ -451,7 +606,7 @@ async def test_stats_count_paths_statuses_attempts_and_billing() -> None:
         assert "bodies" not in over_http
         with_bodies = (await client.get("/_stats", params={"bodies": "1"})).json()
         assert with_bodies["bodies"][0]["body"] == BODY
-        assert (await client.get("/health")).json() == {"status": "ok"}
+        assert (await client.get("/health")).json()["status"] == "ok"
         assert stats.total == 5  # control endpoints are not counted
 
         assert (await client.post("/_reset")).status_code == 200
@@ -520,11 +675,12 @@ def test_config_and_faults_from_dicts() -> None:
         GatewayConfig.from_dict({"latency": 1})
 
 
-def test_serve_in_thread_serves_sync_clients_and_takes_new_faults() -> None:
+def test_serve_in_thread_serves_sync_clients_and_takes_new_faults(loop: str) -> None:
     with (
-        serve_in_thread(GatewayConfig(latency_s=0.01)) as gw,
+        serve_in_thread(GatewayConfig(latency_s=0.01), loop_factory=loop_factory(loop)) as gw,
         httpx.Client(base_url=gw.base_url, trust_env=False) as client,
     ):
+        assert client.get("/health").json()["loop"] == loop
         assert client.post(ORQ, json=BODY).status_code == 200
         gw.set_faults([Fault("status", status=529)])
         r = client.post(ORQ, json=BODY)
@@ -535,11 +691,11 @@ def test_serve_in_thread_serves_sync_clients_and_takes_new_faults() -> None:
         httpx.post(f"{gw.base_url}/health", trust_env=False)
 
 
-def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
+def test_cli_serves_until_sigterm(tmp_path: Path, loop: str) -> None:
     faults = tmp_path / "faults.yaml"
     faults.write_text("- kind: status\n  status: 503\n  first: 1\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "GW_TEST_KEY": "sk-cli"}
-    args = ["--port", "0", "--faults", str(faults), "--api-key-env", "GW_TEST_KEY"]
+    args = ["--port", "0", "--faults", str(faults), "--api-key-env", "GW_TEST_KEY", "--loop", loop]
     command = [sys.executable, "-m", "batcher.gateway", *args]
     with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True) as process:
         try:
@@ -549,6 +705,7 @@ def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
             base_url = line.rsplit(" ", 1)[1].strip()
             auth = {"Authorization": "Bearer sk-cli"}
             with httpx.Client(base_url=base_url, trust_env=False, headers=auth) as client:
+                assert client.get("/health").json()["loop"] == loop
                 assert client.post(ORQ, json=BODY).status_code == 503
                 assert client.post(ORQ, json=BODY).status_code == 200
                 assert client.post(ORQ, json=BODY, headers={"Authorization": "Bearer x"}).status_code == 401
@@ -567,3 +724,38 @@ def test_cli_rejects_bad_faults_and_a_missing_key_variable(capsys: pytest.Captur
     with pytest.raises(SystemExit):
         main(["--api-key-env", "BATCHER_GATEWAY_TEST_SURELY_UNSET"])
     assert "BATCHER_GATEWAY_TEST_SURELY_UNSET" in capsys.readouterr().err
+
+
+def test_batcher_gateway_as_users_start_it_serves_on_uvloop_when_installed() -> None:
+    """`batcher gateway --port 0`, no loop named: uvloop is picked when it is installed (as it often is), and
+    every answer must still arrive (its transports are not `asyncio.Transport`s)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "batcher", "gateway", "--port", "0"]
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            base_url = process.stdout.readline().rsplit(" ", 1)[1].strip()
+            with httpx.Client(base_url=base_url, trust_env=False, timeout=10) as client:
+                assert client.get("/health").json() == {"status": "ok", "loop": "uvloop" if HAVE_UVLOOP else "asyncio"}
+                plain = client.post(ORQ, json=BODY)
+                assert plain.status_code == 200
+                check_json(plain.json())
+                with client.stream("POST", ORQ, json={**BODY, "stream": True}) as r:
+                    chunks = check_stream(r.read().decode())
+                assert "".join(c["choices"][0]["text"] for c in chunks) == plain.json()["choices"][0]["text"]
+                assert client.get("/_stats").json()["by_status"] == {"200": 2}
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=10) == 0
+        finally:
+            if process.poll() is None:
+                process.kill()
+
+
+def test_cli_loop_uvloop_without_uvloop_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--loop", "uvloop"])
+    assert exit_info.value.code == 2
+    assert "uvloop is not installed" in capsys.readouterr().err

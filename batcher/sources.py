@@ -107,8 +107,8 @@ def _plain(arr: pa.Array) -> pa.Array:
 # A Parquet read is sized to this share of the byte budget from the row group's average row, so that a read whose
 # rows run longer than the average still stays within the budget.
 _READ_SHARE = 4
-# Column chunks are streamed in pieces of this size: unbuffered, pyarrow reads a row group's whole column chunk
-# (hundreds of MB for long documents) before decoding its first page.
+# Column chunks bigger than the budget are streamed in pieces of this size: unbuffered, pyarrow reads a row
+# group's whole column chunk (hundreds of MB for long documents) before decoding its first page.
 _READ_BUFFER = 1 << 20
 
 
@@ -335,10 +335,16 @@ class Source:
             yield from self._jsonl_batches(done_ids)
 
     def _parquet_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
-        pf = pq.ParquetFile(self.path, pre_buffer=False, buffer_size=_READ_BUFFER)
         columns = self._needed(keep=False)
         wanted = set(columns)
         budget = self.spec.batch_bytes
+        pf = pq.ParquetFile(self.path, pre_buffer=False)
+        meta_all = pf.metadata
+        # Stream column chunks only when one is bigger than the budget: short rows keep the one read per chunk.
+        if any(meta_all.row_group(g).column(j).total_uncompressed_size > budget
+               for g in range(meta_all.num_row_groups) for j in range(meta_all.row_group(g).num_columns)
+               if meta_all.row_group(g).column(j).path_in_schema.split(".")[0] in wanted):
+            pf = pq.ParquetFile(self.path, pre_buffer=False, buffer_size=_READ_BUFFER)
         per_row_seen = 0.0  # the most bytes per row a read has held so far
         index = 0
         out = _Batcher(self.spec.batch_size, budget, self.stats)

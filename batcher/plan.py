@@ -42,17 +42,21 @@ from typing import Any
 import pyarrow as pa
 
 from .errors import SpecError
+from .limits import limiter_tokens as _limiter_tokens
 from .prices import Price, PriceTable
 from .routing import plan_for
 from .runner import run_fingerprint
+from .shapes import shape_of_job
 from .sinks import RunState, read_journal, state_dir_for
 from .sources import Source
 from .spec import JobSpec, load_spec
-from .wire import BodyBuilder
 
 __all__ = ["CHARS_PER_TOKEN", "PROMPT_TOLERANCE", "ModelEstimate", "Plan", "add_parser", "make_plan"]
 
 CHARS_PER_TOKEN = 4.0
+# A sane range: no tokenizer is near either end, and outside it the estimate under- or overflows (5e-324 -> inf).
+CHARS_PER_TOKEN_RANGE = (0.1, 100.0)
+_CPT_RANGE_TEXT = "from 0.1 to 100 characters per token"
 # The stated error of the prompt-token estimate (measured: +12.1% against the local gateway, see above).
 PROMPT_TOLERANCE = 0.25
 DEFAULT_LATENCY_MS = 1000.0
@@ -106,6 +110,7 @@ class Plan:
     wall_s: float
     bound_by: str  # concurrency | requests_per_minute | tokens_per_minute
     notes: tuple[str, ...] = field(default=())
+    max_tokens_field: str = "max_tokens"  # the request field `max_tokens` is read from (chat: max_completion_tokens)
 
     @property
     def prompt_tokens_low(self) -> int:
@@ -218,8 +223,9 @@ def make_plan(
     """
     if not (math.isfinite(latency_ms) and latency_ms > 0):
         raise SpecError(f"--latency-ms must be a finite number greater than 0, got {latency_ms:g}")
-    if not (math.isfinite(chars_per_token) and chars_per_token > 0):
-        raise SpecError(f"--chars-per-token must be a finite number greater than 0, got {chars_per_token:g}")
+    if not (math.isfinite(chars_per_token) and CHARS_PER_TOKEN_RANGE[0] <= chars_per_token <= CHARS_PER_TOKEN_RANGE[1]):
+        raise SpecError(f"--chars-per-token must be a finite number greater than 0 ({_CPT_RANGE_TEXT}), "
+                        f"got {chars_per_token:g}")
     out = _output_path(spec, output)
     notes: list[str] = []
     table = PriceTable.default().overridden(
@@ -228,7 +234,7 @@ def make_plan(
     source = Source(spec.input, spec.output.keep_columns)
     info = source.check()
     route = plan_for(spec.request, spec.endpoint.api)
-    builder = BodyBuilder(spec.request, spec.endpoint.api)
+    shape = shape_of_job(spec)
     fallbacks = [f.model for f in (spec.request.routing("fallbacks") or [])]
 
     ids, nothing_to_do = _done_ids(spec, out, info.rows, limit, fresh, notes)
@@ -257,14 +263,15 @@ def make_plan(
                     no_model += 1
                     input_errors += 1
                     continue
-                body = builder.body(row.prompt, model, row.inputs, row.body)
-                bound = int(body.get("max_tokens") or 0) * int(body.get("n") or 1) + _reasoning_budget(body)
+                body = shape.body(row.prompt, model, row.inputs, row.body)
+                text = shape.prompt_text(body)  # a chat row: the text of all its messages
                 t = tallies.setdefault(model, _Tally())
                 t.rows += 1
-                t.chars += len(row.prompt)
-                t.completion += bound
+                t.chars += len(text)
+                t.completion += int(body.get("max_completion_tokens") or body.get("max_tokens") or 0) * int(
+                    body.get("n") or 1) + _reasoning_budget(body)
                 # What runner._Job.prepare charges the tokens_per_minute limiter for this call.
-                t.limiter += len(row.prompt) / 3.0 + int(body.get("max_tokens") or 0) * int(body.get("n") or 1)
+                t.limiter += _limiter_tokens(text, body)
 
     models: list[ModelEstimate] = []
     unpriced: set[str] = set()
@@ -332,6 +339,7 @@ def make_plan(
         prompt_tolerance=PROMPT_TOLERANCE,
         completion_tokens_max=sum(t.completion for t in tallies.values()),
         max_tokens=spec.request.effective_max_tokens,
+        max_tokens_field="max_completion_tokens" if spec.is_chat and spec.request.max_tokens is None else "max_tokens",
         n=spec.request.n or 1,
         models=tuple(models),
         unpriced=tuple(sorted(unpriced)),
@@ -396,7 +404,7 @@ def render_text(plan: Plan) -> str:
         f"  prompt tokens  ~{plan.prompt_tokens:,} ({plan.prompt_tokens_low:,} - {plan.prompt_tokens_high:,}): "
         f"{plan.prompt_chars:,} chars / {plan.chars_per_token:g}, stated error +/-{tol}",
         "                 (measured +12.1% vs the local gateway on samples/reviews.parquet; real tokenizers differ)",
-        f"  completion     <= {plan.completion_tokens_max:,} tokens (max_tokens {plan.max_tokens} x n {plan.n} per row)",
+        f"  completion     <= {plan.completion_tokens_max:,} tokens ({plan.max_tokens_field} {plan.max_tokens} x n {plan.n} per row)",
     ]
     if plan.to_send == 0:
         lines.append("  cost           $0: nothing to send")
@@ -430,6 +438,14 @@ def load_price_file(path: str) -> PriceTable:
     """`--prices FILE` for plan and report: checked like a spec's `prices:` (a SpecError, exit 2, naming the file
     and the entry; see PriceTable.from_file)."""
     return PriceTable.from_file(path)
+
+
+def _chars_per_token(text: str) -> float:
+    """--chars-per-token: `_positive`, and within `CHARS_PER_TOKEN_RANGE` (5e-324 would make the estimate infinite)."""
+    value = _positive(text)
+    if not CHARS_PER_TOKEN_RANGE[0] <= value <= CHARS_PER_TOKEN_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be a finite number greater than 0 ({_CPT_RANGE_TEXT}), got {text!r}")
+    return value
 
 
 def _positive(text: str) -> float:
@@ -472,7 +488,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--prices", metavar="FILE", help="price table overriding the shipped one (as for run)")
     p.add_argument("--latency-ms", type=_positive, default=DEFAULT_LATENCY_MS, metavar="MS",
                    help=f"assumed time of one call (default {DEFAULT_LATENCY_MS:g})")
-    p.add_argument("--chars-per-token", type=_positive, default=CHARS_PER_TOKEN, metavar="X",
-                   help=f"prompt characters per token (default {CHARS_PER_TOKEN:g})")
+    p.add_argument("--chars-per-token", type=_chars_per_token, default=CHARS_PER_TOKEN, metavar="X",
+                   help=f"prompt characters per token, {_CPT_RANGE_TEXT} (default {CHARS_PER_TOKEN:g})")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_plan)

@@ -1,6 +1,7 @@
 """Where results go: an fsync'd append-only journal while the run lasts, then the output file, atomically.
 
-A row counts as done only once its journal line is on disk, so a `kill -9` loses at most the calls in flight.
+A row counts as done once its journal line is written (to the kernel, at once, by whoever holds the answer), so
+a `kill -9` loses at most the calls in flight; lines reach the disk in fsync groups (`Journal`).
 The journal lives in a state folder beside the output (`out/.NAME.parquet.batcher/`) with `run.json`, the run's
 fingerprint and status. `finalize` streams the journal into the output in row groups (never one big table) under
 a temporary name, fsyncs it and renames it into place: readers never see a half-written file.
@@ -26,11 +27,12 @@ import os
 import socket
 import time
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pa_json
@@ -46,6 +48,7 @@ __all__ = [
     "JobLock",
     "Journal",
     "RunState",
+    "encode_lines",
     "finalize",
     "input_identity",
     "json_values",
@@ -84,12 +87,25 @@ def kept_name(column: str, id_name: str) -> str:
     return kept_column_name(column, id_name)
 
 
-def output_schema(id_name: str, id_type: pa.DataType, keep_types: dict[str, pa.DataType]) -> pa.Schema:
-    """`keep_types`: the kept columns other than the input's own id column, in the spec's order."""
+def output_schema(
+    id_name: str, id_type: pa.DataType, keep_types: dict[str, pa.DataType],
+    extra: Mapping[str, pa.DataType] | None = None,
+) -> pa.Schema:
+    """`keep_types`: the kept columns other than the input's own id column, in the spec's order. `extra`: the
+    API shape's own columns (chat: refusal, tool_calls, reasoning and a json_schema's typed columns), written
+    after batcher's result columns."""
     fields = [pa.field(id_name, id_type)]
     fields += [pa.field(kept_name(c, id_name), t) for c, t in keep_types.items()]
     fields += [pa.field(name, t) for name, t in RESULT_COLUMNS.items()]
+    fields += [pa.field(name, t) for name, t in (extra or {}).items()]
     return pa.schema(fields)
+
+
+def result_names(schema: pa.Schema) -> list[str]:
+    """The columns a journal record fills: batcher's result columns and the shape's, in the schema's order.
+    They start at `text`: the id and the kept columns come first, and a kept column named `text` is renamed."""
+    names: list[str] = schema.names
+    return names[names.index("text"):]
 
 
 # Key in a Parquet output's footer metadata: batcher wrote this file (see `written_by_batcher`).
@@ -244,40 +260,97 @@ def _dumps(record: dict[str, Any]) -> bytes:
         return (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
 
 
-class Journal:
-    """Append-only JSON lines; `append` returns once the lines are on disk.
+def encode_lines(records: Iterable[dict[str, Any]]) -> bytes:
+    """Journal lines for `records` (what `Journal.write` takes)."""
+    return b"".join(_dumps(r) for r in records)
 
-    Written with `os.write` on an unbuffered descriptor: when the disk fills half-way through a group of lines,
-    the part that made it is cut off again, so the journal only ever holds whole lines (a buffered file would
-    also try to write the rest once more when it is closed)."""
+
+class Journal:
+    """Append-only JSON lines: written to the kernel at once, fsync'd in groups.
+
+    Two kinds of crash, two costs. A process crash (`kill -9`, OOM, a bug) loses nothing that `write` returned:
+    the line is in the kernel's page cache, and the kernel writes it out whether or not the process lives. So
+    `write` is one unbuffered `os.write` (a few microseconds, no thread hop), made by whoever holds the answer,
+    as soon as it holds it. Only a power loss or a kernel crash can lose lines the kernel had not yet put on the
+    disk; `sync_periodically` bounds that with one `fdatasync` per `interval` for every line written meanwhile
+    (group commit, as a database's write-ahead log does), instead of one per answer.
+
+    When the disk fills half-way through a write, the part that made it is cut off again, so the journal only
+    ever holds whole lines. All writes come from one thread (the event loop's): the offset to cut back to is
+    ours to track, and one job's lock keeps other processes out."""
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / "journal.jsonl"
         try:
             directory.mkdir(parents=True, exist_ok=True)
             self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._end = os.fstat(self._fd).st_size
         except OSError as exc:
             raise OutputError(f"cannot write the journal {self.path}: {exc.strerror or exc}") from None
+        self.written = 0  # bytes written by this process
+        self.synced = 0  # of which known to be on the disk
+        self.syncs = 0
+        self._dirty: anyio.Event | None = None  # while `sync_periodically` runs
 
-    def append(self, records: Iterable[dict[str, Any]]) -> None:
-        data = memoryview(b"".join(_dumps(r) for r in records))
+    def _error(self, exc: OSError) -> OutputError:
+        return OutputError(f"cannot write the journal {self.path}: {exc.strerror or exc}")
+
+    def write(self, data: bytes) -> None:
+        """Hand whole lines to the kernel now (no fsync): they survive the death of this process."""
         if not data or self._fd is None:
             return
-        fd = self._fd
-        start = -1
+        fd, view = self._fd, memoryview(data)
         try:
-            start = os.lseek(fd, 0, os.SEEK_END)
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
+            while view:
+                view = view[os.write(fd, view):]
         except OSError as exc:
-            if start >= 0:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, start)
-            raise OutputError(f"cannot write the journal {self.path}: {exc.strerror or exc}") from None
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, self._end)
+            raise self._error(exc) from None
+        self._end += len(data)
+        self.written += len(data)
+        if self._dirty is not None:
+            self._dirty.set()
+
+    def sync(self) -> None:
+        """Everything written so far, on the disk (thread-safe: `write` may go on meanwhile)."""
+        fd = self._fd
+        if fd is None:
+            return
+        target = self.written
+        try:
+            getattr(os, "fdatasync", os.fsync)(fd)
+        except OSError as exc:
+            raise self._error(exc) from None
+        self.synced = max(self.synced, target)
+        self.syncs += 1
+
+    def append(self, records: Iterable[dict[str, Any]]) -> None:
+        """Write `records` and return once they are on the disk."""
+        self.write(encode_lines(records))
+        self.sync()
+
+    async def sync_periodically(self, interval: float) -> None:
+        """Group commit, until cancelled: after a write, wait `interval` for more, then one fdatasync (in a
+        thread) for all of them. A line is on the disk at most `interval` + one fdatasync after its write; an
+        idle journal costs no wakeup."""
+        self._dirty = anyio.Event()
+        if self.written > self.synced:
+            self._dirty.set()
+        try:
+            while True:
+                await self._dirty.wait()
+                await anyio.sleep(interval)
+                self._dirty = anyio.Event()  # writes from now on wait for the next round
+                await anyio.to_thread.run_sync(self.sync)
+        finally:
+            self._dirty = None
 
     def close(self) -> None:
         if self._fd is not None:
+            with contextlib.suppress(OutputError):
+                if self.written > self.synced:
+                    self.sync()
             fd, self._fd = self._fd, None
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -400,7 +473,8 @@ def _json_text(value: Any) -> str:
 def _table(records: list[dict[str, Any]], schema: pa.Schema, id_name: str, keep: list[str]) -> dict[str, Any]:
     """The Python path of `_table_from_lines`: records to the slice's columns, by output name."""
     kept = [(c, kept_name(c, id_name)) for c in keep]
-    columns: dict[str, list[Any]] = {id_name: [], **{name: [] for _, name in kept}, **{n: [] for n in RESULT_COLUMNS}}
+    results = result_names(schema)
+    columns: dict[str, list[Any]] = {id_name: [], **{name: [] for _, name in kept}, **{n: [] for n in results}}
     positions: list[Any] = []
     for rec in records:
         positions.append(rec.get("_i"))
@@ -408,7 +482,7 @@ def _table(records: list[dict[str, Any]], schema: pa.Schema, id_name: str, keep:
         k = rec.get("keep") or {}
         for c, out_name in kept:
             columns[out_name].append(k.get(c))
-        for name in RESULT_COLUMNS:
+        for name in results:
             columns[name].append(rec.get(name))
     arrays: dict[str, Any] = {"_i": pa.array(positions, type=pa.int64())}
     kept_names = {name for _, name in kept}
@@ -440,7 +514,7 @@ def _journal_schema(schema: pa.Schema, id_name: str, keep: list[str]) -> pa.Sche
     fields = [pa.field("_i", pa.int64()), pa.field("id", schema.field(id_name).type)]
     if keep:
         fields.append(pa.field("keep", pa.struct([(c, schema.field(kept_name(c, id_name)).type) for c in keep])))
-    fields += [pa.field(name, t) for name, t in RESULT_COLUMNS.items()]
+    fields += [schema.field(name) for name in result_names(schema)]
     return pa.schema(fields)
 
 
@@ -464,7 +538,7 @@ def _table_from_lines(lines: list[bytes], schema: pa.Schema, id_name: str, keep:
         keep_col = parsed.column("keep").combine_chunks()
         for i, c in enumerate(keep):
             arrays[kept_name(c, id_name)] = pc.struct_field(keep_col, [i])
-    arrays.update((name, parsed.column(name)) for name in RESULT_COLUMNS)
+    arrays.update((name, parsed.column(name)) for name in result_names(schema))
     return arrays
 
 
@@ -638,11 +712,43 @@ def _dumps_output(record: dict[str, Any]) -> bytes:
         return (json.dumps(_finite(record), separators=(",", ":"), allow_nan=False, default=str) + "\n").encode()
 
 
-def _openai_batch_line(rec: dict[str, Any], n: int) -> dict[str, Any]:
+def _chat_completion_body(rec: dict[str, Any]) -> dict[str, Any]:
+    """A chat row as the chat.completion object an OpenAI batch output line carries."""
+
+    def message(text: Any, first: bool) -> dict[str, Any]:
+        m: dict[str, Any] = {"role": "assistant", "content": text, "refusal": rec.get("refusal") if first else None}
+        calls = rec.get("tool_calls") if first else None
+        if calls:
+            m["tool_calls"] = json.loads(calls)
+        if first and rec.get("reasoning"):
+            m["reasoning"] = rec["reasoning"]
+        return m
+
+    choices = rec.get("choices") or [{"index": 0, "text": rec.get("text"), "finish_reason": rec.get("finish_reason")}]
+    usage: dict[str, Any] = {
+        "prompt_tokens": rec.get("prompt_tokens"),
+        "completion_tokens": rec.get("completion_tokens"),
+        "total_tokens": rec.get("total_tokens"),
+    }
+    if rec.get("reasoning_tokens") is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": rec["reasoning_tokens"]}
+    return {
+        "id": rec.get("completion_id"),
+        "object": "chat.completion",
+        "model": rec.get("model"),
+        "choices": [{"index": c.get("index", i), "message": message(c.get("text"), i == 0),
+                     "finish_reason": c.get("finish_reason")} for i, c in enumerate(choices)],
+        "usage": usage,
+    }
+
+
+def _openai_batch_line(rec: dict[str, Any], n: int, chat: bool = False) -> dict[str, Any]:
     """One line of an OpenAI Batch API output file."""
     ok = rec.get("status") == "ok"
     body = None
-    if ok:
+    if ok and chat:
+        body = _chat_completion_body(rec)
+    elif ok:
         body = {
             "id": rec.get("completion_id"),
             "object": "text_completion",
@@ -708,8 +814,11 @@ def finalize(
     row_group_size: int,
     *,
     keep_from: InputColumns | None = None,
+    chat: bool = False,
 ) -> int:
     """Write the journal's records to `output` atomically; returns the number of rows written.
+
+    `chat`: the job spoke chat, so an OpenAI Batch output's bodies are chat.completion objects.
 
     `keep`: the kept input columns (not the input's id column), by input name. They come from the journal
     (JSONL inputs: the values as given) or, with `keep_from`, from the Parquet input itself by row position.
@@ -717,6 +826,7 @@ def finalize(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     journal_keep = [] if keep_from is not None else keep
+    results = result_names(schema)
     rows = 0
     try:
         if fmt == "parquet":
@@ -761,7 +871,7 @@ def finalize(
                     out_lines: list[bytes] = []
                     if fmt == "openai_batch":
                         for rec in chunk:
-                            out_lines.append(_dumps(_openai_batch_line(rec, rows)))
+                            out_lines.append(_dumps(_openai_batch_line(rec, rows, chat)))
                             rows += 1
                         f.write(b"".join(out_lines))
                         continue
@@ -779,7 +889,7 @@ def finalize(
                         else:
                             k = rec.get("keep") or {}
                             out.update((kept_name(c, id_name), k.get(c)) for c in keep)
-                        out.update((name, rec.get(name)) for name in RESULT_COLUMNS)
+                        out.update((name, rec.get(name)) for name in results)
                         out_lines.append(_dumps_output(out))
                     rows += len(chunk)
                     f.write(b"".join(out_lines))

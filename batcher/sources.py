@@ -1,4 +1,4 @@
-"""Input rows from Parquet or JSONL, in bounded batches, each with a stable id.
+"""Input rows from Parquet, JSONL or CSV/TSV (`csv_input.py`), in bounded batches, each with a stable id.
 
 `Source.check()` is the pre-flight pass: it reads only what it must (the id column, or each JSONL line once) to
 count rows, refuse duplicate or null ids, and name missing or mistyped columns before any request is made.
@@ -28,9 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .csv_input import CsvFile, delimiter_for
 from .errors import InputError
+from .shapes.chat import MessagesTemplate, messages_from_value
 from .spec import InputSpec
-from .template import MissingVariable, Template
+from .templating import MissingVariable, Template, TemplateError
 
 __all__ = ["ReadStats", "Source", "SourceInfo", "SourceRow"]
 
@@ -39,7 +41,7 @@ __all__ = ["ReadStats", "Source", "SourceInfo", "SourceRow"]
 class SourceRow:
     index: int  # 0-based position among the file's rows
     id: Any
-    prompt: str | None
+    prompt: str | list[dict[str, Any]] | None  # a prompt string, or a chat job's rendered messages
     inputs: dict[str, Any] | None = None
     keep: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -112,7 +114,7 @@ _READ_SHARE = 4
 _READ_BUFFER = 1 << 20
 
 
-def _row_bytes(batch: pa.RecordBatch) -> list[int]:
+def _row_bytes(batch: pa.RecordBatch | pa.Table) -> list[int]:
     """Each row's bytes in `batch`: string and binary values by their length, fixed-width values by their width,
     anything else (nested values) by its column's average."""
     n = batch.num_rows
@@ -173,9 +175,12 @@ class Source:
         # A Parquet input's kept columns are not read here: the sink takes them from the file itself when it
         # writes the output (any Arrow type, untouched); a JSONL input's kept values travel in the journal.
         self._row_keep = [] if self.format == "parquet" else keep_columns
-        self.template = Template(spec.prompt) if spec.prompt is not None else None
+        self.template = Template(spec.prompt, "input.prompt") if spec.prompt is not None else None
+        self.messages = MessagesTemplate(spec.messages, "input.messages") if spec.messages is not None else None
+        self.chat = spec.is_chat
         self.id_name = spec.id_column or ("custom_id" if self.format == "openai_batch" else "id")
         self.stats = ReadStats()
+        self._csv_file: CsvFile | None = None
 
     # -- pre-flight ---------------------------------------------------------------------------------------
 
@@ -184,7 +189,9 @@ class Source:
         for c in (
             ([self.spec.id_column] if self.spec.id_column else [])
             + ([self.spec.prompt_column] if self.spec.prompt_column else [])
+            + ([self.spec.messages_column] if self.spec.messages_column else [])
             + (self.template.variables if self.template else [])
+            + (self.messages.variables if self.messages else [])
             + self.spec.inputs_columns
             + (self.keep_columns if keep else [])
         ):
@@ -204,6 +211,8 @@ class Source:
             raise InputError(f"cannot read input file {self.path}: {exc.strerror or exc}") from None
         if self.format == "parquet":
             return self._check_parquet()
+        if self.format in ("csv", "tsv"):
+            return self._check_csv()
         return self._check_jsonl()
 
     def _check_parquet(self) -> SourceInfo:
@@ -216,7 +225,7 @@ class Source:
         if missing:
             what = []
             for c in missing:
-                if self.template and c in self.template.variables:
+                if (self.template and c in self.template.variables) or (self.messages and c in self.messages.variables):
                     what.append(f"template variable {{{{{c}}}}}")
                 else:
                     what.append(repr(c))
@@ -227,6 +236,11 @@ class Source:
             t = schema.field(self.spec.prompt_column).type
             if not _is_string_type(t):
                 raise InputError(f"{self.path}: prompt_column {self.spec.prompt_column!r} is {t}, not a string column")
+        if self.spec.messages_column:
+            t = _decoded(schema.field(self.spec.messages_column).type)
+            if not (_is_string_type(t) or pa.types.is_list(t) or pa.types.is_large_list(t)):
+                raise InputError(f"{self.path}: messages_column {self.spec.messages_column!r} is {t}, not a list of "
+                                 "messages (a list of structs) or a string column of JSON lists")
         rows = pf.metadata.num_rows
         id_type: pa.DataType = pa.int64()
         if self.spec.id_column:
@@ -312,12 +326,83 @@ class Source:
                 types[c] = pa.string()  # nested or mixed values are kept as JSON text
         return SourceInfo(rows=rows, id_type=id_type, keep_types=types)
 
+    # -- CSV / TSV (every column read as text: csv_input.py says why) -------------------------------------
+
+    def _csv(self) -> CsvFile:
+        if self._csv_file is None:
+            self._csv_file = CsvFile(self.path, delimiter_for(self.format))
+        return self._csv_file
+
+    def _check_csv(self) -> SourceInfo:
+        csv_file = self._csv()
+        names = csv_file.header()
+        missing = [c for c in self._needed() if c not in names]
+        if missing:
+            what = [f"template variable {{{{{c}}}}}" if self.template and c in self.template.variables else repr(c)
+                    for c in missing]
+            raise InputError(f"{self.path}: no column {', '.join(what)}; the columns are {names}")
+        count_by = self.spec.id_column or (self._needed() or names)[0]
+        rows = 0
+        chunks: list[pa.Array] = []
+        try:
+            for _index, part in csv_file.segments([count_by]):
+                if isinstance(part, str):
+                    rows += 1
+                    continue
+                rows += part.num_rows
+                if self.spec.id_column:
+                    chunks.append(part.column(0))
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"cannot read {self.path} as {self.format.upper()}: {exc}") from None
+        id_type: pa.DataType = pa.int64()
+        if self.spec.id_column:
+            id_type = pa.string()
+            ids = pa.chunked_array(chunks, type=id_type)
+            empty = pc.sum(pc.equal(pc.utf8_length(ids), 0)).as_py() if len(ids) else 0
+            if empty:
+                raise InputError(f"{self.path}: {empty} row(s) have an empty id {self.spec.id_column!r}")
+            self._check_ids(ids)
+        return SourceInfo(rows=rows, id_type=id_type, keep_types={c: pa.string() for c in self.keep_columns})
+
+    def _csv_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
+        columns = self._needed()
+        out = _Batcher(self.spec.batch_size, self.spec.batch_bytes, self.stats)
+        for index, part in self._csv().segments(columns):
+            if isinstance(part, str):
+                full = out.add(SourceRow(index, None if self.spec.id_column else index, None, error=part))
+                if full is not None:
+                    yield full
+                continue
+            n = part.num_rows
+            sizes = _row_bytes(part)
+            self.stats.read(sum(sizes))
+            if self.spec.id_column:
+                id_arr = part.column(self.spec.id_column)
+            else:
+                id_arr = pa.array(range(index, index + n), type=pa.int64())
+            keep_mask: list[bool] | None = None
+            if done_ids is not None and len(done_ids):
+                keep_mask = pc.invert(pc.is_in(id_arr, value_set=done_ids)).to_pylist()
+            cols = {c: part.column(c).to_pylist() for c in columns}
+            ids = id_arr.to_pylist()
+            del part, id_arr
+            for i in range(n):
+                if keep_mask is None or keep_mask[i]:
+                    row = self._row(index + i, ids[i], {c: cols[c][i] for c in columns})
+                    row.nbytes = self._held(row, sizes[i])
+                    if (full := out.add(row)) is not None:
+                        yield full
+        if (last := out.flush()) is not None:
+            yield last
+
     def _lines(self) -> Iterator[tuple[int, Any, bool, int]]:
         """(line number, parsed object or a `_BadLine`, whether it may hold a lone surrogate, the line's bytes) per
         non-blank line."""
         search = _ESCAPED_SURROGATE.search
         with open(self.path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
+                if lineno == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a BOM (Windows editors): not part of the first line
                 if not raw.strip():
                     continue
                 try:
@@ -331,6 +416,8 @@ class Source:
         """Rows in file order, `batch_size` at a time, skipping ids in `done_ids` (a resumed run)."""
         if self.format == "parquet":
             yield from self._parquet_batches(done_ids)
+        elif self.format in ("csv", "tsv"):
+            yield from self._csv_batches(done_ids)
         else:
             yield from self._jsonl_batches(done_ids)
 
@@ -427,13 +514,28 @@ class Source:
         if not isinstance(body, dict):
             return SourceRow(index, row_id, None, error="OpenAI batch line has no body object")
         url = obj.get("url")
-        if url is not None and (not str(url).rstrip("/").endswith("/completions") or "chat/" in str(url)):
-            return SourceRow(index, row_id, None, error=f"OpenAI batch line url {url!r} is not /v1/completions")
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            return SourceRow(index, row_id, None, error="OpenAI batch body has no prompt string", body=body)
-        if len(prompt) > self.spec.max_prompt_chars:
-            return SourceRow(index, row_id, None, error=self._too_long(len(prompt)))
+        # One file, one endpoint: its first line's (spec.batch_file_is_chat). A line for the other endpoint is
+        # an error row, as is a line for neither.
+        want = "/v1/chat/completions" if self.chat else "/v1/completions"
+        if url is not None and (not str(url).rstrip("/").endswith("/completions")
+                                or ("/chat/" in str(url)) != self.chat):
+            return SourceRow(index, row_id, None, error=f"OpenAI batch line url {url!r} is not {want}, the "
+                                                        "endpoint of this file's first line")
+        prompt: str | list[dict[str, Any]]
+        if self.chat:
+            try:
+                prompt = messages_from_value(body.get("messages"))
+            except ValueError as exc:
+                return SourceRow(index, row_id, None, error=f"OpenAI batch body: {exc}".replace(
+                    "messages column", "messages"), body=body)
+            size = _text_size(prompt)
+        else:
+            raw = body.get("prompt")
+            if not isinstance(raw, str) or not raw:
+                return SourceRow(index, row_id, None, error="OpenAI batch body has no prompt string", body=body)
+            prompt, size = raw, len(raw)
+        if size > self.spec.max_prompt_chars:
+            return SourceRow(index, row_id, None, error=self._too_long(size))
         keep = {c: obj.get(c) for c in self.keep_columns}
         model = body.get("model") if isinstance(body.get("model"), str) else None
         return SourceRow(index, row_id, prompt, keep=keep, body=body, model=model)
@@ -455,6 +557,8 @@ class Source:
         return f"prompt is {n} characters, over input.max_prompt_chars ({self.spec.max_prompt_chars})"
 
     def _row(self, index: int, row_id: Any, record: dict[str, Any]) -> SourceRow:
+        if self.chat:
+            return self._chat_row(index, row_id, record)
         keep = {c: record.get(c) for c in self._row_keep}
         try:
             if self.template is not None:
@@ -470,12 +574,62 @@ class Source:
         except MissingVariable as exc:
             what = f"prompt column {exc.name!r} {exc.why}" if self.template is None else str(exc)
             return SourceRow(index, row_id, None, keep=keep, error=what)
+        except TemplateError as exc:
+            return SourceRow(index, row_id, None, keep=keep, error=f"{exc} (row {row_id!r})")
         if not prompt.strip():
             return SourceRow(index, row_id, None, keep=keep, error="prompt is empty")
         if len(prompt) > self.spec.max_prompt_chars:
             return SourceRow(index, row_id, None, keep=keep, error=self._too_long(len(prompt)))
         inputs = {c: record.get(c) for c in self.spec.inputs_columns} if self.spec.inputs_columns else None
         return SourceRow(index, row_id, prompt, inputs=inputs, keep=keep)
+
+
+    def _chat_row(self, index: int, row_id: Any, record: dict[str, Any]) -> SourceRow:
+        """A chat job's row: its messages rendered from `input.messages`, or read from `messages_column`."""
+        keep = {c: record.get(c) for c in self._row_keep}
+        try:
+            if self.messages is not None:
+                messages = self.messages.render(record)
+            else:
+                assert self.spec.messages_column is not None
+                value = record.get(self.spec.messages_column)
+                if value is None:
+                    raise MissingVariable(self.spec.messages_column, "is null in this row")
+                messages = messages_from_value(value)
+        except MissingVariable as exc:
+            what = str(exc) if self.messages is not None else f"messages column {exc.name!r} {exc.why}"
+            return SourceRow(index, row_id, None, keep=keep, error=what)
+        except TemplateError as exc:  # also: an image part naming a file that cannot be read
+            return SourceRow(index, row_id, None, keep=keep, error=f"{exc} (row {row_id!r})")
+        except ValueError as exc:
+            return SourceRow(index, row_id, None, keep=keep, error=str(exc))
+        size = _text_size(messages)
+        if size == 0 and not _has_media(messages):
+            return SourceRow(index, row_id, None, keep=keep, error="the messages have no text")
+        if size > self.spec.max_prompt_chars:
+            return SourceRow(index, row_id, None, keep=keep, error=self._too_long(size))
+        inputs = {c: record.get(c) for c in self.spec.inputs_columns} if self.spec.inputs_columns else None
+        return SourceRow(index, row_id, messages, inputs=inputs, keep=keep)
+
+
+def _text_size(messages: list[dict[str, Any]]) -> int:
+    """Characters of text the messages send (what max_prompt_chars bounds, as it bounds a prompt)."""
+    size = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            size += len(content.strip()) and len(content)
+        elif isinstance(content, list):
+            for part in content:
+                text = part.get("text") if isinstance(part, dict) else None
+                if isinstance(text, str) and text.strip():
+                    size += len(text)
+    return size
+
+
+def _has_media(messages: list[dict[str, Any]]) -> bool:
+    return any(isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") != "text"
+                                                          for p in m["content"]) for m in messages)
 
 
 @dataclass(frozen=True, slots=True)

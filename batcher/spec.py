@@ -12,14 +12,16 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -28,14 +30,20 @@ from pydantic import (
 from .errors import SpecError
 from .paths import expand_path
 
+if TYPE_CHECKING:
+    from .shapes.chat_spec import ChatRequestSpec
+
 __all__ = [
     "DEFAULT_FALLBACK_ON_CODES",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_RETRY_ON_CODES",
     "RESULT_COLUMN_NAMES",
     "JobSpec",
+    "MaxErrors",
+    "batch_file_is_chat",
     "kept_column_name",
     "load_spec",
+    "parse_max_errors",
     "parse_spec",
 ]
 
@@ -56,12 +64,19 @@ def kept_column_name(column: str, id_name: str) -> str:
     return f"input_{column}" if column in RESULT_COLUMN_NAMES or column == id_name else column
 
 
+# Integer fields whose contract sets no upper bound get one that every server and Parquet column can hold (a
+# `max_tokens: 999999999999999999999` would overflow the budget's int64 arithmetic and the server's int32).
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 StatusCode = Annotated[int, Field(ge=100, le=599)]
 FallbackCode = Annotated[int, Field(ge=400, le=599)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # strict: the official spec's types, not Python's coercions (`n: true`, `temperature: "0.5"`, `max_tokens: 3.0`
+    # and `echo: 1` are errors naming the field and the type); an int is still a valid float (`temperature: 1`).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # --- routing (top level, or inside `orq` in the older form) -------------------------------------------------
@@ -216,7 +231,7 @@ class ThinkingDisabled(_Model):
 
 class ThinkingEnabled(_Model):
     type: Literal["enabled"]
-    budget_tokens: int = Field(ge=1024)
+    budget_tokens: int = Field(ge=1024, le=INT32_MAX)
     thinking_level: Literal["minimal", "low", "medium", "high"] | None = None
 
 
@@ -262,9 +277,9 @@ class RequestSpec(_Model):
     model: str | None = Field(None, min_length=1)
     echo: bool | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
@@ -281,6 +296,21 @@ class RequestSpec(_Model):
     thinking: Thinking | None = None
     plugins: list[PiiRedactionPlugin] | None = None
     orq: Orq | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_chat(cls, data: Any) -> Any:
+        # A chat-only field in a prompt job: say which endpoint has it rather than "unknown key".
+        if isinstance(data, dict):
+            from .shapes.chat_spec import ChatRequestSpec
+
+            for key in data:
+                if key not in cls.model_fields and key in ChatRequestSpec.model_fields:
+                    raise ValueError(
+                        f"@{key}: is a field of the chat completions endpoint; a job sends chat requests when its "
+                        "input has messages (input.messages or input.messages_column) instead of a prompt"
+                    )
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -321,7 +351,10 @@ def format_of(path: Path, section: str) -> str:
         return "parquet"
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
-    raise ValueError(f"cannot tell the format of {str(path)!r}: use .parquet or .jsonl, or set {section}.format")
+    if section == "input" and suffix in (".csv", ".tsv"):
+        return suffix[1:]
+    kinds = ".parquet, .jsonl, .csv or .tsv" if section == "input" else ".parquet or .jsonl"
+    raise ValueError(f"cannot tell the format of {str(path)!r}: use {kinds}, or set {section}.format")
 
 
 def _expand(v: Any) -> Any:
@@ -329,30 +362,76 @@ def _expand(v: Any) -> Any:
     return expand_path(v) if isinstance(v, str | Path) else v
 
 
+def batch_file_is_chat(path: Path) -> bool:
+    """Whether an OpenAI batch file holds chat requests, from its first non-blank line: a `url` ending in
+    /chat/completions, or (no url) a body with `messages`. A file that cannot be read or parsed is taken as
+    completions: reading it properly is the source's job, which names the problem."""
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    line = json.loads(raw)
+                    break
+            else:
+                return False
+    except (OSError, ValueError):
+        return False
+    if not isinstance(line, dict):
+        return False
+    url = line.get("url")
+    if isinstance(url, str):
+        return url.rstrip("/").endswith("/chat/completions")
+    body = line.get("body")
+    return isinstance(body, dict) and "messages" in body
+
+
 class InputSpec(_Model):
     path: Path
-    format: Literal["parquet", "jsonl", "openai_batch"] | None = None
+    format: Literal["parquet", "jsonl", "openai_batch", "csv", "tsv"] | None = None
     id_column: str | None = None
     prompt: str | None = None
     prompt_column: str | None = None
+    # Chat: a list of {role, content} whose strings are templates, or a column holding each row's messages.
+    messages: list[dict[str, Any]] | None = Field(None, min_length=1)
+    messages_column: str | None = Field(None, min_length=1)
     inputs_columns: list[str] = Field(default_factory=list)
     batch_size: int = Field(1_000, ge=1, le=1_000_000)
     # The byte budget of a batch, whatever batch_size says: long rows make smaller batches (sources.py).
     batch_bytes: int = Field(4 * 2**20, ge=2**16, le=2**31)
-    max_prompt_chars: int = Field(1_000_000, ge=1)
+    max_prompt_chars: int = Field(1_000_000, ge=1, le=INT32_MAX)
 
     _path = field_validator("path", mode="before")(_expand)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> InputSpec:
         fmt = self.resolved_format
+        given = [k for k in ("prompt", "prompt_column", "messages", "messages_column") if getattr(self, k) is not None]
         if fmt == "openai_batch":
-            if self.prompt is not None or self.prompt_column is not None:
-                raise ValueError("an openai_batch input carries its prompts in each line's body: drop prompt/prompt_column")
+            if given:
+                raise ValueError(f"an openai_batch input carries its prompts in each line's body: drop {given[0]}")
             return self
-        if (self.prompt is None) == (self.prompt_column is None):
-            raise ValueError("give exactly one of prompt (a {{column}} template) or prompt_column")
+        if len(given) != 1:
+            raise ValueError("give exactly one of prompt (a {{column}} template), prompt_column, messages (a list "
+                             "of {role, content} templates) or messages_column" +
+                             (f"; got {' and '.join(given)}" if given else ""))
+        # Templates are compiled here, so a syntax error fails `validate`, naming the template.
+        from .templating import Template
+
+        if self.prompt is not None:
+            Template(self.prompt, "input.prompt")
+        if self.messages is not None:
+            from .shapes.chat import MessagesTemplate
+
+            MessagesTemplate(self.messages, "input.messages")
         return self
+
+    @property
+    def is_chat(self) -> bool:
+        """Whether the rows are messages (the chat shape): `messages`, `messages_column`, or an OpenAI batch
+        file whose first line is a /v1/chat/completions request."""
+        if self.messages is not None or self.messages_column is not None:
+            return True
+        return self.resolved_format == "openai_batch" and batch_file_is_chat(self.path)
 
     @property
     def resolved_format(self) -> str:
@@ -423,7 +502,7 @@ class LocalGateway(_Model):
     latency_ms: float = Field(20, ge=0, le=600_000)
     jitter_ms: float = Field(0, ge=0, le=600_000)
     faults: list[Annotated[dict[str, Any], AfterValidator(_check_fault)]] = Field(default_factory=list)
-    seed: int = 0
+    seed: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
 
 
 class EndpointSpec(_Model):
@@ -455,6 +534,43 @@ class EndpointSpec(_Model):
         return v
 
 
+@dataclasses.dataclass(frozen=True)
+class MaxErrors:
+    """How many error rows a finished run may have and still succeed (exit 0): a count, or a percentage of the
+    run's rows. Over it, the run exits 9 (`runner.ERRORS_EXIT_CODE`)."""
+
+    count: int | None = 0
+    percent: float | None = None
+
+    def allows(self, errors: int, rows: int) -> bool:
+        if self.percent is not None:
+            return errors * 100 <= self.percent * rows
+        return errors <= (self.count or 0)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
+
+
+def parse_max_errors(value: int | str) -> MaxErrors:
+    """`10` or `"10"`: at most 10 error rows; `"2.5%"`: at most 2.5% of the rows. ValueError otherwise."""
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            percent = float(text[:-1])
+            if not 0 <= percent <= 100:  # NaN fails both
+                raise ValueError
+            return MaxErrors(count=None, percent=percent)
+        if isinstance(value, bool):
+            raise ValueError
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return MaxErrors(count=count)
+    except ValueError:
+        raise ValueError(f"must be a count of error rows (10) or a percentage of the rows (2.5%), 0-100%; "
+                         f"got {value!r}") from None
+
+
 class Limits(_Model):
     concurrency: int = Field(32, ge=1, le=4096)
     requests_per_minute: float | None = Field(None, gt=0)
@@ -463,6 +579,18 @@ class Limits(_Model):
     # total time one row may be paused by 429s before the 429 becomes its error (or a fallback)
     max_rate_limit_wait_s: float = Field(300, ge=0, le=86_400)
     grace_seconds: float = Field(30, ge=0, le=3600)
+    # error rows a finished run may have and still exit 0: a count (10) or a share of the rows ("2.5%")
+    max_errors: int | str = 0
+
+    @field_validator("max_errors")
+    @classmethod
+    def _max_errors(cls, v: int | str) -> int | str:
+        parse_max_errors(v)
+        return v
+
+    @property
+    def error_allowance(self) -> MaxErrors:
+        return parse_max_errors(self.max_errors)
 
 
 class Price(_Model):
@@ -471,24 +599,79 @@ class Price(_Model):
     cached_prompt: float | None = Field(None, ge=0, allow_inf_nan=False, description="USD per million cached prompt tokens")
 
 
+class _ChatRequest(dict[str, Any]):
+    """A request block marked by `JobSpec._shape` as a chat job's (its input has messages)."""
+
+
+def _request_shape(value: Any) -> str:
+    if isinstance(value, _ChatRequest | ChatRequestSpec):  # ChatRequestSpec: imported at the end of the module
+        return "chat"
+    return "completions"
+
+
+def _input_is_chat(raw: Any) -> bool:
+    """From the raw `input:` section, before validation: whether the job speaks chat."""
+    if not isinstance(raw, dict):
+        return False
+    if raw.get("messages") is not None or raw.get("messages_column") is not None:
+        return True
+    if raw.get("format") == "openai_batch" and isinstance(raw.get("path"), str | Path):
+        return batch_file_is_chat(Path(expand_path(raw["path"])))
+    return False
+
+
 class JobSpec(_Model):
     name: str | None = None
     input: InputSpec
     output: OutputSpec
     endpoint: EndpointSpec = Field(default_factory=lambda: EndpointSpec())
-    request: RequestSpec
+    # The chat shape's request fields when the input has messages (`_shape` decides), else the legacy ones.
+    request: Annotated[
+        Annotated[RequestSpec, Tag("completions")] | Annotated[ChatRequestSpec, Tag("chat")],
+        Discriminator(_request_shape),
+    ]
     limits: Limits = Field(default_factory=lambda: Limits())
     cache_dir: Path | None = None
     prices: dict[str, Price] | None = None
 
     _cache_dir = field_validator("cache_dir", mode="before")(_expand)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, data: Any) -> Any:
+        # The request block's fields depend on the input: messages make a chat job. Chosen here, once, so the
+        # request is validated against the one endpoint it will be sent to.
+        if isinstance(data, dict) and isinstance(data.get("request"), dict) and _input_is_chat(data.get("input")):
+            data = {**data, "request": _ChatRequest(data["request"])}
+        return data
+
+    @property
+    def is_chat(self) -> bool:
+        return _request_shape(self.request) == "chat"
+
     @model_validator(mode="after")
     def _cross(self) -> JobSpec:
         batch_input = self.input.format == "openai_batch"
         if self.request.model is None and self.request.routing("load_balancer") is None and not batch_input:
             raise ValueError("request.model is required (or a load_balancer to draw it from)")
-        if self.endpoint.api == "openai":
+        if self.is_chat:
+            from .shapes.chat_spec import check_api
+
+            try:
+                check_api(self.request, self.endpoint.api)  # type: ignore[arg-type]
+            except ValueError as exc:
+                field, _, rest = str(exc).partition(" ")  # "request.x is orq-only...": shown under its field
+                raise ValueError(f"{field}: {rest}") from None
+            rf = self.request.response_format  # type: ignore[union-attr]
+            schema = getattr(getattr(rf, "json_schema", None), "schema_", None)
+            if schema is not None:
+                from .structured import StructuredOutput, load_schema
+
+                try:  # a schema file that is missing or not a JSON schema fails `validate`, not the run
+                    StructuredOutput(load_schema(schema))
+                except ValueError as exc:
+                    raise ValueError(f"request.response_format.json_schema.schema: {exc}") from None
+        elif self.endpoint.api == "openai":
             orq_only = [f for f in ("name", "thinking", "plugins") if getattr(self.request, f) is not None]
             if self.request.orq is not None:
                 orq_only += [
@@ -512,11 +695,24 @@ class JobSpec(_Model):
         """Two kept columns written under one output name would crash the Parquet write after every call was
         paid (or overwrite each other in JSONL): refuse them here, before any call."""
         id_source, id_name = self.input.id_source, self.input.id_name
+        if id_name in RESULT_COLUMN_NAMES:
+            # The id is written under its own name (resume matches it, openai_batch output carries it as
+            # custom_id): renaming it would break both, so the clash is refused rather than every call paid for
+            # an output that cannot be written.
+            raise ValueError(
+                f"input.id_column: {id_name!r} is the name of one of batcher's output columns "
+                f"({', '.join(sorted(RESULT_COLUMN_NAMES))}); rename that column in the input"
+            )
         by_name: dict[str, str] = {}
         for column in self.output.keep_columns:
             if column == id_source:
                 continue  # it is the output's id column already
             name = kept_column_name(column, id_name)
+            if name == id_name:
+                raise ValueError(
+                    f"output.keep_columns: {column!r} would be written as the output column {name!r}, which is "
+                    "the id column (input.id_column); keep it under another name or choose another id_column"
+                )
             if name in by_name:
                 other = by_name[name]
                 raise ValueError(
@@ -538,6 +734,8 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif out == "request" and part in ("chat", "completions"):
+            continue  # the request's shape, a tag of the union: not a key the user wrote
         elif part.startswith(("function-", "tagged-union")) or part in (
             "list[InputItem]",
             "dict[str,any]",
@@ -585,6 +783,37 @@ def parse_spec(data: Any, source: str = "<spec>") -> JobSpec:
         raise SpecError(_format_errors(source, exc)) from None
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, minus two surprises: a key written twice is an error (PyYAML keeps the last one
+    silently), and `1e-3` is a number as in YAML 1.2 and JSON (PyYAML 1.1 reads it as a string, which the strict
+    spec types would then refuse)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: keys written here override the merged ones, as YAML means
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: construct_mapping names it below
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice (lines {first} and {line}); write it once",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_spec(path: str | Path) -> JobSpec:
     """Read and validate a YAML (or JSON) job spec file."""
     path = Path(path)
@@ -593,10 +822,17 @@ def load_spec(path: str | Path) -> JobSpec:
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the job spec: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise SpecError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {exc}") from None
     spec = parse_spec(data, str(path))
     if spec.name is None:
         spec = spec.model_copy(update={"name": path.stem})
     return spec
+
+
+# The chat request model imports this module's routing models, so it is imported once they exist, and the job
+# spec, which refers to it, is completed then.
+from .shapes.chat_spec import ChatRequestSpec  # noqa: E402
+
+JobSpec.model_rebuild()

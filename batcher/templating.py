@@ -9,7 +9,7 @@ that is not a column is an error) and never HTML-escaped.
     t.variables            # ['examples', 'text']: the columns the template reads
     t.render({"text": "great", "examples": [{"q": "bad", "a": "negative"}]})
 
-One difference from template.py: Jinja turns a `\r` or `\r\n` in a template's own text into `\n` (values are
+One difference from the `{{var}}` templates batcher had before: Jinja turns a `\r` or `\r\n` in a template's own text into `\n` (values are
 untouched). A template that is plain text with `{{name}}` holes skips Jinja: it renders by joining literals, about ten
 times faster (benchmarks/templates.py), with the same output and the same errors.
 """
@@ -28,8 +28,6 @@ import jinja2.nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from . import template as _legacy
-
 __all__ = ["MissingVariable", "Template", "TemplateError", "to_text"]
 
 # Plain `{{ name }}` holes and no other Jinja syntax: the fast path. A dash is part of a name here, as it was for
@@ -39,9 +37,16 @@ _HOLE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_-]*)\s*\}\}")
 _JINJA_SYNTAX = re.compile(r"\{\{|\{%|\{#")
 
 
-class MissingVariable(_legacy.MissingVariable):
-    """A column the template reads is missing from the row, or null. A subclass of template.py's, so code
-    that catches that one catches this one."""
+class MissingVariable(KeyError):
+    """A column the template reads is missing from the row, or null in it."""
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(name)
+        self.name = name
+        self.why = why
+
+    def __str__(self) -> str:
+        return f"template variable {{{{{self.name}}}}} {self.why}"
 
 
 class TemplateError(ValueError):
@@ -60,7 +65,7 @@ def _iso(value: Any) -> Any:
 
 def to_text(value: Any) -> str:
     """A row value as prompt text: strings as they are, anything else as JSON; dates and times in ISO 8601
-    (quoted inside lists and objects). The same rule as template.py on main (issue 13): phase 2 keeps one copy."""
+    (quoted inside lists and objects)."""
     if isinstance(value, str):
         return value
     if type(value) is int:

@@ -195,3 +195,13 @@ def test_a_dotted_column_name_still_sizes_the_reads(tmp_path: Path) -> None:
                                          batch_bytes=BUDGET))
     assert sum(len(b) for b in batches) == 60
     assert source.stats.max_read_bytes <= BUDGET and source.stats.max_batch_bytes <= BUDGET
+
+
+def test_csv_batches_respect_the_byte_budget(tmp_path: Path) -> None:
+    path = tmp_path / "docs.csv"
+    path.write_text("id,text\n" + "".join(f"{i},{_text(i, 9_000)}\n" for i in range(60)))
+    source, batches = _batches(InputSpec(path=path, id_column="id", prompt="Summarise: {{text}}",
+                                         batch_bytes=BUDGET))
+    assert source.stats.max_batch_bytes <= BUDGET
+    assert [str(r.id) for b in batches for r in b] == [str(i) for i in range(60)]
+    assert all(_within_budget(b, BUDGET) for b in batches) and len(batches) >= 60 * 18_000 // BUDGET

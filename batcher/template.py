@@ -1,30 +1,21 @@
 """`{{column}}` prompt templates, compiled once and rendered per row.
 
-A value that is not a string is written as JSON, as a model reads it best and the user most likely meant:
-`true`, `{"a": 0}`, `[1, 2]`, `0.5`; dates and times in ISO 8601 (quoted inside lists and objects).
+A value that is not a string is rendered by `templating.to_text` (the one copy of that rule): the JSONL output's
+mapping with a top-level string unquoted (`true`, `{"a": 0}`, `[1, 2]`, `0.5`, `2024-02-29`, `PT1.5S`,
+`1234.500`, base64 for bytes); a null, NaN or infinite value raises `MissingVariable` naming the column.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import re
 from collections.abc import Mapping
 from typing import Any
 
+from .templating import MissingVariable, NotRenderable, to_text
+
 __all__ = ["MissingVariable", "Template"]
 
 _VAR = re.compile(r"\{\{\s*([^{}\s]+)\s*\}\}")
-
-
-class MissingVariable(KeyError):
-    def __init__(self, name: str, why: str) -> None:
-        super().__init__(name)
-        self.name = name
-        self.why = why
-
-    def __str__(self) -> str:
-        return f"template variable {{{{{self.name}}}}} {self.why}"
 
 
 class Template:
@@ -49,20 +40,12 @@ class Template:
             value = row[name]
             if value is None:
                 raise MissingVariable(name, "is null in this row")
-            out.append(value if isinstance(value, str) else _text(value))
+            if isinstance(value, str):
+                out.append(value)
+            else:
+                try:
+                    out.append(to_text(value))
+                except NotRenderable as exc:
+                    raise MissingVariable(name, str(exc)) from None
             out.append(literal)
         return "".join(out)
-
-
-def _iso(value: Any) -> Any:
-    if isinstance(value, dt.date | dt.time):
-        return value.isoformat()
-    return str(value)  # Decimal, timedelta, bytes...: their own text
-
-
-def _text(value: Any) -> str:
-    if type(value) is int:
-        return str(value)
-    if isinstance(value, dt.date | dt.time):
-        return value.isoformat()
-    return json.dumps(value, ensure_ascii=False, default=_iso)

@@ -36,6 +36,7 @@ from .prices import Price, PriceTable
 from .progress import Progress
 from .routing import Backoff, RoutePlan, plan_for
 from .sinks import (
+    DROPPED,
     InputColumns,
     JobLock,
     Journal,
@@ -45,6 +46,7 @@ from .sinks import (
     fingerprint,
     input_identity,
     output_schema,
+    remap_journal,
     state_dir_for,
     written_by_batcher,
 )
@@ -81,6 +83,7 @@ class RunResult:
     errors: int = 0
     cached: int = 0
     skipped: int = 0  # already done by an earlier run
+    dropped: int = 0  # answers of earlier runs for ids no longer in the (edited) input
     attempts: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -114,7 +117,9 @@ class RunResult:
         cost = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
         if self.unpriced:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
-        return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {self.output}"
+        dropped = f"; {self.dropped} answers for ids no longer in the input were dropped" if self.dropped else ""
+        return (f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> "
+                f"{self.output}{dropped}")
 
 
 # What the writer receives: a worker's row (None when the row was not sent: budget, fatal stop, signal), or a
@@ -471,8 +476,10 @@ class _Job:
                 "changed). Rerun with --fresh to start over, or restore the old spec to finish it"
             )
         positional = spec.input.id_column is None and self.source.format != "openai_batch"
-        identity = input_identity(spec.input.path) if positional else None
-        if state is not None and state.input != identity:
+        # Recorded for every job: with ids, a changed input has its answers renumbered to the rows' new places.
+        identity = input_identity(spec.input.path)
+        changed = state is not None and state.input != identity
+        if changed and positional:
             raise ResumeError(
                 f"the input {spec.input.path} changed since the run in {state_dir} (size, modification time or "
                 "content), and its rows are known by position (no input.id_column): resuming would put answers "
@@ -480,12 +487,20 @@ class _Job:
                 "rows may be edited or appended between runs)"
             )
         if state is not None:
-            if state.status == "finished" and state.rows == info.rows and self.output.exists() and opts.limit is None:
+            if (state.status == "finished" and state.rows == info.rows and self.output.exists()
+                    and opts.limit is None and not changed):
                 self.result.status = "nothing_to_do"
                 self.result.skipped = info.rows
                 raise _NothingToDo()
             ids = compact_journal(state_dir)
-            self.result.skipped = len(ids)
+            if changed and ids:
+                # Rows moved, came or went since the journal was written: its positions follow the ids to the
+                # rows' current places (rows are in input order), and answers for ids now gone are dropped.
+                self.result.dropped = remap_journal(state_dir, self.source.ids(info.id_type))
+            if changed:
+                state.input = identity
+                state.save()
+            self.result.skipped = len(ids) - self.result.dropped
             if ids:
                 self.done_ids = pa.array(ids, type=info.id_type)
             self._budget_so_far(state_dir)
@@ -499,7 +514,8 @@ class _Job:
         cap = self.budget.cap
         if cap is None:
             return
-        before = recorded_spend(state_dir / "journal.jsonl")
+        # answers dropped for ids no longer in the input were paid for too
+        before = recorded_spend(state_dir / "journal.jsonl") + recorded_spend(state_dir / DROPPED)
         self.budget.spent_before = self.budget.spent = before
         stopped_at = BudgetStop(state_dir).stopped_at()
         if before >= cap or (stopped_at is not None and cap <= stopped_at):
@@ -542,7 +558,7 @@ class _BudgetReached(Exception):
 
 
 def _remove_state(directory: Path) -> None:
-    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", BudgetStop.NAME):
+    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", "journal.remap.tmp", DROPPED, BudgetStop.NAME):
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
 

@@ -40,6 +40,7 @@ from .errors import JobLockedError, OutputError
 from .spec import kept_column_name
 
 __all__ = [
+    "DROPPED",
     "OUTPUT_MARKER",
     "RESULT_COLUMNS",
     "InputColumns",
@@ -50,6 +51,7 @@ __all__ = [
     "input_identity",
     "json_values",
     "output_schema",
+    "remap_journal",
     "state_dir_for",
     "written_by_batcher",
 ]
@@ -373,6 +375,59 @@ def compact_journal(directory: Path) -> list[Any]:
         raise
     _fsync_dir(directory)
     return ids
+
+
+DROPPED = "dropped.jsonl"
+
+
+def remap_journal(directory: Path, ids: pa.Array) -> int:
+    """Renumber a compacted journal's positions (`_i`) to the rows' current places in an edited input, found by
+    id (`ids`: the input's ids in file order), so the output follows the input's order as it is now. Answers
+    whose id is no longer in the input are moved to `dropped.jsonl` beside it (their spend still counts against
+    the job's budget) and not written to the output; returns how many. Done on resume, only when the input
+    changed since the journal was written (`input_identity`), a chunk at a time."""
+    path = directory / "journal.jsonl"
+    if not path.exists():
+        return 0
+    tmp = path.with_name("journal.remap.tmp")
+    dropped = 0
+    try:
+        with open(tmp, "wb") as out, open(directory / DROPPED, "ab") as gone:
+            chunk: list[dict[str, Any]] = []
+
+            def flush() -> int:
+                if not chunk:
+                    return 0
+                places = pc.index_in(pa.array([r.get("id") for r in chunk], type=ids.type), value_set=ids).to_pylist()
+                kept, lost = [], []
+                for rec, place in zip(chunk, places, strict=True):
+                    if place is None:
+                        lost.append(_dumps(rec))
+                    else:
+                        rec.pop("_i", None)
+                        kept.append(_dumps({"_i": place, **rec}))  # `_i` first: `ordered_lines` reads it there
+                out.write(b"".join(kept))
+                gone.write(b"".join(lost))
+                chunk.clear()
+                return len(lost)
+
+            for rec in read_journal(path):
+                chunk.append(rec)
+                if len(chunk) >= 10_000:
+                    dropped += flush()
+            dropped += flush()
+            for f in (out, gone):
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot renumber the journal {path}: {exc.strerror or exc}") from None
+        raise
+    _fsync_dir(directory)
+    return dropped
 
 
 def _compact(path: Path, tmp: Path, done: set[Any], ids: list[Any]) -> None:

@@ -22,8 +22,8 @@ import datetime as dt
 import json
 import math
 import re
-from decimal import Decimal
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any, NoReturn
 
 import jinja2

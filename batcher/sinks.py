@@ -135,7 +135,7 @@ class RunState:
     fingerprint: str
     status: str = "running"
     rows: int = 0
-    input: dict[str, Any] | None = None  # `input_identity` of the input, for jobs whose rows are positions
+    input: dict[str, Any] | None = None  # `input_identity` of the input when the journal was last in step with it
 
     @property
     def file(self) -> Path:
@@ -165,8 +165,9 @@ _ENDS = 1 << 20
 
 def input_identity(path: Path) -> dict[str, Any]:
     """What names an input file's content, cheaply: its size, modification time and a hash of its first and
-    last MiB. Used only when rows are identified by position (no `id_column`): there an edited input would
-    shift answers onto the wrong rows. With ids, the ids name the rows and the file may change freely."""
+    last MiB. Without `id_column` rows are positions, so a rerun on a changed input is refused (answers would
+    land on the wrong rows); with ids the file may change freely, and a change makes the rerun renumber the
+    journal by id (`remap_journal`) so the output follows the input's current order."""
     st = path.stat()
     h = hashlib.sha256()
     with open(path, "rb") as f:

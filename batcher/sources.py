@@ -3,8 +3,10 @@
 `Source.check()` is the pre-flight pass: it reads only what it must (the id column, or each JSONL line once) to
 count rows, refuse duplicate or null ids, and name missing or mistyped columns before any request is made.
 `Source.batches()` then yields lists of `SourceRow`; a row that cannot become a request (a malformed JSONL line,
-a template variable missing in that row, an empty or oversized prompt) carries an `error` instead of a prompt,
-so it becomes an error row and the run goes on.
+a template variable missing, null or NaN in that row, an empty or oversized prompt, a value that cannot be read)
+carries an `error` instead of a prompt, starting with `line N:` (JSONL) or `row N:` (Parquet, 0-based), so it
+becomes an error row and the run goes on. Values reach templates and `orq.inputs` by the JSONL output's mapping
+(`_column_values`, `templating.json_safe`), so a request body is always strict JSON.
 
 Memory stays bounded by the batch size: pyarrow reads with `pre_buffer=False` (the default pre-buffering holds
 the whole file) and JSONL is read line by line.
@@ -93,6 +95,8 @@ def _column_values(arr: pa.Array | pa.ChunkedArray) -> tuple[list[Any], dict[int
     digits, bytes as base64, maps as pairs. A value that still cannot be read makes its row an error row (the
     dict: position -> why), never a crashed run."""
     arr = _plain(arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr)
+    if pa.types.is_float16(arr.type):
+        arr = arr.cast(pa.float64())  # exact; its Python values would be NumPy's, not floats
     convert = (lambda a: a.to_pylist()) if _plain_python(arr.type) else json_values
     try:
         return convert(arr), {}

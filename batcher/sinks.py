@@ -399,7 +399,7 @@ def remap_journal(directory: Path, ids: pa.Array) -> int:
             def flush() -> int:
                 if not chunk:
                     return 0
-                places = pc.index_in(pa.array([r.get("id") for r in chunk], type=ids.type), value_set=ids).to_pylist()
+                places = _places([r.get("id") for r in chunk], ids)
                 kept, lost = [], []
                 for rec, place in zip(chunk, places, strict=True):
                     if place is None:
@@ -429,6 +429,22 @@ def remap_journal(directory: Path, ids: pa.Array) -> int:
         raise
     _fsync_dir(directory)
     return dropped
+
+
+def _places(journal_ids: list[Any], ids: pa.Array) -> list[int | None]:
+    """Where each journaled id is in `ids` now (None: gone). An id of another type than the input's now (its ids
+    went from strings to integers, say) is in it nowhere."""
+    try:
+        return pc.index_in(pa.array(journal_ids, type=ids.type), value_set=ids).to_pylist()  # type: ignore[no-any-return]
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return [p for v in journal_ids for p in _places_one(v, ids)]
+
+
+def _places_one(value: Any, ids: pa.Array) -> list[int | None]:
+    try:
+        return pc.index_in(pa.array([value], type=ids.type), value_set=ids).to_pylist()  # type: ignore[no-any-return]
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return [None]
 
 
 def _compact(path: Path, tmp: Path, done: set[Any], ids: list[Any]) -> None:

@@ -59,10 +59,10 @@ class Budget:
 
 
 def completion_bound(body: dict[str, Any]) -> int:
-    """Completion tokens one call may bill at most: every choice's `max_tokens`, and the thinking budget (some
-    providers bill reasoning on top)."""
+    """Completion tokens one call may bill at most: every choice's `max_completion_tokens` (chat) or
+    `max_tokens`, and the thinking budget (some providers bill reasoning on top)."""
     n = body.get("n") or 1
-    bound = (body.get("max_tokens") or 0) * n
+    bound = (body.get("max_completion_tokens") or body.get("max_tokens") or 0) * n
     thinking = body.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "enabled":
         budget = thinking.get("budget_tokens")

@@ -2,7 +2,11 @@
 call, and retry/fallback as `routing.decide` says, until the row has its record.
 
 It knows a body, a client and the records it writes, not the wire shape: a client is anything with
-`complete(body, stream=..., deadline_s=...)` that returns an answer with `to_record()` or raises `AttemptFailed`.
+`complete(body, stream=..., deadline_s=...)` that returns an answer or raises `AttemptFailed`, and the job's
+shape turns the answer into the row's fields (`shape.record`). An answer that breaks the job's json_schema
+(`SchemaViolation`) is a failure of kind "schema", asked again once as a contract failure is; a refusal where a
+schema needs an answer (`Refused`) is an error row of kind "refusal" at once. Either answer was paid for: its
+cost is on the row and in the budget.
 
 Stopping: after `stop()` (the first Ctrl-C) no request leaves, neither a row's first attempt nor a retry
 waiting out its backoff; such a row returns None (not answered: a rerun asks it). A refused key (401/403)
@@ -25,7 +29,8 @@ from .client import AttemptFailed
 from .errors import FatalRequestError
 from .limits import Cooldown, RateLimits
 from .prices import PriceTable
-from .routing import Backoff, RoutePlan, decide
+from .routing import Backoff, Failure, RoutePlan, decide
+from .shapes import Refused, SchemaViolation
 from .sources import SourceRow
 
 __all__ = ["Answer", "Caller", "Client", "Records", "Work"]
@@ -33,6 +38,18 @@ __all__ = ["Answer", "Caller", "Client", "Records", "Work"]
 
 class Answer(Protocol):
     def to_record(self) -> dict[str, Any]: ...
+
+
+class Recorder(Protocol):
+    """What the attempt loop needs of a shape: an answer's output fields, or SchemaViolation / Refused."""
+
+    def record(self, answer: Any) -> dict[str, Any]: ...
+
+
+class _PlainRecorder:
+    def record(self, answer: Any) -> dict[str, Any]:
+        rec: dict[str, Any] = answer.to_record()
+        return rec
 
 
 class Client(Protocol):
@@ -45,6 +62,7 @@ class Work:
     body: dict[str, Any]
     key: str | None  # cache key; None when the job has no cache
     est_tokens: float  # what the tokens_per_minute limiter is charged
+    prompt_text: str | None = None  # all the text the body sends (shape.prompt_text); None: the row's prompt
 
 
 class Records:
@@ -103,8 +121,10 @@ class Caller:
         cooldown: Cooldown | None = None,
         verbose: bool = False,
         recent_max: int = 1024,
+        shape: Recorder | None = None,
     ) -> None:
         self.plan = plan
+        self.shape: Recorder = shape or _PlainRecorder()
         self.records = records
         self.budget = budget
         self.limits = limits
@@ -172,7 +192,8 @@ class Caller:
             return 0.0, None
         row = item.row
         models = list(dict.fromkeys([item.body["model"], *self.plan.may_answer]))
-        worst = worst_case(self.records.prices, models, row.prompt or "", item.body)
+        text = item.prompt_text if item.prompt_text is not None else row.prompt if isinstance(row.prompt, str) else ""
+        worst = worst_case(self.records.prices, models, text, item.body)
         if worst is None:
             return 0.0, self.records.error(
                 row, "budget", f"no price for one of {models}: limits.max_cost_usd cannot be enforced")
@@ -180,6 +201,20 @@ class Caller:
             self.budget_hit = True
             return 0.0, None
         return worst, None
+
+    def _paid(self, paid: dict[str, Any], answer: Any, asked_model: str) -> dict[str, Any]:
+        """`paid` plus one billed answer that did not become the row's: its tokens and cost (None: unpriced)."""
+        fields = answer.to_record()
+        model = fields.get("model") or asked_model
+        cost = self.records.cost(model, asked_model, fields)
+        out = dict(paid)
+        for k in ("prompt_tokens", "completion_tokens", "total_tokens", "reasoning_tokens"):
+            if fields.get(k) is not None:
+                out[k] = (out.get(k) or 0) + fields[k]
+        out["cost_usd"] = None if cost is None or ("cost_usd" in paid and paid["cost_usd"] is None) \
+            else (paid.get("cost_usd") or 0.0) + cost
+        out["text"] = fields.get("text")  # the last refused answer, as it came
+        return out
 
     async def _call(self, item: Work, client: Client) -> dict[str, Any] | None:
         row, plan = item.row, self.plan
@@ -197,6 +232,9 @@ class Caller:
             return None
         answered = False
         actual: float | None = None
+        paid: dict[str, Any] = {}  # tokens and cost of answers refused by the shape (schema, refusal)
+        settled = 0.0  # of their cost, what the budget was already charged (before asking again)
+        last_cost: float | None = None
         try:
             while True:
                 await self.cooldown.wait()
@@ -208,10 +246,28 @@ class Caller:
                 attempts += 1
                 if started is None:
                     started = time.perf_counter()
+                failure: Failure | None = None
+                answer: dict[str, Any] | None = None
                 try:
                     comp = await client.complete(body, stream=stream, deadline_s=plan.call_timeout_s)
                 except AttemptFailed as exc:
                     failure = exc.failure
+                else:
+                    try:
+                        answer = self.shape.record(comp)
+                    except SchemaViolation as exc:
+                        before = paid.get("cost_usd") or 0.0
+                        paid = self._paid(paid, comp, body["model"])
+                        last_cost = None if paid["cost_usd"] is None else paid["cost_usd"] - before
+                        failure = Failure("schema", f"the answer breaks the response format: {exc}", status=200)
+                    except Refused as exc:
+                        paid = self._paid(paid, comp, body["model"])
+                        answered, actual = True, paid.get("cost_usd")
+                        return self.records.error(
+                            row, "refusal", f"the model refused: {exc.refusal}", http_status=200, attempts=attempts,
+                            model=body["model"], latency_ms=(time.perf_counter() - started) * 1000,
+                            refusal=exc.refusal, **paid)
+                if failure is not None:
                     d = decide(plan, failure, retries_used=retries, contract_retries_used=contract_retries,
                                has_next_model=model_i + 1 < len(models), backoff=self.backoff, rng=self.rng,
                                rate_limited=rate_limited, rate_limit_waited_s=waited)
@@ -235,10 +291,22 @@ class Caller:
                             rate_limited += 1
                             waited += d.delay
                             self.cooldown.extend(d.delay)
-                        elif failure.kind == "contract":
+                        elif failure.kind in ("contract", "schema"):
                             contract_retries += 1
                         else:
                             retries += 1
+                        if failure.kind == "schema" and self.budget.enforced:
+                            # The broken answer was billed: charge it now and reserve the next attempt anew,
+                            # so that asking again cannot take the spend past the cap.
+                            self.budget.settle(worst, last_cost, answered=True)
+                            settled += worst if last_cost is None else last_cost
+                            worst, _ = self._reserve(item)
+                            if self.budget_hit:
+                                answered, actual = True, paid.get("cost_usd")
+                                return self.records.error(
+                                    row, failure.kind, f"{failure.message}; not asked again: another attempt "
+                                    "might pass limits.max_cost_usd", http_status=failure.status, attempts=attempts,
+                                    model=body["model"], latency_ms=(time.perf_counter() - started) * 1000, **paid)
                         if not await self._sleep(d.delay):
                             return None
                         continue
@@ -247,18 +315,23 @@ class Caller:
                         retries = contract_retries = 0
                         body = {**item.body, "model": models[model_i]}
                         continue
+                    if paid:  # answers that broke the schema were billed all the same
+                        answered, actual = True, paid.get("cost_usd")
                     return self.records.error(
                         row, failure.kind, failure.message, http_status=failure.status, attempts=attempts,
-                        model=body["model"], latency_ms=(time.perf_counter() - started) * 1000,
+                        model=body["model"], latency_ms=(time.perf_counter() - started) * 1000, **paid,
                     )
-                answer = comp.to_record()
+                assert answer is not None
                 rec = self.records.ok(row, answer, cached=False, attempts=attempts,
                                       latency_ms=(time.perf_counter() - started) * 1000, asked_model=body["model"])
                 answered = True
                 actual = rec.get("cost_usd")
+                if paid:  # the row cost its refused answers too
+                    actual = None if actual is None or paid.get("cost_usd") is None else actual + paid["cost_usd"]
+                    rec["cost_usd"] = actual
                 if item.key is not None:
                     self._remember(item.key, answer)
                     rec["_cache"] = (item.key, answer)
                 return rec
         finally:
-            self.budget.settle(worst, actual, answered=answered)
+            self.budget.settle(worst, actual if actual is None else actual - settled, answered=answered)

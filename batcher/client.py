@@ -1,4 +1,7 @@
-"""The only module that speaks HTTP: one completion attempt in, a `Completion` or a `Failure` out.
+"""The only module that speaks HTTP: one attempt in, the shape's parsed answer or a `Failure` out.
+
+What the body means and how a response parses is the API shape's (`shapes/`): the client posts to the shape's
+path and hands the bytes (or the stream's lines) to `shape.parse` / `shape.new_stream()`.
 
 The setup was chosen by measurement (`python benchmarks/bare.py`, figures in benchmarks/README.md): per request,
 aiohttp costs about a third of the client CPU of httpx (~0.2 ms against ~0.6 ms on the reference machine), httpx
@@ -27,21 +30,25 @@ if TYPE_CHECKING:
     from multidict import CIMultiDictProxy
 
 from .routing import Failure, parse_retry_after
-from .wire import Completion, ContractError, StreamAssembler, parse_completion
+from .shapes import Answer, ContractError, Shape
+from .shapes.completions import PATHS as COMPLETIONS_PATHS
 
 __all__ = ["AttemptFailed", "Endpoint", "WorkerClient"]
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    url: str  # the full completions URL
+    url: str  # the full URL of the shape's endpoint
     api: str
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # holds the Authorization header
     api_key: str | None = field(default=None, repr=False)
 
     @classmethod
-    def make(cls, base_url: str, api: str, api_key: str | None, extra: dict[str, str] | None = None) -> Endpoint:
-        path = "/v2/router/completions" if api == "orq" else "/v1/completions"
+    def make(
+        cls, base_url: str, api: str, api_key: str | None, extra: dict[str, str] | None = None, path: str | None = None
+    ) -> Endpoint:
+        """`path`: the shape's (`shape.path()`); the legacy completions path by default."""
+        path = path or COMPLETIONS_PATHS["orq" if api == "orq" else "openai"]
         headers = {"content-type": "application/json", "accept": "application/json", **(extra or {})}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
@@ -113,8 +120,14 @@ class WorkerClient:
     """One keep-alive connection for one worker. Its session is made on the first call, inside the running
     event loop (aiohttp binds a session to the loop that creates it)."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, shape: Shape | None = None) -> None:
         self.endpoint = endpoint
+        if shape is None:
+            from .shapes.completions import CompletionsShape
+            from .spec import RequestSpec
+
+            shape = CompletionsShape(RequestSpec(), "orq" if endpoint.api == "orq" else "openai")
+        self.shape = shape
         self._url = URL(endpoint.url)  # parsed once, not on every request
         self._session: aiohttp.ClientSession | None = None
 
@@ -138,7 +151,7 @@ class WorkerClient:
         if session is not None:
             await session.close()
 
-    async def complete(self, body: dict[str, Any], *, stream: bool, deadline_s: float) -> Completion:
+    async def complete(self, body: dict[str, Any], *, stream: bool, deadline_s: float) -> Answer:
         """One attempt. Raises AttemptFailed with a redacted message on any failure."""
         # allow_nan=False: a body must be strict JSON (RFC 8259); sources map NaN and ±Infinity to null first
         content = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
@@ -150,7 +163,7 @@ class WorkerClient:
                         self._raise_status(response.status, response.headers, await response.read())
                     if stream:
                         return await self._stream(response)
-                    return parse_completion(await response.read())
+                    return self.shape.parse(await response.read())
         except TimeoutError:
             raise AttemptFailed(Failure("timeout", f"no complete answer within {deadline_s:g} s")) from None
         except (aiohttp.ClientError, OSError) as exc:
@@ -160,9 +173,8 @@ class WorkerClient:
         except ContractError as exc:
             raise AttemptFailed(Failure("contract", self.endpoint.redact(f"bad response: {exc}"), status=200)) from None
 
-    @staticmethod
-    async def _stream(response: aiohttp.ClientResponse) -> Completion:
-        assembler = StreamAssembler()
+    async def _stream(self, response: aiohttp.ClientResponse) -> Answer:
+        assembler = self.shape.new_stream()
         lines = _LineSplitter()
         async for chunk in response.content.iter_any():
             for line in lines.feed(chunk):

@@ -9,13 +9,17 @@
     └── FatalRequestError    the server refused the key (401/403): the job stops, resumable
 
 Row-level failures (a 500 after retries, a malformed response, a missing template variable) are not
-exceptions that escape: they become error rows in the output. `RowError` carries them inside the pipeline.
+exceptions that escape: they become error rows in the output. `RowError` carries them inside the pipeline, and
+`ContractError` (a response that breaks its API shape's contract; `structured.SchemaViolation` is one) is
+raised by the shapes' parsers and turned into a failed attempt by the client. It is here, in a module that
+imports nothing, so that the shapes and structured.py can share it without import cycles.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "BatcherError",
+    "ContractError",
     "FatalRequestError",
     "InputError",
     "JobLockedError",
@@ -72,3 +76,7 @@ class RowError(Exception):
         self.kind = kind
         self.message = message
         self.http_status = http_status
+
+
+class ContractError(Exception):
+    """A response breaks its API shape's contract (not JSON, no choices, unknown finish_reason...)."""

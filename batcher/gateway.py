@@ -49,6 +49,8 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
 from .openapi import load_openapi
+from .shapes import chat_sim
+from .shapes.chat import PATHS as CHAT_PATHS
 
 __all__ = ["Fault", "Gateway", "GatewayConfig", "GatewayStats", "main", "serve_in_thread"]
 
@@ -98,8 +100,10 @@ _NEGATIVE_CUES = frozenset(
 _WORD_SPLIT = str.maketrans({c: " " for c in '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~'})
 
 _FAULT_KINDS = frozenset(
-    {"status", "reset", "slow", "malformed", "html", "missing_choices", "bad_finish_reason"}
+    {"status", "reset", "slow", "malformed", "html", "missing_choices", "bad_finish_reason",
+     "not_json", "schema_violation"}  # the last two: chat answers whose content is not JSON / breaks the schema
 )
+_CHAT_PATHS = tuple(CHAT_PATHS.values())
 _ERROR_KINDS = {  # status -> (error.code, error.type), in the shape orq and OpenAI answer with
     400: ("invalid_value", "invalid_request_error"),
     401: ("invalid_api_key", "authentication_error"),
@@ -125,7 +129,7 @@ _dumps = functools.partial(json.dumps, separators=(",", ":"), ensure_ascii=False
 class Fault:
     """One scripted failure. Rules are checked in order; the first that matches a request answers it."""
 
-    kind: str  # status | reset | slow | malformed | html | missing_choices | bad_finish_reason
+    kind: str  # status | reset | slow | malformed | html | missing_choices | bad_finish_reason | not_json | schema_violation
     status: int = 503
     rate: float = 1.0
     first: int | None = None  # hit only the first `first` matching requests of each distinct prompt
@@ -260,7 +264,7 @@ class GatewayStats:
         self.total += 1
         self.by_path[path] = self.by_path.get(path, 0) + 1
         self.arrivals.append(time.monotonic())
-        if isinstance(body, dict) and isinstance(prompt := body.get("prompt"), str):
+        if isinstance(body, dict) and isinstance(prompt := body.get("prompt", _messages_text(body)), str):
             self.attempts[prompt] = self.attempts.get(prompt, 0) + 1
         safe_headers = {k: v for k, v in headers.items() if k != "authorization"}
         self.bodies.append({"path": path, "headers": safe_headers, "body": body})
@@ -414,6 +418,22 @@ def _params(path: str, body: Any, validate: bool) -> _Params:
 
 
 # ----------------------------------------------------------------------------------------------- generation
+
+
+def _messages_text(body: Mapping[str, Any]) -> Any:
+    """A chat body's message text (what faults match and stats count on, as the prompt for completions)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return None
+    parts: list[str] = []
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts += [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return "\n".join(parts)
+
 
 
 def _sentiment(prompt: str) -> str | None:
@@ -757,11 +777,12 @@ class Gateway:
         self._port = 0
         self._connections: set[_HttpProtocol] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        # The API shapes served: path -> handler (a request in, the reply out). Another shape (chat) plugs in
-        # here with its own handler; the control endpoints are answered apart and never counted.
+        # The API shapes served: path -> handler (a request in, the reply out); the control endpoints are
+        # answered apart and never counted.
         self._routes: dict[str, Callable[[_Request], _Reply]] = {
             ORQ_PATH: self._complete,
             OPENAI_PATH: self._complete,
+            **dict.fromkeys(_CHAT_PATHS, self._chat),  # shapes/chat_sim.py's handler
         }
         self.set_faults(self.config.faults)
 
@@ -773,6 +794,7 @@ class Gateway:
         if self.config.validate:
             # Parse the schema now and off the loop, not on the first request's clock.
             await asyncio.to_thread(_orq_validator)
+            await asyncio.to_thread(chat_sim.request_validator)  # the chat extract too (once per process)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: _HttpProtocol(self), self.config.host, self.config.port, reuse_address=True
@@ -876,6 +898,74 @@ class Gateway:
         stats._enter()
         reply.tracked = True
         return reply
+
+    def _chat(self, request: _Request) -> _Reply:
+        """The chat paths: the same auth, latency and fault rules as completions; the body checked, answered
+        and streamed by `shapes/chat_sim.py`. Faults match on the messages' text."""
+        stats = self._stats
+        body: Any
+        try:
+            body = json.loads(request.body)
+        except ValueError:
+            body = request.body.decode("utf-8", "replace")
+        stats._arrive(request.path, request.headers, body)
+        if request.method != "POST":
+            return self._refuse(405, f"{request.method} is not allowed here; use POST")
+        expected = self._expected_auth
+        if expected is not None:
+            sent = request.headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(sent, expected):
+                return self._refuse(401, "missing or invalid API key", code="invalid_api_key")
+        try:
+            chat_sim.check_request(body, request.path, self.config.validate)
+        except chat_sim.ChatRequestError as exc:
+            return self._refuse(exc.status, exc.message, exc.param, exc.code)
+        delay = self.config.latency_s
+        if self.config.jitter_s:
+            delay += self._jitter_rng.uniform(0, self.config.jitter_s)
+        stream = body.get("stream") is True
+        params = _Params(model=body["model"], prompt=_messages_text(body), seed=None, temperature=None,
+                         max_tokens=None, stop=(), n=1, echo=False, stream=stream, reasoning_tokens=0)
+        fault = self._match(request.path, params)
+        if fault is None or fault.kind == "slow":
+            reply = self._chat_ok(body, delay + (fault.delay_s if fault else 0.0))
+        elif fault.kind in ("status", "reset", "html"):
+            reply = self._fault(fault, params, request, delay)
+        else:
+            reply = self._chat_broken(body, fault, delay + fault.delay_s)
+        stats._enter()
+        reply.tracked = True
+        return reply
+
+    def _chat_ok(self, body: dict[str, Any], delay: float, completion: dict[str, Any] | None = None) -> _Reply:
+        completion = completion or chat_sim.chat_completion(body, created=int(time.time()))
+        self._stats._answer(200, billed=True)
+        if body.get("stream") is True:
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            lines = chat_sim.sse_lines(completion, include_usage=usage)
+            return _Reply([_STREAM_HEAD, *(_chunk(line) for line in lines[:-1]), _chunk(lines[-1]) + b"0\r\n\r\n"],
+                          delay)
+        return _reply(200, _dumps(completion).encode(), delay=delay)
+
+    def _chat_broken(self, body: dict[str, Any], fault: Fault, delay: float) -> _Reply:
+        """A chat answer that breaks the contract (malformed, missing_choices, bad_finish_reason) or the job's
+        response format (not_json, schema_violation: billed, as a real answer would be)."""
+        completion = chat_sim.chat_completion(body, created=int(time.time()))
+        if fault.kind in ("not_json", "schema_violation"):
+            broken = chat_sim.break_answer(completion, "not_json" if fault.kind == "not_json" else "schema")
+            return self._chat_ok(body, delay, broken)
+        if fault.kind == "malformed":
+            raw = _dumps(completion).encode()
+            content = raw[: len(raw) // 2]
+        elif fault.kind == "missing_choices":
+            del completion["choices"]
+            content = _dumps(completion).encode()
+        else:  # bad_finish_reason
+            for choice in completion["choices"]:
+                choice["finish_reason"] = "weird"
+            content = _dumps(completion).encode()
+        self._stats._answer(200, billed=fault.kind == "bad_finish_reason")
+        return _reply(200, content, delay=delay)
 
     def _refuse(self, status: int, message: str, param: str | None = None, code: str | None = None) -> _Reply:
         self._stats._answer(status)

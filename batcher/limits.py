@@ -9,11 +9,13 @@ one unit): the long-run rate is the same, and no ten-second window goes more tha
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import anyio
 from aiolimiter import AsyncLimiter
 
-__all__ = ["Cooldown", "RateLimits"]
+__all__ = ["Cooldown", "RateLimits", "limiter_tokens"]
 
 _BURST_S = 0.1
 
@@ -22,6 +24,13 @@ def _bucket(per_minute: float, largest: float = 1.0) -> AsyncLimiter:
     per_second = per_minute / 60.0
     capacity = max(largest, per_second * _BURST_S)
     return AsyncLimiter(capacity, capacity / per_second)
+
+
+def limiter_tokens(prompt_text: str, body: Mapping[str, Any]) -> float:
+    """What the tokens_per_minute limiter is charged for a call: the prompt text / 3 (all the message text for
+    chat) and every choice's token bound (max_completion_tokens or max_tokens, whichever the body has)."""
+    bound = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    return len(prompt_text) / 3.0 + bound * (body.get("n") or 1)
 
 
 class RateLimits:

@@ -42,13 +42,14 @@ from typing import Any
 import pyarrow as pa
 
 from .errors import SpecError
+from .limits import limiter_tokens as _limiter_tokens
 from .prices import Price, PriceTable
 from .routing import plan_for
 from .runner import run_fingerprint
+from .shapes import shape_of_job
 from .sinks import RunState, read_journal, state_dir_for
 from .sources import Source
 from .spec import JobSpec, load_spec
-from .wire import BodyBuilder
 
 __all__ = ["CHARS_PER_TOKEN", "PROMPT_TOLERANCE", "ModelEstimate", "Plan", "add_parser", "make_plan"]
 
@@ -106,6 +107,7 @@ class Plan:
     wall_s: float
     bound_by: str  # concurrency | requests_per_minute | tokens_per_minute
     notes: tuple[str, ...] = field(default=())
+    max_tokens_field: str = "max_tokens"  # the request field `max_tokens` is read from (chat: max_completion_tokens)
 
     @property
     def prompt_tokens_low(self) -> int:
@@ -228,7 +230,7 @@ def make_plan(
     source = Source(spec.input, spec.output.keep_columns)
     info = source.check()
     route = plan_for(spec.request, spec.endpoint.api)
-    builder = BodyBuilder(spec.request, spec.endpoint.api)
+    shape = shape_of_job(spec)
     fallbacks = [f.model for f in (spec.request.routing("fallbacks") or [])]
 
     ids, nothing_to_do = _done_ids(spec, out, info.rows, limit, fresh, notes)
@@ -257,14 +259,15 @@ def make_plan(
                     no_model += 1
                     input_errors += 1
                     continue
-                body = builder.body(row.prompt, model, row.inputs, row.body)
-                bound = int(body.get("max_tokens") or 0) * int(body.get("n") or 1) + _reasoning_budget(body)
+                body = shape.body(row.prompt, model, row.inputs, row.body)
+                text = shape.prompt_text(body)  # a chat row: the text of all its messages
                 t = tallies.setdefault(model, _Tally())
                 t.rows += 1
-                t.chars += len(row.prompt)
-                t.completion += bound
+                t.chars += len(text)
+                t.completion += int(body.get("max_completion_tokens") or body.get("max_tokens") or 0) * int(
+                    body.get("n") or 1) + _reasoning_budget(body)
                 # What runner._Job.prepare charges the tokens_per_minute limiter for this call.
-                t.limiter += len(row.prompt) / 3.0 + int(body.get("max_tokens") or 0) * int(body.get("n") or 1)
+                t.limiter += _limiter_tokens(text, body)
 
     models: list[ModelEstimate] = []
     unpriced: set[str] = set()
@@ -332,6 +335,7 @@ def make_plan(
         prompt_tolerance=PROMPT_TOLERANCE,
         completion_tokens_max=sum(t.completion for t in tallies.values()),
         max_tokens=spec.request.effective_max_tokens,
+        max_tokens_field="max_completion_tokens" if spec.is_chat and spec.request.max_tokens is None else "max_tokens",
         n=spec.request.n or 1,
         models=tuple(models),
         unpriced=tuple(sorted(unpriced)),
@@ -396,7 +400,7 @@ def render_text(plan: Plan) -> str:
         f"  prompt tokens  ~{plan.prompt_tokens:,} ({plan.prompt_tokens_low:,} - {plan.prompt_tokens_high:,}): "
         f"{plan.prompt_chars:,} chars / {plan.chars_per_token:g}, stated error +/-{tol}",
         "                 (measured +12.1% vs the local gateway on samples/reviews.parquet; real tokenizers differ)",
-        f"  completion     <= {plan.completion_tokens_max:,} tokens (max_tokens {plan.max_tokens} x n {plan.n} per row)",
+        f"  completion     <= {plan.completion_tokens_max:,} tokens ({plan.max_tokens_field} {plan.max_tokens} x n {plan.n} per row)",
     ]
     if plan.to_send == 0:
         lines.append("  cost           $0: nothing to send")

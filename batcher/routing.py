@@ -13,9 +13,12 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .spec import DEFAULT_FALLBACK_ON_CODES, DEFAULT_RETRY_ON_CODES, LoadBalancer, RequestSpec
+
+if TYPE_CHECKING:
+    from .shapes.chat_spec import ChatRequestSpec
 
 __all__ = [
     "Backoff",
@@ -73,7 +76,7 @@ class RoutePlan:
 DEFAULT_CALL_TIMEOUT_S = 600.0
 
 
-def plan_for(request: RequestSpec, api: str, max_rate_limit_wait_s: float = 300.0) -> RoutePlan:
+def plan_for(request: RequestSpec | ChatRequestSpec, api: str, max_rate_limit_wait_s: float = 300.0) -> RoutePlan:
     retry = request.routing("retry")
     fallbacks = request.routing("fallbacks") or []
     fb_codes = request.routing("fallback_on_codes")
@@ -155,7 +158,7 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     return max(0.0, min(when.timestamp() - now, MAX_RETRY_AFTER_S))
 
 
-FailureKind = Literal["status", "transport", "timeout", "contract"]
+FailureKind = Literal["status", "transport", "timeout", "contract", "schema"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +204,9 @@ def decide(
             return Decision("retry", delay=delay, pause_pool=True)
     if rate_limit:
         retry = False
-    elif failure.kind == "contract":
-        # A body that breaks the contract is likely to break again: one more try, never more.
+    elif failure.kind in ("contract", "schema"):
+        # A body that breaks the contract (or an answer that breaks the job's json_schema) is likely to break
+        # again: one more try, never more.
         retry = contract_retries_used < 1
     elif failure.kind in ("transport", "timeout"):
         retry = retries_used < plan.retries

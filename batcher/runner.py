@@ -30,11 +30,12 @@ from .cache import ResponseCache
 from .call import Caller, Records, Work
 from .client import Endpoint, WorkerClient
 from .errors import FatalRequestError, OutputError, ResumeError, SpecError
-from .limits import RateLimits
+from .limits import RateLimits, limiter_tokens
 from .pool import Pool, WorkSender
 from .prices import Price, PriceTable
 from .progress import Progress
 from .routing import Backoff, RoutePlan, plan_for
+from .shapes import Shape, shape_of_job
 from .sinks import (
     DROPPED,
     InputColumns,
@@ -52,7 +53,6 @@ from .sinks import (
 )
 from .sources import Source, SourceInfo, SourceRow
 from .spec import JobSpec, format_of, load_spec
-from .wire import BodyBuilder, cache_key
 
 __all__ = ["RunOptions", "RunResult", "arun_job", "run_job"]
 
@@ -177,9 +177,17 @@ def run_fingerprint(spec: JobSpec) -> str:
     """The settings a partial run must share with its rerun. The input is named by its resolved path (`./f`,
     `/abs/f` and a symlink to it are one input), not by its content: with `id_column` the ids name the rows, so
     rows may be appended or edited between runs. Without one, rows are positions and `input_identity` (size,
-    mtime, a hash of the ends) is checked as well, in `_preflight`."""
+    mtime, a hash of the ends) is checked as well, in `_preflight`. A json_schema given as a file counts by its
+    content, not its path: an edited schema retypes the columns."""
+    material: dict[str, Any] = {}
+    schema = getattr(getattr(getattr(spec.request, "response_format", None), "json_schema", None), "schema_", None)
+    if isinstance(schema, str):
+        from .structured import load_schema
+
+        material["schema"] = load_schema(schema)
     return fingerprint(
         {
+            **material,
             "input": spec.input.model_dump(mode="json", exclude={"path", "batch_size", "max_prompt_chars"}),
             "input_path": str(spec.input.path.resolve()),
             "keep": spec.output.keep_columns,
@@ -201,7 +209,7 @@ class _Job:
         # Kept columns other than the input's id column (that one is the output's id already)
         self.keep = [c for c in spec.output.keep_columns if c != spec.input.id_source]
         self.source = Source(spec.input, self.keep)
-        self.builder = BodyBuilder(spec.request, spec.endpoint.api)
+        self.shape: Shape = shape_of_job(spec)
         self.plan: RoutePlan = plan_for(spec.request, spec.endpoint.api, spec.limits.max_rate_limit_wait_s)
         self.prices = PriceTable.default().overridden(
             {m: Price(p.prompt, p.completion, p.cached_prompt) for m, p in (spec.prices or {}).items()}
@@ -225,6 +233,7 @@ class _Job:
             backoff=options.backoff,
             rng=random.Random(options.seed),
             verbose=options.verbose,
+            shape=self.shape,
             recent_max=3 * spec.input.batch_size + 16 * spec.limits.concurrency,
         )
         self.endpoint: Endpoint | None = None
@@ -240,11 +249,10 @@ class _Job:
         model = row.model or self.plan.primary_for(row.id)
         if not model:
             return self.records.error(row, "input", "no model: the line's body names none and request.model is unset")
-        body = self.builder.body(row.prompt, model, row.inputs, row.body)
-        key = cache_key(self.endpoint_id, body) if self.cache_ttl is not None else None
-        n = body.get("n") or 1
-        est = len(row.prompt) / 3.0 + (body.get("max_tokens") or 0) * n
-        return Work(row, body, key, est)
+        body = self.shape.body(row.prompt, model, row.inputs, row.body)
+        key = self.shape.cache_key(self.endpoint_id, body) if self.cache_ttl is not None else None
+        text = self.shape.prompt_text(body)
+        return Work(row, body, key, limiter_tokens(text, body), text)
 
     # -- the pipeline ---------------------------------------------------------------------------------------
 
@@ -367,7 +375,8 @@ class _Job:
                 self.endpoint_id = f"local:{spec.endpoint.api}"
             else:
                 self.endpoint_id = f"{base_url}:{spec.endpoint.api}"
-            self.endpoint = Endpoint.make(base_url, spec.endpoint.api, api_key, spec.endpoint.headers)
+            self.endpoint = Endpoint.make(base_url, spec.endpoint.api, api_key, spec.endpoint.headers,
+                                          path=self.shape.path())
             if self.cache_ttl is not None:
                 self.cache = ResponseCache(spec.cache_dir)
                 stack.callback(self.cache.close)
@@ -384,7 +393,7 @@ class _Job:
                 concurrency=spec.limits.concurrency,
                 feed=self.feed,
                 work=self.caller.work,
-                open_worker=lambda: WorkerClient(endpoint),
+                open_worker=lambda: WorkerClient(endpoint, self.shape),
                 close_worker=lambda c: c.aclose(),
                 write=self.write,
             )
@@ -443,7 +452,8 @@ class _Job:
                 )
         _probe_output(self.output)
         _check_output_target(self.output, spec.input.path, self.options.overwrite)
-        self.schema = output_schema(self.source.id_name, info.id_type, {c: info.keep_types[c] for c in self.keep})
+        self.schema = output_schema(self.source.id_name, info.id_type, {c: info.keep_types[c] for c in self.keep},
+                                    extra=self.shape.extra_columns)
         self.info = info
         return info
 
@@ -541,6 +551,7 @@ class _Job:
             self.keep,
             spec.output.row_group_size,
             keep_from=keep_from,
+            chat=self.shape.name == "chat",
         )
         all_ok = written == info.rows and self.result.errors == 0 and self.result.skipped + self.result.ok == info.rows
         # "finished" makes the next rerun a no-op; anything else (error rows, a --limit run) resumes.

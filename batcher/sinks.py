@@ -26,7 +26,7 @@ import os
 import socket
 import time
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,12 +86,25 @@ def kept_name(column: str, id_name: str) -> str:
     return kept_column_name(column, id_name)
 
 
-def output_schema(id_name: str, id_type: pa.DataType, keep_types: dict[str, pa.DataType]) -> pa.Schema:
-    """`keep_types`: the kept columns other than the input's own id column, in the spec's order."""
+def output_schema(
+    id_name: str, id_type: pa.DataType, keep_types: dict[str, pa.DataType],
+    extra: Mapping[str, pa.DataType] | None = None,
+) -> pa.Schema:
+    """`keep_types`: the kept columns other than the input's own id column, in the spec's order. `extra`: the
+    API shape's own columns (chat: refusal, tool_calls, reasoning and a json_schema's typed columns), written
+    after batcher's result columns."""
     fields = [pa.field(id_name, id_type)]
     fields += [pa.field(kept_name(c, id_name), t) for c, t in keep_types.items()]
     fields += [pa.field(name, t) for name, t in RESULT_COLUMNS.items()]
+    fields += [pa.field(name, t) for name, t in (extra or {}).items()]
     return pa.schema(fields)
+
+
+def result_names(schema: pa.Schema) -> list[str]:
+    """The columns a journal record fills: batcher's result columns and the shape's, in the schema's order.
+    They start at `text`: the id and the kept columns come first, and a kept column named `text` is renamed."""
+    names: list[str] = schema.names
+    return names[names.index("text"):]
 
 
 # Key in a Parquet output's footer metadata: batcher wrote this file (see `written_by_batcher`).
@@ -472,7 +485,8 @@ def _json_text(value: Any) -> str:
 def _table(records: list[dict[str, Any]], schema: pa.Schema, id_name: str, keep: list[str]) -> dict[str, Any]:
     """The Python path of `_table_from_lines`: records to the slice's columns, by output name."""
     kept = [(c, kept_name(c, id_name)) for c in keep]
-    columns: dict[str, list[Any]] = {id_name: [], **{name: [] for _, name in kept}, **{n: [] for n in RESULT_COLUMNS}}
+    results = result_names(schema)
+    columns: dict[str, list[Any]] = {id_name: [], **{name: [] for _, name in kept}, **{n: [] for n in results}}
     positions: list[Any] = []
     for rec in records:
         positions.append(rec.get("_i"))
@@ -480,7 +494,7 @@ def _table(records: list[dict[str, Any]], schema: pa.Schema, id_name: str, keep:
         k = rec.get("keep") or {}
         for c, out_name in kept:
             columns[out_name].append(k.get(c))
-        for name in RESULT_COLUMNS:
+        for name in results:
             columns[name].append(rec.get(name))
     arrays: dict[str, Any] = {"_i": pa.array(positions, type=pa.int64())}
     kept_names = {name for _, name in kept}
@@ -512,7 +526,7 @@ def _journal_schema(schema: pa.Schema, id_name: str, keep: list[str]) -> pa.Sche
     fields = [pa.field("_i", pa.int64()), pa.field("id", schema.field(id_name).type)]
     if keep:
         fields.append(pa.field("keep", pa.struct([(c, schema.field(kept_name(c, id_name)).type) for c in keep])))
-    fields += [pa.field(name, t) for name, t in RESULT_COLUMNS.items()]
+    fields += [schema.field(name) for name in result_names(schema)]
     return pa.schema(fields)
 
 
@@ -536,7 +550,7 @@ def _table_from_lines(lines: list[bytes], schema: pa.Schema, id_name: str, keep:
         keep_col = parsed.column("keep").combine_chunks()
         for i, c in enumerate(keep):
             arrays[kept_name(c, id_name)] = pc.struct_field(keep_col, [i])
-    arrays.update((name, parsed.column(name)) for name in RESULT_COLUMNS)
+    arrays.update((name, parsed.column(name)) for name in result_names(schema))
     return arrays
 
 
@@ -710,11 +724,43 @@ def _dumps_output(record: dict[str, Any]) -> bytes:
         return (json.dumps(_finite(record), separators=(",", ":"), allow_nan=False, default=str) + "\n").encode()
 
 
-def _openai_batch_line(rec: dict[str, Any], n: int) -> dict[str, Any]:
+def _chat_completion_body(rec: dict[str, Any]) -> dict[str, Any]:
+    """A chat row as the chat.completion object an OpenAI batch output line carries."""
+
+    def message(text: Any, first: bool) -> dict[str, Any]:
+        m: dict[str, Any] = {"role": "assistant", "content": text, "refusal": rec.get("refusal") if first else None}
+        calls = rec.get("tool_calls") if first else None
+        if calls:
+            m["tool_calls"] = json.loads(calls)
+        if first and rec.get("reasoning"):
+            m["reasoning"] = rec["reasoning"]
+        return m
+
+    choices = rec.get("choices") or [{"index": 0, "text": rec.get("text"), "finish_reason": rec.get("finish_reason")}]
+    usage: dict[str, Any] = {
+        "prompt_tokens": rec.get("prompt_tokens"),
+        "completion_tokens": rec.get("completion_tokens"),
+        "total_tokens": rec.get("total_tokens"),
+    }
+    if rec.get("reasoning_tokens") is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": rec["reasoning_tokens"]}
+    return {
+        "id": rec.get("completion_id"),
+        "object": "chat.completion",
+        "model": rec.get("model"),
+        "choices": [{"index": c.get("index", i), "message": message(c.get("text"), i == 0),
+                     "finish_reason": c.get("finish_reason")} for i, c in enumerate(choices)],
+        "usage": usage,
+    }
+
+
+def _openai_batch_line(rec: dict[str, Any], n: int, chat: bool = False) -> dict[str, Any]:
     """One line of an OpenAI Batch API output file."""
     ok = rec.get("status") == "ok"
     body = None
-    if ok:
+    if ok and chat:
+        body = _chat_completion_body(rec)
+    elif ok:
         body = {
             "id": rec.get("completion_id"),
             "object": "text_completion",
@@ -780,8 +826,11 @@ def finalize(
     row_group_size: int,
     *,
     keep_from: InputColumns | None = None,
+    chat: bool = False,
 ) -> int:
     """Write the journal's records to `output` atomically; returns the number of rows written.
+
+    `chat`: the job spoke chat, so an OpenAI Batch output's bodies are chat.completion objects.
 
     `keep`: the kept input columns (not the input's id column), by input name. They come from the journal
     (JSONL inputs: the values as given) or, with `keep_from`, from the Parquet input itself by row position.
@@ -789,6 +838,7 @@ def finalize(
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
     journal_keep = [] if keep_from is not None else keep
+    results = result_names(schema)
     rows = 0
     try:
         if fmt == "parquet":
@@ -833,7 +883,7 @@ def finalize(
                     out_lines: list[bytes] = []
                     if fmt == "openai_batch":
                         for rec in chunk:
-                            out_lines.append(_dumps(_openai_batch_line(rec, rows)))
+                            out_lines.append(_dumps(_openai_batch_line(rec, rows, chat)))
                             rows += 1
                         f.write(b"".join(out_lines))
                         continue
@@ -851,7 +901,7 @@ def finalize(
                         else:
                             k = rec.get("keep") or {}
                             out.update((kept_name(c, id_name), k.get(c)) for c in keep)
-                        out.update((name, rec.get(name)) for name in RESULT_COLUMNS)
+                        out.update((name, rec.get(name)) for name in results)
                         out_lines.append(_dumps_output(out))
                     rows += len(chunk)
                     f.write(b"".join(out_lines))

@@ -26,10 +26,11 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from .errors import InputError
+from .shapes.chat import MessagesTemplate, messages_from_value
+from .shapes.chat_spec import ChatRequestSpec
 from .sinks import json_values
 from .spec import InputSpec, RequestSpec
-from .template import MissingVariable, Template
-from .templating import json_safe
+from .templating import MissingVariable, Template, TemplateError, json_safe
 
 __all__ = ["Source", "SourceInfo", "SourceRow"]
 
@@ -38,7 +39,7 @@ __all__ = ["Source", "SourceInfo", "SourceRow"]
 class SourceRow:
     index: int  # 0-based position among the file's rows
     id: Any
-    prompt: str | None
+    prompt: str | list[dict[str, Any]] | None  # a prompt string, or a chat job's rendered messages
     inputs: dict[str, Any] | None = None
     keep: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
@@ -144,7 +145,9 @@ class Source:
         # A Parquet input's kept columns are not read here: the sink takes them from the file itself when it
         # writes the output (any Arrow type, untouched); a JSONL input's kept values travel in the journal.
         self._row_keep = [] if self.format == "parquet" else keep_columns
-        self.template = Template(spec.prompt) if spec.prompt is not None else None
+        self.template = Template(spec.prompt, "input.prompt") if spec.prompt is not None else None
+        self.messages = MessagesTemplate(spec.messages, "input.messages") if spec.messages is not None else None
+        self.chat = spec.is_chat
         self.id_name = spec.id_column or ("custom_id" if self.format == "openai_batch" else "id")
 
     # -- pre-flight ---------------------------------------------------------------------------------------
@@ -154,7 +157,9 @@ class Source:
         for c in (
             ([self.spec.id_column] if self.spec.id_column else [])
             + ([self.spec.prompt_column] if self.spec.prompt_column else [])
+            + ([self.spec.messages_column] if self.spec.messages_column else [])
             + (self.template.variables if self.template else [])
+            + (self.messages.variables if self.messages else [])
             + self.spec.inputs_columns
             + (self.keep_columns if keep else [])
         ):
@@ -186,7 +191,7 @@ class Source:
         if missing:
             what = []
             for c in missing:
-                if self.template and c in self.template.variables:
+                if (self.template and c in self.template.variables) or (self.messages and c in self.messages.variables):
                     what.append(f"template variable {{{{{c}}}}}")
                 else:
                     what.append(repr(c))
@@ -197,6 +202,11 @@ class Source:
             t = schema.field(self.spec.prompt_column).type
             if not _is_string_type(t):
                 raise InputError(f"{self.path}: prompt_column {self.spec.prompt_column!r} is {t}, not a string column")
+        if self.spec.messages_column:
+            t = _decoded(schema.field(self.spec.messages_column).type)
+            if not (_is_string_type(t) or pa.types.is_list(t) or pa.types.is_large_list(t)):
+                raise InputError(f"{self.path}: messages_column {self.spec.messages_column!r} is {t}, not a list of "
+                                 "messages (a list of structs) or a string column of JSON lists")
         rows = pf.metadata.num_rows
         id_type: pa.DataType = pa.int64()
         if self.spec.id_column:
@@ -399,14 +409,30 @@ class Source:
         if not isinstance(body, dict):
             return SourceRow(index, row_id, None, error=f"{where}: OpenAI batch line has no body object")
         url = obj.get("url")
-        if url is not None and (not str(url).rstrip("/").endswith("/completions") or "chat/" in str(url)):
-            return SourceRow(index, row_id, None, error=f"{where}: OpenAI batch line url {url!r} is not /v1/completions")
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            return SourceRow(index, row_id, None, error=f"{where}: OpenAI batch body has no prompt string", body=body)
-        if len(prompt) > self.spec.max_prompt_chars:
-            return SourceRow(index, row_id, None, error=f"{where}: {self._too_long(len(prompt))}")
-        invalid = _invalid_body(body)
+        # One file, one endpoint: its first line's (spec.batch_file_is_chat). A line for the other endpoint is
+        # an error row, as is a line for neither.
+        want = "/v1/chat/completions" if self.chat else "/v1/completions"
+        if url is not None and (not str(url).rstrip("/").endswith("/completions")
+                                or ("/chat/" in str(url)) != self.chat):
+            return SourceRow(index, row_id, None, error=f"{where}: OpenAI batch line url {url!r} is not "
+                                                        f"{want}, the endpoint of this file's first line")
+        prompt: str | list[dict[str, Any]]
+        if self.chat:
+            try:
+                prompt = messages_from_value(body.get("messages"))
+            except ValueError as exc:
+                return SourceRow(index, row_id, None, error=f"{where}: OpenAI batch body: {exc}".replace(
+                    "messages column", "messages"), body=body)
+            size = _text_size(prompt)
+        else:
+            raw = body.get("prompt")
+            if not isinstance(raw, str) or not raw:
+                return SourceRow(index, row_id, None, error=f"{where}: OpenAI batch body has no prompt string",
+                                 body=body)
+            prompt, size = raw, len(raw)
+        if size > self.spec.max_prompt_chars:
+            return SourceRow(index, row_id, None, error=f"{where}: {self._too_long(size)}")
+        invalid = _invalid_body(body, self.chat)
         if invalid:
             return SourceRow(index, row_id, None, error=f"{where}: {invalid}", body=body)
         keep = {c: obj.get(c) for c in self.keep_columns}
@@ -437,6 +463,8 @@ class Source:
         return row
 
     def _rendered(self, index: int, row_id: Any, record: dict[str, Any]) -> SourceRow:
+        if self.chat:
+            return self._chat_row(index, row_id, record)
         keep = {c: record.get(c) for c in self._row_keep}
         try:
             if self.template is not None:
@@ -452,6 +480,8 @@ class Source:
         except MissingVariable as exc:
             what = f"prompt column {exc.name!r} {exc.why}" if self.template is None else str(exc)
             return SourceRow(index, row_id, None, keep=keep, error=what)
+        except TemplateError as exc:
+            return SourceRow(index, row_id, None, keep=keep, error=f"{exc} (row {row_id!r})")
         if not prompt.strip():
             return SourceRow(index, row_id, None, keep=keep, error="prompt is empty")
         if len(prompt) > self.spec.max_prompt_chars:
@@ -461,11 +491,55 @@ class Source:
         return SourceRow(index, row_id, prompt, inputs=inputs, keep=keep)
 
 
-# What an OpenAI batch line's body may hold: the prompt, and the spec's request fields (checked the same way).
-_BODY_ONLY = frozenset({"prompt"})
+    def _chat_row(self, index: int, row_id: Any, record: dict[str, Any]) -> SourceRow:
+        """A chat job's row: its messages rendered from `input.messages`, or read from `messages_column`."""
+        keep = {c: record.get(c) for c in self._row_keep}
+        try:
+            if self.messages is not None:
+                messages = self.messages.render(record)
+            else:
+                assert self.spec.messages_column is not None
+                value = record.get(self.spec.messages_column)
+                if value is None:
+                    raise MissingVariable(self.spec.messages_column, "is null in this row")
+                messages = messages_from_value(value)
+        except MissingVariable as exc:
+            what = str(exc) if self.messages is not None else f"messages column {exc.name!r} {exc.why}"
+            return SourceRow(index, row_id, None, keep=keep, error=what)
+        except TemplateError as exc:  # also: an image part naming a file that cannot be read
+            return SourceRow(index, row_id, None, keep=keep, error=f"{exc} (row {row_id!r})")
+        except ValueError as exc:
+            return SourceRow(index, row_id, None, keep=keep, error=str(exc))
+        size = _text_size(messages)
+        if size == 0 and not _has_media(messages):
+            return SourceRow(index, row_id, None, keep=keep, error="the messages have no text")
+        if size > self.spec.max_prompt_chars:
+            return SourceRow(index, row_id, None, keep=keep, error=self._too_long(size))
+        inputs = {c: json_safe(record.get(c)) for c in self.spec.inputs_columns} if self.spec.inputs_columns else None
+        return SourceRow(index, row_id, messages, inputs=inputs, keep=keep)
 
 
-def _invalid_body(body: dict[str, Any]) -> str | None:
+def _text_size(messages: list[dict[str, Any]]) -> int:
+    """Characters of text the messages send (what max_prompt_chars bounds, as it bounds a prompt)."""
+    size = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            size += len(content.strip()) and len(content)
+        elif isinstance(content, list):
+            for part in content:
+                text = part.get("text") if isinstance(part, dict) else None
+                if isinstance(text, str) and text.strip():
+                    size += len(text)
+    return size
+
+
+def _has_media(messages: list[dict[str, Any]]) -> bool:
+    return any(isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") != "text"
+                                                          for p in m["content"]) for m in messages)
+
+
+def _invalid_body(body: dict[str, Any], chat: bool) -> str | None:
     """Why an OpenAI batch line's body cannot be sent (an unknown key, a value out of range, NaN), or None."""
     try:
         json.dumps(body, allow_nan=False)
@@ -474,7 +548,9 @@ def _invalid_body(body: dict[str, Any]) -> str | None:
     except TypeError:
         pass
     try:
-        RequestSpec.model_validate({k: v for k, v in body.items() if k not in _BODY_ONLY})
+        # The prompt (the messages) and the request fields of the spec, checked the same way.
+        fields = {k: v for k, v in body.items() if k != ("messages" if chat else "prompt")}
+        (ChatRequestSpec if chat else RequestSpec).model_validate(fields)
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False):

@@ -12,14 +12,16 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -28,12 +30,16 @@ from pydantic import (
 from .errors import SpecError
 from .paths import expand_path
 
+if TYPE_CHECKING:
+    from .shapes.chat_spec import ChatRequestSpec
+
 __all__ = [
     "DEFAULT_FALLBACK_ON_CODES",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_RETRY_ON_CODES",
     "RESULT_COLUMN_NAMES",
     "JobSpec",
+    "batch_file_is_chat",
     "kept_column_name",
     "load_spec",
     "parse_spec",
@@ -282,6 +288,21 @@ class RequestSpec(_Model):
     plugins: list[PiiRedactionPlugin] | None = None
     orq: Orq | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_chat(cls, data: Any) -> Any:
+        # A chat-only field in a prompt job: say which endpoint has it rather than "unknown key".
+        if isinstance(data, dict):
+            from .shapes.chat_spec import ChatRequestSpec
+
+            for key in data:
+                if key not in cls.model_fields and key in ChatRequestSpec.model_fields:
+                    raise ValueError(
+                        f"@{key}: is a field of the chat completions endpoint; a job sends chat requests when its "
+                        "input has messages (input.messages or input.messages_column) instead of a prompt"
+                    )
+        return data
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
@@ -329,12 +350,38 @@ def _expand(v: Any) -> Any:
     return expand_path(v) if isinstance(v, str | Path) else v
 
 
+def batch_file_is_chat(path: Path) -> bool:
+    """Whether an OpenAI batch file holds chat requests, from its first non-blank line: a `url` ending in
+    /chat/completions, or (no url) a body with `messages`. A file that cannot be read or parsed is taken as
+    completions: reading it properly is the source's job, which names the problem."""
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    line = json.loads(raw)
+                    break
+            else:
+                return False
+    except (OSError, ValueError):
+        return False
+    if not isinstance(line, dict):
+        return False
+    url = line.get("url")
+    if isinstance(url, str):
+        return url.rstrip("/").endswith("/chat/completions")
+    body = line.get("body")
+    return isinstance(body, dict) and "messages" in body
+
+
 class InputSpec(_Model):
     path: Path
     format: Literal["parquet", "jsonl", "openai_batch"] | None = None
     id_column: str | None = None
     prompt: str | None = None
     prompt_column: str | None = None
+    # Chat: a list of {role, content} whose strings are templates, or a column holding each row's messages.
+    messages: list[dict[str, Any]] | None = Field(None, min_length=1)
+    messages_column: str | None = Field(None, min_length=1)
     inputs_columns: list[str] = Field(default_factory=list)
     batch_size: int = Field(1_000, ge=1, le=1_000_000)
     max_prompt_chars: int = Field(1_000_000, ge=1)
@@ -344,13 +391,33 @@ class InputSpec(_Model):
     @model_validator(mode="after")
     def _one_prompt(self) -> InputSpec:
         fmt = self.resolved_format
+        given = [k for k in ("prompt", "prompt_column", "messages", "messages_column") if getattr(self, k) is not None]
         if fmt == "openai_batch":
-            if self.prompt is not None or self.prompt_column is not None:
-                raise ValueError("an openai_batch input carries its prompts in each line's body: drop prompt/prompt_column")
+            if given:
+                raise ValueError(f"an openai_batch input carries its prompts in each line's body: drop {given[0]}")
             return self
-        if (self.prompt is None) == (self.prompt_column is None):
-            raise ValueError("give exactly one of prompt (a {{column}} template) or prompt_column")
+        if len(given) != 1:
+            raise ValueError("give exactly one of prompt (a {{column}} template), prompt_column, messages (a list "
+                             "of {role, content} templates) or messages_column" +
+                             (f"; got {' and '.join(given)}" if given else ""))
+        # Templates are compiled here, so a syntax error fails `validate`, naming the template.
+        from .templating import Template
+
+        if self.prompt is not None:
+            Template(self.prompt, "input.prompt")
+        if self.messages is not None:
+            from .shapes.chat import MessagesTemplate
+
+            MessagesTemplate(self.messages, "input.messages")
         return self
+
+    @property
+    def is_chat(self) -> bool:
+        """Whether the rows are messages (the chat shape): `messages`, `messages_column`, or an OpenAI batch
+        file whose first line is a /v1/chat/completions request."""
+        if self.messages is not None or self.messages_column is not None:
+            return True
+        return self.resolved_format == "openai_batch" and batch_file_is_chat(self.path)
 
     @property
     def resolved_format(self) -> str:
@@ -469,24 +536,79 @@ class Price(_Model):
     cached_prompt: float | None = Field(None, ge=0, allow_inf_nan=False, description="USD per million cached prompt tokens")
 
 
+class _ChatRequest(dict[str, Any]):
+    """A request block marked by `JobSpec._shape` as a chat job's (its input has messages)."""
+
+
+def _request_shape(value: Any) -> str:
+    if isinstance(value, _ChatRequest | ChatRequestSpec):  # ChatRequestSpec: imported at the end of the module
+        return "chat"
+    return "completions"
+
+
+def _input_is_chat(raw: Any) -> bool:
+    """From the raw `input:` section, before validation: whether the job speaks chat."""
+    if not isinstance(raw, dict):
+        return False
+    if raw.get("messages") is not None or raw.get("messages_column") is not None:
+        return True
+    if raw.get("format") == "openai_batch" and isinstance(raw.get("path"), str | Path):
+        return batch_file_is_chat(Path(expand_path(raw["path"])))
+    return False
+
+
 class JobSpec(_Model):
     name: str | None = None
     input: InputSpec
     output: OutputSpec
     endpoint: EndpointSpec = Field(default_factory=lambda: EndpointSpec())
-    request: RequestSpec
+    # The chat shape's request fields when the input has messages (`_shape` decides), else the legacy ones.
+    request: Annotated[
+        Annotated[RequestSpec, Tag("completions")] | Annotated[ChatRequestSpec, Tag("chat")],
+        Discriminator(_request_shape),
+    ]
     limits: Limits = Field(default_factory=lambda: Limits())
     cache_dir: Path | None = None
     prices: dict[str, Price] | None = None
 
     _cache_dir = field_validator("cache_dir", mode="before")(_expand)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shape(cls, data: Any) -> Any:
+        # The request block's fields depend on the input: messages make a chat job. Chosen here, once, so the
+        # request is validated against the one endpoint it will be sent to.
+        if isinstance(data, dict) and isinstance(data.get("request"), dict) and _input_is_chat(data.get("input")):
+            data = {**data, "request": _ChatRequest(data["request"])}
+        return data
+
+    @property
+    def is_chat(self) -> bool:
+        return _request_shape(self.request) == "chat"
+
     @model_validator(mode="after")
     def _cross(self) -> JobSpec:
         batch_input = self.input.format == "openai_batch"
         if self.request.model is None and self.request.routing("load_balancer") is None and not batch_input:
             raise ValueError("request.model is required (or a load_balancer to draw it from)")
-        if self.endpoint.api == "openai":
+        if self.is_chat:
+            from .shapes.chat_spec import check_api
+
+            try:
+                check_api(self.request, self.endpoint.api)  # type: ignore[arg-type]
+            except ValueError as exc:
+                field, _, rest = str(exc).partition(" ")  # "request.x is orq-only...": shown under its field
+                raise ValueError(f"{field}: {rest}") from None
+            rf = self.request.response_format  # type: ignore[union-attr]
+            schema = getattr(getattr(rf, "json_schema", None), "schema_", None)
+            if schema is not None:
+                from .structured import StructuredOutput, load_schema
+
+                try:  # a schema file that is missing or not a JSON schema fails `validate`, not the run
+                    StructuredOutput(load_schema(schema))
+                except ValueError as exc:
+                    raise ValueError(f"request.response_format.json_schema.schema: {exc}") from None
+        elif self.endpoint.api == "openai":
             orq_only = [f for f in ("name", "thinking", "plugins") if getattr(self.request, f) is not None]
             if self.request.orq is not None:
                 orq_only += [
@@ -536,6 +658,8 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif out == "request" and part in ("chat", "completions"):
+            continue  # the request's shape, a tag of the union: not a key the user wrote
         elif part.startswith(("function-", "tagged-union")) or part in (
             "list[InputItem]",
             "dict[str,any]",
@@ -598,3 +722,10 @@ def load_spec(path: str | Path) -> JobSpec:
     if spec.name is None:
         spec = spec.model_copy(update={"name": path.stem})
     return spec
+
+
+# The chat request model imports this module's routing models, so it is imported once they exist, and the job
+# spec, which refers to it, is completed then.
+from .shapes.chat_spec import ChatRequestSpec  # noqa: E402
+
+JobSpec.model_rebuild()

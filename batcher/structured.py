@@ -30,7 +30,7 @@ from jsonschema import validators
 from jsonschema.exceptions import SchemaError, best_match
 
 from ._fastcheck import compile_check
-from .wire import ContractError
+from .errors import ContractError
 
 __all__ = ["Column", "SchemaViolation", "StructuredOutput", "load_schema"]
 

@@ -10,7 +10,7 @@ that is not a column is an error) and never HTML-escaped.
     t.variables            # ['examples', 'text']: the columns the template reads
     t.render({"text": "great", "examples": [{"q": "bad", "a": "negative"}]})
 
-One difference from template.py: Jinja turns a `\r` or `\r\n` in a template's own text into `\n` (values are
+One difference from the `{{var}}` templates batcher had before: Jinja turns a `\r` or `\r\n` in a template's own text into `\n` (values are
 untouched). A template that is plain text with `{{name}}` holes skips Jinja: it renders by joining literals, about ten
 times faster (benchmarks/templates.py), with the same output and the same errors.
 """
@@ -43,7 +43,7 @@ _JINJA_SYNTAX = re.compile(r"\{\{|\{%|\{#")
 
 class MissingVariable(KeyError):
     """A column the template reads is missing from the row, or null, or holds a value a prompt cannot show
-    (NaN, ±Infinity). template.py re-exports this class, so code that catches either catches both."""
+    (NaN, ±Infinity)."""
 
     def __init__(self, name: str, why: str) -> None:
         super().__init__(name)
@@ -113,7 +113,7 @@ def to_text(value: Any) -> str:
     seconds (`PT3600S`); lists and objects as JSON, their values mapped the same way (quoted inside, NaN as
     `null`). A top-level NaN or ±Infinity raises `NotRenderable`: a prompt showing `NaN` or `null` for a number
     is rarely what its author meant, so the row becomes an error row, as for a null value.
-    This is the one place that turns a value into prompt text (template.py uses it too)."""
+    This is the one place that turns a value into prompt text."""
     if isinstance(value, str):
         return value
     if type(value) is int:

@@ -1,9 +1,9 @@
-"""Render cost per row: template.py's `{{var}}` templates against templating.py's Jinja2 ones.
+"""Render cost per row of templating.py: its fast path for plain `{{var}}` templates against Jinja2.
 
     python benchmarks/templates.py
 
-Prints µs per row (best of 5 repeats) for a one-variable template (the demo's prompt) through template.py,
-templating.py's fast path (plain `{{var}}` holes, no Jinja), and the same template compiled by Jinja; then a
+Prints µs per row (best of 5 repeats) for a one-variable template (the demo's prompt) through templating.py's
+fast path (plain `{{var}}` holes, no Jinja), and the same template compiled by Jinja; then a
 few-shot template with a loop. The figure that matters: the per-row cost a chat run adds over a legacy one.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import timeit
 from collections.abc import Callable
 
-from batcher.template import Template as Legacy
 from batcher.templating import Template
 
 PROMPT = "Classify the sentiment of this review as positive, negative or neutral.\n\n{{text}}"
@@ -29,15 +28,13 @@ def per_row_us(fn: Callable[[], object], number: int = 20_000) -> float:
 
 
 def main() -> None:
-    legacy = Legacy(PROMPT)
     fast = Template(PROMPT)
     # The same one-variable template forced through Jinja: a no-op `{% if %}` disables the fast path.
     jinja = Template(PROMPT + "{% if false %}{% endif %}")
     few = Template(FEW_SHOT)
     assert fast.is_plain and not jinja.is_plain
-    assert legacy.render(ROW) == fast.render(ROW) == jinja.render(ROW)
+    assert fast.render(ROW) == jinja.render(ROW)
     rows = [
-        ("template.py, {{text}}", per_row_us(lambda: legacy.render(ROW))),
         ("templating.py fast path, {{text}}", per_row_us(lambda: fast.render(ROW))),
         ("templating.py Jinja, {{text}}", per_row_us(lambda: jinja.render(ROW))),
         ("templating.py Jinja, few-shot loop (2 examples)", per_row_us(lambda: few.render(FEW_ROW))),

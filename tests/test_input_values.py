@@ -341,3 +341,35 @@ def test_duplicate_custom_ids_are_worded_for_batch_files(make_spec, tmp_path: Pa
     assert cli_main(["run", str(path), "--quiet"]) == 3
     err = capsys.readouterr().err
     assert "duplicate custom_id values, e.g. ['a']" in err and "id_column" not in err
+
+
+def test_a_chat_openai_batch_body_is_checked_like_the_chat_request_fields(make_spec, gateway: Gateway,
+                                                                          tmp_path: Path) -> None:
+    chat = {"role": "user", "content": "hi"}
+    src = write_jsonl(tmp_path / "b.jsonl", [
+        {"custom_id": "a", "url": "/v1/chat/completions", "body": {"messages": [chat]}},
+        {"custom_id": "b", "url": "/v1/chat/completions", "body": {"messages": [chat], "temprature": 1}},
+    ])
+    out = tmp_path / "o.jsonl"
+    spec = parse_spec(make_spec(input={"path": str(src), "format": "openai_batch", "id_column": None, "prompt": None},
+                                output={"path": str(out), "format": "openai_batch"}, request={"max_tokens": None}))
+    result = run_job(spec, options())
+    assert (result.ok, result.errors) == (1, 1) and gateway.stats.total == 1
+    got = [json.loads(x) for x in out.read_text().splitlines()]
+    assert got[1]["error"]["message"].startswith("line 2: body.temprature: unknown key")
+
+
+def test_chat_rows_name_their_row_and_send_json_safe_inputs(make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": ["a", "b"], "x": [1.5, math.nan], "day": [dt.date(2024, 2, 29)] * 2}), src)
+    spec = parse_spec(make_spec(
+        input={"path": str(src), "id_column": "id", "prompt": None,
+               "messages": [{"role": "user", "content": "x={{x}} on {{day}}"}], "inputs_columns": ["x", "day"]},
+        output={"path": str(tmp_path / "o.jsonl")}, request={"max_tokens": None}))
+    result = run_job(spec, options())
+    assert (result.ok, result.errors) == (1, 1)
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert rows[1]["error"].startswith("row 1: ") and "{{x}}" in rows[1]["error"]
+    body = gateway.stats.bodies[0]["body"]
+    assert body["messages"][0]["content"] == "x=1.5 on 2024-02-29"
+    assert body["orq"]["inputs"] == {"x": 1.5, "day": "2024-02-29"}

@@ -18,7 +18,7 @@ from batcher.sinks import state_dir_for
 
 ROOT = Path(__file__).resolve().parents[1]
 REVIEWS = ROOT / "samples" / "reviews.parquet"
-# jobs/demo.yaml's template: the one the measured error in batcher/plan.py's docstring is about.
+# The prompt jobs/demo.yaml had before it became a chat job: the one the measured error in batcher/plan.py's docstring is about.
 DEMO_PROMPT = ("Classify the sentiment of this review as positive, negative or neutral. Answer with one word.\n\n"
                "{{text}}")
 RUN = RunOptions(quiet=True, handle_signals=False)

@@ -287,8 +287,14 @@ def test_disk_full_stops_keeps_what_was_written_and_rerun_completes(make_spec, g
 CANARY = "sk-canary-7f3a9c1e5d2b4a68"
 
 
-def test_canary_key_never_leaks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shape", ["completions", "chat"])
+def test_canary_key_never_leaks(tmp_path: Path, shape: str) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", _rows(60))
+    if shape == "chat":  # the same job as chat: messages in, /v1/chat/completions, max_completion_tokens
+        source: dict[str, Any] = {"messages": [{"role": "user", "content": "{{text}}"}]}
+        bound: dict[str, Any] = {"max_completion_tokens": 4}
+    else:
+        source, bound = {"prompt": "{{text}}"}, {"max_tokens": 4}
     faults = [
         {"kind": "status", "status": 500, "echo_auth": True, "prompt_contains": "number 1"},
         {"kind": "status", "status": 429, "echo_auth": True, "first": 1, "retry_after_ms": "10"},
@@ -297,10 +303,10 @@ def test_canary_key_never_leaks(tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
     with serve_in_thread(GatewayConfig(faults=faults)) as gw:
         spec = _spec_file(tmp_path, {
-            "input": {"path": str(src), "id_column": "id", "prompt": "{{text}}"},
+            "input": {"path": str(src), "id_column": "id", **source},
             "output": {"path": str(tmp_path / "out" / "o.jsonl")},
             "endpoint": {"base_url": gw.base_url, "api": "openai", "api_key_env": "MY_KEY"},
-            "request": {"model": "m", "max_tokens": 4, "retry": {"count": 1},
+            "request": {"model": "m", **bound, "retry": {"count": 1},
                         "cache": {"type": "exact_match", "ttl": 60}},
             "cache_dir": str(cache_dir),
             "limits": {"concurrency": 4},

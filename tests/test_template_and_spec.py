@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batcher import SpecError, load_spec
-from batcher.template import MissingVariable, Template
+from batcher.templating import MissingVariable, Template
 
 names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True)
 literal = st.text(alphabet=st.characters(blacklist_characters="{}"), max_size=20)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
-from ..spec import RequestSpec
+from ..spec import RESULT_COLUMN_NAMES, JobSpec, RequestSpec, kept_column_name
 from .base import Answer, Api, ContractError, Prompt, Refused, SchemaViolation, Shape, StreamFolder
 from .chat import ChatShape
 from .chat_spec import ChatRequestSpec
@@ -33,6 +33,7 @@ __all__ = [
     "Shape",
     "StreamFolder",
     "shape_for",
+    "shape_of_job",
 ]
 
 
@@ -43,3 +44,12 @@ def shape_for(
     if isinstance(request, ChatRequestSpec):
         return ChatShape(request, api, reserved=reserved, base_dir=base_dir)
     return CompletionsShape(request, api)
+
+
+def shape_of_job(spec: JobSpec) -> Shape:
+    """The shape a job speaks, built once. A json_schema property named like one of the output's other columns
+    (batcher's, the id, a kept column) gets the `answer_` prefix."""
+    id_name = spec.input.id_name
+    reserved = {*RESULT_COLUMN_NAMES, id_name}
+    reserved.update(kept_column_name(c, id_name) for c in spec.output.keep_columns if c != spec.input.id_source)
+    return shape_for(spec.request, spec.endpoint.api, reserved=reserved)

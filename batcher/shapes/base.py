@@ -22,8 +22,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import pyarrow as pa
 
+from ..errors import ContractError
 from ..structured import SchemaViolation
-from ..wire import ContractError
 
 __all__ = ["Answer", "Api", "ContractError", "Refused", "SchemaViolation", "Shape", "StreamFolder"]
 

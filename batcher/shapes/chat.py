@@ -508,19 +508,19 @@ def _data_url(value: str, where: str) -> str:
 class MessagesTemplate:
     """`input.messages`: each content a template, or a list of parts whose string values are templates."""
 
-    def __init__(self, messages: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, messages: Sequence[Mapping[str, Any]], name: str = "messages") -> None:
         try:
             checked = _MESSAGES.validate_python(list(messages))
         except ValidationError as exc:
             err = exc.errors(include_url=False)[0]
-            where = "messages" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+            where = name + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
             raise ValueError(f"{where}: {err['msg']}") from None
         self.messages = [m.model_dump(exclude_none=True) for m in checked]
         for m in self.messages:
             if m["role"] == "tool":
                 m.setdefault("tool_call_id", None)  # required by the contract even when null
         templates: list[Template] = []
-        self._tree = [_compile(m, f"messages[{i}]", templates) for i, m in enumerate(self.messages)]
+        self._tree = [_compile(m, f"{name}[{i}]", templates) for i, m in enumerate(self.messages)]
         self.variables: list[str] = []
         for t in templates:
             self.variables += [v for v in t.variables if v not in self.variables]

@@ -21,13 +21,12 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator, Mapping
-from importlib import resources
 from typing import Any
 
-import yaml
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
+from ..openapi import load_openapi
 from .chat import PATHS
 from .chat_spec import OPENAI_CHAT_FIELDS
 
@@ -67,11 +66,9 @@ _LABEL_CUES = {
 _PUNCT = str.maketrans({c: " " for c in '!"#$%&()*+,-./:;<=>?@[\\]^_`{|}~'})
 
 
-@functools.cache
 def load_chat_openapi() -> dict[str, Any]:
-    text = resources.files("batcher").joinpath("_openapi/orq-router-chat-completions.openapi.yaml").read_text("utf-8")
-    data: dict[str, Any] = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    return data
+    """The chat extract (openapi.load_openapi("chat"): one loader for both shapes)."""
+    return load_openapi("chat")
 
 
 def _validator(ref: str) -> Draft202012Validator:

@@ -508,7 +508,9 @@ class _Job:
                 # rows' current places (rows are in input order), and answers for ids now gone are dropped.
                 self.result.dropped = remap_journal(state_dir, self.source.ids(info.id_type))
             if changed:
-                state.input = identity
+                # Not "finished" any more: a crash before this run's end must not make the rerun a no-op on an
+                # input whose new rows were never asked.
+                state.input, state.status = identity, "partial"
                 state.save()
             self.result.skipped = len(ids) - self.result.dropped
             if ids:

@@ -373,3 +373,17 @@ def test_chat_rows_name_their_row_and_send_json_safe_inputs(make_spec, gateway: 
     body = gateway.stats.bodies[0]["body"]
     assert body["messages"][0]["content"] == "x=1.5 on 2024-02-29"
     assert body["orq"]["inputs"] == {"x": 1.5, "day": "2024-02-29"}
+
+
+def test_a_finished_job_whose_ids_were_replaced_is_not_a_no_op(make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [{"k": f"k{i}", "t": f"text {i}"} for i in range(3)])
+    spec = parse_spec(make_spec(input={"path": str(src), "id_column": "k", "prompt": "{{t}}"},
+                                output={"path": str(tmp_path / "o.parquet")}))
+    assert run_job(spec, options()).status == "finished"
+    # same row count, one id replaced: run.json says finished, but k7 was never asked
+    write_jsonl(src, [{"k": "k0", "t": "text 0"}, {"k": "k7", "t": "new"}, {"k": "k2", "t": "text 2"}])
+    plan = make_plan(spec)
+    assert (plan.done, plan.to_send) == (2, 1)
+    result = run_job(spec, options())
+    assert result.status == "finished" and (result.ok, result.skipped, result.dropped) == (1, 2, 1)
+    assert pl.read_parquet(tmp_path / "o.parquet")["k"].to_list() == ["k0", "k7", "k2"]

@@ -4,9 +4,11 @@ Exit codes: 0 done (or nothing to do), 1 unexpected failure, 2 invalid spec or u
 4 output not writable (or disk full mid-run; or the output is the input, or a file batcher did not write),
 5 a partial run of another spec, or of a changed input without id_column, is in the way (use --fresh), 6 the
 server refused the API key, 7 stopped at the cost budget (at once, with no request, when a rerun's cap is
-already spent by the job), 8 another run of this job holds its lock (`--wait` waits for it), 130/143
+already spent by the job), 8 another run of this job holds its lock (`--wait` waits for it), 9 finished with
+more error rows than --max-errors (or limits.max_errors; default 0) allows, 130/143
 interrupted by SIGINT/SIGTERM (at any moment, start-up included: one line, no traceback).
-After 4, 6, 7, 130 and 143 the run is resumable: run the same command again (after 4, once there is room);
+After 4, 6, 7, 9, 130 and 143 the run is resumable: run the same command again (after 4, once there is room;
+after 9 it asks the error rows again);
 after 8, once the other run has ended.
 """
 
@@ -44,6 +46,8 @@ def _run(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         overwrite=args.overwrite,
         wait=args.wait,
+        loop=args.loop,
+        max_errors=args.max_errors,
     )
     result = run_job(spec, options)
     if result.status == "nothing_to_do":
@@ -56,10 +60,23 @@ def _run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _max_errors(value: str) -> str:
+    from .spec import parse_max_errors
+
+    try:
+        parse_max_errors(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
 def _validate(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
     spec = load_spec(args.spec)
+    from .runner import check_output_columns
+
+    check_output_columns(spec)
     print(f"{args.spec}: valid job spec {spec.job_name!r} ({spec.input.path} -> {spec.output.path})")
     return 0
 
@@ -87,6 +104,12 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--verbose", "-v", action="store_true", help="print every failed attempt and the decision")
     run.add_argument("--wait", action="store_true",
                      help="if another run of this job is under way, wait for it to end, then resume (else: exit 8)")
+    run.add_argument("--max-errors", type=_max_errors, metavar="N|P%",
+                     help="error rows a finished run may have and still exit 0: a count, or a percentage of the "
+                          "rows (default: limits.max_errors, else 0; over it: exit 9)")
+    run.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                     help="event loop: uvloop when installed (auto, the default; $BATCHER_LOOP=asyncio turns it "
+                          "off), or asyncio")
     run.set_defaults(func=_run)
 
     val = sub.add_parser("validate", help="check a job spec without running it")

@@ -54,6 +54,9 @@ from .spec import JobSpec, load_spec
 __all__ = ["CHARS_PER_TOKEN", "PROMPT_TOLERANCE", "ModelEstimate", "Plan", "add_parser", "make_plan"]
 
 CHARS_PER_TOKEN = 4.0
+# A sane range: no tokenizer is near either end, and outside it the estimate under- or overflows (5e-324 -> inf).
+CHARS_PER_TOKEN_RANGE = (0.1, 100.0)
+_CPT_RANGE_TEXT = "from 0.1 to 100 characters per token"
 # The stated error of the prompt-token estimate (measured: +12.1% against the local gateway, see above).
 PROMPT_TOLERANCE = 0.25
 DEFAULT_LATENCY_MS = 1000.0
@@ -226,8 +229,9 @@ def make_plan(
     """
     if not (math.isfinite(latency_ms) and latency_ms > 0):
         raise SpecError(f"--latency-ms must be a finite number greater than 0, got {latency_ms:g}")
-    if not (math.isfinite(chars_per_token) and chars_per_token > 0):
-        raise SpecError(f"--chars-per-token must be a finite number greater than 0, got {chars_per_token:g}")
+    if not (math.isfinite(chars_per_token) and CHARS_PER_TOKEN_RANGE[0] <= chars_per_token <= CHARS_PER_TOKEN_RANGE[1]):
+        raise SpecError(f"--chars-per-token must be a finite number greater than 0 ({_CPT_RANGE_TEXT}), "
+                        f"got {chars_per_token:g}")
     out = _output_path(spec, output)
     notes: list[str] = []
     table = PriceTable.default().overridden(
@@ -446,6 +450,14 @@ def load_price_file(path: str) -> PriceTable:
     return PriceTable.from_file(path)
 
 
+def _chars_per_token(text: str) -> float:
+    """--chars-per-token: `_positive`, and within `CHARS_PER_TOKEN_RANGE` (5e-324 would make the estimate infinite)."""
+    value = _positive(text)
+    if not CHARS_PER_TOKEN_RANGE[0] <= value <= CHARS_PER_TOKEN_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be a finite number greater than 0 ({_CPT_RANGE_TEXT}), got {text!r}")
+    return value
+
+
 def _positive(text: str) -> float:
     """An argparse type: a finite number greater than 0 (nan, inf, 0 and negatives are refused, exit 2)."""
     try:
@@ -486,7 +498,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--prices", metavar="FILE", help="price table overriding the shipped one (as for run)")
     p.add_argument("--latency-ms", type=_positive, default=DEFAULT_LATENCY_MS, metavar="MS",
                    help=f"assumed time of one call (default {DEFAULT_LATENCY_MS:g})")
-    p.add_argument("--chars-per-token", type=_positive, default=CHARS_PER_TOKEN, metavar="X",
-                   help=f"prompt characters per token (default {CHARS_PER_TOKEN:g})")
+    p.add_argument("--chars-per-token", type=_chars_per_token, default=CHARS_PER_TOKEN, metavar="X",
+                   help=f"prompt characters per token, {_CPT_RANGE_TEXT} (default {CHARS_PER_TOKEN:g})")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.set_defaults(func=_plan)

@@ -3,13 +3,16 @@
     feed ──work──▶ worker × C ──results──▶ write
       └──────────── results (rows that need no call) ──┘
 
-It knows nothing of HTTP or files: the runner passes `feed`, `work` and `write`. Bounded buffers give
-backpressure end to end (a slow disk slows the workers, slow workers slow the reader). Stopping has two
-steps, as Ctrl-C does: `stop_feeding()` lets work already started finish and be written (items still queued for
-the workers are not started); `cancel_work()` abandons it. Either way the writer drains everything that was
-produced, so no answer that arrived is dropped.
+It knows nothing of HTTP or files: the runner passes `feed`, `work`, `record` and `write`. A worker hands its
+result to `record` (synchronous: the journal's write(2)) the moment `work` returns, before it takes its next item
+and without yielding to the loop, so at any moment the answers not yet recorded are only the calls in flight;
+`write` then gets results in batches (counts, progress, the cache), where gathering costs no durability.
+Bounded buffers give backpressure end to end (a slow disk slows the workers, slow workers slow the reader).
+Stopping has two steps, as Ctrl-C does: `stop_feeding()` lets work already started finish and be written
+(items still queued for the workers are not started); `cancel_work()` abandons it. Either way the writer drains
+everything that was produced, so no answer that arrived is dropped (unless the sink itself failed).
 
-An exception from `work` or `write` is not a row's failure (the runner turns those into rows): it stops the
+An exception from `work`, `record` or `write` is not a row's failure (the runner turns those into rows): it stops the
 pool, the writer still drains, and `run` raises that very exception, traceback and all, so a bug surfaces as
 itself rather than as a half-written run.
 """
@@ -69,6 +72,7 @@ class Pool(Generic[T, R, W]):
         open_worker: Callable[[], W],
         close_worker: Callable[[W], Awaitable[None]],
         write: Callable[[list[R]], Awaitable[None]],
+        record: Callable[[R], None] | None = None,
         max_write_batch: int = 2048,
         linger: float = 0.02,
         max_linger: float = 0.1,
@@ -79,6 +83,7 @@ class Pool(Generic[T, R, W]):
         self._open_worker = open_worker
         self._close_worker = close_worker
         self._write = write
+        self._record = record
         self._max_write_batch = max_write_batch
         self._linger = linger
         self._max_linger = max(linger, max_linger)
@@ -87,6 +92,7 @@ class Pool(Generic[T, R, W]):
         self.feeding_stopped = False
         self.work_cancelled = False
         self.error: BaseException | None = None
+        self.sink_failed = False  # `record` or `write` raised: nothing more is written
 
     def stop_feeding(self) -> None:
         """Start no new work; what was started finishes. Queued items stay undone."""
@@ -109,7 +115,7 @@ class Pool(Generic[T, R, W]):
         capacity = self.concurrency * 2
         work_send, work_recv = anyio.create_memory_object_stream[T](capacity)
         sender = WorkSender(work_send, capacity)
-        # Small on purpose: an answer waiting here is paid for but not yet durable.
+        # Small: it only decouples the workers from the writer's batches (answers here are already recorded).
         res_send, res_recv = anyio.create_memory_object_stream[R](self.concurrency)
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._writer, res_recv)
@@ -152,6 +158,14 @@ class Pool(Generic[T, R, W]):
                 except Exception as exc:  # a bug, not a row's failure: stop, drain, and `run` re-raises it
                     self.fail(exc)
                     return
+                if self._record is not None and not self.sink_failed:
+                    # No await between the answer and its record: a kill -9 can only cost calls in flight.
+                    try:
+                        self._record(result)
+                    except Exception as exc:  # the sink failed (disk full): stop sending, keep what was written
+                        self.sink_failed = True
+                        self.fail(exc)
+                        return
                 try:
                     res_send.send_nowait(result)
                 except anyio.WouldBlock:
@@ -160,14 +174,13 @@ class Pool(Generic[T, R, W]):
                         await res_send.send(result)
 
     async def _writer(self, res_recv: MemoryObjectReceiveStream[R]) -> None:
-        # Gather answers before writing: each write is a thread hop and an fsync, ~0.3 ms of CPU here, which
-        # written per answer would cost more than the answer. A batch is written once it holds one answer per
-        # worker or `linger` worth of answers at the recent rate, whichever is more, or after `max_linger`.
-        # So a kill -9 re-asks at most that many answers besides the calls in flight, and at a few hundred
-        # answers a second the fsyncs cost a few microseconds an answer, not tens. The waits in between are
-        # sized from the same rate, to come back before the results buffer fills and blocks the workers
-        # (polling every millisecond instead costs a wakeup each). Polled, not a cancelled receive():
-        # cancelling a receive the instant an item is handed over would drop that item.
+        # Results are durable before they get here (`record`); what is left per result (counts, progress, a
+        # cache entry written from a thread) is cheap in groups and dear one by one. So a batch is handed to
+        # `write` once it holds one result per worker or `linger` worth of results at the recent rate,
+        # whichever is more, or after `max_linger`. The waits in between are sized from the same rate, to come
+        # back before the results buffer fills and blocks the workers (polling every millisecond instead costs
+        # a wakeup each). Polled, not a cancelled receive(): cancelling a receive the instant an item is handed
+        # over would drop that item.
         half = max(1, self.concurrency // 2)
         rate = 0.0  # answers per second, smoothed
         async with res_recv:
@@ -196,10 +209,11 @@ class Pool(Generic[T, R, W]):
                 if elapsed > 0.0005:
                     now_rate = len(batch) / elapsed
                     rate = 0.5 * rate + 0.5 * now_rate if rate else now_rate
-                if self.error is not None:
-                    continue  # the sink failed: drain so producers can finish, write nothing more
+                if self.sink_failed:
+                    continue  # drain so producers can finish; write nothing more to a failed sink
                 try:
                     with anyio.CancelScope(shield=True):
                         await self._write(batch)
                 except Exception as exc:
+                    self.sink_failed = True
                     self.fail(exc)

@@ -26,9 +26,12 @@ column named like a figure is renamed `by_<name>` (`group_columns`); text tables
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import json
 import math
+import os
+import re
 import sys
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
@@ -119,10 +122,19 @@ def _kind(value: Any) -> str:
     return "json"  # an object or an array
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _utf8(text: str) -> str:
+    """A lone surrogate (`"\\udc00"` is valid JSON, and batcher keeps it escaped in JSONL outputs) as U+FFFD,
+    as in a Parquet output: polars strings are UTF-8, which cannot hold one."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
 def _json_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
+    if value is None:
+        return None
+    return _utf8(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
 
 
 # What each result column may hold in a JSONL output (besides null); ints are fine where floats are.
@@ -191,8 +203,8 @@ def _read_jsonl(path: Path) -> pl.LazyFrame:
 
     def frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
         return pl.DataFrame([
-            pl.Series(key, [_json_text(r.get(key)) if key in as_text else r.get(key) for r in rows], dtype=dtype,
-                      strict=False)
+            pl.Series(key, [_json_text(r.get(key)) if key in as_text or dtype == pl.String() else r.get(key)
+                            for r in rows], dtype=dtype, strict=False)
             for key, dtype in schema.items()
         ])
 
@@ -242,8 +254,12 @@ def _scan_one(path: Path) -> pl.LazyFrame:
     except (pl.exceptions.PolarsError, OSError) as exc:
         raise InputError(f"cannot read {path}: {exc}") from None
     if "status" not in names:
-        hint = " (an openai_batch output? report reads batcher's parquet/jsonl format)" if "custom_id" in names else ""
-        raise InputError(f"{path}: not a batcher output: no 'status' column{hint}")
+        if "custom_id" in names and "response" in names:
+            raise InputError(
+                f"{path}: an openai_batch output (OpenAI Batch API lines): it has no latency, attempts or cost, so "
+                "batcher report reads batcher's own format only; for a report, run the job with output.format: "
+                "parquet or jsonl (its own output.path; with request.cache set, answers already cached are not paid again)")
+        raise InputError(f"{path}: not a batcher output: no 'status' column")
     for name, dtype in lf.collect_schema().items():
         want = _JSONL_TYPES.get(name)
         if want is not None and not _fits(dtype, want):
@@ -271,7 +287,33 @@ def scan_outputs(paths: Iterable[str | Path]) -> pl.LazyFrame:
     Files may differ in their kept input columns: a column missing from one file is null in its rows.
     """
     frames = [_scan_one(p) for p in _expand(paths)]
-    return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+    if len(frames) == 1:
+        return frames[0]
+    # A kept column read as two types that have no common one (a Parquet map kept by one output, the same column
+    # as JSONL [key, value] pairs in another; a duration and its ISO text) is read as text in every file, as a
+    # JSONL column that mixes types is: strings as they are, anything else as its JSON text.
+    types: dict[str, set[pl.DataType]] = {}
+    for lf in frames:
+        for name, dtype in lf.collect_schema().items():
+            if dtype != pl.Null():
+                types.setdefault(name, set()).add(dtype)
+    clash = {name for name, seen in types.items()
+             if name not in _JSONL_TYPES and len(seen) > 1 and not all(t.is_numeric() for t in seen)}
+    if clash:
+        frames = [lf.with_columns(_as_text(name, dtype) for name, dtype in lf.collect_schema().items() if name in clash)
+                  for lf in frames]
+    return pl.concat(frames, how="diagonal_relaxed")
+
+
+def _as_text(name: str, dtype: pl.DataType) -> pl.Expr:
+    if dtype == pl.String():
+        return pl.col(name)
+    if dtype.is_nested():
+        # `{"v":<value as JSON>}` minus its wrapping: polars JSON-encodes structs only.
+        return pl.struct(pl.col(name).alias("v")).struct.json_encode().str.slice(5).str.head(-1).alias(name)
+    if isinstance(dtype, (pl.Duration, pl.Time)):
+        return pl.col(name).dt.to_string("iso")  # exact, as batcher's JSONL outputs spell them
+    return pl.col(name).cast(pl.String)
 
 
 def _require(lf: pl.LazyFrame, columns: Iterable[str]) -> None:
@@ -487,10 +529,15 @@ def _bytes_text(value: bytes) -> str:
 
 
 def _text_keys(usage: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
-    """Group columns csv and json cannot hold as they are, as text: binary ones by `_bytes_text`, ones polars
-    cannot cast to text (durations) by Python's str; every other column as is."""
+    """Group columns csv and json cannot hold as they are, as text: durations and times in exact ISO 8601,
+    binary ones by `_bytes_text`, others polars cannot cast to text by Python's str; every other column as is."""
     converted = []
     for k in keys:
+        if isinstance(usage.schema[k], (pl.Duration, pl.Time)):
+            # ISO 8601 with every digit of the unit (`-PT0.000000001S`, `23:59:59.999999999`), as batcher's
+            # JSONL outputs spell them: a cast to text (or Python's str) drops the nanoseconds.
+            converted.append(usage[k].dt.to_string("iso"))
+            continue
         if usage.schema[k] != pl.Binary():
             try:
                 usage[k].cast(pl.String)
@@ -620,6 +667,10 @@ def _histogram(bins: list[tuple[float, float, int]], marks: dict[str, float]) ->
     return "".join(parts)
 
 
+# In every page `batcher report --html` writes: a file with it near its start may be replaced without --overwrite.
+HTML_MARKER = "<!-- batcher report: this page was written by batcher report --html -->"
+
+
 def html_report(lf: pl.LazyFrame, title: str) -> str:
     """A self-contained page (inline SVG, no script): cost by model, latency distribution, the two tables."""
     per_model = usage_table(lf, [])
@@ -646,7 +697,7 @@ def html_report(lf: pl.LazyFrame, title: str) -> str:
         "<h2>Errors</h2>", f"<pre>{html.escape(text_table(eh, eb))}</pre>" if eb else "<p>No errors.</p>",
     ]
     style = "body{font-family:system-ui,sans-serif;margin:2em}svg text{font-size:12px}pre{font-size:12px}"
-    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+    return (f'<!DOCTYPE html>\n{HTML_MARKER}\n<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n")
 
 
@@ -713,7 +764,31 @@ def _split_by(values: Sequence[str] | None) -> list[str]:
     return out
 
 
+def _check_html_target(target: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Before anything is read: the page never replaces one of the report's own inputs (not even with
+    --overwrite), nor a file that is not a page `batcher report` wrote (`HTML_MARKER` after its doctype)."""
+    if not target.exists():
+        return
+    for path in inputs:
+        same = False
+        with contextlib.suppress(OSError):
+            same = os.path.samefile(target, path)
+        if same:
+            raise OutputError(f"--html {target} is one of the files being reported ({path}): writing the page "
+                              "would destroy it; choose another file for the charts")
+    if overwrite:
+        return
+    head = b""
+    with contextlib.suppress(OSError), open(target, "rb") as f:
+        head = f.read(512)
+    if HTML_MARKER.encode() not in head:
+        raise OutputError(f"--html {target} already exists and is not a report page batcher wrote; choose another "
+                          "file, or pass --overwrite to replace it")
+
+
 def _report(args: argparse.Namespace) -> int:
+    if args.html:
+        _check_html_target(Path(args.html), _expand(args.outputs), args.overwrite)
     lf = scan_outputs(args.outputs)
     if args.prices:
         # As for `batcher run --prices`: the file's prices override the shipped table, model by model.
@@ -749,4 +824,6 @@ def add_parser(sub: Any) -> None:
                    help="which table to print (csv prints usage unless this says errors)")
     p.add_argument("--prices", metavar="FILE", help="recompute cost from tokens with this price table")
     p.add_argument("--html", metavar="FILE", help="also write charts (cost by model, latency) as one HTML file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --html replace an existing file that is not a page batcher report wrote")
     p.set_defaults(func=_report)

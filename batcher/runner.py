@@ -8,11 +8,14 @@ a signal stops the run early, and each leaves it resumable.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
+import importlib.util
 import os
 import random
 import signal
+import stat
 import sys
 import time
 import urllib.parse
@@ -43,6 +46,7 @@ from .sinks import (
     Journal,
     RunState,
     compact_journal,
+    encode_lines,
     finalize,
     fingerprint,
     input_identity,
@@ -52,9 +56,9 @@ from .sinks import (
     written_by_batcher,
 )
 from .sources import Source, SourceInfo, SourceRow
-from .spec import JobSpec, format_of, load_spec
+from .spec import JobSpec, format_of, kept_column_name, load_spec, parse_max_errors
 
-__all__ = ["RunOptions", "RunResult", "arun_job", "run_job"]
+__all__ = ["ERRORS_EXIT_CODE", "RunOptions", "RunResult", "arun_job", "run_job"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,8 @@ class RunOptions:
     verbose: bool = False  # one stderr line per failed attempt and what batcher does about it
     overwrite: bool = False  # replace an existing output that batcher did not write
     wait: bool = False  # another run of the job holds its lock: wait for it instead of refusing (exit 8)
+    max_errors: int | str | None = None  # overrides limits.max_errors: "10" rows or "2.5%" of the rows
+    loop: str = "auto"  # run_job's event loop: auto (uvloop when installed), uvloop, asyncio; see `event_loop`
 
 
 @dataclass
@@ -92,9 +98,14 @@ class RunResult:
     wall_s: float = 0.0
     message: str = ""
     signal: int | None = None
+    loop: str = ""  # the event loop the run used: "uvloop" or "asyncio"
+    error_kinds: dict[str, int] = field(default_factory=dict)  # error rows by error_kind
+    over_max_errors: bool = False  # finished, with more error rows than max_errors allows
 
     @property
     def exit_code(self) -> int:
+        if self.status == "finished" and self.over_max_errors:
+            return ERRORS_EXIT_CODE
         if self.status in ("finished", "nothing_to_do"):
             return 0
         if self.status == "interrupted":
@@ -106,9 +117,11 @@ class RunResult:
         return 1
 
     def summary(self) -> str:
+        kinds = sorted(self.error_kinds.items(), key=lambda kv: (-kv[1], kv[0]))
+        detail = f" ({', '.join(f'{n} {kind}' for kind, n in kinds)})" if kinds else ""
         parts = [
             f"{self.ok} ok",
-            f"{self.errors} error",
+            f"{self.errors} error{detail}",
             f"{self.cached} cached",
         ]
         if self.skipped:
@@ -121,6 +134,14 @@ class RunResult:
         return (f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> "
                 f"{self.output}{dropped}")
 
+
+# A run that finished with more error rows than --max-errors / limits.max_errors allow (default: none): a
+# scheduler can tell it from a clean run (0) and from a run that stopped early (1-8, 130, 143).
+ERRORS_EXIT_CODE = 9
+
+# A power loss or a kernel crash costs at most the answers journaled in the last SYNC_INTERVAL_S (plus one
+# fdatasync's time): they are asked again on resume. A kill -9 costs none of them (see `sinks.Journal`).
+SYNC_INTERVAL_S = 0.1
 
 # What the writer receives: a worker's row (None when the row was not sent: budget, fatal stop, signal), or a
 # list of rows the feeder settled without a call.
@@ -141,7 +162,38 @@ def _api_key(spec: JobSpec, base_url: str) -> str | None:
     return key or None
 
 
+def _refuse_special_output(path: Path) -> None:
+    """An existing output path must be a regular file (or a folder, refused below), with or without --overwrite:
+    the final write renames a temporary file over it, which would turn /dev/null or a fifo into a plain file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # absent (or unreadable: the probe names the cause)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+                else "a fifo" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise OutputError(f"the output path {path} is {kind}, not a regular file: batcher writes its output by "
+                          "renaming a finished file into place, which would replace it; choose a file path")
+
+
+def check_output_columns(spec: JobSpec, shape: Shape | None = None) -> None:
+    """Two output columns under one name would crash the final write after every call was paid: the id or a kept
+    column named like one of the shape's own columns (chat: refusal, tool_calls, reasoning). The spec checks
+    batcher's fixed columns (`JobSpec._kept_names`); this adds the shape's, for `validate` and before any call."""
+    shape = shape or shape_of_job(spec)
+    id_name = spec.input.id_name
+    owners: dict[str, str] = {id_name: "input.id_column"}
+    for c in spec.output.keep_columns:
+        if c != spec.input.id_source:
+            owners.setdefault(kept_column_name(c, id_name), f"output.keep_columns ({c!r})")
+    for name in shape.extra_columns:
+        if name in owners:
+            raise SpecError(f"{owners[name]}: the output column {name!r} is also one of the {shape.name} shape's "
+                            "own columns; rename that column in the input")
+
+
 def _probe_output(path: Path) -> None:
+    _refuse_special_output(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.parent / f".{path.name}.probe{os.getpid()}"
@@ -236,6 +288,11 @@ class _Job:
             shape=self.shape,
             recent_max=3 * spec.input.batch_size + 16 * spec.limits.concurrency,
         )
+        try:
+            self.max_errors = parse_max_errors(options.max_errors) if options.max_errors is not None \
+                else spec.limits.error_allowance
+        except ValueError as exc:
+            raise SpecError(f"--max-errors {exc}") from None
         self.endpoint: Endpoint | None = None
         self.endpoint_id = ""
         self.progress: Progress | None = None
@@ -295,17 +352,38 @@ class _Job:
                     return
                 await work.send(w)
 
+    def record(self, r: _Result) -> None:
+        """A worker's answer, into the journal the moment it exists (see `Journal`): one write(2) from the event
+        loop, no thread hop and no fsync (`_sync_journal` groups those)."""
+        if isinstance(r, dict):
+            entry = r.pop("_cache", None)  # the cache's copy is not journaled
+            self.journal.write(encode_lines((r,)))
+            if entry is not None:
+                r["_cache"] = entry
+
+    async def _sync_journal(self) -> None:
+        try:
+            await self.journal.sync_periodically(SYNC_INTERVAL_S)
+        except OutputError as exc:
+            self.pool.fail(exc)
+
     async def write(self, batch: list[_Result]) -> None:
+        """Counts, progress and the cache, for results in groups. Answers are journaled already (`record`);
+        rows settled without a call (cache hits, input errors: a crash costs nothing to redo) are journaled
+        here, encoded in a thread since they come a whole input batch at a time."""
         records: list[dict[str, Any]] = []
+        settled: list[dict[str, Any]] = []
         for r in batch:
             if isinstance(r, list):
-                records.extend(r)
+                settled.extend(r)
             elif r is not None:
                 records.append(r)
+        if settled:
+            self.journal.write(await anyio.to_thread.run_sync(encode_lines, settled))
+            records.extend(settled)
         if not records:
             return
         to_cache = [c for c in (r.pop("_cache", None) for r in records) if c is not None]
-        await anyio.to_thread.run_sync(self.journal.append, records)
         if self.cache is not None and self.cache_ttl is not None:
             ttl = self.cache_ttl
             items = [(k, c, ttl) for k, c in to_cache]
@@ -325,6 +403,8 @@ class _Job:
                 res.cost_usd += r.get("cost_usd") or 0.0
             else:
                 res.errors += 1
+                kind = r.get("error_kind") or "unknown"
+                res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
             res.attempts += r.get("attempts") or 0
         if self.progress is not None:
             self.progress.advance(len(records), res)
@@ -360,6 +440,7 @@ class _Job:
     async def run(self) -> RunResult:
         spec, opts = self.spec, self.options
         t0 = time.perf_counter()
+        self.result.loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
         info = self._preflight()
         await self._lock_job()
         self._resume_state(info)
@@ -396,11 +477,13 @@ class _Job:
                 open_worker=lambda: WorkerClient(endpoint, self.shape),
                 close_worker=lambda c: c.aclose(),
                 write=self.write,
+                record=self.record,
             )
             error: BaseException | None = None
             async with anyio.create_task_group() as tg:
                 if opts.handle_signals:
                     tg.start_soon(self._watch_signals)
+                tg.start_soon(self._sync_journal)
                 try:
                     await self.pool.run()
                 except (FatalRequestError, OutputError) as exc:
@@ -437,6 +520,16 @@ class _Job:
         else:
             res.status = "finished"
             BudgetStop(self.state.directory).clear()
+            allowance = self.max_errors
+            if not allowance.allows(res.errors, res.rows):
+                res.over_max_errors = True
+                flag = f"{allowance}" + (f" ({allowance.percent * res.rows / 100:g} of {res.rows} rows)"
+                                         if allowance.percent is not None else "")
+                res.message = (
+                    f"{res.errors} error row{'s' if res.errors != 1 else ''}, over max-errors {flag}: exit "
+                    f"{ERRORS_EXIT_CODE}. Rerun the same command to ask them again, or raise --max-errors "
+                    "(or limits.max_errors) to accept them"
+                )
         return res
 
     def _preflight(self) -> SourceInfo:
@@ -450,6 +543,7 @@ class _Job:
                     f"limits.max_cost_usd: no price for {missing[0]!r} (a model that may answer), so the budget "
                     "cannot be enforced; add it under prices: (USD per million prompt/completion tokens)"
                 )
+        check_output_columns(spec, self.shape)
         _probe_output(self.output)
         _check_output_target(self.output, spec.input.path, self.options.overwrite)
         self.schema = output_schema(self.source.id_name, info.id_type, {c: info.keep_types[c] for c in self.keep},
@@ -616,6 +710,35 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
             job.lock.release()
 
 
+LOOP_ENV = "BATCHER_LOOP"
+
+
+def uvloop_installed() -> bool:
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def event_loop(choice: str = "auto") -> str:
+    """The event loop a run gets: "uvloop" or "asyncio". `auto` (the default) takes uvloop when it is installed
+    (`pip install 'batcher[fast]'`) unless $BATCHER_LOOP says `asyncio`; `uvloop` insists on it (a SpecError
+    when it is missing). Everything in batcher, the in-process gateway included, runs on both."""
+    if choice == "auto":
+        choice = os.environ.get(LOOP_ENV, "").strip().lower() or "auto"
+    if choice not in ("auto", "uvloop", "asyncio"):
+        raise SpecError(f"the event loop must be auto, uvloop or asyncio (--loop or ${LOOP_ENV}), got {choice!r}")
+    if choice == "uvloop" and not uvloop_installed():
+        raise SpecError("the uvloop event loop was asked for but uvloop is not installed: "
+                        "pip install 'batcher[fast]'")
+    if choice == "auto":
+        return "uvloop" if uvloop_installed() else "asyncio"
+    return choice
+
+
 def run_job(spec: JobSpec | str | Path, options: RunOptions | None = None, **kwargs: Any) -> RunResult:
-    """Run a job synchronously (on anyio's asyncio backend)."""
-    return anyio.run(lambda: arun_job(spec, options, **kwargs))
+    """Run a job synchronously, on uvloop when it is installed (see `event_loop`), else on asyncio."""
+    options = options or RunOptions(**kwargs)
+    if not isinstance(spec, JobSpec):
+        spec = load_spec(spec)
+    use_uvloop = event_loop(options.loop) == "uvloop"
+    job_spec = spec
+    return anyio.run(lambda: arun_job(job_spec, options), backend="asyncio",
+                     backend_options={"use_uvloop": use_uvloop})

@@ -1,4 +1,4 @@
-"""Input rows from Parquet or JSONL, in bounded batches, each with a stable id.
+"""Input rows from Parquet, JSONL or CSV/TSV (`csv_input.py`), in bounded batches, each with a stable id.
 
 `Source.check()` is the pre-flight pass: it reads only what it must (the id column, or each JSONL line once) to
 count rows, refuse duplicate or null ids, and name missing or mistyped columns before any request is made.
@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
+from .csv_input import CsvFile, delimiter_for
 from .errors import InputError
 from .shapes.chat import MessagesTemplate, messages_from_value
 from .shapes.chat_spec import ChatRequestSpec
@@ -149,6 +150,7 @@ class Source:
         self.messages = MessagesTemplate(spec.messages, "input.messages") if spec.messages is not None else None
         self.chat = spec.is_chat
         self.id_name = spec.id_column or ("custom_id" if self.format == "openai_batch" else "id")
+        self._csv_file: CsvFile | None = None
 
     # -- pre-flight ---------------------------------------------------------------------------------------
 
@@ -179,6 +181,8 @@ class Source:
             raise InputError(f"cannot read input file {self.path}: {exc.strerror or exc}") from None
         if self.format == "parquet":
             return self._check_parquet()
+        if self.format in ("csv", "tsv"):
+            return self._check_csv()
         return self._check_jsonl()
 
     def _check_parquet(self) -> SourceInfo:
@@ -306,11 +310,78 @@ class Source:
                 types[c] = pa.string()  # nested or mixed values are kept as JSON text
         return SourceInfo(rows=rows, id_type=id_type, keep_types=types)
 
+    # -- CSV / TSV (every column read as text: csv_input.py says why) -------------------------------------
+
+    def _csv(self) -> CsvFile:
+        if self._csv_file is None:
+            self._csv_file = CsvFile(self.path, delimiter_for(self.format))
+        return self._csv_file
+
+    def _check_csv(self) -> SourceInfo:
+        csv_file = self._csv()
+        names = csv_file.header()
+        missing = [c for c in self._needed() if c not in names]
+        if missing:
+            what = [f"template variable {{{{{c}}}}}" if self.template and c in self.template.variables else repr(c)
+                    for c in missing]
+            raise InputError(f"{self.path}: no column {', '.join(what)}; the columns are {names}")
+        count_by = self.spec.id_column or (self._needed() or names)[0]
+        rows = 0
+        chunks: list[pa.Array] = []
+        try:
+            for _index, part in csv_file.segments([count_by]):
+                if isinstance(part, str):
+                    rows += 1
+                    continue
+                rows += part.num_rows
+                if self.spec.id_column:
+                    chunks.append(part.column(0))
+        except (OSError, pa.ArrowException) as exc:
+            raise InputError(f"cannot read {self.path} as {self.format.upper()}: {exc}") from None
+        id_type: pa.DataType = pa.int64()
+        if self.spec.id_column:
+            id_type = pa.string()
+            ids = pa.chunked_array(chunks, type=id_type)
+            empty = pc.sum(pc.equal(pc.utf8_length(ids), 0)).as_py() if len(ids) else 0
+            if empty:
+                raise InputError(f"{self.path}: {empty} row(s) have an empty id {self.spec.id_column!r}")
+            self._check_ids(ids)
+        return SourceInfo(rows=rows, id_type=id_type, keep_types={c: pa.string() for c in self.keep_columns})
+
+    def _csv_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
+        columns = self._needed()
+        rows: list[SourceRow] = []
+        for index, part in self._csv().segments(columns):
+            if isinstance(part, str):
+                rows.append(SourceRow(index, None if self.spec.id_column else index, None, error=part))
+            else:
+                n = part.num_rows
+                if self.spec.id_column:
+                    id_arr = part.column(self.spec.id_column)
+                else:
+                    id_arr = pa.array(range(index, index + n), type=pa.int64())
+                keep_mask: list[bool] | None = None
+                if done_ids is not None and len(done_ids):
+                    keep_mask = pc.invert(pc.is_in(id_arr, value_set=done_ids)).to_pylist()
+                cols = {c: part.column(c).to_pylist() for c in columns}
+                ids = id_arr.to_pylist()
+                for i in range(n):
+                    if keep_mask is None or keep_mask[i]:
+                        rows.append(self._row(index + i, ids[i], {c: cols[c][i] for c in columns}))
+            if len(rows) >= self.spec.batch_size:
+                for start in range(0, len(rows) - self.spec.batch_size + 1, self.spec.batch_size):
+                    yield rows[start:start + self.spec.batch_size]
+                rows = rows[len(rows) - len(rows) % self.spec.batch_size:]
+        if rows:
+            yield rows
+
     def _lines(self) -> Iterator[tuple[int, Any, bool]]:
         """(line number, parsed object or a `_BadLine`, whether it may hold a lone surrogate) per non-blank line."""
         search = _ESCAPED_SURROGATE.search
         with open(self.path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
+                if lineno == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a BOM (Windows editors): not part of the first line
                 if not raw.strip():
                     continue
                 try:
@@ -335,6 +406,8 @@ class Source:
         """Rows in file order, `batch_size` at a time, skipping ids in `done_ids` (a resumed run)."""
         if self.format == "parquet":
             yield from self._parquet_batches(done_ids)
+        elif self.format in ("csv", "tsv"):
+            yield from self._csv_batches(done_ids)
         else:
             yield from self._jsonl_batches(done_ids)
 

@@ -39,9 +39,11 @@ __all__ = [
     "DEFAULT_RETRY_ON_CODES",
     "RESULT_COLUMN_NAMES",
     "JobSpec",
+    "MaxErrors",
     "batch_file_is_chat",
     "kept_column_name",
     "load_spec",
+    "parse_max_errors",
     "parse_spec",
 ]
 
@@ -62,12 +64,19 @@ def kept_column_name(column: str, id_name: str) -> str:
     return f"input_{column}" if column in RESULT_COLUMN_NAMES or column == id_name else column
 
 
+# Integer fields whose contract sets no upper bound get one that every server and Parquet column can hold (a
+# `max_tokens: 999999999999999999999` would overflow the budget's int64 arithmetic and the server's int32).
+INT32_MAX = 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 StatusCode = Annotated[int, Field(ge=100, le=599)]
 FallbackCode = Annotated[int, Field(ge=400, le=599)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # strict: the official spec's types, not Python's coercions (`n: true`, `temperature: "0.5"`, `max_tokens: 3.0`
+    # and `echo: 1` are errors naming the field and the type); an int is still a valid float (`temperature: 1`).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # --- routing (top level, or inside `orq` in the older form) -------------------------------------------------
@@ -222,7 +231,7 @@ class ThinkingDisabled(_Model):
 
 class ThinkingEnabled(_Model):
     type: Literal["enabled"]
-    budget_tokens: int = Field(ge=1024)
+    budget_tokens: int = Field(ge=1024, le=INT32_MAX)
     thinking_level: Literal["minimal", "low", "medium", "high"] | None = None
 
 
@@ -268,9 +277,9 @@ class RequestSpec(_Model):
     model: str | None = Field(None, min_length=1)
     echo: bool | None = None
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
@@ -342,7 +351,10 @@ def format_of(path: Path, section: str) -> str:
         return "parquet"
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
-    raise ValueError(f"cannot tell the format of {str(path)!r}: use .parquet or .jsonl, or set {section}.format")
+    if section == "input" and suffix in (".csv", ".tsv"):
+        return suffix[1:]
+    kinds = ".parquet, .jsonl, .csv or .tsv" if section == "input" else ".parquet or .jsonl"
+    raise ValueError(f"cannot tell the format of {str(path)!r}: use {kinds}, or set {section}.format")
 
 
 def _expand(v: Any) -> Any:
@@ -375,7 +387,7 @@ def batch_file_is_chat(path: Path) -> bool:
 
 class InputSpec(_Model):
     path: Path
-    format: Literal["parquet", "jsonl", "openai_batch"] | None = None
+    format: Literal["parquet", "jsonl", "openai_batch", "csv", "tsv"] | None = None
     id_column: str | None = None
     prompt: str | None = None
     prompt_column: str | None = None
@@ -384,7 +396,7 @@ class InputSpec(_Model):
     messages_column: str | None = Field(None, min_length=1)
     inputs_columns: list[str] = Field(default_factory=list)
     batch_size: int = Field(1_000, ge=1, le=1_000_000)
-    max_prompt_chars: int = Field(1_000_000, ge=1)
+    max_prompt_chars: int = Field(1_000_000, ge=1, le=INT32_MAX)
 
     _path = field_validator("path", mode="before")(_expand)
 
@@ -488,7 +500,7 @@ class LocalGateway(_Model):
     latency_ms: float = Field(20, ge=0, le=600_000)
     jitter_ms: float = Field(0, ge=0, le=600_000)
     faults: list[Annotated[dict[str, Any], AfterValidator(_check_fault)]] = Field(default_factory=list)
-    seed: int = 0
+    seed: int = Field(0, ge=INT64_MIN, le=INT64_MAX)
 
 
 class EndpointSpec(_Model):
@@ -520,6 +532,43 @@ class EndpointSpec(_Model):
         return v
 
 
+@dataclasses.dataclass(frozen=True)
+class MaxErrors:
+    """How many error rows a finished run may have and still succeed (exit 0): a count, or a percentage of the
+    run's rows. Over it, the run exits 9 (`runner.ERRORS_EXIT_CODE`)."""
+
+    count: int | None = 0
+    percent: float | None = None
+
+    def allows(self, errors: int, rows: int) -> bool:
+        if self.percent is not None:
+            return errors * 100 <= self.percent * rows
+        return errors <= (self.count or 0)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else str(self.count)
+
+
+def parse_max_errors(value: int | str) -> MaxErrors:
+    """`10` or `"10"`: at most 10 error rows; `"2.5%"`: at most 2.5% of the rows. ValueError otherwise."""
+    text = str(value).strip()
+    try:
+        if text.endswith("%"):
+            percent = float(text[:-1])
+            if not 0 <= percent <= 100:  # NaN fails both
+                raise ValueError
+            return MaxErrors(count=None, percent=percent)
+        if isinstance(value, bool):
+            raise ValueError
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return MaxErrors(count=count)
+    except ValueError:
+        raise ValueError(f"must be a count of error rows (10) or a percentage of the rows (2.5%), 0-100%; "
+                         f"got {value!r}") from None
+
+
 class Limits(_Model):
     concurrency: int = Field(32, ge=1, le=4096)
     requests_per_minute: float | None = Field(None, gt=0)
@@ -528,6 +577,18 @@ class Limits(_Model):
     # total time one row may be paused by 429s before the 429 becomes its error (or a fallback)
     max_rate_limit_wait_s: float = Field(300, ge=0, le=86_400)
     grace_seconds: float = Field(30, ge=0, le=3600)
+    # error rows a finished run may have and still exit 0: a count (10) or a share of the rows ("2.5%")
+    max_errors: int | str = 0
+
+    @field_validator("max_errors")
+    @classmethod
+    def _max_errors(cls, v: int | str) -> int | str:
+        parse_max_errors(v)
+        return v
+
+    @property
+    def error_allowance(self) -> MaxErrors:
+        return parse_max_errors(self.max_errors)
 
 
 class Price(_Model):
@@ -632,11 +693,24 @@ class JobSpec(_Model):
         """Two kept columns written under one output name would crash the Parquet write after every call was
         paid (or overwrite each other in JSONL): refuse them here, before any call."""
         id_source, id_name = self.input.id_source, self.input.id_name
+        if id_name in RESULT_COLUMN_NAMES:
+            # The id is written under its own name (resume matches it, openai_batch output carries it as
+            # custom_id): renaming it would break both, so the clash is refused rather than every call paid for
+            # an output that cannot be written.
+            raise ValueError(
+                f"input.id_column: {id_name!r} is the name of one of batcher's output columns "
+                f"({', '.join(sorted(RESULT_COLUMN_NAMES))}); rename that column in the input"
+            )
         by_name: dict[str, str] = {}
         for column in self.output.keep_columns:
             if column == id_source:
                 continue  # it is the output's id column already
             name = kept_column_name(column, id_name)
+            if name == id_name:
+                raise ValueError(
+                    f"output.keep_columns: {column!r} would be written as the output column {name!r}, which is "
+                    "the id column (input.id_column); keep it under another name or choose another id_column"
+                )
             if name in by_name:
                 other = by_name[name]
                 raise ValueError(
@@ -707,6 +781,37 @@ def parse_spec(data: Any, source: str = "<spec>") -> JobSpec:
         raise SpecError(_format_errors(source, exc)) from None
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, minus two surprises: a key written twice is an error (PyYAML keeps the last one
+    silently), and `1e-3` is a number as in YAML 1.2 and JSON (PyYAML 1.1 reads it as a string, which the strict
+    spec types would then refuse)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: keys written here override the merged ones, as YAML means
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: construct_mapping names it below
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice (lines {first} and {line}); write it once",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_spec(path: str | Path) -> JobSpec:
     """Read and validate a YAML (or JSON) job spec file."""
     path = Path(path)
@@ -715,7 +820,7 @@ def load_spec(path: str | Path) -> JobSpec:
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the job spec: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_SpecLoader)  # a SafeLoader subclass
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise SpecError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {exc}") from None
     spec = parse_spec(data, str(path))

@@ -1,6 +1,7 @@
 """Throughput: batcher against the gateway in its own process, next to a bare client loop on the same server.
 
     python benchmarks/throughput.py [--quick] [-n 20000] [--concurrency 16,64,256] [--latency 0,50] [--repeat 1]
+                                    [--loops asyncio,uvloop]
 
 First the gateway's own ceiling (latency 0, the cheapest client this machine has, many connections), so every
 later figure is known to measure batcher and not the server. Then, for each server latency L and concurrency C:
@@ -16,7 +17,9 @@ ratio is taken under the same machine load. Figures per run:
 - peak RSS: the child's ru_maxrss;
 - gateway core: the gateway's CPU over the run's wall time (near 100% would mean the server is the limit).
 
-With `--repeat R` the runs interleave R times and the table shows medians.
+With `--repeat R` the runs interleave R times and the table shows medians. `--loops asyncio,uvloop` runs batcher
+once per event loop (`batcher run --loop X`) in each configuration, one row per loop, both beside the same bare
+loop (which runs on asyncio); by default batcher picks its own (`auto`: uvloop when installed).
 """
 
 from __future__ import annotations
@@ -52,13 +55,14 @@ class Measured:
 
 
 def run_batcher(gw: h.GatewayProcess, d: Path, name: str, n: int, c: int, *, cache: bool = False,
-                timeout_s: float) -> Measured:
+                timeout_s: float, loop: str = "auto") -> Measured:
     inp = h.make_parquet(d / f"in-{n}.parquet", n)
     out = d / "out" / f"{name}.parquet"
     spec = h.write_spec(d / f"{name}.json", input_path=inp, output=out, base_url=gw.base_url, concurrency=c,
                         cache_dir=d / f"cache-{name}", cache=cache)
     gw.reset()
-    run = h.run_child(h.batcher_argv(spec, gw.base_url, "--fresh"), timeout_s=timeout_s, gateway=gw).check()
+    extra = ["--fresh"] if loop == "auto" else ["--fresh", "--loop", loop]
+    run = h.run_child(h.batcher_argv(spec, gw.base_url, *extra), timeout_s=timeout_s, gateway=gw).check()
     stats = gw.stats()
     if stats["total"] != n:
         raise RuntimeError(f"{name}: the gateway saw {stats['total']} requests for {n} rows")
@@ -92,44 +96,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cache-row", action="store_true", help="skip the extra C=64, L=50 run with the cache on")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
+    p.add_argument("--loops", default="auto", help="batcher's event loops, e.g. asyncio,uvloop (default: auto)")
     args = p.parse_args(argv)
     n = args.n or (3_000 if args.quick else 20_000)
     concs = [int(x) for x in args.concurrency.split(",")]
     lats = [float(x) for x in args.latency.split(",")]
+    loops = args.loops.split(",")
 
     h.header("gateway ceiling (latency 0, aiohttp client with 256 connections, --no-validate)")
     served, per_core = ceiling(n)
     h.say(f"served {served:,.0f} req/s to one client process; its CPU per request allows {per_core:,.0f} req/s "
           "on one core")
 
-    configs = [(lat, c, False) for lat in lats for c in concs]
+    configs = [(lat, c, False, loop) for lat in lats for c in concs for loop in loops]
     if not args.no_cache_row and 50.0 in lats and 64 in concs:
-        configs.append((50.0, 64, True))
-    results: dict[tuple[float, int, bool], tuple[list[Measured], list[Measured]]] = {
+        configs += [(50.0, 64, True, loop) for loop in loops]
+    results: dict[tuple[float, int, bool, str], tuple[list[Measured], list[Measured]]] = {
         k: ([], []) for k in configs
     }
+    bare_runs: dict[tuple[float, int], list[Measured]] = {}
     with h.workdir(args.keep) as d:
         h.make_parquet(d / f"in-{n}.parquet", n)
         for r in range(args.repeat):
             for lat in lats:
                 with h.GatewayProcess(latency_ms=lat) as gw:
-                    for (l2, c, cache) in configs:
+                    for (l2, c, cache, loop) in configs:
                         if l2 != lat:
                             continue
                         ideal = c / (lat / 1000) if lat else served
                         timeout = 120 + 5 * n / min(ideal, 1000)
-                        b = run_batcher(gw, d, f"t{r}-{lat:g}-{c}{'-cache' if cache else ''}", n, c,
-                                        cache=cache, timeout_s=timeout)
-                        results[(lat, c, cache)][0].append(b)
-                        if not cache:
-                            results[(lat, c, cache)][1].append(run_bare_measured(gw, n, c, timeout))
-                        h.say(f"  L={lat:g} ms C={c}{' cache' if cache else ''}: batcher {b.steady.rate:,.0f} rows/s, "
-                              f"{b.cpu_ms:.3f} CPU s/1k rows, {b.run.peak_rss_mb:.0f} MB")
+                        b = run_batcher(gw, d, f"t{r}-{lat:g}-{c}{'-cache' if cache else ''}-{loop}", n, c,
+                                        cache=cache, timeout_s=timeout, loop=loop)
+                        results[(lat, c, cache, loop)][0].append(b)
+                        if not cache and loop == loops[-1]:  # one bare loop per configuration, after batcher's
+                            bare_runs.setdefault((lat, c), []).append(run_bare_measured(gw, n, c, timeout))
+                        h.say(f"  L={lat:g} ms C={c}{' cache' if cache else ''} loop={loop}: batcher "
+                              f"{b.steady.rate:,.0f} rows/s, {b.cpu_ms:.3f} CPU s/1k rows, {b.run.peak_rss_mb:.0f} MB")
 
     rows = []
     for key in configs:
-        lat, c, cache = key
-        bs, bares = results[key]
+        lat, c, cache, loop = key
+        bs = results[key][0]
+        bares = [] if cache else bare_runs.get((lat, c), [])
         ideal = c / (lat / 1000) if lat else served
         rate = h.median([m.steady.rate for m in bs])
         cpu = h.median([m.cpu_ms for m in bs])
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         bare_cpu = h.median([m.cpu_ms for m in bares]) if bares else float("nan")
         bare_steady = h.median([m.steady.cpu_ms for m in bares]) if bares else float("nan")
         rows.append([
-            f"{lat:g}", f"{c}{' +cache' if cache else ''}", ideal, rate, f"{100 * rate / ideal:.0f}%",
+            f"{lat:g}", f"{c}{' +cache' if cache else ''}", loop, ideal, rate, f"{100 * rate / ideal:.0f}%",
             h.median([m.e2e_rate for m in bs]), cpu, cpu_steady, h.median([m.run.peak_rss_mb for m in bs]),
             h.median([m.steady.rate for m in bares]) if bares else float("nan"), bare_cpu, bare_steady,
             f"{cpu / bare_cpu:.2f}" if bares else "-", f"{cpu_steady / bare_steady:.2f}" if bares else "-",
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         ])
     h.header(f"throughput: {n:,} rows per run, {args.repeat} round(s), medians")
     h.say(h.table([
-        "L ms", "C", "ideal rows/s", "batcher rows/s", "% ideal", "end-to-end rows/s", "CPU s/1k rows",
+        "L ms", "C", "loop", "ideal rows/s", "batcher rows/s", "% ideal", "end-to-end rows/s", "CPU s/1k rows",
         "steady CPU s/1k", "peak RSS MB", "bare rows/s", "bare CPU s/1k", "bare steady CPU s/1k",
         "CPU batcher/bare", "steady CPU batcher/bare", "gateway core",
     ], rows))

@@ -142,3 +142,60 @@ async def test_stop_feeding_starts_nothing_that_was_queued() -> None:
     # the other workers' items had started before; nothing queued (up to 2 x 4) was started after the stop
     assert len(started) == 20
     assert sorted(sink.items) == sorted(started)
+
+
+async def test_every_result_is_recorded_before_its_worker_takes_the_next_item() -> None:
+    # What a kill -9 can cost: results not yet recorded. Checked at every call's start: at most the other
+    # workers' calls are in flight unrecorded, so the count never passes the concurrency.
+    concurrency = 4
+    started: list[int] = []
+    recorded: list[int] = []
+    worst = [0]
+
+    async def feed(work: WorkSender[int], results: ObjectSendStream[int]) -> None:
+        for i in range(500):
+            await work.send(i)
+
+    async def work(item: int, _state: None) -> int:
+        started.append(item)
+        worst[0] = max(worst[0], len(started) - len(recorded))
+        await anyio.sleep(0.001 * (item % 3))
+        return item
+
+    async def close(_state: None) -> None:
+        return None
+
+    sink = _Sink()
+    pool = Pool(concurrency=concurrency, feed=feed, work=work, open_worker=lambda: None, close_worker=close,
+                write=sink.write, record=recorded.append, linger=0.05)
+    await pool.run()
+    assert sorted(recorded) == list(range(500)) and sorted(sink.items) == list(range(500))
+    assert worst[0] <= concurrency
+
+
+async def test_a_failing_record_stops_the_pool_and_nothing_more_is_recorded() -> None:
+    recorded: list[int] = []
+
+    def record(item: int) -> None:
+        if len(recorded) == 50:
+            raise OSError("disk full")
+        recorded.append(item)
+
+    async def feed(work: WorkSender[int], results: ObjectSendStream[int]) -> None:
+        for i in range(1_000):
+            await work.send(i)
+
+    async def work(item: int, _state: None) -> int:
+        await anyio.sleep(0.001)
+        return item
+
+    async def close(_state: None) -> None:
+        return None
+
+    sink = _Sink()
+    pool = Pool(concurrency=4, feed=feed, work=work, open_worker=lambda: None, close_worker=close,
+                write=sink.write, record=record)
+    with pytest.raises(OSError, match="disk full"):
+        await pool.run()
+    assert len(recorded) == 50 and pool.sink_failed
+    assert set(sink.items) <= set(recorded)  # the writer got only what was recorded

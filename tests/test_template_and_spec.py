@@ -58,7 +58,7 @@ def test_yaml_and_json_specs_load_the_same(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "expected"), [
     ("input: [unclosed", "not valid YAML"),
     ("- just\n- a list\n", "a job spec is a mapping"),
-    ("input: {path: x.csv, prompt: '{{a}}'}\noutput: {path: o.parquet}\nrequest: {model: m}\n", "cannot tell the format"),
+    ("input: {path: x.xlsx, prompt: '{{a}}'}\noutput: {path: o.parquet}\nrequest: {model: m}\n", "cannot tell the format"),
     ("input: {path: x.jsonl, prompt: '{{a}}'}\noutput: {path: o.parquet}\nrequest: {model: m}\nendpoint: {api_key_env: sk-live-123}\n",
      "NAME of an environment variable"),
     ("input: {path: x.jsonl, prompt: '{{a}}'}\noutput: {path: o.parquet}\nrequest: {model: m}\nendpoint: {api: openai}\n"

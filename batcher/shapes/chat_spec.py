@@ -23,6 +23,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from ..spec import (
     DEFAULT_MAX_TOKENS,
+    INT32_MAX,
+    INT64_MAX,
+    INT64_MIN,
     Cache,
     Fallback,
     FallbackCode,
@@ -58,12 +61,19 @@ _LEGACY_ONLY = {
 }
 
 
-def _between(lo: float, hi: float | None = None, *, lo_open: bool = False) -> AfterValidator:
-    """A range check whose error names the whole range, not just the bound that failed (NaN fails too)."""
+def _between(lo: float, hi: float | None = None, *, lo_open: bool = False, cap: int | None = None) -> AfterValidator:
+    """A range check whose error names the whole range, not just the bound that failed (NaN fails too). `cap`:
+    batcher's own upper bound where the contract has none (`spec.INT32_MAX`), so nothing overflows downstream."""
+    def num(x: float) -> str:
+        return str(int(x)) if isinstance(x, int) else f"{x:g}"  # 2147483647, not 2.14748e+09
+
     if hi is None:
-        text = f"must be {'greater than' if lo_open else 'at least'} {lo:g}"
+        text = f"must be {'greater than' if lo_open else 'at least'} {num(lo)}"
+        if cap is not None:
+            text += f" and at most {cap}"
+            hi = cap
     else:
-        text = f"must be between {lo:g} and {hi:g}"
+        text = f"must be between {num(lo)} and {num(hi)}"
 
     def check(v: Any) -> Any:
         if v is None:
@@ -77,7 +87,7 @@ def _between(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Af
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 # --- messages ------------------------------------------------------------------------------------------------
@@ -332,12 +342,12 @@ class ChatRequestSpec(_Model):
     top_k: float | None = None
     frequency_penalty: Annotated[float | None, _between(-2, 2)] = None
     presence_penalty: Annotated[float | None, _between(-2, 2)] = None
-    seed: int | float | None = None
+    seed: Annotated[int | float | None, _between(INT64_MIN, INT64_MAX)] = None
     stop: str | Annotated[list[str], Field(max_length=4)] | None = None
     n: Annotated[int | None, _between(1, 128)] = None
     # output
-    max_tokens: Annotated[int | None, _between(1)] = None
-    max_completion_tokens: Annotated[int | None, _between(0, lo_open=True)] = None
+    max_tokens: Annotated[int | None, _between(1, cap=INT32_MAX)] = None
+    max_completion_tokens: Annotated[int | None, _between(0, lo_open=True, cap=INT32_MAX)] = None
     response_format: ResponseFormat | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     verbosity: str | None = None

@@ -1,0 +1,124 @@
+"""CSV and TSV inputs: pyarrow's streaming CSV reader, a block at a time, every column read as text.
+
+    for index, part in CsvFile(path, "\\t").segments(["id", "text"]):
+        ...  # a RecordBatch of good rows starting at row `index`, or the error message of row `index`
+
+Why text: a CSV has no types, and guessing them from the first block (Arrow's default) fails the whole read
+when a later block disagrees (`007` then `abc`). So prompt, template, inputs, id and kept columns are all read
+as strings: `007` stays `007`, an id is a string id, an empty field is an empty string (an empty prompt is then
+an error row, an empty id a refused input).
+
+A malformed row (more or fewer fields than the header) does not stop the read: Arrow's `invalid_row_handler`
+hands it over with its record number (the header is record 1; blank lines are not records), and it becomes an
+error row at its own position, naming its line. Lines and records differ when a quoted value holds newlines,
+so the line is found by a second pass with Python's csv module over the file, made only when a malformed row
+exists. Memory is bounded by the block size (a value longer than a block cannot be read: `BLOCK_SIZE`).
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+
+__all__ = ["BLOCK_SIZE", "CsvFile", "delimiter_for"]
+
+# Bytes Arrow reads and parses at a time; also the longest row it can read. max_prompt_chars defaults to a
+# million characters (up to 4 MB of UTF-8), which must fit.
+BLOCK_SIZE = 8 << 20
+
+
+def delimiter_for(fmt: str) -> str:
+    return "\t" if fmt == "tsv" else ","
+
+
+class CsvFile:
+    def __init__(self, path: Path, delimiter: str) -> None:
+        self.path = path
+        self.delimiter = delimiter
+        self._lines: dict[int, int] | None = None  # record number -> first line, for malformed records
+
+    def header(self) -> list[str]:
+        with open(self.path, encoding="utf-8", errors="replace", newline="") as f:
+            for fields in csv.reader(f, delimiter=self.delimiter):
+                if fields:
+                    return fields
+        return []
+
+    def segments(self, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch | str]]:
+        """In file order: (row index, a batch of good rows from there) or (row index, a malformed row's error).
+        Raises pa.ArrowInvalid for a file Arrow cannot read at all (not UTF-8, an unclosed quote...)."""
+        bad: dict[int, tuple[int, int]] = {}  # record number -> (fields expected, fields found)
+
+        def on_invalid(row: Any) -> str:
+            if row.number is None or row.number < 0:
+                return "error"  # no position to put it at: fail the read rather than misplace rows
+            bad[row.number] = (row.expected_columns, row.actual_columns)
+            return "skip"
+
+        reader = pa_csv.open_csv(
+            self.path,
+            read_options=pa_csv.ReadOptions(block_size=BLOCK_SIZE, use_threads=False),
+            parse_options=pa_csv.ParseOptions(delimiter=self.delimiter, newlines_in_values=True,
+                                              invalid_row_handler=on_invalid),
+            convert_options=pa_csv.ConvertOptions(column_types={c: pa.string() for c in columns},
+                                                  include_columns=columns),
+        )
+        number = 2  # the next record's number
+        # Arrow calls the handler while it parses a block, before that block's rows come out (it may have
+        # parsed the next block already: numbers tell where each malformed row goes).
+        for batch in reader:
+            i, n = 0, batch.num_rows
+            while i < n:
+                while number in bad:
+                    yield number - 2, self._message(number, bad.pop(number))
+                    number += 1
+                ahead = [b for b in bad if b > number]
+                take = n - i if not ahead else min(n - i, min(ahead) - number)
+                yield number - 2, batch.slice(i, take)
+                i += take
+                number += take
+        for b in sorted(bad):  # malformed rows after the last good one
+            yield b - 2, self._message(b, bad[b])
+
+    def _message(self, number: int, fields: tuple[int, int]) -> str:
+        expected, found = fields
+        line = self._line_of(number)
+        where = f"line {line}" if line is not None else f"record {number}"
+        return f"{where}: malformed CSV row: {found} field{'s' if found != 1 else ''}, expected {expected}"
+
+    def _line_of(self, number: int) -> int | None:
+        if self._lines is None:
+            self._lines = self._malformed_lines()
+        return self._lines.get(number)
+
+    def _malformed_lines(self) -> dict[int, int]:
+        """The first line of every record whose field count differs from the header's, by record number."""
+        lines: dict[int, int] = {}
+        limit = csv.field_size_limit()
+        csv.field_size_limit(sys.maxsize)  # Arrow read the values; this pass must not refuse a long one
+        try:
+            with open(self.path, encoding="utf-8", errors="replace", newline="") as f:
+                reader = csv.reader(f, delimiter=self.delimiter)
+                width: int | None = None
+                number = 0
+                last_line = 0
+                for fields in reader:
+                    first_line, last_line = last_line + 1, reader.line_num
+                    if not fields:
+                        continue  # a blank line is not a record, for Arrow either
+                    number += 1
+                    if width is None:
+                        width = len(fields)
+                    elif len(fields) != width:
+                        lines[number] = first_line
+        except csv.Error:
+            pass  # the lines found so far; the rest are named by record number
+        finally:
+            csv.field_size_limit(limit)
+        return lines

@@ -367,7 +367,9 @@ class Source:
                 ids = id_arr.to_pylist()
                 for i in range(n):
                     if keep_mask is None or keep_mask[i]:
-                        rows.append(self._row(index + i, ids[i], {c: cols[c][i] for c in columns}))
+                        # `row N` as for Parquet: a record's line is not known without a second pass (quoted
+                        # values may hold newlines), which only malformed records get
+                        rows.append(self._row(index + i, ids[i], {c: cols[c][i] for c in columns}, f"row {index + i}"))
             if len(rows) >= self.spec.batch_size:
                 for start in range(0, len(rows) - self.spec.batch_size + 1, self.spec.batch_size):
                     yield rows[start:start + self.spec.batch_size]

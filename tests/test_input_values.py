@@ -387,3 +387,13 @@ def test_a_finished_job_whose_ids_were_replaced_is_not_a_no_op(make_spec, gatewa
     result = run_job(spec, options())
     assert result.status == "finished" and (result.ok, result.skipped, result.dropped) == (1, 2, 1)
     assert pl.read_parquet(tmp_path / "o.parquet")["k"].to_list() == ["k0", "k7", "k2"]
+
+
+def test_csv_row_errors_name_their_row_position(make_spec, tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text('id,p\na,"two\nlines"\nb,\n')
+    spec = parse_spec(make_spec(input={"path": str(src), "id_column": "id", "prompt": "{{p}}"},
+                                output={"path": str(tmp_path / "o.jsonl")}))
+    run_job(spec, options())
+    errors = [json.loads(x)["error"] for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert errors[0] is None and errors[1] is not None and errors[1].startswith("row 1: ")

@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import gc
 import importlib.util
+import json
 import os
 import random
 import signal
 import stat
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -28,10 +30,10 @@ import anyio
 import pyarrow as pa
 from anyio.abc import ObjectSendStream
 
-from .budget import Budget, BudgetStop, recorded_spend, unpriced
+from .budget import Budget, BudgetStop, PriorSpend, SpendLog, fold_spend, unpriced
 from .cache import ResponseCache
 from .call import Caller, Records, Work
-from .client import Endpoint, WorkerClient
+from .client import Endpoint, WorkerClient, check_api_key
 from .errors import FatalRequestError, OutputError, ResumeError, SpecError
 from .limits import RateLimits, limiter_tokens
 from .pool import Pool, WorkSender
@@ -95,6 +97,7 @@ class RunResult:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     unpriced: int = 0  # answers from a model with no price: cost_usd null, not in cost_usd
+    unconfirmed_usd: float = 0.0  # charged at the worst case: attempts of unknown outcome (timeouts, drops)
     wall_s: float = 0.0
     message: str = ""
     signal: int | None = None
@@ -128,6 +131,8 @@ class RunResult:
             parts.append(f"{self.skipped} done earlier")
         tokens = f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens"
         cost = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
+        if self.unconfirmed_usd:
+            cost += f" + ≤ ${self.unconfirmed_usd:.4f} unconfirmed (calls cut off or dropped after sending: may have been billed)"
         if self.unpriced:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
         dropped = f"; {self.dropped} answers for ids no longer in the input were dropped" if self.dropped else ""
@@ -150,7 +155,7 @@ _Result = dict[str, Any] | list[dict[str, Any]] | None
 
 def _api_key(spec: JobSpec, base_url: str) -> str | None:
     env = spec.endpoint.api_key_env
-    key = os.environ.get(env) if env else None
+    key = check_api_key(os.environ.get(env), env) if env else None
     host = urllib.parse.urlsplit(base_url).hostname if base_url != "local" else "local"
     # orq itself always needs a key; a gateway on this machine (ours, or a test double) may not.
     if not key and spec.endpoint.api == "orq" and host not in ("local", "127.0.0.1", "localhost", "::1"):
@@ -437,10 +442,44 @@ class _Job:
         await anyio.sleep(seconds)
         self.pool.cancel_work()
 
+    @contextlib.contextmanager
+    def _signals_while_finishing(self, outer: dict[int, Any]) -> Iterator[None]:
+        """From the end of the pool to the end of the run (the output's final write above all): the first
+        SIGINT/SIGTERM lets the write finish and makes the run `interrupted` (exit 130/143, with the resume
+        hint); the next one stops at once (`_StopNow`), the journal whole, so still resumable. Then the
+        handlers the run found are put back (anyio's signal receiver left the defaults in their place)."""
+        if not outer:
+            yield
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            if self.result.signal is None:
+                self.result.signal = signum
+                _say("\nbatcher: stopping: writing the output first (Ctrl-C again stops now)", self.options.quiet)
+            else:
+                raise _StopNow(signum)
+
+        for signum in outer:
+            signal.signal(signum, handler)
+        try:
+            yield
+        finally:
+            for signum, previous in outer.items():
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(signum, previous)
+
     async def run(self) -> RunResult:
-        spec, opts = self.spec, self.options
+        opts = self.options
         t0 = time.perf_counter()
         self.result.loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+        outer: dict[int, Any] = {}
+        if opts.handle_signals and threading.current_thread() is threading.main_thread():
+            outer = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        with contextlib.ExitStack() as finishing:
+            return await self._run(t0, outer, finishing)
+
+    async def _run(self, t0: float, outer: dict[int, Any], finishing: contextlib.ExitStack) -> RunResult:
+        spec, opts = self.spec, self.options
         info = self._preflight()
         await self._lock_job()
         self._resume_state(info)
@@ -465,6 +504,10 @@ class _Job:
                     self.cache = None
             self.journal = Journal(self.state.directory)
             stack.callback(self.journal.close)
+            if self.budget.enforced:
+                spend_log = SpendLog(self.state.directory)
+                stack.callback(spend_log.close)
+                self.caller.spend_log = spend_log
             total = info.rows if opts.limit is None else min(opts.limit, info.rows)
             todo = max(0, total - self.result.skipped)
             self.progress = Progress(todo, enabled=_progress_enabled(opts), job=spec.job_name)
@@ -490,7 +533,11 @@ class _Job:
                     error = exc
                 finally:
                     tg.cancel_scope.cancel()
+            # The watcher is gone (and anyio put the default handlers back): a signal from here on must
+            # neither kill the final write nor go unheard.
+            finishing.enter_context(self._signals_while_finishing(outer))
         self.result.rows = self.result.skipped + self.result.ok + self.result.errors
+        self.result.unconfirmed_usd = max(0.0, self.budget.unconfirmed - self.budget.unconfirmed_before)
         self.result.wall_s = time.perf_counter() - t0
         if isinstance(error, OutputError):
             # Nothing more is written: run.json already says the run is unfinished, and on a full disk a state
@@ -499,22 +546,29 @@ class _Job:
         # Whatever stopped the run, the output shows everything answered so far; the state stays resumable.
         # The pool's sessions, tasks and streams are garbage now: free them before the final write's peak.
         gc.collect()
-        self._finish(info)
         res = self.result
+        try:
+            self._finish(info)
+        except _StopNow as stop:
+            res.status = "interrupted"
+            res.signal = res.signal or stop.signum
+            res.message = (f"stopped before the output was written: {res.skipped + res.ok + res.errors} rows are "
+                           "saved in the journal; rerun the same command to write them and finish the rest")
+            return res
         if isinstance(error, FatalRequestError):
             res.status = "fatal"
             res.message = f"{error}. Nothing answered was lost: fix the key and rerun the same command to resume"
-        elif self.pool.feeding_stopped and res.signal is not None:
+        elif res.signal is not None:
             res.status = "interrupted"
             res.message = (f"interrupted: {res.skipped + res.ok + res.errors} rows saved in {self.output}; "
                            "rerun the same command to finish the rest")
         elif self.caller.budget_hit and self.budget.cap is not None:
             res.status = "budget"
-            BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent)
+            BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent, self.caller.needed)
             earlier = f" (${self.budget.spent_before:.4f} of it by earlier runs)" if self.budget.spent_before else ""
             res.message = (
                 f"stopped before passing limits.max_cost_usd (${self.budget.cap:g}): the job has spent "
-                f"${self.budget.spent:.4f}{earlier}; raise limits.max_cost_usd and rerun the same command to "
+                f"${self.budget.spent:.4f}{earlier} and the next row may cost up to ${self.caller.needed:.4f}; raise limits.max_cost_usd and rerun the same command to "
                 "finish the rest"
             )
         else:
@@ -575,9 +629,11 @@ class _Job:
             _remove_state(state_dir)
             state = None
         if state is not None and state.fingerprint != fp:
+            done = state.status == "finished"
             raise ResumeError(
-                f"{state_dir} holds a partial run of a different spec (the request, input or output settings "
-                "changed). Rerun with --fresh to start over, or restore the old spec to finish it"
+                f"{state_dir} holds {'a finished' if done else 'a partial'} run of a different spec (the request, "
+                "input or output settings changed). Rerun with --fresh to start over (the output is replaced), or "
+                f"restore the old spec {'to keep it' if done else 'to finish it'}"
             )
         positional = spec.input.id_column is None and self.source.format != "openai_batch"
         # Recorded for every job: with ids, a changed input has its answers renumbered to the rows' new places.
@@ -596,11 +652,16 @@ class _Job:
                 self.result.status = "nothing_to_do"
                 self.result.skipped = info.rows
                 raise _NothingToDo()
+            # Before the compaction, which drops error rows (and what their unknown attempts may have cost).
+            prior = PriorSpend(0.0, 0.0)
+            if self.budget.enforced or (state_dir / SpendLog.NAME).exists():  # else: no need to read the journal
+                prior = fold_spend(state_dir)
             ids = compact_journal(state_dir)
             if changed and ids:
                 # Rows moved, came or went since the journal was written: its positions follow the ids to the
                 # rows' current places (rows are in input order), and answers for ids now gone are dropped.
-                self.result.dropped = remap_journal(state_dir, self.source.ids(info.id_type))
+                self.result.dropped = remap_journal(state_dir, self.source.ids(info.id_type),
+                                                    on_dropped=lambda cost: _carry_spend(state_dir, cost))
             if changed:
                 # Not "finished" any more: a crash before this run's end must not make the rerun a no-op on an
                 # input whose new rows were never asked.
@@ -609,26 +670,31 @@ class _Job:
             self.result.skipped = len(ids) - self.result.dropped
             if ids:
                 self.done_ids = pa.array(ids, type=info.id_type)
-            self._budget_so_far(state_dir)
+            self._budget_so_far(state_dir, prior)
         else:
             state = RunState(state_dir, fp, input=identity)
             state.save()
         self.state = state
 
-    def _budget_so_far(self, state_dir: Path) -> None:
-        """The cap is the job's: earlier runs' spend counts, and a job stopped at its cap stays stopped under it."""
+    def _budget_so_far(self, state_dir: Path, prior: PriorSpend) -> None:
+        """The cap is the job's: earlier runs' spend counts (answers, and calls of unknown outcome at their worst
+        case), and a job stopped at its cap stays stopped under it while the row that did not fit still does
+        not."""
         cap = self.budget.cap
         if cap is None:
             return
-        # answers dropped for ids no longer in the input were paid for too
-        before = recorded_spend(state_dir / "journal.jsonl") + recorded_spend(state_dir / DROPPED)
+        before = prior.spent
         self.budget.spent_before = self.budget.spent = before
-        stopped_at = BudgetStop(state_dir).stopped_at()
-        if before >= cap or (stopped_at is not None and cap <= stopped_at):
+        self.budget.unconfirmed_before = self.budget.unconfirmed = prior.unconfirmed
+        stop = BudgetStop(state_dir)
+        needed = stop.needed()
+        if before >= cap or (needed is not None and before + needed > cap):
             self.result.status = "budget"
+            unconfirmed = f" (≤ ${prior.unconfirmed:.4f} of it unconfirmed)" if prior.unconfirmed else ""
+            nxt = f", and its next row may cost up to ${needed:.4f}" if needed is not None else ""
             self.result.message = (
                 f"limits.max_cost_usd (${cap:g}) is already reached for this job: earlier runs spent "
-                f"${before:.4f} and stopped at a cap of ${(stopped_at or cap):g}; no request made. Raise "
+                f"${before:.4f}{unconfirmed}{nxt}; no request made. Raise "
                 "limits.max_cost_usd and rerun the same command to finish the rest"
             )
             raise _BudgetReached()
@@ -660,12 +726,37 @@ class _NothingToDo(Exception):
     pass
 
 
+class _StopNow(KeyboardInterrupt):
+    """The second signal while the output is being written: stop at once (the journal is whole)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _BudgetReached(Exception):
     pass
 
 
+def _carry_spend(state_dir: Path, cost: float) -> None:
+    """What answers dropped from the journal cost (ids no longer in the input): carried in `spend.log`, as
+    `fold_spend` carries error rows, so the job's budget keeps counting it. Written before the journal loses
+    them: a crash in between counts them twice (too much, never too little)."""
+    if cost <= 0:
+        return
+    path = state_dir / SpendLog.NAME
+    try:
+        with open(path, "ab") as f:
+            f.write(json.dumps({"carried": cost}).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def _remove_state(directory: Path) -> None:
-    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", "journal.remap.tmp", DROPPED, BudgetStop.NAME):
+    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", "journal.remap.tmp", DROPPED, BudgetStop.NAME,
+                 SpendLog.NAME, SpendLog.NAME + ".tmp"):
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
 

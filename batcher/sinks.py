@@ -27,7 +27,7 @@ import os
 import socket
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -454,17 +454,19 @@ def compact_journal(directory: Path) -> list[Any]:
 DROPPED = "dropped.jsonl"
 
 
-def remap_journal(directory: Path, ids: pa.Array) -> int:
+def remap_journal(directory: Path, ids: pa.Array, on_dropped: Callable[[float], None] | None = None) -> int:
     """Renumber a compacted journal's positions (`_i`) to the rows' current places in an edited input, found by
     id (`ids`: the input's ids in file order), so the output follows the input's order as it is now. Answers
-    whose id is no longer in the input are moved to `dropped.jsonl` beside it (their spend still counts against
-    the job's budget) and not written to the output; returns how many. Done on resume, only when the input
+    whose id is no longer in the input are moved to `dropped.jsonl` beside it and not written to the output;
+    returns how many. `on_dropped(cost)` is told what they cost (`cost_usd` + `unconfirmed_usd`) before the
+    journal is replaced, so the job's budget can keep counting it. Done on resume, only when the input
     changed since the journal was written (`input_identity`), a chunk at a time."""
     path = directory / "journal.jsonl"
     if not path.exists():
         return 0
     tmp = path.with_name("journal.remap.tmp")
     dropped = 0
+    cost = [0.0]
     try:
         with open(tmp, "wb") as out, open(directory / DROPPED, "ab") as gone:
             chunk: list[dict[str, Any]] = []
@@ -477,6 +479,9 @@ def remap_journal(directory: Path, ids: pa.Array) -> int:
                 for rec, place in zip(chunk, places, strict=True):
                     if place is None:
                         lost.append(_dumps(rec))
+                        cost[0] += sum(v for v in (rec.get("cost_usd"), rec.get("unconfirmed_usd"))
+                                       if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                                       and v > 0)
                     else:
                         rec.pop("_i", None)
                         kept.append(_dumps({"_i": place, **rec}))  # `_i` first: `ordered_lines` reads it there
@@ -493,6 +498,8 @@ def remap_journal(directory: Path, ids: pa.Array) -> int:
             for f in (out, gone):
                 f.flush()
                 os.fsync(f.fileno())
+        if on_dropped is not None and dropped:
+            on_dropped(cost[0])
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):

@@ -592,9 +592,11 @@ class Limits(_Model):
 
 
 class Price(_Model):
-    prompt: float = Field(ge=0, allow_inf_nan=False, description="USD per million prompt tokens")
-    completion: float = Field(ge=0, allow_inf_nan=False, description="USD per million completion tokens")
-    cached_prompt: float | None = Field(None, ge=0, allow_inf_nan=False, description="USD per million cached prompt tokens")
+    # strict: a price is a number, never "1" or true (which lax parsing would read as 1.0)
+    prompt: float = Field(ge=0, allow_inf_nan=False, strict=True, description="USD per million prompt tokens")
+    completion: float = Field(ge=0, allow_inf_nan=False, strict=True, description="USD per million completion tokens")
+    cached_prompt: float | None = Field(None, ge=0, allow_inf_nan=False, strict=True,
+                                        description="USD per million cached prompt tokens")
 
 
 class _ChatRequest(dict[str, Any]):

@@ -397,3 +397,22 @@ def test_csv_row_errors_name_their_row_position(make_spec, tmp_path: Path) -> No
     run_job(spec, options())
     errors = [json.loads(x)["error"] for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert errors[0] is None and errors[1] is not None and errors[1].startswith("row 1: ")
+
+
+def test_answers_dropped_for_gone_ids_still_count_against_the_jobs_budget(make_spec, tmp_path: Path) -> None:
+    from batcher.budget import fold_spend
+    from batcher.sinks import state_dir_for
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"k": f"k{i}", "t": f"text {i}"} for i in range(6)])
+    out = tmp_path / "o.jsonl"
+    spec = parse_spec(make_spec(input={"path": str(src), "id_column": "k", "prompt": "{{t}}"},
+                                output={"path": str(out)}, limits={"max_cost_usd": 100.0},
+                                prices={"openai/gpt-4o-mini": {"prompt": 1000, "completion": 1000}}))
+    first = run_job(spec, options(limit=3))
+    spent_first = sum(json.loads(x)["cost_usd"] for x in out.read_text().splitlines())
+    assert first.ok == 3 and spent_first > 0
+    write_jsonl(src, [{"k": f"k{i}", "t": f"text {i}"} for i in range(3, 6)])  # k0..k2, all answered, gone
+    second = run_job(spec, options())
+    assert (second.ok, second.dropped) == (3, 3)
+    spent_second = sum(json.loads(x)["cost_usd"] for x in out.read_text().splitlines())
+    assert fold_spend(state_dir_for(out)).spent == pytest.approx(spent_first + spent_second)

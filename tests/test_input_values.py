@@ -258,7 +258,7 @@ def test_null_ids_are_refused_naming_their_lines(make_spec, gateway: Gateway, tm
 # ------------------------------------------------------------------------------------- resume of an edited input
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
 def test_a_resumed_run_follows_the_edited_inputs_order_and_drops_gone_ids(make_spec, gateway: Gateway,
                                                                           tmp_path: Path, fmt: str) -> None:
     def write(rows: list[tuple[str, str]]) -> Path:
@@ -266,11 +266,15 @@ def test_a_resumed_run_follows_the_edited_inputs_order_and_drops_gone_ids(make_s
             path = tmp_path / "in.parquet"
             pq.write_table(pa.table({"k": [k for k, _ in rows], "t": [t for _, t in rows]}), path)
             return path
+        if fmt == "csv":
+            path = tmp_path / "in.csv"
+            path.write_text("k,t\n" + "".join(f"{k},{t}\n" for k, t in rows))
+            return path
         return write_jsonl(tmp_path / "in.jsonl", [{"k": k, "t": t} for k, t in rows])
 
     rows = [(f"k{i}", f"text {i}") for i in range(6)]
     src = write(rows)
-    out = tmp_path / f"o.{fmt}"
+    out = tmp_path / f"o.{'jsonl' if fmt == 'csv' else fmt}"
     spec = parse_spec(make_spec(input={"path": str(src), "id_column": "k", "prompt": "{{t}}"},
                                 output={"path": str(out), "keep_columns": ["t"]}))
     assert run_job(spec, options(limit=3)).ok == 3  # k0, k1, k2

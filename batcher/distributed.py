@@ -33,13 +33,22 @@ import anyio
 import pyarrow as pa
 import ray
 
-from .budget import PriorSpend, fold_spend
+from .budget import PriorSpend, SpendLog, fold_spend
 from .coordinator import PROGRESS_KEYS, Coordination, LeasedBudget, LeasedCooldown, LeasedLimits
 from .errors import BatcherError, FatalRequestError
 from .mirror import Mirror, local_scratch
 from .progress import Progress
 from .runner import RunOptions, RunResult, _Job, _progress_enabled, _say
-from .shards import Shard, merge_journals, place, plan_shards, prepare_journals, shard_dir
+from .shards import (
+    SHARDS,
+    Shard,
+    fold_shards,
+    merge_journals,
+    place,
+    plan_shards,
+    prepare_journals,
+    shard_dir,
+)
 from .sinks import compact_journal
 from .sources import Scan, Source, SourceInfo
 from .spec import JobSpec
@@ -288,14 +297,38 @@ class RayJob(_Job):
             whole.merge(s)
         return self.source.info(whole)
 
-    def _resume(self, state_dir: Path, info: SourceInfo) -> None:
-        self._prepare(state_dir)
+    def _resume(self, state_dir: Path, info: SourceInfo, changed: bool) -> PriorSpend:
+        enforced = self.budget.enforced
         prior = PriorSpend(0.0, 0.0)
-        if self.budget.enforced:  # what every shard's journal and spend log say was spent
-            for s in self.shards:
-                p = fold_spend(shard_dir(state_dir, s.number))
-                prior = PriorSpend(prior.spent + p.spent, prior.unconfirmed + p.unconfirmed)
-        self._budget_so_far(state_dir, prior)
+        if changed:
+            # An edited input (with ids): what every journal says was spent, then the journals as one,
+            # renumbered to the rows' current places (answers for gone ids dropped, their cost carried in the
+            # job's spend.log), then cut into this plan's shards.
+            if enforced:
+                prior = self._shard_spend(state_dir, prior)
+                prior = _plus(prior, fold_spend(state_dir))
+            fold_shards(state_dir)
+            self._remap(state_dir, info, changed)
+            self._prepare(state_dir)
+            return prior
+        job_log = enforced and (state_dir / SpendLog.NAME).exists()
+        if job_log:
+            # the job's own spend.log (a single-process run's, or the cost of answers a remap dropped): folded
+            # while the job's journal is still whole, so what is left in it after the cut is what it carries
+            fold_spend(state_dir)
+        self._prepare(state_dir)
+        if enforced:  # what every shard's journal and spend log say was spent
+            prior = self._shard_spend(state_dir, prior)
+        if job_log:
+            prior = _plus(prior, fold_spend(state_dir))
+        return prior
+
+    def _shard_spend(self, state_dir: Path, prior: PriorSpend) -> PriorSpend:
+        root = state_dir / SHARDS
+        dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        for d in dirs:
+            prior = _plus(prior, fold_spend(d))
+        return prior
 
     def _prepare(self, state_dir: Path) -> None:
         prepare_journals(state_dir, self.shards)
@@ -493,3 +526,6 @@ def _worker_options(opts: RunOptions) -> RunOptions:
 
     return replace(opts, quiet=True, progress=False, handle_signals=False, ray=None)
 
+
+def _plus(a: PriorSpend, b: PriorSpend) -> PriorSpend:
+    return PriorSpend(a.spent + b.spent, a.unconfirmed + b.unconfirmed)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import importlib.util
+import json
 import os
 import random
 import shutil
@@ -45,6 +46,7 @@ from .routing import Backoff, RoutePlan, plan_for
 from .shapes import Shape, shape_of_job
 from .shards import fold_shards, write_parts
 from .sinks import (
+    DROPPED,
     InputColumns,
     JobLock,
     Journal,
@@ -55,6 +57,7 @@ from .sinks import (
     fingerprint,
     input_identity,
     output_schema,
+    remap_journal,
     state_dir_for,
     written_by_batcher,
 )
@@ -94,6 +97,7 @@ class RunResult:
     errors: int = 0
     cached: int = 0
     skipped: int = 0  # already done by an earlier run
+    dropped: int = 0  # answers of earlier runs for ids no longer in the (edited) input
     attempts: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -139,7 +143,8 @@ class RunResult:
         if self.unpriced:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
         where = storage.uri_of(self.output) or self.output
-        return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {where}"
+        dropped = f"; {self.dropped} answers for ids no longer in the input were dropped" if self.dropped else ""
+        return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {where}{dropped}"
 
 
 # A run that finished with more error rows than --max-errors / limits.max_errors allow (default: none): a
@@ -681,8 +686,10 @@ class _Job:
                 f"restore the old spec {'to keep it' if done else 'to finish it'}"
             )
         positional = spec.input.id_column is None and self.source.format != "openai_batch"
-        identity = self._input_identity() if positional else None
-        if state is not None and state.input != identity:
+        # Recorded for every job: with ids, a changed input has its answers renumbered to the rows' new places.
+        identity = self._input_identity()
+        changed = state is not None and state.input != identity
+        if changed and positional:
             raise ResumeError(
                 f"the input {spec.input.path} changed since the run in {state_dir} (size, modification time or "
                 "content), and its rows are known by position (no input.id_column): resuming would put answers "
@@ -690,11 +697,18 @@ class _Job:
                 "rows may be edited or appended between runs)"
             )
         if state is not None:
-            if state.status == "finished" and state.rows == info.rows and self.output.exists() and opts.limit is None:
+            if (state.status == "finished" and state.rows == info.rows and self.output.exists()
+                    and opts.limit is None and not changed):
                 self.result.status = "nothing_to_do"
                 self.result.skipped = info.rows
                 raise _NothingToDo()
-            self._resume(state_dir, info)
+            prior = self._resume(state_dir, info, changed)
+            if changed:
+                # Not "finished" any more: a crash before this run's end must not make the rerun a no-op on an
+                # input whose new rows were never asked.
+                state.input, state.status = identity, "partial"
+                state.save()
+            self._budget_so_far(state_dir, prior)
         else:
             state = RunState(state_dir, fp, input=identity)
             state.save()
@@ -706,30 +720,38 @@ class _Job:
         return self.source.check()
 
     def _input_identity(self) -> dict[str, Any]:
-        files = self.source.files
-        if len(files) == 1 and not storage.is_remote(files[0]):
-            return input_identity(Path(files[0]))
         # a directory, a glob or an object: every file's, in order (a file added or removed changes positions)
-        return {"files": [storage.identity(f) for f in files]}
+        return input_identity(self.spec.input.path, self.source.files)
 
     def _part_starts(self) -> list[int]:
         """Where the parts of a `parquet_dataset` output begin (row positions): one part for a local run."""
         return [0]
 
-    def _resume(self, state_dir: Path, info: SourceInfo) -> None:
-        """Pick up an earlier run's answers: the ids to skip and the spend so far."""
+    def _resume(self, state_dir: Path, info: SourceInfo, changed: bool) -> PriorSpend:
+        """Pick up an earlier run's answers: the ids to skip; returns the spend so far. `changed`: the input
+        (with ids) was edited since the journal was written."""
         fold_shards(state_dir)  # a distributed run's journals, if one stopped before merging them
         # Before the compaction, which drops error rows (and what their unknown attempts may have cost).
         prior = PriorSpend(0.0, 0.0)
         if self.budget.enforced or (state_dir / SpendLog.NAME).exists():  # else: no need to read the journal
             prior = fold_spend(state_dir)
-        ids = compact_journal(state_dir)
+        ids = self._remap(state_dir, info, changed)
         if self.mirror is not None:
             self.mirror.push_base("", state_dir)
-        self.result.skipped = len(ids)
+        self.result.skipped = len(ids) - self.result.dropped
         if ids:
             self.done_ids = pa.array(ids, type=info.id_type)
-        self._budget_so_far(state_dir, prior)
+        return prior
+
+    def _remap(self, state_dir: Path, info: SourceInfo, changed: bool) -> list[Any]:
+        """Compact the job's journal; if the input changed, its positions follow the ids to the rows' current
+        places (rows are in input order), and answers for ids now gone are dropped (`result.dropped`), their
+        cost carried in `spend.log`. Returns the compacted journal's ids (the dropped ones included)."""
+        ids = compact_journal(state_dir)
+        if changed and ids:
+            self.result.dropped = remap_journal(state_dir, self.source.ids(info.id_type),
+                                                on_dropped=lambda cost: _carry_spend(state_dir, cost))
+        return ids
 
     def _interrupted(self) -> bool:
         return self.result.signal is not None
@@ -804,11 +826,27 @@ class _BudgetReached(Exception):
     pass
 
 
+def _carry_spend(state_dir: Path, cost: float) -> None:
+    """What answers dropped from the journal cost (ids no longer in the input): carried in `spend.log`, as
+    `fold_spend` carries error rows, so the job's budget keeps counting it. Written before the journal loses
+    them: a crash in between counts them twice (too much, never too little)."""
+    if cost <= 0:
+        return
+    path = state_dir / SpendLog.NAME
+    try:
+        with open(path, "ab") as f:
+            f.write(json.dumps({"carried": cost}).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def _remove_state(directory: Path) -> None:
     for name in ("shards", "shards.new", "shards.old"):
         shutil.rmtree(directory / name, ignore_errors=True)
-    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", BudgetStop.NAME, SpendLog.NAME,
-                 SpendLog.NAME + ".tmp"):
+    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", "journal.remap.tmp", DROPPED, BudgetStop.NAME,
+                 SpendLog.NAME, SpendLog.NAME + ".tmp"):
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
 

@@ -138,9 +138,9 @@ def identity(path: str) -> dict[str, Any]:
     """What names a file's content cheaply (see `sinks.input_identity`); for an object, its size and time."""
     uri = uri_of(path)
     if uri is None:
-        from .sinks import input_identity
+        from .sinks import _file_identity
 
-        return {"path": path, **input_identity(Path(path))}
+        return {"path": path, **_file_identity(Path(path))}
     fs, inner = filesystem(uri)
     info = fs.get_file_info(inner)
     return {"path": uri, "size": info.size, "mtime_ns": info.mtime_ns}

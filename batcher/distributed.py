@@ -307,6 +307,7 @@ class RayJob(_Job):
             if enforced:
                 prior = self._shard_spend(state_dir, prior)
                 prior = _plus(prior, fold_spend(state_dir))
+                _keep_shard_spend(state_dir)
             fold_shards(state_dir)
             self._remap(state_dir, info, changed)
             self._prepare(state_dir)
@@ -529,3 +530,17 @@ def _worker_options(opts: RunOptions) -> RunOptions:
 
 def _plus(a: PriorSpend, b: PriorSpend) -> PriorSpend:
     return PriorSpend(a.spent + b.spent, a.unconfirmed + b.unconfirmed)
+
+
+def _keep_shard_spend(state_dir: Path) -> None:
+    """The shards' spend logs (each one `carried` line once folded) appended to the job's, before the shards'
+    folders are merged away: what error rows and unrecorded calls cost keeps counting."""
+    root = state_dir / SHARDS
+    logs = sorted(p / SpendLog.NAME for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    data = b"".join(p.read_bytes() for p in logs if p.exists())
+    if not data:
+        return
+    with open(state_dir / SpendLog.NAME, "ab") as f:
+        f.write(data if data.endswith(b"\n") else data + b"\n")
+        f.flush()
+        os.fsync(f.fileno())

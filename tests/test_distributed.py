@@ -171,6 +171,26 @@ def test_ray_limit_then_resume_with_another_plan_then_single_process(make_spec, 
     assert df["review_id"].to_list() == pl.read_parquet(SAMPLES / "reviews.parquet")["review_id"].to_list()
 
 
+def test_ray_resume_of_an_edited_input_follows_its_order_and_drops_gone_ids(make_spec, gateway: Gateway,
+                                                                          tmp_path: Path) -> None:
+    path = _big_input(tmp_path, 200, 25)
+    out = tmp_path / "o.parquet"
+    spec = parse_spec(make_spec(input={"path": str(path)}, output={"path": str(out)}, cache_dir=None))
+    assert run_job(spec, options(ray="local", workers=2, limit=100)).ok == 100  # r00000..r00099
+    rows = pq.read_table(path).to_pylist()
+    new = [{**rows[0], "review_id": f"n{i}"} for i in range(5)]
+    edited = new + rows[10:]  # 5 new rows first; r00000..r00009 (answered) gone
+    pq.write_table(pa.Table.from_pylist(edited), path, row_group_size=25)
+    res = run_job(spec, options(ray="local", workers=3))
+    assert res.status == "finished" and res.dropped == 10 and res.skipped == 90, res.message
+    assert res.ok == len(edited) - 90
+    assert "10 answers for ids no longer in the input were dropped" in res.summary()
+    assert gateway.stats.billed == 100 + len(edited) - 90
+    df = pl.read_parquet(out)
+    assert df["review_id"].to_list() == [r["review_id"] for r in edited] and (df["status"] == "ok").all()
+    assert run_job(spec, options()).status == "nothing_to_do"
+
+
 def test_ray_input_error_comes_back_as_itself(make_spec, tmp_path: Path) -> None:
     (tmp_path / "a.jsonl").write_text(json.dumps({"review_id": 1, "text": "x"}) + "\n")
     (tmp_path / "b.jsonl").write_text(json.dumps({"review_id": 1, "text": "y"}) + "\n")

@@ -16,6 +16,7 @@ import pytest
 
 from batcher import parse_spec, run_job
 from batcher.coordinator import Coordination, LeasedBudget, Pacer
+from batcher.plan import make_plan
 from batcher.shards import place, plan_shards
 from batcher.sources import Source
 from batcher.storage import iter_lines, uri_of
@@ -221,3 +222,40 @@ def test_output_path_ending_with_a_slash_is_a_folder_of_parquet_parts(make_spec,
     assert parts == ["part-00000.parquet"]
     ds = pl.from_arrow(pq.read_table(tmp_path / "ds")).drop(TIMING)  # pyarrow reads the folder as one dataset
     assert ds.equals(pl.read_parquet(tmp_path / "one.parquet").drop(TIMING))
+
+
+@pytest.mark.parametrize("kind", ["folder", "glob"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_an_edited_folder_or_glob_input_resumes_by_id(make_spec, tmp_path: Path, kind: str, fmt: str) -> None:
+    """fix3's remap on a many-file input: `input_identity` and `Source.ids` read every file (folder or glob)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+
+    def write(name: str, rows: list[tuple[str, str]]) -> None:
+        if fmt == "parquet":
+            pq.write_table(pa.table({"k": [k for k, _ in rows], "t": [t for _, t in rows]}), folder / f"{name}.parquet")
+        else:
+            write_jsonl(folder / f"{name}.jsonl", [{"k": k, "t": t} for k, t in rows])
+
+    write("p-1", [("k0", "a"), ("k1", "b"), ("k2", "c")])
+    write("p-2", [("k3", "d"), ("k4", "e")])
+    path = str(folder) if kind == "folder" else str(folder / f"p-*.{fmt}")
+    out = tmp_path / "o.parquet"
+    spec = parse_spec(make_spec(input={"path": path, "id_column": "k", "prompt": "{{t}}"},
+                                output={"path": str(out), "keep_columns": ["t"]}))
+    assert run_job(spec, options(limit=3)).ok == 3  # k0, k1, k2
+    assert make_plan(spec).done == 3  # the plan reads the many-file identity too
+    write("p-1", [("k9", "new"), ("k0", "a")])  # k1, k2 (answered) gone; k9 new
+    write("p-3", [("k5", "f")])  # a file added
+    assert make_plan(spec).done == 1  # only answers still in the input
+    res = run_job(spec, options())
+    assert res.exit_code == 0 and res.ok == 4 and res.skipped == 1 and res.dropped == 2
+    assert pl.read_parquet(out)["k"].to_list() == ["k9", "k0", "k3", "k4", "k5"]
+    assert run_job(spec, options()).status == "nothing_to_do"
+    # without ids, rows are positions: a changed file is refused
+    positional = parse_spec(make_spec(input={"path": path, "id_column": None, "prompt": "{{t}}"},
+                                      output={"path": str(tmp_path / "p.parquet")}))
+    assert run_job(positional, options(limit=2)).ok == 2
+    write("p-3", [("k5", "f"), ("k6", "g")])
+    with pytest.raises(Exception, match="changed since the run"):
+        run_job(positional, options())

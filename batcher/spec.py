@@ -58,6 +58,11 @@ RESULT_COLUMN_NAMES = frozenset({
     "reasoning_tokens", "completion_id", "cost_usd",
 })
 
+# The keys of a journal record that are not output columns of their own name: the row's position, its id (the
+# id column's value, whatever that column is named), its kept values and the cache hand-off. A json_schema
+# property never takes one of these names (nor an output column's): it becomes `answer_<name>`.
+RECORD_KEYS = frozenset({"_i", "id", "keep", "_cache"})
+
 
 def kept_column_name(column: str, id_name: str) -> str:
     """A kept input column's name in the output: its own, unless the id or batcher's columns already use it."""

@@ -430,3 +430,29 @@ def test_asking_again_after_a_billed_broken_answer_never_passes_the_cap(make_spe
     assert result.status == "budget" and gateway.stats.total == 1  # the second attempt would not fit
     assert spent == pytest.approx(per_answer) and spent <= 1.6 * per_answer
     assert rows[0]["error_kind"] == "schema" and "not asked again" in rows[0]["error"]
+
+
+# --- the outside tester's findings (fix4) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prop_type", ["string", "integer"])
+def test_a_schema_property_named_id_never_overwrites_the_row_ids(make_spec, gateway: Gateway, tmp_path: Path,
+                                                                 prop_type: str) -> None:
+    schema = {"type": "object", "properties": {"id": {"type": prop_type}, "keep": {"type": "string"},
+                                               "_i": {"type": "string"}, "sentiment": {"type": "string"}},
+              "required": ["id", "sentiment"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    spec = parse_spec(_chat(make_spec, request={"response_format": fmt},
+                            output={"path": str(tmp_path / "o.parquet"), "keep_columns": ["rating"]}))
+    shape = shape_of_job(spec)
+    assert set(shape.extra_columns) >= {"answer_id", "answer_keep", "answer__i", "sentiment"}
+    result = run_job(spec, options(limit=20))
+    assert result.status == "finished" and result.ok == 20
+    rows = _rows(tmp_path / "o.parquet")
+    expected = [r["review_id"] for r in pq.read_table(SAMPLES / "reviews.parquet").slice(0, 20).to_pylist()]
+    assert [r["review_id"] for r in rows] == expected
+    assert all(r["rating"] is not None for r in rows)
+    assert all(r["answer_id"] == json.loads(r["text"])["id"] for r in rows)
+    # the journal holds the row ids: a rerun resumes them all, plan reads it too
+    again = run_job(spec, options(limit=20))
+    assert again.status == "finished" and gateway.stats.total == 20

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import TypeAdapter, ValidationError
 
-from ..spec import DEFAULT_MAX_TOKENS
+from ..spec import DEFAULT_MAX_TOKENS, RECORD_KEYS, RESULT_COLUMN_NAMES
 from ..structured import StructuredOutput, load_schema
 from ..templating import Template, TemplateError
 from .base import Api, ContractError, Prompt, Refused
@@ -396,7 +396,7 @@ class ChatShape:
                 js["schema"] = load_schema(js["schema"], base_dir)  # a path in the spec, the schema on the wire
                 fields["response_format"] = {**rf, "json_schema": js}
         self.structured = StructuredOutput.from_response_format(
-            fields.get("response_format"), {*reserved, *CHAT_COLUMNS}
+            fields.get("response_format"), {*reserved, *CHAT_COLUMNS, *RECORD_KEYS, *RESULT_COLUMN_NAMES}
         )
         if api == "openai":
             fields = {k: v for k, v in fields.items() if k in OPENAI_CHAT_FIELDS}

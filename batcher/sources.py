@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .attachments import Attachments, attach
 from .csv_input import CsvFile, delimiter_for
 from .errors import InputError
 from .shapes.chat import MessagesTemplate, messages_from_value
@@ -109,7 +110,9 @@ class Source:
         # writes the output (any Arrow type, untouched); a JSONL input's kept values travel in the journal.
         self._row_keep = [] if self.format == "parquet" else keep_columns
         self.template = Template(spec.prompt, "input.prompt") if spec.prompt is not None else None
-        self.messages = MessagesTemplate(spec.messages, "input.messages") if spec.messages is not None else None
+        self.attachments = Attachments.for_input(spec.path, spec.max_attachment_bytes)
+        self.messages = (MessagesTemplate(spec.messages, "input.messages", self.attachments)
+                         if spec.messages is not None else None)
         self.chat = spec.is_chat
         self.id_name = spec.id_column or ("custom_id" if self.format == "openai_batch" else "id")
         self._csv_file: CsvFile | None = None
@@ -487,7 +490,7 @@ class Source:
                 value = record.get(self.spec.messages_column)
                 if value is None:
                     raise MissingVariable(self.spec.messages_column, "is null in this row")
-                messages = messages_from_value(value)
+                messages = attach(messages_from_value(value), "messages column", self.attachments)
         except MissingVariable as exc:
             what = str(exc) if self.messages is not None else f"messages column {exc.name!r} {exc.why}"
             return SourceRow(index, row_id, None, keep=keep, error=what)

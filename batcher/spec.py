@@ -402,6 +402,8 @@ class InputSpec(_Model):
     inputs_columns: list[str] = Field(default_factory=list)
     batch_size: int = Field(1_000, ge=1, le=1_000_000)
     max_prompt_chars: int = Field(1_000_000, ge=1, le=INT32_MAX)
+    # A local image/audio/PDF file a message part names is read only up to this size (attachments.py).
+    max_attachment_bytes: int = Field(20 * 1024 * 1024, ge=1, le=2**31 - 1)
 
     _path = field_validator("path", mode="before")(_expand)
 

@@ -456,3 +456,77 @@ def test_a_schema_property_named_id_never_overwrites_the_row_ids(make_spec, gate
     # the journal holds the row ids: a rerun resumes them all, plan reads it too
     again = run_job(spec, options(limit=20))
     assert again.status == "finished" and gateway.stats.total == 20
+
+
+def test_a_row_value_never_sends_a_local_file_that_is_not_an_attachment(make_spec, gateway: Gateway,
+                                                                          tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    monkeypatch.setenv("ORQ_API_KEY", "sk-canary-attachment-0000")
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(32))
+    wav = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(16)
+    pdf = b"%PDF-1.4\n% tiny\n"
+    (tmp_path / "a.png").write_bytes(png)
+    (tmp_path / "fake.png").write_text("not an image at all")
+    (tmp_path / "big.png").write_bytes(png + bytes(5000))
+    (tmp_path / "a.wav").write_bytes(wav)
+    (tmp_path / "a.pdf").write_bytes(pdf)
+    os.mkfifo(tmp_path / "fifo.png")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.png"
+    outside.write_bytes(png)
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = {
+        "ok": {"img": str(tmp_path / "a.png"), "audio": str(tmp_path / "a.wav"), "doc": str(tmp_path / "a.pdf")},
+        "environ": {"img": "/proc/self/environ"},
+        "shadow": {"img": "/etc/passwd"},
+        "outside": {"img": str(outside)},
+        "fake": {"img": str(tmp_path / "fake.png")},
+        "big": {"img": str(tmp_path / "big.png")},
+        "fifo": {"img": str(tmp_path / "fifo.png")},
+        "audio_not_audio": {"audio": str(tmp_path / "a.png")},
+        "doc_not_pdf": {"doc": str(tmp_path / "a.png")},
+    }
+    src = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": k, "img": v.get("img", "https://x/y.png"), "audio": v.get("audio", base64.b64encode(wav).decode()),
+         "doc": v.get("doc", "data:application/pdf;base64," + base64.b64encode(pdf).decode())}
+        for k, v in rows.items()])
+    msgs = [{"role": "user", "content": [
+        {"type": "text", "text": "Describe."},
+        {"type": "image_url", "image_url": {"url": "{{img}}"}},
+        {"type": "input_audio", "input_audio": {"data": "{{audio}}", "format": "wav"}},
+        {"type": "file", "file": {"file_data": "{{doc}}"}}]}]
+    spec = parse_spec(_chat(make_spec, input={"path": str(src), "id_column": "id", "messages": msgs,
+                                              "max_attachment_bytes": 1000}))
+    run_job(spec, options())
+    sent = json.dumps(list(gateway.stats.bodies))
+    assert "sk-canary" not in sent and "ORQ_API_KEY" not in sent and "root:" not in sent
+    assert gateway.stats.total == 1
+    parts = gateway.stats.bodies[0]["body"]["messages"][0]["content"]
+    assert parts[1]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(png).decode()
+    assert parts[2]["input_audio"]["data"] == base64.b64encode(wav).decode()
+    assert parts[3]["file"]["file_data"] == "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+    out = {r["id"]: r for r in _rows(tmp_path / "out" / "t.parquet")}
+    assert out["ok"]["status"] == "ok"
+    why = {"environ": "system file", "shadow": "outside the folders", "outside": "outside the folders",
+           "fake": "not an image", "big": "over input.max_attachment_bytes", "fifo": "not a regular file",
+           "audio_not_audio": "is not audio", "doc_not_pdf": "is not a PDF"}
+    for rid, text in why.items():
+        r = out[rid]
+        assert r["status"] == "error" and r["error_kind"] == "input", rid
+        assert text in r["error"] and repr(rid) in r["error"] and "input.messages[0].content[" in r["error"], r["error"]
+    # a messages column's local image goes by the same rule
+    col = write_jsonl(tmp_path / "col.jsonl", [
+        {"id": "m1", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": str(tmp_path / "a.png")}}]}]},
+        {"id": "m2", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "/proc/self/environ"}}]}]}])
+    gateway.stats.reset()
+    spec = parse_spec(_chat(make_spec, input={"path": str(col), "id_column": "id", "messages_column": "messages",
+                                              "prompt": None}, output={"path": str(tmp_path / "m.parquet")}))
+    run_job(spec, options())
+    assert gateway.stats.total == 1
+    assert gateway.stats.bodies[0]["body"]["messages"][0]["content"][1]["image_url"]["url"].startswith(
+        "data:image/png;base64,")
+    m2 = {r["id"]: r for r in _rows(tmp_path / "m.parquet")}["m2"]
+    assert m2["status"] == "error" and "messages column[0].content[1].image_url.url" in m2["error"]

@@ -386,16 +386,18 @@ class _Job:
                 await anyio.to_thread.run_sync(self.cache.put_many, items)
         res = self.result
         for r in records:
+            # Tokens and cost of billed calls only, as in `batcher report`: an error row's billed answers too
+            # (a broken or refused answer was paid for), so the totals are the sums over the output file.
+            if not r.get("cached"):
+                res.prompt_tokens += r.get("prompt_tokens") or 0
+                res.completion_tokens += r.get("completion_tokens") or 0
+                if r.get("cost_usd") is None and (r["status"] == "ok" or r.get("completion_tokens") is not None):
+                    res.unpriced += 1
+            res.cost_usd += r.get("cost_usd") or 0.0
             if r["status"] == "ok":
                 res.ok += 1
                 if r.get("cached"):
                     res.cached += 1
-                else:  # tokens of billed calls only, as in `batcher report`
-                    res.prompt_tokens += r.get("prompt_tokens") or 0
-                    res.completion_tokens += r.get("completion_tokens") or 0
-                    if r.get("cost_usd") is None:
-                        res.unpriced += 1
-                res.cost_usd += r.get("cost_usd") or 0.0
             else:
                 res.errors += 1
                 kind = r.get("error_kind") or "unknown"

@@ -530,3 +530,34 @@ def test_a_row_value_never_sends_a_local_file_that_is_not_an_attachment(make_spe
         "data:image/png;base64,")
     m2 = {r["id"]: r for r in _rows(tmp_path / "m.parquet")}["m2"]
     assert m2["status"] == "error" and "messages column[0].content[1].image_url.url" in m2["error"]
+
+
+def test_every_billed_answer_is_on_its_row_and_in_the_summary_and_the_budget(make_spec, gateway: Gateway,
+                                                                            tmp_path: Path) -> None:
+    clean = parse_spec(_chat(make_spec, request={"response_format": LABEL_FORMAT},
+                             output={"path": str(tmp_path / "clean.parquet")}))
+    assert run_job(clean, options(limit=60)).ok == 60
+    before = {r["review_id"]: r for r in _rows(tmp_path / "clean.parquet")}
+    gateway.set_faults([{"kind": "schema_violation", "first": 1, "prompt_contains": "a"},  # once: retried, ok
+                        {"kind": "schema_violation", "prompt_contains": "refund"}])  # always: an error row
+    faulty = parse_spec(_chat(make_spec, request={"response_format": LABEL_FORMAT},
+                              output={"path": str(tmp_path / "f.parquet")}))
+    result = run_job(faulty, options(limit=60))
+    rows = _rows(tmp_path / "f.parquet")
+    retried = [r for r in rows if r["status"] == "ok" and r["attempts"] == 2]
+    assert retried and result.errors
+    for r in retried:  # both answers' prompts were billed: twice the clean row's
+        assert r["prompt_tokens"] == 2 * before[r["review_id"]]["prompt_tokens"]
+        assert r["completion_tokens"] > before[r["review_id"]]["completion_tokens"]
+    assert result.prompt_tokens == sum(r["prompt_tokens"] or 0 for r in rows)
+    assert result.completion_tokens == sum(r["completion_tokens"] or 0 for r in rows)
+    assert result.cost_usd == pytest.approx(sum(r["cost_usd"] or 0 for r in rows))
+    # under a cap: what the run says it spent is what the file holds, and never over the cap
+    gateway.set_faults([{"kind": "schema_violation", "first": 1, "prompt_contains": "a"}])
+    cap = result.cost_usd / 3
+    capped = parse_spec(_chat(make_spec, request={"response_format": LABEL_FORMAT}, limits={"max_cost_usd": cap},
+                              output={"path": str(tmp_path / "c.parquet")}, name="capped"))
+    res = run_job(capped, options(limit=60))
+    spent = sum(r["cost_usd"] or 0 for r in _rows(tmp_path / "c.parquet"))
+    assert res.status == "budget" and res.cost_usd == pytest.approx(spent) and spent <= cap
+    assert f"${spent:.4f}" in res.message

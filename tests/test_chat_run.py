@@ -561,3 +561,21 @@ def test_every_billed_answer_is_on_its_row_and_in_the_summary_and_the_budget(mak
     spent = sum(r["cost_usd"] or 0 for r in _rows(tmp_path / "c.parquet"))
     assert res.status == "budget" and res.cost_usd == pytest.approx(spent) and spent <= cap
     assert f"${spent:.4f}" in res.message
+
+
+def test_validate_names_every_orq_only_field_for_api_openai(make_spec, tmp_path: Path) -> None:
+    chat = _chat(make_spec, endpoint={"api": "openai"}, input={"inputs_columns": ["customer_name"]},
+                 request={"name": "labeler", "guardrails": [{"id": "g", "execute_on": "input"}],
+                          "orq": {"identity": {"id": "u1"}, "thread": {"id": "t1"}}})
+    with pytest.raises(SpecError) as err:
+        parse_spec(chat)
+    for field in ("request.name", "request.guardrails", "request.orq.identity", "request.orq.thread",
+                  "input.inputs_columns"):
+        assert field in str(err.value), field
+    prompt = make_spec(endpoint={"api": "openai"}, request={"name": "labeler", "orq": {"thread": {"id": "t1"}}})
+    with pytest.raises(SpecError) as err:
+        parse_spec(prompt)
+    assert "request.name" in str(err.value) and "request.orq.thread" in str(err.value)
+    # routing fields are still fine with api: openai
+    ok = _chat(make_spec, endpoint={"api": "openai"}, request={"retry": {"count": 2, "on_codes": [500]}})
+    assert parse_spec(ok).endpoint.api == "openai"

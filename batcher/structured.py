@@ -32,6 +32,7 @@ from jsonschema.exceptions import SchemaError, best_match
 
 from ._fastcheck import compile_check
 from .errors import ContractError
+from .paths import expand_path
 
 __all__ = ["Column", "SchemaViolation", "StructuredOutput", "load_schema"]
 
@@ -56,7 +57,7 @@ def load_schema(value: Mapping[str, Any] | str | Path, base_dir: Path | None = N
     if isinstance(value, Mapping):
         schema = dict(value)
     else:
-        path = Path(value).expanduser()
+        path = expand_path(value)  # `~` and `$VAR`, as every path of the spec (an unset variable: ValueError)
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
         try:

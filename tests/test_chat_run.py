@@ -579,3 +579,16 @@ def test_validate_names_every_orq_only_field_for_api_openai(make_spec, tmp_path:
     # routing fields are still fine with api: openai
     ok = _chat(make_spec, endpoint={"api": "openai"}, request={"retry": {"count": 2, "on_codes": [500]}})
     assert parse_spec(ok).endpoint.api == "openai"
+
+
+def test_a_schema_file_path_expands_variables(make_spec, gateway: Gateway, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "schemas" / "s.json").write_text(json.dumps(SCHEMA))
+    monkeypatch.setenv("SD", str(tmp_path / "schemas"))
+    fmt = {"type": "json_schema", "json_schema": {"name": "label", "schema": "$SD/s.json"}}
+    spec = parse_spec(_chat(make_spec, request={"response_format": fmt}))
+    assert run_job(spec, options(limit=5)).ok == 5
+    assert gateway.stats.bodies[-1]["body"]["response_format"]["json_schema"]["schema"] == SCHEMA
+    monkeypatch.delenv("SD")
+    with pytest.raises(SpecError, match=r"\$SD"):
+        parse_spec(_chat(make_spec, request={"response_format": fmt}))

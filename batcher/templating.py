@@ -217,6 +217,42 @@ for _name in list(_ENV.filters):
     _bounded_filter(_ENV, _name)
 
 
+def _describe(node: jinja2.nodes.Node) -> str | None:
+    if isinstance(node, jinja2.nodes.Name):
+        return node.name
+    if isinstance(node, jinja2.nodes.Getattr):
+        inner = _describe(node.node)
+        return None if inner is None else f"{inner}.{node.attr}"
+    if isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Const):
+        inner = _describe(node.node)
+        return None if inner is None else f"{inner}[{node.arg.value!r}]"
+    return None
+
+
+@jinja2.pass_context
+def _not_null(context: Any, value: Any, what: str) -> Any:
+    if value is None:
+        if what.startswith("line "):
+            raise ValueError(f"a value printed on {what} is null in this row")
+        raise MissingVariable(what, "is null in this row")
+    return value
+
+
+def _null_checked(ast: jinja2.nodes.Template) -> None:
+    """Every `{{ ... }}` checked for null, nested values included (`{{ex.a}}` with `a: null`): an error naming
+    the expression, as a null column is, never the text `null`."""
+    for output in ast.find_all(jinja2.nodes.Output):
+        for i, node in enumerate(output.nodes):
+            if isinstance(node, jinja2.nodes.TemplateData):
+                continue
+            what = _describe(node) or f"line {node.lineno}"
+            output.nodes[i] = jinja2.nodes.Filter(node, "_not_null", [jinja2.nodes.Const(what)], [], None, None,
+                                                  lineno=node.lineno)
+
+
+_ENV.filters["_not_null"] = _not_null
+
+
 class Template:
     """A prompt template, compiled once. `variables` are the row columns it reads, in first-use order."""
 
@@ -239,6 +275,7 @@ class Template:
             return
         try:
             ast = _ENV.parse(source)
+            _null_checked(ast)
             self._compiled = _ENV.from_string(ast)
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(name, f"line {exc.lineno}: {exc.message}") from None

@@ -167,3 +167,17 @@ def test_ordinary_uses_of_the_bounded_operators_still_work() -> None:
     t = Template("{{ text * 2 }} {{ 2**10 }} {{ [1,2]|join(',') }} {{ 'a-%s' % 'b' }} {{ '{}!'.format(text) }} "
                  "{{ text|center(7) }} {{ text.replace('a', 'b') }}")
     assert t.render({"text": "ab"}) == "abab 1024 1,2 a-b ab!    ab   bb"
+
+
+def test_a_nested_null_printed_is_an_error_naming_the_expression_never_the_text_null() -> None:
+    t = Template("{% for ex in examples %}{{ex.q}}->{{ex.a}}; {% endfor %}{{ d['k'] }}")
+    assert t.render({"examples": [{"q": "a", "a": "b"}], "d": {"k": 1}}) == "a->b; 1"
+    with pytest.raises(MissingVariable, match=r"\{\{ex\.a\}\} is null"):
+        t.render({"examples": [{"q": "a", "a": None}], "d": {"k": 1}})
+    with pytest.raises(MissingVariable, match=r"\{\{d\['k'\]\}\} is null"):
+        t.render({"examples": [], "d": {"k": None}})
+    with pytest.raises(TemplateError, match=r"template prompt: .*printed on line 1 is null"):
+        Template("{{ (d.values()|list)[0] }}").render({"d": {"k": None}})
+    # a null is still false in a test, and JSON inside a printed list or object
+    assert Template("{% if ex.a %}x{% else %}none{% endif %} {{ ex }}").render({"ex": {"a": None}}) == \
+        'none {"a": null}'

@@ -592,3 +592,24 @@ def test_a_schema_file_path_expands_variables(make_spec, gateway: Gateway, tmp_p
     monkeypatch.delenv("SD")
     with pytest.raises(SpecError, match=r"\$SD"):
         parse_spec(_chat(make_spec, request={"response_format": fmt}))
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "jsonl"])
+def test_report_by_a_list_column_counts_each_element(make_spec, gateway: Gateway, tmp_path: Path, capsys: Any,
+                                                     suffix: str) -> None:
+    out = tmp_path / f"labels.{suffix}"
+    run_job(parse_spec(_chat(make_spec, output={"path": str(out)}, request={"response_format": LABEL_FORMAT})),
+            options(limit=60))
+    rows = _rows(out) if suffix == "parquet" else [json.loads(x) for x in out.read_text().splitlines()]
+    counts: dict[Any, int] = {}
+    for r in rows:
+        for t in r["topics"] or [None]:
+            counts[t] = counts.get(t, 0) + 1
+    assert sum(counts.values()) > len(rows)  # some rows have several topics
+    capsys.readouterr()
+    assert main(["report", str(out), "--by", "topics", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {g["topics"]: g["rows"] for g in report["usage"]} == counts
+    assert report["total"]["rows"] == len(rows) and "each element" in report["note"]
+    assert main(["report", str(out), "--by", "topics"]) == 0
+    assert "counts once in the group of each element" in capsys.readouterr().out

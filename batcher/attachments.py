@@ -28,7 +28,10 @@ from typing import Any
 
 from .templating import TemplateError
 
-__all__ = ["DEFAULT_MAX_ATTACHMENT_BYTES", "AttachmentError", "Attachments", "attach", "sniff"]
+__all__ = [
+    "DEFAULT_MAX_ATTACHMENT_BYTES", "IMAGE_TOKENS", "IMAGE_TOKENS_BOUND", "AttachmentError", "Attachments", "attach",
+    "media_tokens", "sniff",
+]
 
 DEFAULT_MAX_ATTACHMENT_BYTES = 20 * 1024 * 1024
 _SPECIAL = ("/proc", "/sys", "/dev")
@@ -155,3 +158,38 @@ def attach(messages: list[dict[str, Any]], prefix: str, policy: Attachments) -> 
                     part["file"] = {**part["file"], "filename": part["file"].get("filename") or Path(fd).name,
                                     "file_data": f"data:{mime};base64,{base64.b64encode(data).decode()}"}
     return messages
+
+
+# What an attachment is counted as, since its tokens depend on the provider (and an image's on its pixels):
+# `plan` estimates an image at IMAGE_TOKENS and audio or a file at its bytes / 4; the budget's prompt bound takes
+# an image as IMAGE_TOKENS_BOUND (above gpt-4o-mini's high-detail ceiling of ~48,000 for a 2048 x 768 image) and
+# audio or a file as one token per byte.
+IMAGE_TOKENS = 1_000
+IMAGE_TOKENS_BOUND = 50_000
+
+
+def _data_bytes(value: Any) -> int:
+    if not isinstance(value, str):
+        return 0
+    return len(value.partition(",")[2] if value.startswith("data:") else value) * 3 // 4
+
+
+def media_tokens(body: Any) -> tuple[int, int, int]:
+    """(attachments, estimated tokens, bound on tokens) of the image, audio and file parts of a chat body."""
+    count = est = bound = 0
+    messages = body.get("messages") if isinstance(body, dict) else None
+    for m in messages if isinstance(messages, list) else ():
+        content = m.get("content") if isinstance(m, dict) else None
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, dict):
+                continue
+            kind = part.get("type")
+            if kind == "image_url":
+                count, est, bound = count + 1, est + IMAGE_TOKENS, bound + IMAGE_TOKENS_BOUND
+            elif kind in ("input_audio", "file"):
+                inner = part.get(kind)
+                if not isinstance(inner, dict):
+                    continue
+                n = _data_bytes(inner.get("data" if kind == "input_audio" else "file_data"))
+                count, est, bound = count + 1, est + n // 4, bound + n
+    return count, est, bound

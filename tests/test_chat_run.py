@@ -613,3 +613,35 @@ def test_report_by_a_list_column_counts_each_element(make_spec, gateway: Gateway
     assert report["total"]["rows"] == len(rows) and "each element" in report["note"]
     assert main(["report", str(out), "--by", "topics"]) == 0
     assert "counts once in the group of each element" in capsys.readouterr().out
+
+
+def test_plan_and_the_budget_count_attachments(make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    from batcher.attachments import IMAGE_TOKENS, IMAGE_TOKENS_BOUND
+    from batcher.budget import worst_case
+    from batcher.plan import render_text
+    from batcher.prices import Price, PriceTable
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(4_000_000)
+    (tmp_path / "big.png").write_bytes(png)
+    wav = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(40_000)
+    (tmp_path / "a.wav").write_bytes(wav)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "img": str(tmp_path / "big.png"),
+                                               "audio": str(tmp_path / "a.wav")} for i in range(3)])
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Describe."},
+                                         {"type": "image_url", "image_url": {"url": "{{img}}"}},
+                                         {"type": "input_audio", "input_audio": {"data": "{{audio}}",
+                                                                                 "format": "wav"}}]}]
+    spec = parse_spec(_chat(make_spec, input={"path": str(src), "id_column": "id", "messages": msgs}))
+    plan = make_plan(spec)
+    assert plan.attachments == 6
+    assert plan.prompt_tokens >= 3 * (IMAGE_TOKENS + len(wav) // 4)
+    assert "6 attachment(s)" in render_text(plan) and gateway.stats.total == 0
+    # the budget's prompt bound covers them: an image is IMAGE_TOKENS_BOUND, audio a token a byte
+    prices = PriceTable({"m": Price(prompt=1_000_000, completion=0)})
+    text_only = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with_media = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}]}]}
+    a = worst_case(prices, ["m"], "hi", text_only)
+    b = worst_case(prices, ["m"], "hi", with_media)
+    assert a is not None and b is not None and b - a >= IMAGE_TOKENS_BOUND + len(wav) - 1

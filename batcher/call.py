@@ -8,6 +8,11 @@ shape turns the answer into the row's fields (`shape.record`). An answer that br
 schema needs an answer (`Refused`) is an error row of kind "refusal" at once. Either answer was paid for: its
 cost is on the row and in the budget.
 
+Budget: a row's worst case is reserved before its first attempt, and again before an attempt that follows one
+that may have been billed (an unknown outcome, charged at its worst case; a paid answer that broke the schema,
+charged its cost). A row that does not fit waits for calls in flight to settle; the budget is reached
+(`budget_hit`) only when nothing is in flight and it still does not fit.
+
 Stopping: after `stop()` (the first Ctrl-C) no request leaves, neither a row's first attempt nor a retry
 waiting out its backoff; such a row returns None (not answered: a rerun asks it). A refused key (401/403)
 calls `on_fatal` and every row still to send returns None too.
@@ -24,7 +29,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from .budget import Budget, worst_case
+from .budget import Budget, SpendLog, body_models, worst_case
 from .client import AttemptFailed
 from .errors import FatalRequestError
 from .limits import Cooldown, RateLimits
@@ -126,6 +131,7 @@ class Caller:
         verbose: bool = False,
         recent_max: int = 1024,
         shape: Recorder | None = None,
+        spend_log: SpendLog | None = None,
     ) -> None:
         self.plan = plan
         self.shape: Recorder = shape or _PlainRecorder()
@@ -139,6 +145,8 @@ class Caller:
         self.verbose = verbose
         self.fatal: FatalRequestError | None = None
         self.budget_hit = False
+        self.needed = 0.0  # the worst case of the row that did not fit, once `budget_hit`
+        self.spend_log = spend_log
         self.stopping = anyio.Event()
         self._inflight: dict[str, anyio.Event] = {}
         self._recent: dict[str, dict[str, Any]] = {}
@@ -152,6 +160,7 @@ class Caller:
     def stop(self) -> None:
         """No new request from now on, retries included; calls on the wire finish."""
         self.stopping.set()
+        self.budget.wake()
 
     def _remember(self, key: str, completion: dict[str, Any]) -> None:
         """Answers of this run by cache key, so a duplicate row makes no second call. The feeder looked the
@@ -189,22 +198,40 @@ class Caller:
             await self.stopping.wait()
         return not self.halted
 
-    def _reserve(self, item: Work) -> tuple[float, dict[str, Any] | None]:
-        """Reserve the row's worst case: (worst, None) when it fits; (0, an error row) when it cannot be priced;
-        sets `budget_hit` (and returns (0, None)) when it does not fit."""
+    def _worst(self, item: Work) -> tuple[float, dict[str, Any] | None]:
+        """The row's worst case (0 without a cap), or an error row when it cannot be priced. Every model that
+        may answer counts: the row's, the plan's, and any routing in an OpenAI Batch line's own body."""
         if not self.budget.enforced:
             return 0.0, None
         row = item.row
-        models = list(dict.fromkeys([item.body["model"], *self.plan.may_answer]))
+        models = list(dict.fromkeys([item.body["model"], *self.plan.may_answer, *body_models(item.body)]))
         text = item.prompt_text if item.prompt_text is not None else row.prompt if isinstance(row.prompt, str) else ""
         worst = worst_case(self.records.prices, models, text, item.body)
         if worst is None:
+            missing = [m for m in models if self.records.prices.get(m) is None]
             return 0.0, self.records.error(
-                row, "budget", f"no price for one of {models}: limits.max_cost_usd cannot be enforced")
-        if not self.budget.reserve(worst):
-            self.budget_hit = True
-            return 0.0, None
+                row, "budget", f"no price for {missing[0]!r} (one of {models}, the models that may answer this "
+                "row): limits.max_cost_usd cannot be enforced, so the row was not sent")
         return worst, None
+
+    async def _hold(self, worst: float) -> bool:
+        """Reserve `worst`, waiting while calls in flight may free enough; False when the run is stopping or
+        the budget is reached (nothing in flight, and it still does not fit)."""
+        if not self.budget.enforced:
+            return not self.halted
+        while not self.budget.reserve(worst):
+            if self.halted or self.budget_hit:
+                return False
+            if self.budget.in_flight == 0:
+                self.budget_hit = True
+                self.needed = worst
+                self.budget.wake()  # the rows waiting behind this one stop too
+                return False
+            await self.budget.changed()
+        if self.halted or self.budget_hit:
+            self.budget.settle(worst, None, answered=False)
+            return False
+        return True
 
     def _paid(self, paid: dict[str, Any], answer: Any, asked_model: str) -> dict[str, Any]:
         """`paid` plus one billed answer that did not become the row's: its tokens and cost (None: unpriced)."""
@@ -220,6 +247,12 @@ class Caller:
         out["text"] = fields.get("text")  # the last refused answer, as it came
         return out
 
+    def _charge_paid(self, paid: dict[str, Any], comp: Any, model: str) -> tuple[dict[str, Any], float | None]:
+        """`paid` with one more billed answer that did not become the row's, and that answer's cost."""
+        before = paid.get("cost_usd") or 0.0
+        paid = self._paid(paid, comp, model)
+        return paid, None if paid["cost_usd"] is None else paid["cost_usd"] - before
+
     async def _call(self, item: Work, client: Client) -> dict[str, Any] | None:
         row, plan = item.row, self.plan
         models = [item.body["model"], *plan.models[1:]]
@@ -229,18 +262,33 @@ class Caller:
         waited = 0.0  # told to wait by 429s, this row
         started: float | None = None  # the first attempt's send: queueing at the limiter is not latency
         stream = bool(body.get("stream"))
-        worst, refused = self._reserve(item)
+        worst, refused = self._worst(item)
         if refused is not None:
             return refused
-        if self.budget_hit:
-            return None
-        answered = False
-        actual: float | None = None
+        held = False  # a reservation of `worst` for the next (or current) attempt
+        sending = False
+        unconfirmed = 0.0  # worst cases charged for this row's attempts of unknown outcome
         paid: dict[str, Any] = {}  # tokens and cost of answers refused by the shape (schema, refusal)
-        settled = 0.0  # of their cost, what the budget was already charged (before asking again)
-        last_cost: float | None = None
+        failure: Failure | None = None
+        enforced = self.budget.enforced
+
+        def spent() -> dict[str, Any]:
+            """What this row may have cost besides its answer, for its record."""
+            return {**paid, **({"unconfirmed_usd": unconfirmed} if unconfirmed else {})}
+
         try:
             while True:
+                if not held:
+                    if not await self._hold(worst):
+                        if failure is not None and not self.halted and (paid or unconfirmed):
+                            # Asked before, and paid (or maybe paid) for: its record keeps what it cost.
+                            return self.records.error(
+                                row, failure.kind, f"{failure.message}; not asked again: another attempt might "
+                                "pass limits.max_cost_usd", http_status=failure.status, attempts=attempts,
+                                model=body["model"], latency_ms=(time.perf_counter() - (started or 0.0)) * 1000,
+                                **spent())
+                        return None
+                    held = True
                 await self.cooldown.wait()
                 await self.limits.acquire(item.est_tokens)
                 # Again: a 429 may have paused the pool while this worker queued at the limiter.
@@ -250,27 +298,39 @@ class Caller:
                 attempts += 1
                 if started is None:
                     started = time.perf_counter()
-                failure: Failure | None = None
+                if self.spend_log is not None:
+                    self.spend_log.sent(row.id, worst)  # before the send: a kill now still counts it
+                failure = None
                 answer: dict[str, Any] | None = None
+                sending = True
                 try:
                     comp = await client.complete(body, stream=stream, deadline_s=plan.call_timeout_s)
                 except AttemptFailed as exc:
+                    sending = False
                     failure = exc.failure
+                    if failure.maybe_billed and enforced:
+                        self.budget.charge(worst)
+                        held = False
+                        unconfirmed += worst
                 else:
+                    sending = False
                     try:
                         answer = self.shape.record(comp)
                     except SchemaViolation as exc:
-                        before = paid.get("cost_usd") or 0.0
-                        paid = self._paid(paid, comp, body["model"])
-                        last_cost = None if paid["cost_usd"] is None else paid["cost_usd"] - before
+                        # The broken answer was billed: charge it now; the next attempt is reserved anew, so
+                        # that asking again cannot take the spend past the cap.
+                        paid, cost = self._charge_paid(paid, comp, body["model"])
+                        held = False
+                        self.budget.settle(worst, cost, answered=True)
                         failure = Failure("schema", f"the answer breaks the response format: {exc}", status=200)
                     except Refused as exc:
-                        paid = self._paid(paid, comp, body["model"])
-                        answered, actual = True, paid.get("cost_usd")
+                        paid, cost = self._charge_paid(paid, comp, body["model"])
+                        held = False
+                        self.budget.settle(worst, cost, answered=True)
                         return self.records.error(
                             row, "refusal", f"the model refused: {exc.refusal}", http_status=200, attempts=attempts,
                             model=body["model"], latency_ms=(time.perf_counter() - started) * 1000,
-                            refusal=exc.refusal, **paid)
+                            refusal=exc.refusal, **spent())
                 if failure is not None:
                     d = decide(plan, failure, retries_used=retries, contract_retries_used=contract_retries,
                                has_next_model=model_i + 1 < len(models), backoff=self.backoff, rng=self.rng,
@@ -288,6 +348,7 @@ class Caller:
                                 f"the server refused the API key (HTTP {failure.status}): {failure.message}",
                                 failure.status or 401,
                             )
+                            self.budget.wake()
                             self.on_fatal(self.fatal)
                         return None
                     if d.action == "retry":
@@ -299,25 +360,12 @@ class Caller:
                             contract_retries += 1
                         else:
                             retries += 1
-                        if failure.kind == "schema" and self.budget.enforced:
-                            # The broken answer was billed: charge it now and reserve the next attempt anew,
-                            # so that asking again cannot take the spend past the cap.
-                            self.budget.settle(worst, last_cost, answered=True)
-                            settled += worst if last_cost is None else last_cost
-                            worst, _ = self._reserve(item)
-                            if self.budget_hit:
-                                answered, actual = True, paid.get("cost_usd")
-                                return self.records.error(
-                                    row, failure.kind, f"{failure.message}; not asked again: another attempt "
-                                    "might pass limits.max_cost_usd", http_status=failure.status, attempts=attempts,
-                                    model=body["model"], latency_ms=(time.perf_counter() - started) * 1000, **paid)
                         if not await self._sleep(d.delay):
                             if paid:  # a billed answer is on a row, even when the run stops before asking again
-                                answered, actual = True, paid.get("cost_usd")
                                 return self.records.error(
                                     row, failure.kind, f"{failure.message}; not asked again: the run stopped",
                                     http_status=failure.status, attempts=attempts, model=body["model"],
-                                    latency_ms=(time.perf_counter() - started) * 1000, **paid)
+                                    latency_ms=(time.perf_counter() - started) * 1000, **spent())
                             return None
                         continue
                     if d.action == "fallback":
@@ -325,26 +373,32 @@ class Caller:
                         retries = contract_retries = 0
                         body = {**item.body, "model": models[model_i]}
                         continue
-                    if paid:  # answers that broke the schema were billed all the same
-                        answered, actual = True, paid.get("cost_usd")
                     return self.records.error(
                         row, failure.kind, failure.message, http_status=failure.status, attempts=attempts,
-                        model=body["model"], latency_ms=(time.perf_counter() - started) * 1000, **paid,
+                        model=body["model"], latency_ms=(time.perf_counter() - started) * 1000, **spent(),
                     )
                 assert answer is not None
                 rec = self.records.ok(row, answer, cached=False, attempts=attempts,
                                       latency_ms=(time.perf_counter() - started) * 1000, asked_model=body["model"])
-                answered = True
                 actual = rec.get("cost_usd")
+                held = False
+                self.budget.settle(worst, actual, answered=True)
                 if paid:  # the row cost its refused answers too: their tokens and cost are on it
-                    actual = None if actual is None or paid.get("cost_usd") is None else actual + paid["cost_usd"]
-                    rec["cost_usd"] = actual
+                    rec["cost_usd"] = None if actual is None or paid.get("cost_usd") is None \
+                        else actual + paid["cost_usd"]
                     for k in PAID_TOKENS:
                         if paid.get(k) is not None:
                             rec[k] = (rec.get(k) or 0) + paid[k]
+                if unconfirmed:
+                    rec["unconfirmed_usd"] = unconfirmed
                 if item.key is not None:
                     self._remember(item.key, answer)
                     rec["_cache"] = (item.key, answer)
                 return rec
         finally:
-            self.budget.settle(worst, actual if actual is None else actual - settled, answered=answered)
+            if held:
+                # Cancelled mid-call (second Ctrl-C, grace over, a refused key): the server may bill it.
+                if sending:
+                    self.budget.charge(worst)
+                else:
+                    self.budget.settle(worst, None, answered=False)

@@ -15,8 +15,10 @@ after 8, once the other run has ended.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 from .errors import BatcherError
 
@@ -149,14 +151,26 @@ def _expand_path_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         parser.error(str(exc))
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) outside the run's own signal handling, as a KeyboardInterrupt that knows its signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:
-        # Ctrl-C before the run watches signals itself (start-up, preflight, waiting for the lock) or after:
+    except KeyboardInterrupt as exc:
+        # A signal before the run watches signals itself (start-up, preflight, waiting for the lock) or after:
         # nothing was sent yet or everything is written; one line, not a traceback.
         print("batcher: interrupted", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
 
 
 def _main(argv: list[str]) -> int:
@@ -185,13 +199,16 @@ def entry() -> int:
     global _OWN_PROCESS
     argv = sys.argv[1:]
     if argv[:1] != ["gateway"]:
+        # SIGTERM kills silently by default: from here on it stops batcher as Ctrl-C does (one line, 143).
+        # The run replaces this with its own handling while it runs, and puts it back after.
+        signal.signal(signal.SIGTERM, _raise_interrupted)
         try:
             from .memory import tune_process_memory
 
             tune_process_memory()  # imports pyarrow: the longest stretch of start-up
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             print("batcher: interrupted", file=sys.stderr)
-            return 130
+            return 128 + int(getattr(exc, "signum", signal.SIGINT))
         _OWN_PROCESS = True
     return main(argv)
 

@@ -33,7 +33,7 @@ from .routing import Failure, parse_retry_after
 from .shapes import Answer, ContractError, Shape
 from .shapes.completions import PATHS as COMPLETIONS_PATHS
 
-__all__ = ["AttemptFailed", "Endpoint", "WorkerClient"]
+__all__ = ["AttemptFailed", "Endpoint", "WorkerClient", "check_api_key", "secret_forms"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Endpoint:
     api: str
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # holds the Authorization header
     api_key: str | None = field(default=None, repr=False)
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # every spelling of the key `redact` removes
 
     @classmethod
     def make(
@@ -52,12 +53,45 @@ class Endpoint:
         headers = {"content-type": "application/json", "accept": "application/json", **(extra or {})}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
-        return cls(url=base_url.rstrip("/") + path, api=api, headers=headers, api_key=api_key)
+        return cls(url=base_url.rstrip("/") + path, api=api, headers=headers, api_key=api_key,
+                   secrets=secret_forms(api_key))
 
     def redact(self, text: str) -> str:
-        if self.api_key and self.api_key in text:
-            text = text.replace(self.api_key, "***")
+        for secret in self.secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
         return text
+
+
+def secret_forms(key: str | None) -> tuple[str, ...]:
+    """The key as text, and as its UTF-8 or Latin-1 bytes read back in the other encoding: what a server (or
+    a header codec) that echoes it may produce. Longest first, so no spelling is left half-replaced."""
+    if not key:
+        return ()
+    forms = {key}
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            raw = key.encode(encoding)
+        except UnicodeEncodeError:
+            continue
+        for decoding in ("utf-8", "latin-1"):
+            forms.add(raw.decode(decoding, "replace"))
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
+def check_api_key(key: str | None, variable: str) -> str | None:
+    """The key from `variable` with surrounding whitespace (a newline from `$(cat file)`) stripped; a
+    SpecError naming the variable, never the key, when what is left is not printable ASCII: an HTTP header
+    cannot carry it, and a server would echo it in forms the redaction might not know."""
+    from .errors import SpecError
+
+    if key is None:
+        return None
+    key = key.strip()
+    if any(not 32 <= ord(c) < 127 for c in key):
+        raise SpecError(f"endpoint.api_key_env: the variable {variable!r} holds a key with control or non-ASCII "
+                        "characters (an API key is printable ASCII): check how it was exported")
+    return key or None
 
 
 class AttemptFailed(Exception):
@@ -164,13 +198,18 @@ class WorkerClient:
                         return await self._stream(response)
                     return self.shape.parse(await response.read())
         except TimeoutError:
-            raise AttemptFailed(Failure("timeout", f"no complete answer within {deadline_s:g} s")) from None
+            # Possibly billed: the server may have received the request (and may still answer it).
+            raise AttemptFailed(Failure("timeout", f"no complete answer within {deadline_s:g} s",
+                                        maybe_billed=True)) from None
         except (aiohttp.ClientError, OSError) as exc:
             # ClientError covers refused and dropped connections, truncated bodies and unparseable responses.
+            # Only a connection never made (refused, DNS, TLS) is known not to have reached the server.
             msg = self.endpoint.redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
-            raise AttemptFailed(Failure("transport", msg)) from None
+            sent = not isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError)
+            raise AttemptFailed(Failure("transport", msg, maybe_billed=sent)) from None
         except ContractError as exc:
-            raise AttemptFailed(Failure("contract", self.endpoint.redact(f"bad response: {exc}"), status=200)) from None
+            raise AttemptFailed(Failure("contract", self.endpoint.redact(f"bad response: {exc}"), status=200,
+                                        maybe_billed=True)) from None
 
     async def _stream(self, response: aiohttp.ClientResponse) -> Answer:
         assembler = self.shape.new_stream()

@@ -152,7 +152,8 @@ def _done_ids(spec: JobSpec, output: Path, rows: int, limit: int | None, fresh: 
         notes.append(f"--fresh: the earlier run in {state_dir} would be discarded")
         return [], False
     if state.fingerprint != run_fingerprint(spec):
-        notes.append(f"{state_dir} holds a partial run of a different spec: the run would stop (exit 5) "
+        kind = "a finished" if state.status == "finished" else "a partial"
+        notes.append(f"{state_dir} holds {kind} run of a different spec: the run would stop (exit 5) "
                      "unless given --fresh; counted as nothing done")
         return [], False
     if state.status == "finished" and state.rows == rows and output.exists() and limit is None:

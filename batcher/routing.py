@@ -167,6 +167,9 @@ class Failure:
     message: str
     status: int | None = None
     retry_after: float | None = None
+    # The request may have reached the server and been billed (a deadline or a dropped connection after
+    # sending, a 200 whose body broke the contract): the budget charges such an attempt its worst case.
+    maybe_billed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

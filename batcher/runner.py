@@ -17,6 +17,7 @@ import random
 import signal
 import stat
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -28,10 +29,10 @@ import anyio
 import pyarrow as pa
 from anyio.abc import ObjectSendStream
 
-from .budget import Budget, BudgetStop, recorded_spend, unpriced
+from .budget import Budget, BudgetStop, PriorSpend, SpendLog, fold_spend, unpriced
 from .cache import ResponseCache
 from .call import Caller, Records, Work
-from .client import Endpoint, WorkerClient
+from .client import Endpoint, WorkerClient, check_api_key
 from .errors import FatalRequestError, OutputError, ResumeError, SpecError
 from .limits import RateLimits, limiter_tokens
 from .pool import Pool, WorkSender
@@ -53,7 +54,7 @@ from .sinks import (
     state_dir_for,
     written_by_batcher,
 )
-from .sources import Source, SourceInfo, SourceRow
+from .sources import ReadStats, Source, SourceInfo, SourceRow
 from .spec import JobSpec, format_of, kept_column_name, load_spec, parse_max_errors
 
 __all__ = ["ERRORS_EXIT_CODE", "RunOptions", "RunResult", "arun_job", "run_job"]
@@ -92,9 +93,11 @@ class RunResult:
     completion_tokens: int = 0
     cost_usd: float = 0.0
     unpriced: int = 0  # answers from a model with no price: cost_usd null, not in cost_usd
+    unconfirmed_usd: float = 0.0  # charged at the worst case: attempts of unknown outcome (timeouts, drops)
     wall_s: float = 0.0
     message: str = ""
     signal: int | None = None
+    input_stats: ReadStats | None = field(default=None, repr=False)  # the reader's counters (byte budget)
     loop: str = ""  # the event loop the run used: "uvloop" or "asyncio"
     error_kinds: dict[str, int] = field(default_factory=dict)  # error rows by error_kind
     over_max_errors: bool = False  # finished, with more error rows than max_errors allows
@@ -125,6 +128,8 @@ class RunResult:
             parts.append(f"{self.skipped} done earlier")
         tokens = f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens"
         cost = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
+        if self.unconfirmed_usd:
+            cost += f" + ≤ ${self.unconfirmed_usd:.4f} unconfirmed (calls cut off or dropped after sending: may have been billed)"
         if self.unpriced:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
         return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {self.output}"
@@ -145,7 +150,7 @@ _Result = dict[str, Any] | list[dict[str, Any]] | None
 
 def _api_key(spec: JobSpec, base_url: str) -> str | None:
     env = spec.endpoint.api_key_env
-    key = os.environ.get(env) if env else None
+    key = check_api_key(os.environ.get(env), env) if env else None
     host = urllib.parse.urlsplit(base_url).hostname if base_url != "local" else "local"
     # orq itself always needs a key; a gateway on this machine (ours, or a test double) may not.
     if not key and spec.endpoint.api == "orq" and host not in ("local", "127.0.0.1", "localhost", "::1"):
@@ -235,7 +240,8 @@ def run_fingerprint(spec: JobSpec) -> str:
     return fingerprint(
         {
             **material,
-            "input": spec.input.model_dump(mode="json", exclude={"path", "batch_size", "max_prompt_chars"}),
+            "input": spec.input.model_dump(mode="json", exclude={"path", "batch_size", "batch_bytes",
+                                                                         "max_prompt_chars"}),
             "input_path": str(spec.input.path.resolve()),
             "keep": spec.output.keep_columns,
             "format": spec.output.resolved_format,
@@ -264,7 +270,7 @@ class _Job:
         cache_cfg = spec.request.routing("cache")
         self.cache_ttl: float | None = cache_cfg.ttl if cache_cfg is not None else None
         self.cache: ResponseCache | None = None
-        self.result = RunResult(output=self.output, status="failed")
+        self.result = RunResult(output=self.output, status="failed", input_stats=self.source.stats)
         self.records = Records(self.prices)
         self.budget = Budget(spec.limits.max_cost_usd)  # the spend of earlier runs is added in _preflight
         self.caller = Caller(
@@ -338,14 +344,19 @@ class _Job:
         batches = iter(self.source.batches(self.done_ids))
         while (step := await anyio.to_thread.run_sync(self._next_batch, batches)) is not None:
             to_send, done = step
+            del step
             # Settled rows go to the writer as one list: the result buffer is kept small for answers that
             # were paid for, and these must not queue one by one behind it.
             if done:
                 await results.send(done)
-            for w in to_send:
+            del done
+            # The batch is the look-ahead (at most input.batch_bytes): each item leaves it as it is handed
+            # over, so a row whose call is over is not kept alive here until the whole batch is sent.
+            to_send.reverse()
+            while to_send:
                 if self.caller.budget_hit or self.caller.halted:
                     return
-                await work.send(w)
+                await work.send(to_send.pop())
 
     def record(self, r: _Result) -> None:
         """A worker's answer, into the journal the moment it exists (see `Journal`): one write(2) from the event
@@ -434,10 +445,44 @@ class _Job:
         await anyio.sleep(seconds)
         self.pool.cancel_work()
 
+    @contextlib.contextmanager
+    def _signals_while_finishing(self, outer: dict[int, Any]) -> Iterator[None]:
+        """From the end of the pool to the end of the run (the output's final write above all): the first
+        SIGINT/SIGTERM lets the write finish and makes the run `interrupted` (exit 130/143, with the resume
+        hint); the next one stops at once (`_StopNow`), the journal whole, so still resumable. Then the
+        handlers the run found are put back (anyio's signal receiver left the defaults in their place)."""
+        if not outer:
+            yield
+            return
+
+        def handler(signum: int, frame: object) -> None:
+            if self.result.signal is None:
+                self.result.signal = signum
+                _say("\nbatcher: stopping: writing the output first (Ctrl-C again stops now)", self.options.quiet)
+            else:
+                raise _StopNow(signum)
+
+        for signum in outer:
+            signal.signal(signum, handler)
+        try:
+            yield
+        finally:
+            for signum, previous in outer.items():
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(signum, previous)
+
     async def run(self) -> RunResult:
-        spec, opts = self.spec, self.options
+        opts = self.options
         t0 = time.perf_counter()
         self.result.loop = "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+        outer: dict[int, Any] = {}
+        if opts.handle_signals and threading.current_thread() is threading.main_thread():
+            outer = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        with contextlib.ExitStack() as finishing:
+            return await self._run(t0, outer, finishing)
+
+    async def _run(self, t0: float, outer: dict[int, Any], finishing: contextlib.ExitStack) -> RunResult:
+        spec, opts = self.spec, self.options
         info = self._preflight()
         await self._lock_job()
         self._resume_state(info)
@@ -462,6 +507,10 @@ class _Job:
                     self.cache = None
             self.journal = Journal(self.state.directory)
             stack.callback(self.journal.close)
+            if self.budget.enforced:
+                spend_log = SpendLog(self.state.directory)
+                stack.callback(spend_log.close)
+                self.caller.spend_log = spend_log
             total = info.rows if opts.limit is None else min(opts.limit, info.rows)
             todo = max(0, total - self.result.skipped)
             self.progress = Progress(todo, enabled=_progress_enabled(opts), job=spec.job_name)
@@ -475,6 +524,9 @@ class _Job:
                 close_worker=lambda c: c.aclose(),
                 write=self.write,
                 record=self.record,
+                # The work buffer is bounded by the same byte budget as an input batch.
+                item_size=_work_bytes,
+                max_buffer_bytes=spec.input.batch_bytes,
             )
             error: BaseException | None = None
             async with anyio.create_task_group() as tg:
@@ -487,7 +539,11 @@ class _Job:
                     error = exc
                 finally:
                     tg.cancel_scope.cancel()
+            # The watcher is gone (and anyio put the default handlers back): a signal from here on must
+            # neither kill the final write nor go unheard.
+            finishing.enter_context(self._signals_while_finishing(outer))
         self.result.rows = self.result.skipped + self.result.ok + self.result.errors
+        self.result.unconfirmed_usd = max(0.0, self.budget.unconfirmed - self.budget.unconfirmed_before)
         self.result.wall_s = time.perf_counter() - t0
         if isinstance(error, OutputError):
             # Nothing more is written: run.json already says the run is unfinished, and on a full disk a state
@@ -496,22 +552,29 @@ class _Job:
         # Whatever stopped the run, the output shows everything answered so far; the state stays resumable.
         # The pool's sessions, tasks and streams are garbage now: free them before the final write's peak.
         gc.collect()
-        self._finish(info)
         res = self.result
+        try:
+            self._finish(info)
+        except _StopNow as stop:
+            res.status = "interrupted"
+            res.signal = res.signal or stop.signum
+            res.message = (f"stopped before the output was written: {res.skipped + res.ok + res.errors} rows are "
+                           "saved in the journal; rerun the same command to write them and finish the rest")
+            return res
         if isinstance(error, FatalRequestError):
             res.status = "fatal"
             res.message = f"{error}. Nothing answered was lost: fix the key and rerun the same command to resume"
-        elif self.pool.feeding_stopped and res.signal is not None:
+        elif res.signal is not None:
             res.status = "interrupted"
             res.message = (f"interrupted: {res.skipped + res.ok + res.errors} rows saved in {self.output}; "
                            "rerun the same command to finish the rest")
         elif self.caller.budget_hit and self.budget.cap is not None:
             res.status = "budget"
-            BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent)
+            BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent, self.caller.needed)
             earlier = f" (${self.budget.spent_before:.4f} of it by earlier runs)" if self.budget.spent_before else ""
             res.message = (
                 f"stopped before passing limits.max_cost_usd (${self.budget.cap:g}): the job has spent "
-                f"${self.budget.spent:.4f}{earlier}; raise limits.max_cost_usd and rerun the same command to "
+                f"${self.budget.spent:.4f}{earlier} and the next row may cost up to ${self.caller.needed:.4f}; raise limits.max_cost_usd and rerun the same command to "
                 "finish the rest"
             )
         else:
@@ -572,9 +635,11 @@ class _Job:
             _remove_state(state_dir)
             state = None
         if state is not None and state.fingerprint != fp:
+            done = state.status == "finished"
             raise ResumeError(
-                f"{state_dir} holds a partial run of a different spec (the request, input or output settings "
-                "changed). Rerun with --fresh to start over, or restore the old spec to finish it"
+                f"{state_dir} holds {'a finished' if done else 'a partial'} run of a different spec (the request, "
+                "input or output settings changed). Rerun with --fresh to start over (the output is replaced), or "
+                f"restore the old spec {'to keep it' if done else 'to finish it'}"
             )
         positional = spec.input.id_column is None and self.source.format != "openai_batch"
         identity = input_identity(spec.input.path) if positional else None
@@ -590,29 +655,39 @@ class _Job:
                 self.result.status = "nothing_to_do"
                 self.result.skipped = info.rows
                 raise _NothingToDo()
+            # Before the compaction, which drops error rows (and what their unknown attempts may have cost).
+            prior = PriorSpend(0.0, 0.0)
+            if self.budget.enforced or (state_dir / SpendLog.NAME).exists():  # else: no need to read the journal
+                prior = fold_spend(state_dir)
             ids = compact_journal(state_dir)
             self.result.skipped = len(ids)
             if ids:
                 self.done_ids = pa.array(ids, type=info.id_type)
-            self._budget_so_far(state_dir)
+            self._budget_so_far(state_dir, prior)
         else:
             state = RunState(state_dir, fp, input=identity)
             state.save()
         self.state = state
 
-    def _budget_so_far(self, state_dir: Path) -> None:
-        """The cap is the job's: earlier runs' spend counts, and a job stopped at its cap stays stopped under it."""
+    def _budget_so_far(self, state_dir: Path, prior: PriorSpend) -> None:
+        """The cap is the job's: earlier runs' spend counts (answers, and calls of unknown outcome at their worst
+        case), and a job stopped at its cap stays stopped under it while the row that did not fit still does
+        not."""
         cap = self.budget.cap
         if cap is None:
             return
-        before = recorded_spend(state_dir / "journal.jsonl")
+        before = prior.spent
         self.budget.spent_before = self.budget.spent = before
-        stopped_at = BudgetStop(state_dir).stopped_at()
-        if before >= cap or (stopped_at is not None and cap <= stopped_at):
+        self.budget.unconfirmed_before = self.budget.unconfirmed = prior.unconfirmed
+        stop = BudgetStop(state_dir)
+        needed = stop.needed()
+        if before >= cap or (needed is not None and before + needed > cap):
             self.result.status = "budget"
+            unconfirmed = f" (≤ ${prior.unconfirmed:.4f} of it unconfirmed)" if prior.unconfirmed else ""
+            nxt = f", and its next row may cost up to ${needed:.4f}" if needed is not None else ""
             self.result.message = (
                 f"limits.max_cost_usd (${cap:g}) is already reached for this job: earlier runs spent "
-                f"${before:.4f} and stopped at a cap of ${(stopped_at or cap):g}; no request made. Raise "
+                f"${before:.4f}{unconfirmed}{nxt}; no request made. Raise "
                 "limits.max_cost_usd and rerun the same command to finish the rest"
             )
             raise _BudgetReached()
@@ -640,8 +715,20 @@ class _Job:
         self.state.save()
 
 
+def _work_bytes(w: Work) -> int:
+    return w.row.nbytes
+
+
 class _NothingToDo(Exception):
     pass
+
+
+class _StopNow(KeyboardInterrupt):
+    """The second signal while the output is being written: stop at once (the journal is whole)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class _BudgetReached(Exception):
@@ -649,7 +736,8 @@ class _BudgetReached(Exception):
 
 
 def _remove_state(directory: Path) -> None:
-    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", BudgetStop.NAME):
+    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", BudgetStop.NAME, SpendLog.NAME,
+                 SpendLog.NAME + ".tmp"):
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
 

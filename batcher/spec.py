@@ -61,7 +61,7 @@ RESULT_COLUMN_NAMES = frozenset({
 # The keys of a journal record that are not output columns of their own name: the row's position, its id (the
 # id column's value, whatever that column is named), its kept values and the cache hand-off. A json_schema
 # property never takes one of these names (nor an output column's): it becomes `answer_<name>`.
-RECORD_KEYS = frozenset({"_i", "id", "keep", "_cache"})
+RECORD_KEYS = frozenset({"_i", "id", "keep", "_cache", "unconfirmed_usd"})
 
 
 def kept_column_name(column: str, id_name: str) -> str:
@@ -401,6 +401,8 @@ class InputSpec(_Model):
     messages_column: str | None = Field(None, min_length=1)
     inputs_columns: list[str] = Field(default_factory=list)
     batch_size: int = Field(1_000, ge=1, le=1_000_000)
+    # The byte budget of a batch, whatever batch_size says: long rows make smaller batches (sources.py).
+    batch_bytes: int = Field(4 * 2**20, ge=2**16, le=2**31)
     max_prompt_chars: int = Field(1_000_000, ge=1, le=INT32_MAX)
     # A local image/audio/PDF file a message part names is read only up to this size (attachments.py).
     max_attachment_bytes: int = Field(20 * 1024 * 1024, ge=1, le=2**31 - 1)
@@ -599,9 +601,11 @@ class Limits(_Model):
 
 
 class Price(_Model):
-    prompt: float = Field(ge=0, allow_inf_nan=False, description="USD per million prompt tokens")
-    completion: float = Field(ge=0, allow_inf_nan=False, description="USD per million completion tokens")
-    cached_prompt: float | None = Field(None, ge=0, allow_inf_nan=False, description="USD per million cached prompt tokens")
+    # strict: a price is a number, never "1" or true (which lax parsing would read as 1.0)
+    prompt: float = Field(ge=0, allow_inf_nan=False, strict=True, description="USD per million prompt tokens")
+    completion: float = Field(ge=0, allow_inf_nan=False, strict=True, description="USD per million completion tokens")
+    cached_prompt: float | None = Field(None, ge=0, allow_inf_nan=False, strict=True,
+                                        description="USD per million cached prompt tokens")
 
 
 class _ChatRequest(dict[str, Any]):

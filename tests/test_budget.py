@@ -12,8 +12,9 @@ import pytest
 from batcher import SpecError, parse_spec, run_job
 from batcher.budget import Budget, BudgetStop, completion_bound, recorded_spend, unpriced, worst_case
 from batcher.cli import main as cli_main
-from batcher.gateway import Fault, Gateway
+from batcher.gateway import Fault, Gateway, GatewayConfig, serve_in_thread
 from batcher.prices import Price, PriceTable
+from batcher.sinks import state_dir_for
 
 from .conftest import options
 
@@ -79,6 +80,9 @@ def test_recorded_spend_and_the_stop_marker(tmp_path: Path) -> None:
         ('{"my/model": {"prompt": "cheap", "completion": 1}}', "p.json", "my/model.prompt"),
         ('{"my/model": 3}', "p.json", "my/model"),
         ('{"my/model": {"prompt": 1, "completion": 1, "extra": 1}}', "p.json", "my/model.extra"),
+        ('{"my/model": {"prompt": "1", "completion": 1}}', "p.json", "my/model.prompt: Input should be a valid number"),
+        ('{"my/model": {"prompt": 1, "completion": true}}', "p.json", "my/model.completion: Input should be a valid number"),
+        ("my/model: {prompt: 1, completion: 1, cached_prompt: '0.5'}", "p.yaml", "my/model.cached_prompt"),
     ],
 )
 def test_prices_file_is_checked_like_the_specs_prices(tmp_path: Path, content: str | None, name: str,
@@ -185,3 +189,104 @@ def test_the_cap_is_for_the_job_across_reruns(make_spec, gateway: Gateway, tmp_p
     done = pl.read_parquet(out)
     assert done.height == 300 and (done["status"] == "ok").all() and done["cost_usd"].sum() <= 100.0
     assert gateway.stats.billed == 300  # no row paid twice
+
+
+# --- a cap that many workers share (finding: a failed reservation used to declare the budget reached) ----------
+
+LB_PRICES = {"cheap/m": {"prompt": 0.1, "completion": 0.1}, "dear/m": {"prompt": 50, "completion": 200}}
+LB_REQUEST = {"model": None, "max_tokens": 50,
+              "load_balancer": {"type": "weight_based", "models": [{"model": "cheap/m", "weight": 0.9},
+                                                                   {"model": "dear/m", "weight": 0.1}]}}
+
+
+@pytest.mark.parametrize("concurrency", [1, 32])
+def test_many_workers_wait_for_calls_in_flight_instead_of_stopping_early(make_spec, gateway: Gateway, tmp_path: Path,
+                                                                         capsys, concurrency: int) -> None:
+    # 32 pessimistic reservations (each at dear/m's worst case) fill the cap long before the spend does: a row
+    # that does not fit waits for them to settle. The whole job costs about half the cap, at any concurrency.
+    spec = make_spec(endpoint={"api": "openai"}, prices=LB_PRICES, request=LB_REQUEST,
+                     limits={"max_cost_usd": 0.5, "concurrency": concurrency})
+    result = run_job(parse_spec(spec), options())
+    df = pl.read_parquet(spec["output"]["path"])
+    with capsys.disabled():
+        print(f"concurrency {concurrency}: {result.ok} rows ok, ${df['cost_usd'].sum():.4f} of a $0.5 cap "
+              f"(exit {result.exit_code})")
+    assert result.exit_code == 0 and result.ok == 300 and df["cost_usd"].sum() <= 0.5
+    # the same cap again: nothing is left, and nothing is refused as "already reached"
+    assert cli_main(["run", _spec_file(tmp_path, spec), "--quiet"]) == 0
+    assert "already reached" not in capsys.readouterr().err and gateway.stats.billed == 300
+
+
+def test_a_cap_that_a_row_no_longer_fits_stops_once_nothing_is_in_flight(make_spec, gateway: Gateway,
+                                                                         tmp_path: Path, capsys) -> None:
+    # A cap about 40 worst cases wide: the job stops when the next row does not fit with nothing in flight,
+    # having spent more than half the cap (not after the first 32 reservations), and a rerun says so at once.
+    spec = make_spec(endpoint={"api": "openai"}, prices={"dear/m": {"prompt": 50, "completion": 200}},
+                     request={"model": "dear/m", "max_tokens": 50}, limits={"max_cost_usd": 0.5, "concurrency": 32})
+    path = _spec_file(tmp_path, spec)
+    assert cli_main(["run", path, "--quiet"]) == 7
+    df = pl.read_parquet(spec["output"]["path"])
+    needed = BudgetStop(state_dir_for(Path(spec["output"]["path"]))).needed()
+    spent = df["cost_usd"].sum()
+    assert needed is not None and spent <= 0.5 < spent + needed
+    assert df.height > 32
+    capsys.readouterr()
+    sent = gateway.stats.total
+    assert cli_main(["run", path, "--quiet"]) == 7
+    assert "already reached" in capsys.readouterr().err and gateway.stats.total == sent
+
+
+def _calls_counted(state: Path) -> int:
+    """Calls batcher counted as spent: intents in spend.log (one per call sent; read before a fold)."""
+    return sum(1 for line in (state / "spend.log").read_text().splitlines() if line.startswith("["))
+
+
+def test_calls_cut_off_by_the_deadline_count_at_their_worst_case(make_spec, tmp_path: Path, capsys) -> None:
+    # Every call outlives the deadline: the server bills it, batcher never sees an answer. Each such attempt is
+    # charged its worst case, so the cap bounds what was billed; the journal keeps it for the rerun.
+    with serve_in_thread(GatewayConfig(latency_s=0.3)) as gw:
+        spec = make_spec(endpoint={"base_url": gw.base_url, "api": "openai"}, prices={DEAR: {"prompt": 2.5, "completion": 10}},
+                         request={"model": DEAR, "timeout": {"call_timeout": 50}, "retry": {"count": 2}},
+                         limits={"max_cost_usd": 0.01, "concurrency": 8})
+        result = run_job(parse_spec(spec), options(limit=60))
+        state = state_dir_for(Path(spec["output"]["path"]))
+        counted = _calls_counted(state)
+        billed = gw.stats.billed
+        df = pl.read_parquet(spec["output"]["path"])
+        with capsys.disabled():
+            print(f"deadline: gateway billed {billed} calls, batcher counted {counted} calls, "
+                  f"≤ ${result.unconfirmed_usd:.4f} unconfirmed of a $0.01 cap")
+        assert billed > 0 and counted >= billed
+        assert (df["status"] == "error").all() and result.status == "budget"
+        assert 0 < result.unconfirmed_usd <= 0.01 and "unconfirmed" in result.summary()
+        # the rerun counts what may have been billed: nothing more is sent under the same cap
+        sent = gw.stats.total
+        capsys.readouterr()
+        assert cli_main(["run", _spec_file(tmp_path, spec), "--quiet", "--limit", "60"]) == 7
+        err = capsys.readouterr().err
+        assert "already reached" in err and "unconfirmed" in err and gw.stats.total == sent
+
+
+def test_fold_spend_counts_unanswered_calls_and_unconfirmed_attempts_once(tmp_path: Path) -> None:
+    from batcher.budget import SpendLog, fold_spend
+
+    log = SpendLog(tmp_path)
+    for rid, worst in (("a", 0.5), ("b", 0.25), ("b", 0.25), ("c", 0.125), (7, 1.0)):
+        log.sent(rid, worst)
+    log.close()
+    with open(tmp_path / "spend.log", "ab") as f:
+        f.write(b'["d", 64')  # torn by the kill: written before the send, so that call never left
+    journal = [
+        {"_i": 0, "id": "a", "status": "ok", "cost_usd": 0.1},  # answered: its cost, not its intent
+        {"_i": 1, "id": "b", "status": "ok", "cost_usd": 0.1, "unconfirmed_usd": 0.25},  # one timeout, then an answer
+        {"_i": 2, "id": "c", "status": "error", "unconfirmed_usd": 0.125},  # timed out for good
+    ]  # row 7: in flight at the kill, no record: its worst case
+    (tmp_path / "journal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in journal))
+    prior = fold_spend(tmp_path)
+    assert prior.spent == pytest.approx(0.1 + 0.35 + 0.125 + 1.0)
+    assert prior.unconfirmed == pytest.approx(0.25 + 0.125 + 1.0)
+    # the compaction drops the error row; the carried line keeps what it (and row 7) may have cost
+    (tmp_path / "journal.jsonl").write_text("".join(json.dumps(r) + "\n" for r in journal[:2]))
+    again = fold_spend(tmp_path)
+    assert again == prior
+    assert recorded_spend(tmp_path / "journal.jsonl") == pytest.approx(0.45)

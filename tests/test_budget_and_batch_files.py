@@ -85,3 +85,31 @@ def test_openai_batch_file_round_trip(make_spec, gateway: Gateway, tmp_path: Pat
 def test_openai_batch_input_without_model_needs_one(make_spec, tmp_path: Path) -> None:
     with pytest.raises(SpecError, match=r"request\.model is required"):
         parse_spec(make_spec(request={"model": None}))
+
+
+@pytest.mark.parametrize("fallback", ["dear/m", "nope/x"])
+def test_routing_in_a_batch_lines_body_is_priced_under_a_cap(make_spec, gateway: Gateway, tmp_path: Path,
+                                                             fallback: str) -> None:
+    # orq falls back server-side on what the line's own body says: that model may answer, so the row's worst
+    # case prices it (dear/m), and a model with no price makes the row a `budget` error row with no call.
+    from batcher.gateway import Fault
+
+    gateway.set_faults([Fault("status", status=503, model="cheap/m", upstream=True)])
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "cheap/m", "prompt": f"hello {i}", "max_tokens": 50, "fallbacks": [{"model": fallback}]}}
+             for i in range(40)]
+    src = write_jsonl(tmp_path / "batch.jsonl", lines)
+    spec = make_spec(input={"path": str(src), "format": "openai_batch", "id_column": None, "prompt": None},
+                     output={"path": str(tmp_path / "out.jsonl")}, request={"model": None, "max_tokens": None},
+                     prices={"cheap/m": {"prompt": 0.1, "completion": 0.1}, "dear/m": {"prompt": 50, "completion": 200}},
+                     limits={"max_cost_usd": 0.05, "concurrency": 8})  # room for ~4 answers by dear/m
+    result = run_job(parse_spec(spec), options())
+    rows = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    answered = [r for r in rows if r["status"] == "ok"]
+    if fallback == "nope/x":
+        assert answered == [] and gateway.stats.total == 0 and result.errors == 40
+        assert {r["error_kind"] for r in rows} == {"budget"} and "nope/x" in rows[0]["error"]
+    else:
+        spent = sum(r["prompt_tokens"] * 50e-6 + r["completion_tokens"] * 200e-6 for r in answered)
+        assert result.status == "budget" and 0 < len(answered) < 40 and spent <= 0.05
+        assert all(r["model"] == "dear/m" for r in answered)

@@ -184,3 +184,88 @@ async def test_no_request_after_stop_even_from_a_row_queued_at_the_limiter() -> 
         await anyio.sleep(0.1)  # row 1 is waiting at the limiter now
         caller.stop()
     assert records == [None] and len(client.sent) == 1
+
+
+WORST = (20 + 5) * 1000 / 1e6  # _work()'s worst case at the cheap model's price
+
+
+async def test_attempts_of_unknown_outcome_are_charged_their_worst_case_and_status_errors_are_not() -> None:
+    def script(n: int, body: dict[str, Any]) -> Failure | str:
+        if n == 1:
+            return Failure("timeout", "no answer", maybe_billed=True)  # cut off after sending: maybe billed
+        if n == 2:
+            return Failure("status", "down", status=503)  # refused: not billed
+        return "cheap"
+
+    caller = _caller(cap=1.0)
+    rec = await caller.work(_work(), _Client(script))
+    assert rec is not None and rec["status"] == "ok" and rec["attempts"] == 3
+    assert rec["unconfirmed_usd"] == pytest.approx(WORST)
+    assert caller.budget.spent == pytest.approx(WORST + rec["cost_usd"])
+    assert caller.budget.unconfirmed == pytest.approx(WORST) and caller.budget.in_flight == 0
+    # a row that only ever timed out: an error row that says what it may have cost
+    caller = _caller(cap=1.0)
+    rec = await caller.work(_work(), _Client(lambda n, b: Failure("timeout", "no answer", maybe_billed=True)))
+    assert rec is not None and rec["status"] == "error" and rec["attempts"] == 3
+    assert rec["unconfirmed_usd"] == pytest.approx(3 * WORST) and caller.budget.spent == pytest.approx(3 * WORST)
+    # under a cap of 2.5 worst cases, the third attempt is not sent: the cap holds for unknown outcomes too
+    caller = _caller(cap=2.5 * WORST)
+    client = _Client(lambda n, b: Failure("timeout", "no answer", maybe_billed=True))
+    rec = await caller.work(_work(), client)
+    assert rec is not None and rec["status"] == "error" and "not asked again" in rec["error"]
+    assert rec["unconfirmed_usd"] == pytest.approx(2 * WORST)  # the record keeps what it may have cost
+    assert len(client.sent) == 2 and caller.budget_hit and caller.budget.spent <= 2.5 * WORST
+
+
+async def test_a_row_that_does_not_fit_waits_for_calls_in_flight_instead_of_stopping() -> None:
+    # Room for two worst cases: the third row waits for one of the first two to settle (at a tenth of its
+    # worst case), then goes; the budget is reached only when nothing is in flight and a row still does not fit.
+    release = anyio.Event()
+
+    class Slow(_Client):
+        async def complete(self, body: dict[str, Any], *, stream: bool, deadline_s: float) -> _Answer:
+            self.sent.append((time.monotonic(), body))
+            await release.wait()
+            return _Answer("cheap", tokens=1)  # 1 + 1 tokens: far below the worst case
+
+    caller = _caller(cap=2.5 * WORST)
+    client = Slow(lambda n, b: "cheap")
+    records: list[dict[str, Any] | None] = []
+
+    async def one(i: int) -> None:
+        records.append(await caller.work(_work(i), client))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(3):
+            tg.start_soon(one, i)
+        await anyio.wait_all_tasks_blocked()
+        assert len(client.sent) == 2 and not caller.budget_hit  # the third waits
+        release.set()
+    assert len(records) == 3 and all(r is not None and r["status"] == "ok" for r in records)
+    assert not caller.budget_hit and caller.budget.in_flight == 0
+
+
+async def test_routing_in_a_batch_lines_body_counts_in_the_rows_worst_case() -> None:
+    plan = RoutePlan(models=("cheap",), retries=0, fallback_on=frozenset(), call_timeout_s=5, may_answer=("cheap",))
+    caller = _caller(plan, cap=1.0)
+    seen: list[float] = []
+
+    def script(n: int, body: dict[str, Any]) -> str:
+        seen.append(caller.budget.reserved)
+        return "dear"
+
+    row = SourceRow(0, "r0", "x" * 20)
+    body = {"model": "cheap", "prompt": "x" * 20, "max_tokens": 5, "fallbacks": [{"model": "dear"}]}
+    await caller.work(Work(row, body, None, 10.0), _Client(script))
+    assert seen == [pytest.approx((20 + 5) * 10_000 / 1e6)]  # the body's dear fallback, not the primary
+    lb = {**body, "fallbacks": None, "orq": {"load_balancer": {"type": "weight_based", "models": [{"model": "dear"}]}}}
+    seen.clear()
+    await caller.work(Work(row, lb, None, 10.0), _Client(script))
+    assert seen == [pytest.approx((20 + 5) * 10_000 / 1e6)]
+    # an unpriced model in the body: a budget error row, no call
+    client = _Client(script)
+    for routing in ({"fallbacks": [{"model": "nope/x"}]}, {"load_balancer": [{"model": "nope/x", "weight": 1}]},
+                    {"fallbacks": [{"modle": "dear"}]}):
+        rec = await caller.work(Work(row, {**body, **routing}, None, 10.0), client)
+        assert rec is not None and rec["status"] == "error" and rec["error_kind"] == "budget"
+    assert client.sent == []

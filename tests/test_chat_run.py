@@ -439,13 +439,14 @@ def test_asking_again_after_a_billed_broken_answer_never_passes_the_cap(make_spe
 def test_a_schema_property_named_id_never_overwrites_the_row_ids(make_spec, gateway: Gateway, tmp_path: Path,
                                                                  prop_type: str) -> None:
     schema = {"type": "object", "properties": {"id": {"type": prop_type}, "keep": {"type": "string"},
-                                               "_i": {"type": "string"}, "sentiment": {"type": "string"}},
+                                               "_i": {"type": "string"}, "unconfirmed_usd": {"type": "string"},
+                                               "sentiment": {"type": "string"}},
               "required": ["id", "sentiment"]}
     fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
     spec = parse_spec(_chat(make_spec, request={"response_format": fmt},
                             output={"path": str(tmp_path / "o.parquet"), "keep_columns": ["rating"]}))
     shape = shape_of_job(spec)
-    assert set(shape.extra_columns) >= {"answer_id", "answer_keep", "answer__i", "sentiment"}
+    assert set(shape.extra_columns) >= {"answer_id", "answer_keep", "answer__i", "answer_unconfirmed_usd", "sentiment"}
     result = run_job(spec, options(limit=20))
     assert result.status == "finished" and result.ok == 20
     rows = _rows(tmp_path / "o.parquet")

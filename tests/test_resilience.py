@@ -164,10 +164,14 @@ def test_second_sigint_stops_at_once_and_stays_resumable(tmp_path: Path) -> None
 def test_fingerprint_change_is_refused_unless_fresh(make_spec, gateway: Gateway, capsys) -> None:
     run_job(parse_spec(make_spec()), options(limit=10))
     changed = parse_spec(make_spec(request={"temperature": 0.5}))
-    with pytest.raises(ResumeError, match=r"different spec.*--fresh") as err:
+    with pytest.raises(ResumeError, match=r"a partial run of a different spec.*--fresh") as err:
         run_job(changed, options())
     assert err.value.exit_code == 5
     assert run_job(changed, options(fresh=True, limit=5)).ok == 5
+    # a complete job is not called partial
+    assert run_job(changed, options(fresh=True)).status == "finished"
+    with pytest.raises(ResumeError, match=r"a finished run of a different spec.*--fresh.*to keep it"):
+        run_job(parse_spec(make_spec()), options())
 
 
 # --- bad input: one clear message, one exit code, zero requests ----------------------------------------------
@@ -340,6 +344,49 @@ def test_canary_key_never_leaks(tmp_path: Path, shape: str) -> None:
         assert CANARY[3:].encode() not in blob, name
 
 
+@pytest.mark.parametrize("key", ["sk-CANARYé-2", "sk-CANARY\x01-2", "sk-CANA RY\u00a0-2"])
+def test_a_key_with_control_or_non_ascii_characters_is_refused_before_any_request(tmp_path: Path, key: str) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", _rows(5))
+    with serve_in_thread(GatewayConfig(faults=[{"kind": "status", "status": 500, "echo_auth": True}])) as gw:
+        spec = _spec_file(tmp_path, {
+            "input": {"path": str(src), "id_column": "id", "prompt": "{{text}}"},
+            "output": {"path": str(tmp_path / "o.jsonl")},
+            "endpoint": {"base_url": gw.base_url, "api": "openai", "api_key_env": "MYKEY"},
+            "request": {"model": "m", "max_tokens": 4},
+        })
+        proc = _cli("run", str(spec), "--verbose", env={"MYKEY": key})
+        out, err = proc.communicate(timeout=60)
+        assert gw.stats.total == 0
+    assert proc.returncode == 2 and err.decode().count("\n") == 1 and "MYKEY" in err.decode(), err.decode()
+    files = _files(tmp_path)
+    for name, blob in {"stdout": out, "stderr": err, **{str(p): b for p, b in files.items()}}.items():
+        for form in ("CANARY", "CANA RY"):
+            assert form.encode() not in blob, name
+
+
+def test_a_key_ending_in_a_newline_is_stripped_and_works(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", _rows(5))
+    with serve_in_thread(GatewayConfig(api_key=CANARY)) as gw:
+        spec = _spec_file(tmp_path, {
+            "input": {"path": str(src), "id_column": "id", "prompt": "{{text}}"},
+            "output": {"path": str(tmp_path / "o.jsonl")},
+            "endpoint": {"base_url": gw.base_url, "api": "openai", "api_key_env": "MYKEY"},
+            "request": {"model": "m", "max_tokens": 4},
+        })
+        proc = _cli("run", str(spec), env={"MYKEY": f"  {CANARY}\n"})
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and b"5 ok" in err, err.decode()
+
+
+def test_redaction_covers_the_keys_byte_forms() -> None:
+    from batcher.client import Endpoint
+
+    key = "sk-CANARYé-2"
+    e = Endpoint.make("http://127.0.0.1:1", "openai", key)
+    for echoed in (key, key.encode().decode("latin-1"), key.encode("latin-1").decode("utf-8", "replace")):
+        assert e.redact(f"got Bearer {echoed}!") == "got Bearer ***!", echoed
+
+
 def _files(root: Path) -> dict[Path, bytes]:
     return {f: f.read_bytes() for f in root.rglob("*") if f.is_file()}
 
@@ -350,3 +397,44 @@ def test_endpoint_repr_and_redaction_hide_the_key() -> None:
     e = Endpoint.make("http://127.0.0.1:1", "orq", CANARY)
     assert CANARY not in repr(e) and CANARY not in str(e)
     assert e.redact(f"server said: bad key {CANARY}!") == "server said: bad key ***!"
+
+
+@pytest.mark.slow
+def test_calls_in_flight_at_kill_9_count_against_the_cap_on_resume(tmp_path: Path) -> None:
+    # Every call costs the same (one prompt, completion tokens free), so the gateway's billed count prices
+    # what was really spent. Calls in flight at a kill were billed but never answered: spend.log holds them.
+    rows, concurrency, kills = 400, 16, 4
+    src = write_jsonl(tmp_path / "in.jsonl", _rows(rows))
+    out = tmp_path / "out.parquet"
+    with serve_in_thread(GatewayConfig(latency_s=0.3)) as gw:
+        spec = _spec_file(tmp_path, {
+            "input": {"path": str(src), "id_column": "id", "prompt": "Say hi"},
+            "output": {"path": str(out)},
+            "endpoint": {"base_url": gw.base_url},
+            "request": {"model": "openai/gpt-4o-mini", "max_tokens": 8},
+            "prices": {"openai/gpt-4o-mini": {"prompt": 1000, "completion": 0}},
+            "limits": {"concurrency": concurrency, "max_cost_usd": 100.0},
+        })
+        assert _cli("run", str(spec), "--quiet", "--limit", "2").wait(timeout=60) == 0  # what one call costs
+        for _ in range(kills):
+            before = gw.stats.total
+            proc = _cli("run", str(spec), "--quiet")
+            deadline = time.monotonic() + 30
+            # kill once a second pool of calls is on the wire (the first one answered)
+            while gw.stats.total - before < 2 * concurrency and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert proc.poll() is None, "the run ended before it was killed: the kill proves nothing"
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate(timeout=30)
+        billed = gw.stats.billed
+    from batcher.budget import fold_spend
+
+    state = state_dir_for(out)
+    journal = [json.loads(x) for x in (state / "journal.jsonl").read_bytes().splitlines()]
+    per_call = next(r["cost_usd"] for r in journal if r["status"] == "ok")
+    answered = sum(r["cost_usd"] for r in journal if r["status"] == "ok")
+    counted = fold_spend(state).spent
+    print(f"\nkill -9 x{kills}: gateway billed {billed} calls = ${billed * per_call:.4f}; journal answers "
+          f"${answered:.4f}; batcher counts ${counted:.4f}")
+    assert billed > len([r for r in journal if r["status"] == "ok"])  # calls were in flight at the kills
+    assert counted >= billed * per_call - 1e-9

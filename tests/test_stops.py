@@ -106,3 +106,33 @@ def test_after_the_first_sigint_no_new_request_leaves(make_spec, tmp_path: Path)
     assert after - at_signal <= concurrency - in_flight == 0
     df = pl.read_parquet(out)
     assert df.height == billed == after and (df["status"] == "ok").all()  # every answer paid for is saved
+
+
+@pytest.mark.parametrize(("signals", "signum"), [(1, signal.SIGINT), (1, signal.SIGTERM), (2, signal.SIGINT)])
+def test_a_signal_during_the_final_write_lets_it_finish_and_says_how_to_resume(make_spec, monkeypatch,
+                                                                               signals: int, signum: int) -> None:
+    # The signal lands when the pool is done and the output is being written (the tester's "SIGINT when the
+    # gateway has seen all requests"). One: the write finishes, exit 130/143 with the resume hint. Two: stop at
+    # once, no output, the journal whole: the rerun writes it.
+    import batcher.runner as runner
+
+    real = runner.finalize
+
+    def finalize(*args: Any, **kwargs: Any) -> int:
+        for _ in range(signals):
+            os.kill(os.getpid(), signum)  # handled before the next line runs: the main thread gets it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "finalize", finalize)
+    spec = parse_spec(make_spec())
+    result = run_job(spec, options(handle_signals=True, limit=40))
+    assert result.status == "interrupted" and result.exit_code == 128 + signum
+    assert "rerun the same command" in result.message
+    if signals == 1:
+        assert pl.read_parquet(spec.output.path).height == 40
+    else:
+        assert not spec.output.path.exists() and "journal" in result.message
+    monkeypatch.setattr(runner, "finalize", real)
+    again = run_job(spec, options(limit=40))
+    assert again.status == "finished" and again.skipped == 40 and pl.read_parquet(spec.output.path).height == 40
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run put the handlers back

@@ -243,7 +243,7 @@ def make_plan(
     table = PriceTable.default().overridden(
         {m: Price(p.prompt, p.completion, p.cached_prompt) for m, p in (spec.prices or {}).items()}
     ).overridden(prices)
-    source = Source(spec.input, spec.output.keep_columns)
+    source = Source(spec.input, spec.output.keep_columns, spec.endpoint.api)
     info = source.check()
     route = plan_for(spec.request, spec.endpoint.api)
     shape = shape_of_job(spec)

@@ -267,7 +267,7 @@ class _Job:
         self.fmt = spec.output.resolved_format if options.output is None else _fmt_of(options.output, spec)
         # Kept columns other than the input's id column (that one is the output's id already)
         self.keep = [c for c in spec.output.keep_columns if c != spec.input.id_source]
-        self.source = Source(spec.input, self.keep)
+        self.source = Source(spec.input, self.keep, spec.endpoint.api)
         self.shape: Shape = shape_of_job(spec)
         self.plan: RoutePlan = plan_for(spec.request, spec.endpoint.api, spec.limits.max_rate_limit_wait_s)
         self.prices = PriceTable.default().overridden(

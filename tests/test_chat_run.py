@@ -649,3 +649,26 @@ def test_plan_and_the_budget_count_attachments(make_spec, gateway: Gateway, tmp_
     a = worst_case(prices, ["m"], "hi", text_only)
     b = worst_case(prices, ["m"], "hi", with_media)
     assert a is not None and b is not None and b - a >= IMAGE_TOKENS_BOUND + len(wav) - 1
+
+
+def test_a_chat_batch_lines_orq_only_fields_and_bad_schema_are_error_rows(make_spec, gateway: Gateway,
+                                                                          tmp_path: Path) -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    lines = [
+        {"custom_id": "guard", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "openai/gpt-4o-mini", "messages": msgs, "guardrails": [{"id": "g", "execute_on": "input"}]}},
+        {"custom_id": "schema", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "openai/gpt-4o-mini", "messages": msgs, "response_format": {
+             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}},
+        {"custom_id": "fine", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "openai/gpt-4o-mini", "messages": msgs}},
+    ]
+    src = write_jsonl(tmp_path / "b.jsonl", lines)
+    spec = make_spec(input={"path": str(src), "format": "openai_batch", "id_column": None, "prompt": None},
+                     endpoint={"api": "openai"})
+    spec["request"].pop("max_tokens", None)
+    run_job(parse_spec(spec), options())
+    rows = {r["custom_id"]: r for r in _rows(tmp_path / "out" / "t.parquet")}
+    assert rows["fine"]["status"] == "ok" and gateway.stats.total == 1
+    assert rows["guard"]["status"] == "error" and "body.guardrails: orq-only" in rows["guard"]["error"]
+    assert rows["schema"]["status"] == "error" and "not a valid JSON schema" in rows["schema"]["error"]

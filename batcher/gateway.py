@@ -863,60 +863,62 @@ class Gateway:
             log.exception("gateway failed on %s %s", request.method, request.path)
             return _reply(500, _error_body(500, "internal gateway error"))
 
-    def _complete(self, request: _Request) -> _Reply:
-        stats = self._stats
+    def _admit(self, request: _Request) -> tuple[Any, _Reply | None]:
+        """What both generation paths do first: parse the body (kept as text if it is not JSON), count the
+        arrival, and refuse a method other than POST or a wrong API key. Returns (body, refusal or None)."""
         body: Any
         try:
             body = json.loads(request.body)
         except ValueError:
             body = request.body.decode("utf-8", "replace")
-        stats._arrive(request.path, request.headers, body)
+        self._stats._arrive(request.path, request.headers, body)
         if request.method != "POST":
-            return self._refuse(405, f"{request.method} is not allowed here; use POST")
+            return body, self._refuse(405, f"{request.method} is not allowed here; use POST")
         expected = self._expected_auth
         if expected is not None:
             sent = request.headers.get("authorization", "").encode("latin-1")
             if not hmac.compare_digest(sent, expected):
-                return self._refuse(401, "missing or invalid API key", code="invalid_api_key")
+                return body, self._refuse(401, "missing or invalid API key", code="invalid_api_key")
+        return body, None
+
+    def _delay(self) -> float:
+        """The configured latency plus this request's jitter (drawn only for requests that passed their checks)."""
+        delay = self.config.latency_s
+        if self.config.jitter_s:
+            delay += self._jitter_rng.uniform(0, self.config.jitter_s)
+        return delay
+
+    def _track(self, reply: _Reply) -> _Reply:
+        """Count an answered request in flight until _send (or its task's cancellation) counts it out."""
+        self._stats._enter()
+        reply.tracked = True
+        return reply
+
+    def _complete(self, request: _Request) -> _Reply:
+        body, refusal = self._admit(request)
+        if refusal is not None:
+            return refusal
         try:
             params = _params(request.path, body, self.config.validate)
         except _RequestError as exc:
             return self._refuse(exc.status, exc.message, exc.param, exc.code)
-        delay = self.config.latency_s
-        if self.config.jitter_s:
-            delay += self._jitter_rng.uniform(0, self.config.jitter_s)
+        delay = self._delay()
         fault = self._match(request.path, params)
         if fault is not None and fault.upstream and request.path == ORQ_PATH and isinstance(body, dict):
             fault, params = self._route_upstream(body, params, fault)
-        reply = self._ok(params, delay) if fault is None else self._fault(fault, params, request, delay)
-        stats._enter()
-        reply.tracked = True
-        return reply
+        return self._track(self._ok(params, delay) if fault is None else self._fault(fault, params, request, delay))
 
     def _chat(self, request: _Request) -> _Reply:
         """The chat paths: the same auth, latency and fault rules as completions; the body checked, answered
         and streamed by `shapes/chat_sim.py`. Faults match on the messages' text."""
-        stats = self._stats
-        body: Any
-        try:
-            body = json.loads(request.body)
-        except ValueError:
-            body = request.body.decode("utf-8", "replace")
-        stats._arrive(request.path, request.headers, body)
-        if request.method != "POST":
-            return self._refuse(405, f"{request.method} is not allowed here; use POST")
-        expected = self._expected_auth
-        if expected is not None:
-            sent = request.headers.get("authorization", "").encode("latin-1")
-            if not hmac.compare_digest(sent, expected):
-                return self._refuse(401, "missing or invalid API key", code="invalid_api_key")
+        body, refusal = self._admit(request)
+        if refusal is not None:
+            return refusal
         try:
             chat_sim.check_request(body, request.path, self.config.validate)
         except chat_sim.ChatRequestError as exc:
             return self._refuse(exc.status, exc.message, exc.param, exc.code)
-        delay = self.config.latency_s
-        if self.config.jitter_s:
-            delay += self._jitter_rng.uniform(0, self.config.jitter_s)
+        delay = self._delay()
         stream = body.get("stream") is True
         params = _Params(model=body["model"], prompt=_messages_text(body), seed=None, temperature=None,
                          max_tokens=None, stop=(), n=1, echo=False, stream=stream, reasoning_tokens=0)
@@ -927,9 +929,7 @@ class Gateway:
             reply = self._fault(fault, params, request, delay)
         else:
             reply = self._chat_broken(body, fault, delay + fault.delay_s)
-        stats._enter()
-        reply.tracked = True
-        return reply
+        return self._track(reply)
 
     def _chat_ok(self, body: dict[str, Any], delay: float, completion: dict[str, Any] | None = None) -> _Reply:
         completion = completion or chat_sim.chat_completion(body, created=int(time.time()))

@@ -46,9 +46,8 @@ from urllib.parse import parse_qs
 
 import yaml
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError, best_match
 
-from .openapi import load_openapi
+from .openapi import load_openapi, request_error
 from .shapes import chat_sim
 from .shapes.chat import PATHS as CHAT_PATHS
 
@@ -304,17 +303,9 @@ def _orq_validator() -> Draft202012Validator:
 
 
 def _schema_check(body: dict[str, Any]) -> None:
-    error: ValidationError | None = best_match(_orq_validator().iter_errors(body))
-    if error is None:
-        return
-    path = [str(p) for p in error.absolute_path]
-    code = "invalid_value"
-    if error.validator == "required" and isinstance(error.instance, dict):
-        missing = [k for k in error.validator_value if k not in error.instance]
-        path += missing[:1]
-        code = "missing_required_parameter"
-    param = ".".join(path) or None
-    raise _RequestError(param, f"{param or 'body'}: {error.message}", code)
+    found = request_error(_orq_validator(), body)
+    if found is not None:
+        raise _RequestError(*found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,18 +488,6 @@ def _completion(p: _Params) -> dict[str, Any]:
     }
 
 
-def _pieces(text: str) -> list[str]:
-    """About three pieces cut at spaces, which concatenate back to `text`."""
-    step = max(1, len(text) // 3)
-    out, start = [], 0
-    while start < len(text):
-        end = text.find(" ", start + step)
-        end = len(text) if end < 0 else end
-        out.append(text[start:end])
-        start = end
-    return out or [""]
-
-
 def _sse_chunks(completion: dict[str, Any]) -> list[bytes]:
     """The completion as SSE events: partial texts per choice, usage only on the very last chunk.
 
@@ -519,7 +498,7 @@ def _sse_chunks(completion: dict[str, Any]) -> list[bytes]:
     events: list[dict[str, Any]] = []
     for choice in completion["choices"]:
         reason = choice["finish_reason"]
-        for piece in _pieces(choice["text"]):
+        for piece in chat_sim.pieces(choice["text"]) or [""]:
             events.append(
                 {**head, "choices": [{"index": choice["index"], "text": piece, "finish_reason": reason}]}
             )

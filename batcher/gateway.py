@@ -478,13 +478,7 @@ def _completion(p: _Params) -> dict[str, Any]:
         "created": int(time.time()),
         "model": p.model,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": p.reasoning_tokens},
-        },
+        "usage": chat_sim.usage(prompt_tokens, completion_tokens, p.reasoning_tokens),
     }
 
 

@@ -381,13 +381,18 @@ def chat_completion(body: Mapping[str, Any], *, created: int = 1_767_225_600, co
         "model": body["model"],
         "system_fingerprint": "fp_batcher_sim",
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
-        },
+        "usage": usage(prompt_tokens, completion_tokens, reasoning_tokens),
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int) -> dict[str, Any]:
+    """A simulated answer's usage block (nothing cached); the completions simulator in gateway.py uses it too."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
 
 

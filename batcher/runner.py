@@ -291,7 +291,7 @@ class _Job:
             self.max_errors = parse_max_errors(options.max_errors) if options.max_errors is not None \
                 else spec.limits.error_allowance
         except ValueError as exc:
-            raise SpecError(f"--max-errors {exc}") from None
+            raise SpecError(f"--max-errors {exc} (got {options.max_errors!r})") from None
         self.endpoint: Endpoint | None = None
         self.endpoint_id = ""
         self.progress: Progress | None = None

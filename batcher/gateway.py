@@ -1148,9 +1148,10 @@ def _loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoo
         return None
     try:
         uvloop = importlib.import_module("uvloop")
-    except ImportError:
+    except Exception as exc:  # found but broken (built for another Python...): not usable either
         if choice == "uvloop":
-            raise ValueError("--loop uvloop: uvloop is not installed (pip install uvloop)") from None
+            raise ValueError(f"--loop uvloop: uvloop cannot be used ({type(exc).__name__}: {exc}; "
+                             "pip install uvloop)") from None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory

@@ -1150,8 +1150,9 @@ def _loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoo
         uvloop = importlib.import_module("uvloop")
     except Exception as exc:  # found but broken (built for another Python...): not usable either
         if choice == "uvloop":
-            raise ValueError(f"--loop uvloop: uvloop cannot be used ({type(exc).__name__}: {exc}; "
-                             "pip install uvloop)") from None
+            why = "is not installed" if isinstance(exc, ModuleNotFoundError) else \
+                f"cannot be used ({type(exc).__name__}: {exc})"
+            raise ValueError(f"--loop uvloop: uvloop {why} (pip install uvloop)") from None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory

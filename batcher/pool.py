@@ -37,27 +37,53 @@ W = TypeVar("W")
 class WorkSender(Generic[T]):
     """The feeder's end of the work stream. When the buffer is full it waits until the workers have taken half
     of it, then refills it in one go: woken for every slot a worker frees, the feeder would cost a task switch
-    per row, which at low rates is a good share of a row's CPU."""
+    per row, which at low rates is a good share of a row's CPU.
 
-    def __init__(self, stream: MemoryObjectSendStream[T], capacity: int) -> None:
+    With `size` and `max_bytes`, the buffer is full at `max_bytes` too (long prompts: 2 x concurrency items of
+    500 KB would be 64 MB at C=64), and half empty at half of it; an item bigger than `max_bytes` waits for an
+    empty buffer and goes alone."""
+
+    def __init__(
+        self,
+        stream: MemoryObjectSendStream[T],
+        capacity: int,
+        *,
+        size: Callable[[T], int] | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         self._stream = stream
         self._low_water = capacity // 2
         self._room: anyio.Event | None = None
+        self._size = size if max_bytes is not None else None
+        self._max_bytes = max_bytes or 0
+        self.bytes = 0  # the items' sizes in the buffer
+        self.max_bytes_seen = 0  # the most the buffer held (a counter for tests and benchmarks)
 
     async def send(self, item: T) -> None:
-        try:
-            self._stream.send_nowait(item)
-            return
-        except anyio.WouldBlock:
-            pass
-        self._room = anyio.Event()
-        await self._room.wait()  # cancellable: the item was not handed over
-        await self._stream.send(item)
+        n = self._size(item) if self._size is not None else 0
+        while True:
+            # Within the byte budget, or alone in an empty buffer.
+            if self.bytes == 0 or self.bytes + n <= self._max_bytes or self._size is None:
+                try:
+                    self._stream.send_nowait(item)
+                except anyio.WouldBlock:
+                    pass
+                else:
+                    self.bytes += n
+                    self.max_bytes_seen = max(self.max_bytes_seen, self.bytes)
+                    return
+            self._room = anyio.Event()
+            await self._room.wait()  # cancellable: the item was not handed over
 
-    def taken(self, stream: MemoryObjectReceiveStream[T]) -> None:
-        """A worker took an item from `stream`: wake the feeder once the buffer is down to half."""
+    def taken(self, stream: MemoryObjectReceiveStream[T], item: T) -> None:
+        """A worker took `item` from `stream`: wake the feeder once the buffer is down to half."""
+        if self._size is not None:
+            self.bytes -= self._size(item)
         room = self._room
-        if room is not None and stream.statistics().current_buffer_used <= self._low_water:
+        if room is None:
+            return
+        used = stream.statistics().current_buffer_used
+        if used == 0 or (used <= self._low_water and self.bytes <= self._max_bytes // 2):
             self._room = None
             room.set()
 
@@ -76,6 +102,8 @@ class Pool(Generic[T, R, W]):
         max_write_batch: int = 2048,
         linger: float = 0.02,
         max_linger: float = 0.1,
+        item_size: Callable[[T], int] | None = None,
+        max_buffer_bytes: int | None = None,
     ) -> None:
         self.concurrency = concurrency
         self._feed = feed
@@ -87,6 +115,9 @@ class Pool(Generic[T, R, W]):
         self._max_write_batch = max_write_batch
         self._linger = linger
         self._max_linger = max(linger, max_linger)
+        self._item_size = item_size
+        self._max_buffer_bytes = max_buffer_bytes
+        self.sender: WorkSender[T] | None = None
         self._feed_scope = anyio.CancelScope()
         self._work_scope = anyio.CancelScope()
         self.feeding_stopped = False
@@ -114,7 +145,8 @@ class Pool(Generic[T, R, W]):
     async def run(self) -> None:
         capacity = self.concurrency * 2
         work_send, work_recv = anyio.create_memory_object_stream[T](capacity)
-        sender = WorkSender(work_send, capacity)
+        sender = self.sender = WorkSender(work_send, capacity, size=self._item_size,
+                                          max_bytes=self._max_buffer_bytes)
         # Small: it only decouples the workers from the writer's batches (answers here are already recorded).
         res_send, res_recv = anyio.create_memory_object_stream[R](self.concurrency)
         async with anyio.create_task_group() as outer:
@@ -149,7 +181,7 @@ class Pool(Generic[T, R, W]):
 
             stack.push_async_callback(_close)
             async for item in work_recv:
-                sender.taken(work_recv)
+                sender.taken(work_recv, item)
                 if self.feeding_stopped:
                     # Queued, never started: left for a rerun. The loop goes on only to empty the buffer.
                     continue
@@ -166,6 +198,7 @@ class Pool(Generic[T, R, W]):
                         self.sink_failed = True
                         self.fail(exc)
                         return
+                del item  # not held (a long prompt, its body) while this worker waits for the next one
                 try:
                     res_send.send_nowait(result)
                 except anyio.WouldBlock:

@@ -54,7 +54,7 @@ from .sinks import (
     state_dir_for,
     written_by_batcher,
 )
-from .sources import Source, SourceInfo, SourceRow
+from .sources import ReadStats, Source, SourceInfo, SourceRow
 from .spec import JobSpec, format_of, kept_column_name, load_spec, parse_max_errors
 
 __all__ = ["ERRORS_EXIT_CODE", "RunOptions", "RunResult", "arun_job", "run_job"]
@@ -97,6 +97,7 @@ class RunResult:
     wall_s: float = 0.0
     message: str = ""
     signal: int | None = None
+    input_stats: ReadStats | None = field(default=None, repr=False)  # the reader's counters (byte budget)
     loop: str = ""  # the event loop the run used: "uvloop" or "asyncio"
     error_kinds: dict[str, int] = field(default_factory=dict)  # error rows by error_kind
     over_max_errors: bool = False  # finished, with more error rows than max_errors allows
@@ -239,7 +240,8 @@ def run_fingerprint(spec: JobSpec) -> str:
     return fingerprint(
         {
             **material,
-            "input": spec.input.model_dump(mode="json", exclude={"path", "batch_size", "max_prompt_chars"}),
+            "input": spec.input.model_dump(mode="json", exclude={"path", "batch_size", "batch_bytes",
+                                                                         "max_prompt_chars"}),
             "input_path": str(spec.input.path.resolve()),
             "keep": spec.output.keep_columns,
             "format": spec.output.resolved_format,
@@ -268,7 +270,7 @@ class _Job:
         cache_cfg = spec.request.routing("cache")
         self.cache_ttl: float | None = cache_cfg.ttl if cache_cfg is not None else None
         self.cache: ResponseCache | None = None
-        self.result = RunResult(output=self.output, status="failed")
+        self.result = RunResult(output=self.output, status="failed", input_stats=self.source.stats)
         self.records = Records(self.prices)
         self.budget = Budget(spec.limits.max_cost_usd)  # the spend of earlier runs is added in _preflight
         self.caller = Caller(
@@ -342,14 +344,19 @@ class _Job:
         batches = iter(self.source.batches(self.done_ids))
         while (step := await anyio.to_thread.run_sync(self._next_batch, batches)) is not None:
             to_send, done = step
+            del step
             # Settled rows go to the writer as one list: the result buffer is kept small for answers that
             # were paid for, and these must not queue one by one behind it.
             if done:
                 await results.send(done)
-            for w in to_send:
+            del done
+            # The batch is the look-ahead (at most input.batch_bytes): each item leaves it as it is handed
+            # over, so a row whose call is over is not kept alive here until the whole batch is sent.
+            to_send.reverse()
+            while to_send:
                 if self.caller.budget_hit or self.caller.halted:
                     return
-                await work.send(w)
+                await work.send(to_send.pop())
 
     def record(self, r: _Result) -> None:
         """A worker's answer, into the journal the moment it exists (see `Journal`): one write(2) from the event
@@ -515,6 +522,9 @@ class _Job:
                 close_worker=lambda c: c.aclose(),
                 write=self.write,
                 record=self.record,
+                # The work buffer is bounded by the same byte budget as an input batch.
+                item_size=_work_bytes,
+                max_buffer_bytes=spec.input.batch_bytes,
             )
             error: BaseException | None = None
             async with anyio.create_task_group() as tg:
@@ -701,6 +711,10 @@ class _Job:
         self.state.status = "finished" if all_ok else "partial"
         self.state.rows = written
         self.state.save()
+
+
+def _work_bytes(w: Work) -> int:
+    return w.row.nbytes
 
 
 class _NothingToDo(Exception):

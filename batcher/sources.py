@@ -6,8 +6,14 @@ count rows, refuse duplicate or null ids, and name missing or mistyped columns b
 a template variable missing in that row, an empty or oversized prompt) carries an `error` instead of a prompt,
 so it becomes an error row and the run goes on.
 
-Memory stays bounded by the batch size: pyarrow reads with `pre_buffer=False` (the default pre-buffering holds
-the whole file) and JSONL is read line by line.
+Memory is bounded in bytes as well as rows: a batch holds at most `batch_size` rows and at most `batch_bytes` of
+input (each row counts the bytes of the values read for it, plus its rendered prompt when a template made one),
+so long documents make small batches and short prompts keep batches of `batch_size`. A row bigger than the
+budget is a batch of its own. Parquet is read in small pieces within each row group: pyarrow's `iter_batches`
+reads a fixed number of rows at a time, so that number is sized from the row group's uncompressed size per row
+(or the bytes per row seen so far, if larger), to a quarter of the budget; column chunks are streamed
+(`buffer_size`) rather than read whole, and the default pre-buffering (which holds the whole file) is off. JSONL
+is read line by line. `Source.stats` counts what was read and handed on (`ReadStats`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from .shapes.chat import MessagesTemplate, messages_from_value
 from .spec import InputSpec
 from .templating import MissingVariable, Template, TemplateError
 
-__all__ = ["Source", "SourceInfo", "SourceRow"]
+__all__ = ["ReadStats", "Source", "SourceInfo", "SourceRow"]
 
 
 @dataclass(slots=True)
@@ -41,6 +47,30 @@ class SourceRow:
     error: str | None = None
     body: dict[str, Any] | None = None  # an OpenAI batch line's request body
     model: str | None = None  # the body's model, when the line names one
+    nbytes: int = 0  # what the row counts against input.batch_bytes
+
+
+@dataclass(slots=True)
+class ReadStats:
+    """The reader's own counters, in the units the byte budget bounds."""
+
+    reads: int = 0  # Arrow batches read from Parquet, or JSONL lines
+    max_read_bytes: int = 0  # the most input bytes one read held
+    batches: int = 0  # batches handed on
+    max_batch_bytes: int = 0  # the most bytes one batch handed on held (a lone oversized row may pass the budget)
+    max_batch_rows: int = 0
+
+    def read(self, nbytes: int) -> None:
+        self.reads += 1
+        if nbytes > self.max_read_bytes:
+            self.max_read_bytes = nbytes
+
+    def handed(self, rows: int, nbytes: int) -> None:
+        self.batches += 1
+        if nbytes > self.max_batch_bytes:
+            self.max_batch_bytes = nbytes
+        if rows > self.max_batch_rows:
+            self.max_batch_rows = rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +104,43 @@ def _is_id_type(t: pa.DataType) -> bool:
 
 def _plain(arr: pa.Array) -> pa.Array:
     return arr.dictionary_decode() if isinstance(arr, pa.DictionaryArray) else arr
+
+
+# A Parquet read is sized to this share of the byte budget from the row group's average row, so that a read whose
+# rows run longer than the average still stays within the budget.
+_READ_SHARE = 4
+# Column chunks bigger than the budget are streamed in pieces of this size: unbuffered, pyarrow reads a row
+# group's whole column chunk (hundreds of MB for long documents) before decoding its first page.
+_READ_BUFFER = 1 << 20
+
+
+def _row_bytes(batch: pa.RecordBatch | pa.Table) -> list[int]:
+    """Each row's bytes in `batch`: string and binary values by their length, fixed-width values by their width,
+    anything else (nested values) by its column's average."""
+    n = batch.num_rows
+    fixed = 0
+    var: pa.Array | None = None
+    for col in batch.columns:
+        col = _plain(col)
+        t = col.type
+        if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t):
+            lengths = pc.fill_null(pc.binary_length(col), 0)
+            var = lengths if var is None else pc.add(var, lengths)
+        elif _fixed_width(t):
+            fixed += max(1, t.bit_width // 8)
+        else:
+            fixed += col.nbytes // max(n, 1)
+    if var is None:
+        return [fixed] * n
+    sizes: list[int] = var.to_pylist()
+    return [v + fixed for v in sizes] if fixed else sizes
+
+
+def _fixed_width(t: pa.DataType) -> bool:
+    try:
+        return bool(t.bit_width > 0)
+    except ValueError:  # not a fixed-width type
+        return False
 
 
 def _unsendable(value: Any) -> bool:
@@ -112,6 +179,7 @@ class Source:
         self.messages = MessagesTemplate(spec.messages, "input.messages") if spec.messages is not None else None
         self.chat = spec.is_chat
         self.id_name = spec.id_column or ("custom_id" if self.format == "openai_batch" else "id")
+        self.stats = ReadStats()
         self._csv_file: CsvFile | None = None
 
     # -- pre-flight ---------------------------------------------------------------------------------------
@@ -203,7 +271,7 @@ class Source:
         seen_keys: set[str] = set()
         keep_types: dict[str, set[str]] = {c: set() for c in self.keep_columns}
         id_col = self.id_name if (self.spec.id_column or self.format == "openai_batch") else None
-        for _lineno, obj, suspect in self._lines():
+        for _lineno, obj, suspect, _size in self._lines():
             rows += 1
             if not isinstance(obj, dict):
                 continue  # becomes an error row
@@ -302,33 +370,38 @@ class Source:
 
     def _csv_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
         columns = self._needed()
-        rows: list[SourceRow] = []
+        out = _Batcher(self.spec.batch_size, self.spec.batch_bytes, self.stats)
         for index, part in self._csv().segments(columns):
             if isinstance(part, str):
-                rows.append(SourceRow(index, None if self.spec.id_column else index, None, error=part))
+                full = out.add(SourceRow(index, None if self.spec.id_column else index, None, error=part))
+                if full is not None:
+                    yield full
+                continue
+            n = part.num_rows
+            sizes = _row_bytes(part)
+            self.stats.read(sum(sizes))
+            if self.spec.id_column:
+                id_arr = part.column(self.spec.id_column)
             else:
-                n = part.num_rows
-                if self.spec.id_column:
-                    id_arr = part.column(self.spec.id_column)
-                else:
-                    id_arr = pa.array(range(index, index + n), type=pa.int64())
-                keep_mask: list[bool] | None = None
-                if done_ids is not None and len(done_ids):
-                    keep_mask = pc.invert(pc.is_in(id_arr, value_set=done_ids)).to_pylist()
-                cols = {c: part.column(c).to_pylist() for c in columns}
-                ids = id_arr.to_pylist()
-                for i in range(n):
-                    if keep_mask is None or keep_mask[i]:
-                        rows.append(self._row(index + i, ids[i], {c: cols[c][i] for c in columns}))
-            if len(rows) >= self.spec.batch_size:
-                for start in range(0, len(rows) - self.spec.batch_size + 1, self.spec.batch_size):
-                    yield rows[start:start + self.spec.batch_size]
-                rows = rows[len(rows) - len(rows) % self.spec.batch_size:]
-        if rows:
-            yield rows
+                id_arr = pa.array(range(index, index + n), type=pa.int64())
+            keep_mask: list[bool] | None = None
+            if done_ids is not None and len(done_ids):
+                keep_mask = pc.invert(pc.is_in(id_arr, value_set=done_ids)).to_pylist()
+            cols = {c: part.column(c).to_pylist() for c in columns}
+            ids = id_arr.to_pylist()
+            del part, id_arr
+            for i in range(n):
+                if keep_mask is None or keep_mask[i]:
+                    row = self._row(index + i, ids[i], {c: cols[c][i] for c in columns})
+                    row.nbytes = self._held(row, sizes[i])
+                    if (full := out.add(row)) is not None:
+                        yield full
+        if (last := out.flush()) is not None:
+            yield last
 
-    def _lines(self) -> Iterator[tuple[int, Any, bool]]:
-        """(line number, parsed object or a `_BadLine`, whether it may hold a lone surrogate) per non-blank line."""
+    def _lines(self) -> Iterator[tuple[int, Any, bool, int]]:
+        """(line number, parsed object or a `_BadLine`, whether it may hold a lone surrogate, the line's bytes) per
+        non-blank line."""
         search = _ESCAPED_SURROGATE.search
         with open(self.path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
@@ -337,9 +410,9 @@ class Source:
                 if not raw.strip():
                     continue
                 try:
-                    yield lineno, json.loads(raw), search(raw) is not None
+                    yield lineno, json.loads(raw), search(raw) is not None, len(raw)
                 except (ValueError, UnicodeDecodeError) as exc:
-                    yield lineno, _BadLine(f"line {lineno}: not valid JSON ({str(exc)[:80]})"), False
+                    yield lineno, _BadLine(f"line {lineno}: not valid JSON ({str(exc)[:80]})"), False, len(raw)
 
     # -- rows ---------------------------------------------------------------------------------------------
 
@@ -353,45 +426,80 @@ class Source:
             yield from self._jsonl_batches(done_ids)
 
     def _parquet_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
-        pf = pq.ParquetFile(self.path, pre_buffer=False)
         columns = self._needed(keep=False)
+        wanted = set(columns)
+        budget = self.spec.batch_bytes
+        pf = pq.ParquetFile(self.path, pre_buffer=False)
+        meta_all = pf.metadata
+        # Stream column chunks only when one is bigger than the budget: short rows keep the one read per chunk.
+        if any(meta_all.row_group(g).column(j).total_uncompressed_size > budget
+               for g in range(meta_all.num_row_groups) for j in range(meta_all.row_group(g).num_columns)
+               if meta_all.row_group(g).column(j).path_in_schema.split(".")[0] in wanted):
+            pf = pq.ParquetFile(self.path, pre_buffer=False, buffer_size=_READ_BUFFER)
+        per_row_seen = 0.0  # the most bytes per row a read has held so far
         index = 0
-        for batch in pf.iter_batches(batch_size=self.spec.batch_size, columns=columns or None):
-            n = batch.num_rows
-            if self.spec.id_column:
-                id_arr = _plain(batch.column(self.spec.id_column))
-            else:
-                id_arr = pa.array(range(index, index + n), type=pa.int64())
-            keep_mask: list[bool] | None = None
-            if done_ids is not None and len(done_ids):
-                keep_mask = pc.invert(pc.is_in(id_arr, value_set=done_ids)).to_pylist()
-            cols = {c: batch.column(c).to_pylist() for c in columns}
-            ids = id_arr.to_pylist()
-            rows = []
-            for i in range(n):
-                if keep_mask is not None and not keep_mask[i]:
-                    continue
-                record = {c: cols[c][i] for c in columns}
-                rows.append(self._row(index + i, ids[i], record))
-            index += n
-            if rows:
-                yield rows
+        out = _Batcher(self.spec.batch_size, budget, self.stats)
+        for g in range(pf.metadata.num_row_groups):
+            meta = pf.metadata.row_group(g)
+            if meta.num_rows == 0:
+                continue
+            size = sum(meta.column(j).total_uncompressed_size for j in range(meta.num_columns)
+                       if meta.column(j).path_in_schema.split(".")[0] in wanted)
+            if size == 0:  # no leaf matched by name (a dotted column name): the whole row group, an upper bound
+                size = meta.total_byte_size
+            per_row = max(size / meta.num_rows, per_row_seen, 1.0)
+            step = max(1, min(self.spec.batch_size, int(budget / _READ_SHARE / per_row)))
+            for batch in pf.iter_batches(batch_size=step, row_groups=[g], columns=columns or None):
+                n = batch.num_rows
+                sizes = _row_bytes(batch)
+                read = sum(sizes)
+                self.stats.read(read)
+                per_row_seen = max(per_row_seen, read / max(n, 1))
+                if self.spec.id_column:
+                    id_arr = _plain(batch.column(self.spec.id_column))
+                else:
+                    id_arr = pa.array(range(index, index + n), type=pa.int64())
+                keep_mask: list[bool] | None = None
+                if done_ids is not None and len(done_ids):
+                    keep_mask = pc.invert(pc.is_in(id_arr, value_set=done_ids)).to_pylist()
+                cols = {c: batch.column(c).to_pylist() for c in columns}
+                ids = id_arr.to_pylist()
+                del batch, id_arr  # the Python values are all that is needed from here: not held twice
+                for i in range(n):
+                    if keep_mask is not None and not keep_mask[i]:
+                        continue
+                    record = {c: cols[c][i] for c in columns}
+                    row = self._row(index + i, ids[i], record)
+                    row.nbytes = self._held(row, sizes[i])
+                    if (full := out.add(row)) is not None:
+                        yield full
+                del cols
+                index += n
+        if (last := out.flush()) is not None:
+            yield last
 
     def _jsonl_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
         done = set(done_ids.to_pylist()) if done_ids is not None and len(done_ids) else None
-        rows: list[SourceRow] = []
-        for index, (lineno, obj, suspect) in enumerate(self._lines()):
+        out = _Batcher(self.spec.batch_size, self.spec.batch_bytes, self.stats)
+        for index, (lineno, obj, suspect, size) in enumerate(self._lines()):
+            self.stats.read(size)
             row = self._json_row(index, lineno, obj)
             if suspect and row.error is None:
                 row = self._unsendable_row(row, lineno)
+            row.nbytes = self._held(row, size)
             if done is not None and row.id in done:
                 continue
-            rows.append(row)
-            if len(rows) >= self.spec.batch_size:
-                yield rows
-                rows = []
-        if rows:
-            yield rows
+            if (full := out.add(row)) is not None:
+                yield full
+        if (last := out.flush()) is not None:
+            yield last
+
+    def _held(self, row: SourceRow, read: int) -> int:
+        """What a row counts against the byte budget: the bytes read for it, and a rendered prompt (a new string;
+        a prompt_column's prompt is the value read)."""
+        if self.template is not None and row.prompt is not None:
+            return read + len(row.prompt)
+        return read
 
     def _json_row(self, index: int, lineno: int, obj: Any) -> SourceRow:
         if isinstance(obj, _BadLine):
@@ -531,3 +639,34 @@ def _has_media(messages: list[dict[str, Any]]) -> bool:
 @dataclass(frozen=True, slots=True)
 class _BadLine:
     message: str
+
+
+class _Batcher:
+    """Gathers rows into batches of at most `rows` rows and `budget` bytes (a row bigger than the budget goes
+    alone), counting what it hands on in `stats`."""
+
+    def __init__(self, rows: int, budget: int, stats: ReadStats) -> None:
+        self._rows = rows
+        self._budget = budget
+        self._stats = stats
+        self._batch: list[SourceRow] = []
+        self._bytes = 0
+
+    def add(self, row: SourceRow) -> list[SourceRow] | None:
+        """Adds `row`; returns the batch it closed, if any."""
+        full = None
+        if self._batch and self._bytes + row.nbytes > self._budget:
+            full = self.flush()
+        self._batch.append(row)
+        self._bytes += row.nbytes
+        if len(self._batch) >= self._rows:
+            full = self.flush() if full is None else full  # (rows >= 1: both cannot happen with one add)
+        return full
+
+    def flush(self) -> list[SourceRow] | None:
+        batch, self._batch = self._batch, []
+        if not batch:
+            return None
+        self._stats.handed(len(batch), self._bytes)
+        self._bytes = 0
+        return batch

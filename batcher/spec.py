@@ -396,6 +396,8 @@ class InputSpec(_Model):
     messages_column: str | None = Field(None, min_length=1)
     inputs_columns: list[str] = Field(default_factory=list)
     batch_size: int = Field(1_000, ge=1, le=1_000_000)
+    # The byte budget of a batch, whatever batch_size says: long rows make smaller batches (sources.py).
+    batch_bytes: int = Field(4 * 2**20, ge=2**16, le=2**31)
     max_prompt_chars: int = Field(1_000_000, ge=1, le=INT32_MAX)
 
     _path = field_validator("path", mode="before")(_expand)

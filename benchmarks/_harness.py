@@ -10,8 +10,10 @@ for memory-growth figures. Everything talks to 127.0.0.1 only and every wait has
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -66,6 +68,40 @@ def make_parquet(path: Path, rows: int, row_group_size: int = 10_000) -> Path:
                     {"id": pa.array(ids, pa.int64()), "text": [review_text(i) for i in ids]}, schema=schema
                 )
                 writer.write_table(table, row_group_size=row_group_size)
+    tmp.replace(path)
+    return path
+
+
+@functools.cache
+def _vocabulary() -> tuple[str, ...]:
+    return tuple("".join(random.Random(w).choices("etaoinshrdlucmfwypvbgkqjxz", k=3 + w % 7)) for w in range(4096))
+
+
+def long_text(i: int, chars: int) -> str:
+    """Document i: ~`chars` characters of pseudo-words from a 4,096-word vocabulary, different for every i. Not
+    one text repeated: zstd compresses it about as it does prose, so the file's column chunks are realistic."""
+    words = random.Random(i).choices(_vocabulary(), k=chars // 5 + 1)
+    return f"Document {i}: " + " ".join(words)[:chars]
+
+
+def make_long_parquet(path: Path, rows: int, chars: int) -> Path:
+    """`rows` documents of ~`chars` characters (id int64, text), one row group, as pandas' or pyarrow's
+    `to_parquet` write a file of fewer than a million rows: the reader must not take the row group whole."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.exists() and pq.ParquetFile(path).metadata.num_rows == rows:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    schema = pa.schema([("id", pa.int64()), ("text", pa.string())])
+    table = pa.table({"id": pa.array(range(rows), pa.int64()), "text": [long_text(i, chars) for i in range(rows)]},
+                     schema=schema)
+    # Pages of at most 16 values (or pyarrow's 1 MB): pyarrow checks a page's size only every `write_batch_size`
+    # values (1,024 by default), so by default a page of long documents holds up to 1,024 of them (500 MB for
+    # 500 KB rows), and a page is decompressed whole by any reader: `batch_bytes` cannot bound that (README).
+    pq.write_table(table, tmp, compression="zstd", row_group_size=rows, write_batch_size=16)
+    del table
     tmp.replace(path)
     return path
 

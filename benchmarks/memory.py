@@ -1,10 +1,12 @@
 """Memory: batcher's peak RSS and its growth over a long run, against the gateway at latency 0.
 
-    python benchmarks/memory.py [--quick] [-n 1000000] [-c 64]
+    python benchmarks/memory.py [--quick] [-n 1000000] [-c 64] [--only short|long]
 
 Runs, each in its own child process: a 10,000-row job, then an N-row job (default 1,000,000 rows; 100,000
 with --quick) from two generated Parquet layouts, row groups of 10,000 rows and one row group holding every
-row. A poller samples the child's RSS and the size of its journal (the share of rows already answered);
+row; then long prompts (documents to summarise): 10,000 rows of ~50 KB and 1,000 rows of ~500 KB, each file one
+row group (as pandas or pyarrow write fewer than a million rows), at the default `input.batch_size` of 1,000
+(the byte budget, `input.batch_bytes`, is what bounds them). A poller samples the child's RSS and the size of its journal (the share of rows already answered);
 the figures:
 
 - peak RSS: the kernel's ru_maxrss for the whole process, the final write of the output included;
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=None, help="rows of the big runs (default 1,000,000; 100,000 with --quick)")
     p.add_argument("-c", "--concurrency", type=int, default=64)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", choices=["short", "long"], help="only the short-prompt or the long-prompt runs")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = p.parse_args(argv)
     n = args.n or (100_000 if args.quick else 1_000_000)
@@ -62,15 +65,24 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[tuple[str, dict[str, float]]] = []
     h.header(f"memory: latency 0, C={c}")
     with h.workdir(args.keep) as d, h.GatewayProcess(latency_ms=0) as gw:
-        layouts = [
+        short = [
             ("10,000 rows", d / "in-10k.parquet", 10_000, 10_000),
             (f"{n:,} rows, row groups of 10,000", d / f"in-{n}-small-groups.parquet", n, 10_000),
             (f"{n:,} rows, one row group", d / f"in-{n}-one-group.parquet", n, n),
         ]
-        for i, (label, path, rows, group) in enumerate(layouts):
+        long_rows = [(10_000, 50_000), (1_000, 500_000)] if not args.quick else [(2_000, 50_000), (200, 500_000)]
+        long = [(f"{rows:,} rows of {chars // 1000} KB", d / f"in-{rows}-{chars}.parquet", rows, chars)
+                for rows, chars in long_rows]
+        for i, (label, path, rows, group) in enumerate(short if args.only != "long" else []):
             h.say(f"  generating {label} ...")
             h.make_parquet(path, rows, row_group_size=group)
             m = measure(gw, d, f"m{i}", path, rows, c)
+            runs.append((label, m))
+            h.say(f"  {label}: peak {m['peak']:.0f} MB, growth {100 * m['growth']:+.1f}%, {m['rows_s']:,.0f} rows/s")
+        for i, (label, path, rows, chars) in enumerate(long if args.only != "short" else []):
+            h.say(f"  generating {label} ...")
+            h.make_long_parquet(path, rows, chars)
+            m = measure(gw, d, f"long{i}", path, rows, c)
             runs.append((label, m))
             h.say(f"  {label}: peak {m['peak']:.0f} MB, growth {100 * m['growth']:+.1f}%, {m['rows_s']:,.0f} rows/s")
     h.header("memory figures")
@@ -79,8 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         [[label, m["rows_s"], m["cpu_ms"], m["rss10"], m["max_calls"], f"{100 * m['growth']:+.1f}%", m["peak"]]
          for label, m in runs],
     ))
-    small, huge = runs[1][1], runs[2][1]
     h.say()
+    by = dict(runs)
+    if args.only != "short":
+        peaks = [by[label]["peak"] for label, *_ in long]
+        h.say(f"targets: long prompts <= 200 MB: {h.verdict(max(peaks) <= 200)} "
+              f"({', '.join(f'{p:.0f}' for p in peaks)} MB)")
+    if args.only == "long":
+        return 0
+    small, huge = runs[1][1], runs[2][1]
     h.say(f"targets: 10,000 rows <= 120 MB: {h.verdict(runs[0][1]['peak'] <= 120)} ({runs[0][1]['peak']:.0f} MB); "
           f"{n:,} rows <= 200 MB: {h.verdict(small['peak'] <= 200)} ({small['peak']:.0f} MB); "
           f"any layout <= 300 MB: {h.verdict(max(small['peak'], huge['peak']) <= 300)} "

@@ -1,0 +1,207 @@
+"""Memory bounded in bytes, not rows (issue 15): long rows make small batches, short rows keep `batch_size`,
+a row over the budget goes alone, one over `max_prompt_chars` is still an error row, and the work buffer holds
+at most the same budget. Judged by the reader's and the buffer's own counters, never by timing."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from anyio.abc import ObjectSendStream
+
+from batcher import parse_spec, run_job
+from batcher.gateway import Gateway
+from batcher.pool import Pool, WorkSender
+from batcher.sources import Source, SourceRow
+from batcher.spec import InputSpec
+
+from .conftest import options
+
+BUDGET = 64 * 1024  # the smallest budget the spec accepts
+
+
+def _text(i: int, chars: int) -> str:
+    rng = random.Random(i)
+    return f"doc {i}: " + "".join(rng.choices("abcdefgh ", k=chars))
+
+
+def _long_parquet(path: Path, sizes: list[int], row_group_size: int | None = None) -> Path:
+    table = pa.table({"id": pa.array(range(len(sizes)), pa.int64()),
+                      "text": [_text(i, n) for i, n in enumerate(sizes)]})
+    pq.write_table(table, path, row_group_size=row_group_size or max(1, len(sizes)))
+    return path
+
+
+def _batches(spec: InputSpec) -> tuple[Source, list[list[SourceRow]]]:
+    source = Source(spec, [])
+    return source, list(source.batches())
+
+
+def _within_budget(batch: list[SourceRow], budget: int) -> bool:
+    """A batch holds at most `budget` bytes, unless it is one row bigger than the budget on its own."""
+    return len(batch) == 1 or sum(r.nbytes for r in batch) <= budget
+
+
+def test_long_prompt_run_batches_respect_the_byte_budget(make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    # 120 documents of 5-30 KB in one row group (as pandas writes a small file), batch_size left at 1,000.
+    sizes = [random.Random(i).randint(5_000, 30_000) for i in range(120)]
+    inp = _long_parquet(tmp_path / "docs.parquet", sizes)
+    spec = parse_spec(make_spec(
+        input={"path": str(inp), "id_column": "id", "prompt": "Summarise:\n\n{{text}}", "batch_bytes": BUDGET},
+        output={"path": str(tmp_path / "out.parquet")},
+    ))
+    result = run_job(spec, options())
+    assert result.status == "finished" and result.ok == 120
+    stats = result.input_stats
+    assert stats is not None
+    # Every row is ~2 x its text (the value read and the rendered prompt): ~4 MB in all, so 60+ batches.
+    held = sum(2 * n for n in sizes)
+    assert stats.max_batch_bytes <= BUDGET
+    assert stats.batches >= held // BUDGET
+    assert stats.max_batch_rows < 10
+    # No Parquet read held more than the budget either (reads are sized to a quarter of it on average).
+    assert stats.max_read_bytes <= BUDGET
+    assert gateway.stats.billed == 120
+
+
+def test_short_rows_keep_batches_of_batch_size(tmp_path: Path) -> None:
+    inp = _long_parquet(tmp_path / "short.parquet", [200] * 2_500, row_group_size=1_000)
+    source, batches = _batches(InputSpec(path=inp, id_column="id", prompt="{{text}}", batch_size=1_000))
+    assert [len(b) for b in batches] == [1_000, 1_000, 500]
+    assert source.stats.reads == 3  # one Arrow read per batch, as before the byte budget
+
+
+@pytest.mark.parametrize("groups", [1, 7, 40])
+def test_every_row_once_in_order_whatever_the_row_groups(tmp_path: Path, groups: int) -> None:
+    # Row groups whose rows differ in size: the read size is set afresh for each one.
+    sizes = [50 if (i // groups) % 2 else 20_000 for i in range(80)]
+    inp = _long_parquet(tmp_path / "mixed.parquet", sizes, row_group_size=groups)
+    source, batches = _batches(InputSpec(path=inp, id_column="id", prompt_column="text", batch_bytes=BUDGET))
+    assert [r.id for b in batches for r in b] == list(range(80))
+    assert all(_within_budget(b, BUDGET) for b in batches)
+    assert source.stats.max_batch_bytes <= BUDGET
+
+
+def test_a_row_over_the_budget_goes_alone_and_one_over_max_prompt_chars_is_an_error(tmp_path: Path) -> None:
+    sizes = [10_000, 100_000, 10_000, 300_000, 10_000]
+    inp = _long_parquet(tmp_path / "big.parquet", sizes)
+    spec = InputSpec(path=inp, id_column="id", prompt_column="text", batch_bytes=BUDGET, max_prompt_chars=200_000)
+    _source, batches = _batches(spec)
+    assert [[r.id for r in b] for b in batches] == [[0], [1], [2], [3], [4]]
+    assert all(_within_budget(b, BUDGET) for b in batches)
+    too_long = batches[3][0]
+    assert too_long.prompt is None and too_long.error is not None and "max_prompt_chars" in too_long.error
+    assert batches[1][0].prompt is not None and batches[1][0].error is None  # over the budget, not an error
+
+
+def test_jsonl_lines_are_counted_as_they_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "docs.jsonl"
+    lines = [json.dumps({"id": i, "text": _text(i, 3_000 + 997 * (i % 40))}) for i in range(200)]
+    path.write_text("".join(line + "\n" for line in lines))
+    source, batches = _batches(InputSpec(path=path, id_column="id", prompt="Summarise: {{text}}",
+                                         batch_bytes=BUDGET))
+    assert [r.id for b in batches for r in b] == list(range(200))
+    assert all(_within_budget(b, BUDGET) for b in batches)
+    assert source.stats.max_read_bytes == max(len(line) + 1 for line in lines)  # one line at a time
+    assert len(batches) >= sum(len(line) for line in lines) // BUDGET
+
+
+# -- the work buffer ------------------------------------------------------------------------------------------
+
+
+async def _buffer_levels(sizes: list[int], max_bytes: int, concurrency: int) -> tuple[list[int], int, list[int]]:
+    """Feed items of `sizes` bytes through a pool; (bytes queued after each send, the buffer's own maximum, the
+    items worked)."""
+    levels: list[int] = []
+    done: list[int] = []
+    sender: list[WorkSender[int]] = []
+
+    async def feed(work: WorkSender[int], results: ObjectSendStream[int]) -> None:
+        sender.append(work)
+        for i in range(len(sizes)):
+            await work.send(i)
+            levels.append(work.bytes)
+
+    async def work(item: int, _state: None) -> int:
+        await anyio.sleep(0.0005)
+        return item
+
+    async def write(batch: list[int]) -> None:
+        done.extend(batch)
+
+    async def close(_state: None) -> None:
+        return None
+
+    pool: Pool[int, int, None] = Pool(concurrency=concurrency, feed=feed, work=work, open_worker=lambda: None,
+                                      close_worker=close, write=write, linger=0.005,
+                                      item_size=sizes.__getitem__, max_buffer_bytes=max_bytes)
+    await pool.run()
+    return levels, sender[0].max_bytes_seen, done
+
+
+@pytest.mark.anyio
+async def test_the_work_buffer_holds_at_most_the_byte_budget() -> None:
+    # 64 workers would buffer 128 items; at 10 KB each that is 1.3 MB, over a 100 KB budget.
+    sizes = [10_000] * 600
+    levels, most, done = await _buffer_levels(sizes, 100_000, 64)
+    assert sorted(done) == list(range(600))
+    assert most <= 100_000 and max(levels) <= 100_000
+    assert most >= 50_000  # and it is used: refilled from half empty
+
+
+@pytest.mark.anyio
+async def test_an_item_over_the_buffer_budget_waits_for_an_empty_buffer() -> None:
+    sizes = [10_000] * 50 + [500_000] + [10_000] * 50
+    _levels, most, done = await _buffer_levels(sizes, 100_000, 8)
+    assert sorted(done) == list(range(101))
+    assert most == 500_000  # alone: nothing was queued beside it
+
+
+@pytest.mark.anyio
+async def test_without_a_byte_budget_the_buffer_is_bounded_by_items_only() -> None:
+    levels: list[int] = []
+
+    async def feed(work: WorkSender[int], results: ObjectSendStream[int]) -> None:
+        for i in range(300):
+            await work.send(i)
+            levels.append(work._stream.statistics().current_buffer_used)
+
+    async def work(item: int, _state: None) -> int:
+        await anyio.lowlevel.checkpoint()
+        return item
+
+    async def nothing(_: Any) -> None:
+        return None
+
+    pool: Pool[int, int, None] = Pool(concurrency=4, feed=feed, work=work, open_worker=lambda: None,
+                                      close_worker=nothing, write=nothing)
+    await pool.run()
+    assert max(levels) <= 8 and pool.sender is not None and pool.sender.bytes == 0
+
+
+def test_a_dotted_column_name_still_sizes_the_reads(tmp_path: Path) -> None:
+    # Parquet names the leaf "my.text" too, and it is not matched by its top-level name: the row group's whole
+    # size is the estimate, so reads stay small rather than falling back to batch_size rows.
+    table = pa.table({"my.text": [_text(i, 20_000) for i in range(60)]})
+    pq.write_table(table, tmp_path / "dotted.parquet", row_group_size=60)
+    source, batches = _batches(InputSpec(path=tmp_path / "dotted.parquet", prompt_column="my.text",
+                                         batch_bytes=BUDGET))
+    assert sum(len(b) for b in batches) == 60
+    assert source.stats.max_read_bytes <= BUDGET and source.stats.max_batch_bytes <= BUDGET
+
+
+def test_csv_batches_respect_the_byte_budget(tmp_path: Path) -> None:
+    path = tmp_path / "docs.csv"
+    path.write_text("id,text\n" + "".join(f"{i},{_text(i, 9_000)}\n" for i in range(60)))
+    source, batches = _batches(InputSpec(path=path, id_column="id", prompt="Summarise: {{text}}",
+                                         batch_bytes=BUDGET))
+    assert source.stats.max_batch_bytes <= BUDGET
+    assert [str(r.id) for b in batches for r in b] == [str(i) for i in range(60)]
+    assert all(_within_budget(b, BUDGET) for b in batches) and len(batches) >= 60 * 18_000 // BUDGET

@@ -187,7 +187,8 @@ class WorkerClient:
 
     async def complete(self, body: dict[str, Any], *, stream: bool, deadline_s: float) -> Answer:
         """One attempt. Raises AttemptFailed with a redacted message on any failure."""
-        content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        # allow_nan=False: a body must be strict JSON (RFC 8259); sources map NaN and ±Infinity to null first
+        content = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
         session = self._session or self._open()
         try:
             with anyio.fail_after(deadline_s):

@@ -753,6 +753,10 @@ def _reply(
     return _Reply([_response(status, body, content_type, headers)], delay)
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _json_reply(data: Any, status: int = 200) -> _Reply:
     return _reply(status, _dumps(data).encode())
 
@@ -867,7 +871,9 @@ class Gateway:
         stats = self._stats
         body: Any
         try:
-            body = json.loads(request.body)
+            # Strict JSON (RFC 8259), as a real server parses it: NaN and Infinity are not JSON, so a body that
+            # spells them is not a JSON body at all (a 400 below), and a client that sends them is caught here.
+            body = json.loads(request.body, parse_constant=_no_constant)
         except ValueError:
             body = request.body.decode("utf-8", "replace")
         stats._arrive(request.path, request.headers, body)

@@ -47,7 +47,7 @@ from .prices import Price, PriceTable
 from .routing import plan_for
 from .runner import run_fingerprint
 from .shapes import shape_of_job
-from .sinks import RunState, read_journal, state_dir_for
+from .sinks import RunState, input_identity, read_journal, state_dir_for
 from .sources import Source
 from .spec import JobSpec, load_spec
 
@@ -151,7 +151,13 @@ def _done_ids(spec: JobSpec, output: Path, rows: int, limit: int | None, fresh: 
         notes.append(f"{state_dir} holds {kind} run of a different spec: the run would stop (exit 5) "
                      "unless given --fresh; counted as nothing done")
         return [], False
-    if state.status == "finished" and state.rows == rows and output.exists() and limit is None:
+    # An edited input (with ids: rows replaced, same count) is not finished whatever run.json says.
+    same_input = state.input == input_identity(spec.input.path)
+    if not same_input and spec.input.id_column is None and spec.input.resolved_format != "openai_batch":
+        notes.append(f"the input changed since the run in {state_dir} and its rows are known by position: the run "
+                     "would stop (exit 5) unless given --fresh; counted as nothing done")
+        return [], False
+    if state.status == "finished" and state.rows == rows and output.exists() and limit is None and same_input:
         return [], True
     seen: set[Any] = set()
     ids: list[Any] = []
@@ -247,13 +253,15 @@ def make_plan(
         notes.append(f"{out} is complete: the run would have nothing to do (--fresh starts over)")
         done = considered
     else:
-        done = len(ids)
+        seen = 0  # rows the run would consider and not skip; the rest were answered (ids no longer in an
+        # edited input do not count)
         done_ids = pa.array(ids, type=info.id_type) if ids else None
         for batch in source.batches(done_ids):
             # The same cut as the run's feeder: rows before `limit`, by position in the file.
             rows = batch if limit is None else [r for r in batch if r.index < limit]
             if not rows:
                 break
+            seen += len(rows)
             for row in rows:
                 if row.error is not None or row.prompt is None:
                     input_errors += 1
@@ -273,6 +281,8 @@ def make_plan(
                     body.get("n") or 1) + _reasoning_budget(body)
                 # What runner._Job.prepare charges the tokens_per_minute limiter for this call.
                 t.limiter += _limiter_tokens(text, body)
+
+        done = considered - seen
 
     models: list[ModelEstimate] = []
     unpriced: set[str] = set()

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import importlib.util
+import json
 import os
 import random
 import signal
@@ -41,6 +42,7 @@ from .progress import Progress
 from .routing import Backoff, RoutePlan, plan_for
 from .shapes import Shape, shape_of_job
 from .sinks import (
+    DROPPED,
     InputColumns,
     JobLock,
     Journal,
@@ -51,6 +53,7 @@ from .sinks import (
     fingerprint,
     input_identity,
     output_schema,
+    remap_journal,
     state_dir_for,
     written_by_batcher,
 )
@@ -88,6 +91,7 @@ class RunResult:
     errors: int = 0
     cached: int = 0
     skipped: int = 0  # already done by an earlier run
+    dropped: int = 0  # answers of earlier runs for ids no longer in the (edited) input
     attempts: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -132,7 +136,9 @@ class RunResult:
             cost += f" + ≤ ${self.unconfirmed_usd:.4f} unconfirmed (calls cut off or dropped after sending: may have been billed)"
         if self.unpriced:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
-        return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {self.output}"
+        dropped = f"; {self.dropped} answers for ids no longer in the input were dropped" if self.dropped else ""
+        return (f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> "
+                f"{self.output}{dropped}")
 
 
 # A run that finished with more error rows than --max-errors / limits.max_errors allow (default: none): a
@@ -640,8 +646,10 @@ class _Job:
                 f"restore the old spec {'to keep it' if done else 'to finish it'}"
             )
         positional = spec.input.id_column is None and self.source.format != "openai_batch"
-        identity = input_identity(spec.input.path) if positional else None
-        if state is not None and state.input != identity:
+        # Recorded for every job: with ids, a changed input has its answers renumbered to the rows' new places.
+        identity = input_identity(spec.input.path)
+        changed = state is not None and state.input != identity
+        if changed and positional:
             raise ResumeError(
                 f"the input {spec.input.path} changed since the run in {state_dir} (size, modification time or "
                 "content), and its rows are known by position (no input.id_column): resuming would put answers "
@@ -649,7 +657,8 @@ class _Job:
                 "rows may be edited or appended between runs)"
             )
         if state is not None:
-            if state.status == "finished" and state.rows == info.rows and self.output.exists() and opts.limit is None:
+            if (state.status == "finished" and state.rows == info.rows and self.output.exists()
+                    and opts.limit is None and not changed):
                 self.result.status = "nothing_to_do"
                 self.result.skipped = info.rows
                 raise _NothingToDo()
@@ -658,7 +667,17 @@ class _Job:
             if self.budget.enforced or (state_dir / SpendLog.NAME).exists():  # else: no need to read the journal
                 prior = fold_spend(state_dir)
             ids = compact_journal(state_dir)
-            self.result.skipped = len(ids)
+            if changed and ids:
+                # Rows moved, came or went since the journal was written: its positions follow the ids to the
+                # rows' current places (rows are in input order), and answers for ids now gone are dropped.
+                self.result.dropped = remap_journal(state_dir, self.source.ids(info.id_type),
+                                                    on_dropped=lambda cost: _carry_spend(state_dir, cost))
+            if changed:
+                # Not "finished" any more: a crash before this run's end must not make the rerun a no-op on an
+                # input whose new rows were never asked.
+                state.input, state.status = identity, "partial"
+                state.save()
+            self.result.skipped = len(ids) - self.result.dropped
             if ids:
                 self.done_ids = pa.array(ids, type=info.id_type)
             self._budget_so_far(state_dir, prior)
@@ -733,9 +752,25 @@ class _BudgetReached(Exception):
     pass
 
 
+def _carry_spend(state_dir: Path, cost: float) -> None:
+    """What answers dropped from the journal cost (ids no longer in the input): carried in `spend.log`, as
+    `fold_spend` carries error rows, so the job's budget keeps counting it. Written before the journal loses
+    them: a crash in between counts them twice (too much, never too little)."""
+    if cost <= 0:
+        return
+    path = state_dir / SpendLog.NAME
+    try:
+        with open(path, "ab") as f:
+            f.write(json.dumps({"carried": cost}).encode() + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 def _remove_state(directory: Path) -> None:
-    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", BudgetStop.NAME, SpendLog.NAME,
-                 SpendLog.NAME + ".tmp"):
+    for name in ("journal.jsonl", "run.json", "journal.compact.tmp", "journal.remap.tmp", DROPPED, BudgetStop.NAME,
+                 SpendLog.NAME, SpendLog.NAME + ".tmp"):
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
 

@@ -27,7 +27,7 @@ import os
 import socket
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from .errors import JobLockedError, OutputError
 from .spec import kept_column_name
 
 __all__ = [
+    "DROPPED",
     "OUTPUT_MARKER",
     "RESULT_COLUMNS",
     "InputColumns",
@@ -53,6 +54,7 @@ __all__ = [
     "input_identity",
     "json_values",
     "output_schema",
+    "remap_journal",
     "state_dir_for",
     "written_by_batcher",
 ]
@@ -149,7 +151,7 @@ class RunState:
     fingerprint: str
     status: str = "running"
     rows: int = 0
-    input: dict[str, Any] | None = None  # `input_identity` of the input, for jobs whose rows are positions
+    input: dict[str, Any] | None = None  # `input_identity` of the input when the journal was last in step with it
 
     @property
     def file(self) -> Path:
@@ -179,8 +181,9 @@ _ENDS = 1 << 20
 
 def input_identity(path: Path) -> dict[str, Any]:
     """What names an input file's content, cheaply: its size, modification time and a hash of its first and
-    last MiB. Used only when rows are identified by position (no `id_column`): there an edited input would
-    shift answers onto the wrong rows. With ids, the ids name the rows and the file may change freely."""
+    last MiB. Without `id_column` rows are positions, so a rerun on a changed input is refused (answers would
+    land on the wrong rows); with ids the file may change freely, and a change makes the rerun renumber the
+    journal by id (`remap_journal`) so the output follows the input's current order."""
     st = path.stat()
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -446,6 +449,82 @@ def compact_journal(directory: Path) -> list[Any]:
         raise
     _fsync_dir(directory)
     return ids
+
+
+DROPPED = "dropped.jsonl"
+
+
+def remap_journal(directory: Path, ids: pa.Array, on_dropped: Callable[[float], None] | None = None) -> int:
+    """Renumber a compacted journal's positions (`_i`) to the rows' current places in an edited input, found by
+    id (`ids`: the input's ids in file order), so the output follows the input's order as it is now. Answers
+    whose id is no longer in the input are moved to `dropped.jsonl` beside it and not written to the output;
+    returns how many. `on_dropped(cost)` is told what they cost (`cost_usd` + `unconfirmed_usd`) before the
+    journal is replaced, so the job's budget can keep counting it. Done on resume, only when the input
+    changed since the journal was written (`input_identity`), a chunk at a time."""
+    path = directory / "journal.jsonl"
+    if not path.exists():
+        return 0
+    tmp = path.with_name("journal.remap.tmp")
+    dropped = 0
+    cost = [0.0]
+    try:
+        with open(tmp, "wb") as out, open(directory / DROPPED, "ab") as gone:
+            chunk: list[dict[str, Any]] = []
+
+            def flush() -> int:
+                if not chunk:
+                    return 0
+                places = _places([r.get("id") for r in chunk], ids)
+                kept, lost = [], []
+                for rec, place in zip(chunk, places, strict=True):
+                    if place is None:
+                        lost.append(_dumps(rec))
+                        cost[0] += sum(v for v in (rec.get("cost_usd"), rec.get("unconfirmed_usd"))
+                                       if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                                       and v > 0)
+                    else:
+                        rec.pop("_i", None)
+                        kept.append(_dumps({"_i": place, **rec}))  # `_i` first: `ordered_lines` reads it there
+                out.write(b"".join(kept))
+                gone.write(b"".join(lost))
+                chunk.clear()
+                return len(lost)
+
+            for rec in read_journal(path):
+                chunk.append(rec)
+                if len(chunk) >= 10_000:
+                    dropped += flush()
+            dropped += flush()
+            for f in (out, gone):
+                f.flush()
+                os.fsync(f.fileno())
+        if on_dropped is not None and dropped:
+            on_dropped(cost[0])
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot renumber the journal {path}: {exc.strerror or exc}") from None
+        raise
+    _fsync_dir(directory)
+    return dropped
+
+
+def _places(journal_ids: list[Any], ids: pa.Array) -> list[int | None]:
+    """Where each journaled id is in `ids` now (None: gone). An id of another type than the input's now (its ids
+    went from strings to integers, say) is in it nowhere."""
+    try:
+        return pc.index_in(pa.array(journal_ids, type=ids.type), value_set=ids).to_pylist()  # type: ignore[no-any-return]
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return [p for v in journal_ids for p in _places_one(v, ids)]
+
+
+def _places_one(value: Any, ids: pa.Array) -> list[int | None]:
+    try:
+        return pc.index_in(pa.array([value], type=ids.type), value_set=ids).to_pylist()  # type: ignore[no-any-return]
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return [None]
 
 
 def _compact(path: Path, tmp: Path, done: set[Any], ids: list[Any]) -> None:

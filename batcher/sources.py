@@ -3,8 +3,10 @@
 `Source.check()` is the pre-flight pass: it reads only what it must (the id column, or each JSONL line once) to
 count rows, refuse duplicate or null ids, and name missing or mistyped columns before any request is made.
 `Source.batches()` then yields lists of `SourceRow`; a row that cannot become a request (a malformed JSONL line,
-a template variable missing in that row, an empty or oversized prompt) carries an `error` instead of a prompt,
-so it becomes an error row and the run goes on.
+a template variable missing, null or NaN in that row, an empty or oversized prompt, a value that cannot be read)
+carries an `error` instead of a prompt, starting with `line N:` (JSONL) or `row N:` (Parquet, 0-based), so it
+becomes an error row and the run goes on. Values reach templates and `orq.inputs` by the JSONL output's mapping
+(`_column_values`, `templating.json_safe`), so a request body is always strict JSON.
 
 Memory is bounded in bytes as well as rows: a batch holds at most `batch_size` rows and at most `batch_bytes` of
 input (each row counts the bytes of the values read for it, plus its rendered prompt when a template made one),
@@ -27,12 +29,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from .csv_input import CsvError, CsvFile, delimiter_for
 from .errors import InputError
 from .shapes.chat import MessagesTemplate, messages_from_value
-from .spec import InputSpec
-from .templating import MissingVariable, Template, TemplateError
+from .shapes.chat_spec import ChatRequestSpec
+from .sinks import json_values
+from .spec import InputSpec, RequestSpec
+from .templating import MissingVariable, Template, TemplateError, json_safe
 
 __all__ = ["ReadStats", "Source", "SourceInfo", "SourceRow"]
 
@@ -104,6 +109,39 @@ def _is_id_type(t: pa.DataType) -> bool:
 
 def _plain(arr: pa.Array) -> pa.Array:
     return arr.dictionary_decode() if isinstance(arr, pa.DictionaryArray) else arr
+
+
+def _plain_python(t: pa.DataType) -> bool:
+    """Types whose Python values (`to_pylist`) are what a template and `orq.inputs` take as they are."""
+    return bool(pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
+                or pa.types.is_boolean(t) or pa.types.is_floating(t) or pa.types.is_null(t)
+                or pa.types.is_string_view(t))
+
+
+def _column_values(arr: pa.Array | pa.ChunkedArray) -> tuple[list[Any], dict[int, str]]:
+    """A Parquet column as the values templates and `orq.inputs` get, and the rows whose value cannot be read.
+
+    Strings, integers, booleans and floats as Python values (a float's NaN stays NaN: `to_text` refuses it by
+    name). Anything else by the JSONL output's mapping (`sinks.json_values`): timestamps, times and durations
+    in ISO 8601 with the column's digits (Python's datetime would refuse nanoseconds), dates, decimals as exact
+    digits, bytes as base64, maps as pairs. A value that still cannot be read makes its row an error row (the
+    dict: position -> why), never a crashed run."""
+    arr = _plain(arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr)
+    if pa.types.is_float16(arr.type):
+        arr = arr.cast(pa.float64())  # exact; its Python values would be NumPy's, not floats
+    convert = (lambda a: a.to_pylist()) if _plain_python(arr.type) else json_values
+    try:
+        return convert(arr), {}
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):
+        values: list[Any] = []
+        bad: dict[int, str] = {}
+        for i in range(len(arr)):
+            try:
+                values.extend(convert(arr.slice(i, 1)))
+            except (pa.ArrowException, ValueError, TypeError, OverflowError) as exc:
+                values.append(None)
+                bad[i] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        return values, bad
 
 
 # A Parquet read is sized to this share of the byte budget from the row group's average row, so that a read whose
@@ -260,6 +298,11 @@ class Source:
         if ids.null_count:
             raise InputError(f"{self.path}: id column {self.id_name!r} has {ids.null_count} null value(s)")
         if len(ids) > 1 and _has_duplicates(ids):
+            if self.format == "openai_batch":
+                raise InputError(
+                    f"{self.path}: duplicate custom_id values, e.g. {_dup_examples(ids)}; an OpenAI batch file "
+                    "needs a unique custom_id on every line (its results are matched to requests by it)"
+                )
             raise InputError(
                 f"{self.path}: id column {self.id_name!r} has duplicate ids, e.g. {_dup_examples(ids)}; "
                 "ids must be unique (or drop id_column to use row positions)"
@@ -268,6 +311,7 @@ class Source:
     def _check_jsonl(self) -> SourceInfo:
         rows = 0
         ids: list[Any] = []
+        no_id: list[int] = []  # line numbers of object lines without an id
         seen_keys: set[str] = set()
         keep_types: dict[str, set[str]] = {c: set() for c in self.keep_columns}
         id_col = self.id_name if (self.spec.id_column or self.format == "openai_batch") else None
@@ -293,6 +337,8 @@ class Source:
                         f"{self.path}: line {_lineno}: id {id_col!r} holds a lone UTF-16 surrogate escape "
                         "(like \\ud83d), which is not valid Unicode text"
                     )
+                if v is None:
+                    no_id.append(_lineno)
                 ids.append(v)
             for c in self.keep_columns:
                 v = obj.get(c)
@@ -307,8 +353,14 @@ class Source:
         id_type: pa.DataType = pa.int64()
         if id_col is not None:
             present = [v for v in ids if v is not None]
-            if self.spec.id_column and len(present) < len(ids) and self.format != "openai_batch":
-                raise InputError(f"{self.path}: {len(ids) - len(present)} row(s) have no id {id_col!r}")
+            if no_id:
+                lines = ", ".join(str(n) for n in no_id[:5]) + (", ..." if len(no_id) > 5 else "")
+                if self.format == "openai_batch":
+                    raise InputError(
+                        f"{self.path}: {len(no_id)} line(s) have no custom_id (line {lines}); an OpenAI batch "
+                        "file needs a unique custom_id on every line (its results are matched to requests by it)"
+                    )
+                raise InputError(f"{self.path}: {len(no_id)} row(s) have no id {id_col!r} (line {lines})")
             kinds = {type(v) for v in present}
             if len(kinds) > 1:
                 raise InputError(f"{self.path}: ids in {id_col!r} mix strings and integers")
@@ -392,7 +444,9 @@ class Source:
             del part, id_arr
             for i in range(n):
                 if keep_mask is None or keep_mask[i]:
-                    row = self._row(index + i, ids[i], {c: cols[c][i] for c in columns})
+                    # `row N` as for Parquet: a record's line is not known without a second pass (quoted
+                    # values may hold newlines), which only malformed records get
+                    row = self._row(index + i, ids[i], {c: cols[c][i] for c in columns}, f"row {index + i}")
                     row.nbytes = self._held(row, sizes[i])
                     if (full := out.add(row)) is not None:
                         yield full
@@ -413,6 +467,25 @@ class Source:
                     yield lineno, json.loads(raw), search(raw) is not None, len(raw)
                 except (ValueError, UnicodeDecodeError) as exc:
                     yield lineno, _BadLine(f"line {lineno}: not valid JSON ({str(exc)[:80]})"), False, len(raw)
+
+    def ids(self, id_type: pa.DataType) -> pa.Array:
+        """Every row's id in file order (null for a JSONL line that is not an object): where each id is now,
+        for a resumed run whose input was edited (`sinks.remap_journal`)."""
+        if self.format == "parquet":
+            assert self.spec.id_column is not None
+            pf = pq.ParquetFile(self.path, pre_buffer=False)
+            chunks = [_plain(b.column(0)) for b in pf.iter_batches(batch_size=65_536, columns=[self.spec.id_column])]
+            return pa.chunked_array(chunks, type=id_type).combine_chunks()
+        if self.format in ("csv", "tsv"):
+            assert self.spec.id_column is not None
+            parts: list[pa.Array] = []
+            for _index, part in self._csv().segments([self.spec.id_column]):
+                # a malformed record has no id: null at its position
+                parts.append(pa.nulls(1, id_type) if isinstance(part, str)
+                             else part.column(self.spec.id_column).cast(id_type))
+            return pa.chunked_array(parts, type=id_type).combine_chunks()
+        values = [obj.get(self.id_name) if isinstance(obj, dict) else None for _, obj, _, _ in self._lines()]
+        return pa.array(values, type=id_type)
 
     # -- rows ---------------------------------------------------------------------------------------------
 
@@ -462,14 +535,22 @@ class Source:
                 keep_mask: list[bool] | None = None
                 if done_ids is not None and len(done_ids):
                     keep_mask = pc.invert(pc.is_in(id_arr, value_set=done_ids)).to_pylist()
-                cols = {c: batch.column(c).to_pylist() for c in columns}
+                cols: dict[str, list[Any]] = {}
+                unreadable: dict[int, str] = {}
+                for c in columns:
+                    cols[c], bad = _column_values(batch.column(c))
+                    for i, why in bad.items():
+                        unreadable.setdefault(i, f"column {c!r} cannot be read in this row ({why})")
                 ids = id_arr.to_pylist()
                 del batch, id_arr  # the Python values are all that is needed from here: not held twice
                 for i in range(n):
                     if keep_mask is not None and not keep_mask[i]:
                         continue
-                    record = {c: cols[c][i] for c in columns}
-                    row = self._row(index + i, ids[i], record)
+                    where = f"row {index + i}"
+                    if i in unreadable:
+                        row = SourceRow(index + i, ids[i], None, error=f"{where}: {unreadable[i]}")
+                    else:
+                        row = self._row(index + i, ids[i], {c: cols[c][i] for c in columns}, where)
                     row.nbytes = self._held(row, sizes[i])
                     if (full := out.add(row)) is not None:
                         yield full
@@ -502,44 +583,52 @@ class Source:
         return read
 
     def _json_row(self, index: int, lineno: int, obj: Any) -> SourceRow:
+        # A line that is not an object has no id: with ids (id_column, an OpenAI batch's custom_id) its row's
+        # id is null, never a position that could pass for an id; without, its position is its id as usual.
+        positional = not self.spec.id_column and self.format != "openai_batch"
         if isinstance(obj, _BadLine):
-            return SourceRow(index, index if not self.spec.id_column else None, None, error=obj.message)
+            return SourceRow(index, index if positional else None, None, error=obj.message)
         if not isinstance(obj, dict):
-            return SourceRow(index, None if self.spec.id_column else index, None,
+            return SourceRow(index, index if positional else None, None,
                              error=f"line {lineno}: a JSONL line must be an object, got {type(obj).__name__}")
         if self.format == "openai_batch":
-            return self._batch_row(index, obj)
+            return self._batch_row(index, lineno, obj)
         row_id = obj.get(self.spec.id_column) if self.spec.id_column else index
-        return self._row(index, row_id, obj)
+        return self._row(index, row_id, obj, f"line {lineno}")
 
-    def _batch_row(self, index: int, obj: dict[str, Any]) -> SourceRow:
+    def _batch_row(self, index: int, lineno: int, obj: dict[str, Any]) -> SourceRow:
         row_id = obj.get("custom_id")
+        where = f"line {lineno}"
         body = obj.get("body")
         if not isinstance(body, dict):
-            return SourceRow(index, row_id, None, error="OpenAI batch line has no body object")
+            return SourceRow(index, row_id, None, error=f"{where}: OpenAI batch line has no body object")
         url = obj.get("url")
         # One file, one endpoint: its first line's (spec.batch_file_is_chat). A line for the other endpoint is
         # an error row, as is a line for neither.
         want = "/v1/chat/completions" if self.chat else "/v1/completions"
         if url is not None and (not str(url).rstrip("/").endswith("/completions")
                                 or ("/chat/" in str(url)) != self.chat):
-            return SourceRow(index, row_id, None, error=f"OpenAI batch line url {url!r} is not {want}, the "
-                                                        "endpoint of this file's first line")
+            return SourceRow(index, row_id, None, error=f"{where}: OpenAI batch line url {url!r} is not "
+                                                        f"{want}, the endpoint of this file's first line")
         prompt: str | list[dict[str, Any]]
         if self.chat:
             try:
                 prompt = messages_from_value(body.get("messages"))
             except ValueError as exc:
-                return SourceRow(index, row_id, None, error=f"OpenAI batch body: {exc}".replace(
+                return SourceRow(index, row_id, None, error=f"{where}: OpenAI batch body: {exc}".replace(
                     "messages column", "messages"), body=body)
             size = _text_size(prompt)
         else:
             raw = body.get("prompt")
             if not isinstance(raw, str) or not raw:
-                return SourceRow(index, row_id, None, error="OpenAI batch body has no prompt string", body=body)
+                return SourceRow(index, row_id, None, error=f"{where}: OpenAI batch body has no prompt string",
+                                 body=body)
             prompt, size = raw, len(raw)
         if size > self.spec.max_prompt_chars:
-            return SourceRow(index, row_id, None, error=self._too_long(size))
+            return SourceRow(index, row_id, None, error=f"{where}: {self._too_long(size)}")
+        invalid = _invalid_body(body, self.chat)
+        if invalid:
+            return SourceRow(index, row_id, None, error=f"{where}: {invalid}", body=body)
         keep = {c: obj.get(c) for c in self.keep_columns}
         model = body.get("model") if isinstance(body.get("model"), str) else None
         return SourceRow(index, row_id, prompt, keep=keep, body=body, model=model)
@@ -560,7 +649,14 @@ class Source:
     def _too_long(self, n: int) -> str:
         return f"prompt is {n} characters, over input.max_prompt_chars ({self.spec.max_prompt_chars})"
 
-    def _row(self, index: int, row_id: Any, record: dict[str, Any]) -> SourceRow:
+    def _row(self, index: int, row_id: Any, record: dict[str, Any], where: str) -> SourceRow:
+        """`where`: `line N` (JSONL, 1-based) or `row N` (Parquet, 0-based position), first in every error."""
+        row = self._rendered(index, row_id, record)
+        if row.error is not None:
+            row.error = f"{where}: {row.error}"
+        return row
+
+    def _rendered(self, index: int, row_id: Any, record: dict[str, Any]) -> SourceRow:
         if self.chat:
             return self._chat_row(index, row_id, record)
         keep = {c: record.get(c) for c in self._row_keep}
@@ -584,7 +680,8 @@ class Source:
             return SourceRow(index, row_id, None, keep=keep, error="prompt is empty")
         if len(prompt) > self.spec.max_prompt_chars:
             return SourceRow(index, row_id, None, keep=keep, error=self._too_long(len(prompt)))
-        inputs = {c: record.get(c) for c in self.spec.inputs_columns} if self.spec.inputs_columns else None
+        # JSON-safe by the JSONL output's mapping (NaN -> null...): the body must be strict JSON.
+        inputs = {c: json_safe(record.get(c)) for c in self.spec.inputs_columns} if self.spec.inputs_columns else None
         return SourceRow(index, row_id, prompt, inputs=inputs, keep=keep)
 
 
@@ -612,7 +709,7 @@ class Source:
             return SourceRow(index, row_id, None, keep=keep, error="the messages have no text")
         if size > self.spec.max_prompt_chars:
             return SourceRow(index, row_id, None, keep=keep, error=self._too_long(size))
-        inputs = {c: record.get(c) for c in self.spec.inputs_columns} if self.spec.inputs_columns else None
+        inputs = {c: json_safe(record.get(c)) for c in self.spec.inputs_columns} if self.spec.inputs_columns else None
         return SourceRow(index, row_id, messages, inputs=inputs, keep=keep)
 
 
@@ -634,6 +731,29 @@ def _text_size(messages: list[dict[str, Any]]) -> int:
 def _has_media(messages: list[dict[str, Any]]) -> bool:
     return any(isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") != "text"
                                                           for p in m["content"]) for m in messages)
+
+
+def _invalid_body(body: dict[str, Any], chat: bool) -> str | None:
+    """Why an OpenAI batch line's body cannot be sent (an unknown key, a value out of range, NaN), or None."""
+    try:
+        json.dumps(body, allow_nan=False)
+    except ValueError:
+        return "OpenAI batch body holds NaN or Infinity, which JSON cannot spell"
+    except TypeError:
+        pass
+    try:
+        # The prompt (the messages) and the request fields of the spec, checked the same way.
+        fields = {k: v for k, v in body.items() if k != ("messages" if chat else "prompt")}
+        (ChatRequestSpec if chat else RequestSpec).model_validate(fields)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            field = ".".join(str(p) for p in err["loc"]) or "(body)"
+            msg = ("unknown key (OpenAI batch bodies take the request fields of the spec)"
+                   if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, "))
+            problems.append(f"body.{field}: {msg}")
+        return "; ".join(problems[:3])
+    return None
 
 
 @dataclass(frozen=True, slots=True)

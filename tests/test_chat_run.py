@@ -393,8 +393,11 @@ def test_a_body_the_gateway_refuses_is_an_error_row_with_its_message(make_spec, 
     rows = {r["custom_id"]: r for r in map(json.loads, (tmp_path / "o.jsonl").read_text().splitlines())}
     assert rows["good"]["status"] == "ok"
     bad = rows["bad"]
-    assert bad["status"] == "error" and bad["http_status"] == 400 and bad["attempts"] == 1
-    assert "temperature" in bad["error"]
+    # A batch line's body is checked like the spec's request fields (fix3): the out-of-range value is an input
+    # error row naming its line and field, and no call is made for it.
+    assert bad["status"] == "error" and bad["error_kind"] == "input" and bad["attempts"] == 0
+    assert bad["error"].startswith("line 2: body.temperature:")
+    assert gateway.stats.total == 1
 
 
 def test_fallbacks_and_the_load_balancer_route_chat_rows(make_spec, gateway: Gateway, tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ from batcher.shapes.chat import ChatShape, MessagesTemplate
 from batcher.shapes.chat_sim import request_validator
 from batcher.shapes.chat_spec import OPENAI_CHAT_FIELDS, ChatInput, ChatRequestSpec, check_api
 
-text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+# No "{" or "}": "{%" or "{{" in generated text is Jinja syntax (a compile error), not text to send.
+text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="{}"), max_size=12)
 ident = st.from_regex(r"[A-Za-z0-9_-]{1,20}", fullmatch=True)
 unit = st.floats(0, 1, allow_nan=False)
 

@@ -77,7 +77,8 @@ def test_dates_render_in_iso_8601_as_template_py_does(suffix: str) -> None:
     row = {"d": dt.date(2026, 11, 23), "t": dt.datetime(2026, 11, 23, 9, 55, tzinfo=dt.UTC),
            "many": [dt.date(2026, 1, 2)], "price": Decimal("1.50")}
     out = Template("{{d}} {{t}} {{many}} {{price}}" + suffix).render(row)
-    assert out == '2026-11-23 2026-11-23T09:55:00+00:00 ["2026-01-02"] "1.50"'
+    # UTC as Z and a decimal's exact digits unquoted, as JSONL output writes them (to_text's one mapping)
+    assert out == '2026-11-23 2026-11-23T09:55:00Z ["2026-01-02"] 1.50'
 
 
 def test_few_shot_loop_and_branches() -> None:

@@ -12,7 +12,7 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import yaml
 from pydantic import (
@@ -271,7 +271,23 @@ class PiiRedactionPlugin(_Model):
         return self
 
 
-class RequestSpec(_Model):
+class _HasOrq(Protocol):
+    @property
+    def orq(self) -> Orq | None: ...
+
+
+class Routed:
+    """`routing()` for a request spec with the older `orq` block: RequestSpec and chat's ChatRequestSpec."""
+
+    def routing(self: _HasOrq, field: str) -> Any:
+        """A routing setting wherever the user wrote it: top level, else the older `orq` form."""
+        value = getattr(self, field)
+        if value is None and self.orq is not None:
+            value = getattr(self.orq, field)
+        return value
+
+
+class RequestSpec(Routed, _Model):
     """The completion request body minus `prompt`: every field of the orq contract."""
 
     model: str | None = Field(None, min_length=1)
@@ -331,13 +347,6 @@ class RequestSpec(_Model):
                 f"({self.effective_max_tokens})"
             )
         return self
-
-    def routing(self, field: str) -> Any:
-        """A routing setting wherever the user wrote it: top level, else the older `orq` form."""
-        value = getattr(self, field)
-        if value is None and self.orq is not None:
-            value = getattr(self.orq, field)
-        return value
 
     @property
     def effective_max_tokens(self) -> int:

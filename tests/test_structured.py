@@ -11,20 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
+from batcher._demo import DEMO_SCHEMA as DEMO
 from batcher._fastcheck import compile_check
 from batcher.shapes.base import ContractError
 from batcher.structured import SchemaViolation, StructuredOutput, load_schema
-
-DEMO = {
-    "type": "object",
-    "properties": {
-        "sentiment": {"type": "string", "enum": ["positive", "negative", "neutral"]},
-        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        "topics": {"type": "array", "items": {"type": "string"}},
-    },
-    "required": ["sentiment", "confidence", "topics"],
-    "additionalProperties": False,
-}
 
 
 def test_columns_are_typed_from_the_schema() -> None:

@@ -33,6 +33,7 @@ from ..spec import (
     Orq,
     PiiRedactionPlugin,
     Retry,
+    Routed,
     Thinking,
     ThinkingEnabled,
     Timeout,
@@ -332,7 +333,7 @@ _NOT_NULLABLE = (
 )
 
 
-class ChatRequestSpec(_Model):
+class ChatRequestSpec(Routed, _Model):
     """The chat completion request body minus `messages`: every field of the orq chat contract."""
 
     model: str | None = Field(None, min_length=1)
@@ -426,13 +427,6 @@ class ChatRequestSpec(_Model):
     def _choice_text(self) -> str:
         c = self.tool_choice
         return repr(c) if isinstance(c, str) else f"function {c.function.name!r}" if c is not None else ""
-
-    def routing(self, field: str) -> Any:
-        """A routing setting wherever the user wrote it: top level, else the older `orq` form."""
-        value = getattr(self, field)
-        if value is None and self.orq is not None:
-            value = getattr(self.orq, field)
-        return value
 
     @property
     def effective_max_tokens(self) -> int:

@@ -1127,9 +1127,11 @@ def _loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoo
         return None
     try:
         uvloop = importlib.import_module("uvloop")
-    except ImportError:
+    except Exception as exc:  # found but broken (built for another Python...): not usable either
         if choice == "uvloop":
-            raise ValueError("--loop uvloop: uvloop is not installed (pip install uvloop)") from None
+            why = "is not installed" if isinstance(exc, ModuleNotFoundError) else \
+                f"cannot be used ({type(exc).__name__}: {exc})"
+            raise ValueError(f"--loop uvloop: uvloop {why} (pip install uvloop)") from None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory

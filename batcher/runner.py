@@ -299,7 +299,7 @@ class _Job:
             self.max_errors = parse_max_errors(options.max_errors) if options.max_errors is not None \
                 else spec.limits.error_allowance
         except ValueError as exc:
-            raise SpecError(f"--max-errors {exc}") from None
+            raise SpecError(f"--max-errors {exc} (got {options.max_errors!r})") from None
         self.endpoint: Endpoint | None = None
         self.endpoint_id = ""
         self.progress: Progress | None = None
@@ -820,8 +820,19 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
 LOOP_ENV = "BATCHER_LOOP"
 
 
+def _uvloop_error() -> str | None:
+    """None when uvloop loads; else why not. Found is not enough: an install built for another Python, or a
+    stub, raises on import (ImportError or anything else), and anyio would raise it mid-start."""
+    try:
+        importlib.import_module("uvloop")
+    except Exception as exc:  # any failure to load an optional speed-up means: not usable
+        return f"{type(exc).__name__}: {exc}" if importlib.util.find_spec("uvloop") is not None else "not installed"
+    return None
+
+
 def uvloop_installed() -> bool:
-    return importlib.util.find_spec("uvloop") is not None
+    """True when uvloop is installed and loads."""
+    return _uvloop_error() is None
 
 
 def event_loop(choice: str = "auto") -> str:
@@ -833,7 +844,8 @@ def event_loop(choice: str = "auto") -> str:
     if choice not in ("auto", "uvloop", "asyncio"):
         raise SpecError(f"the event loop must be auto, uvloop or asyncio (--loop or ${LOOP_ENV}), got {choice!r}")
     if choice == "uvloop" and not uvloop_installed():
-        raise SpecError("the uvloop event loop was asked for but uvloop is not installed: "
+        why = _uvloop_error() or "not installed"
+        raise SpecError(f"the uvloop event loop was asked for but uvloop cannot be used ({why}): "
                         "pip install 'batcher[fast]'")
     if choice == "auto":
         return "uvloop" if uvloop_installed() else "asyncio"

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from .attachments import Attachments, attach
-from .csv_input import CsvFile, delimiter_for
+from .csv_input import CsvError, CsvFile, delimiter_for
 from .errors import InputError
 from .shapes.chat import MessagesTemplate, messages_from_value
 from .shapes.chat_spec import ChatRequestSpec, orq_only_fields
@@ -391,6 +391,10 @@ class Source:
 
     def _check_csv(self) -> SourceInfo:
         csv_file = self._csv()
+        try:
+            csv_file.check()
+        except CsvError as exc:
+            raise InputError(f"cannot read {self.path} as {self.format.upper()}: {exc}") from None
         names = csv_file.header()
         missing = [c for c in self._needed() if c not in names]
         if missing:

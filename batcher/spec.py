@@ -567,24 +567,21 @@ class MaxErrors:
         return f"{self.percent:g}%" if self.percent is not None else str(self.count)
 
 
+_MAX_ERRORS = re.compile(r"(?P<count>[0-9]+)|(?P<percent>[0-9]+(\.[0-9]*)?|\.[0-9]+)%")
+MAX_ERRORS_FORMS = 'a count of error rows >= 0 (like 10) or a percentage of the rows from 0% to 100% (like "2.5%")'
+
+
 def parse_max_errors(value: int | str) -> MaxErrors:
-    """`10` or `"10"`: at most 10 error rows; `"2.5%"`: at most 2.5% of the rows. ValueError otherwise."""
-    text = str(value).strip()
-    try:
-        if text.endswith("%"):
-            percent = float(text[:-1])
-            if not 0 <= percent <= 100:  # NaN fails both
-                raise ValueError
-            return MaxErrors(count=None, percent=percent)
-        if isinstance(value, bool):
-            raise ValueError
-        count = int(text)
-        if count < 0:
-            raise ValueError
-        return MaxErrors(count=count)
-    except ValueError:
-        raise ValueError(f"must be a count of error rows (10) or a percentage of the rows (2.5%), 0-100%; "
-                         f"got {value!r}") from None
+    """`10` or `"10"`: at most 10 error rows; `"2.5%"`: at most 2.5% of the rows. ValueError otherwise (a bool,
+    a float, a negative count, a percentage over 100%), saying what is allowed; the caller names the value."""
+    m = _MAX_ERRORS.fullmatch(value.strip()) if isinstance(value, str) else None
+    if type(value) is int and value >= 0:
+        return MaxErrors(count=value)
+    if m and m["count"] is not None:
+        return MaxErrors(count=int(m["count"]))
+    if m and float(m["percent"]) <= 100:
+        return MaxErrors(count=None, percent=float(m["percent"]))
+    raise ValueError(f"must be {MAX_ERRORS_FORMS}")
 
 
 class Limits(_Model):
@@ -598,9 +595,9 @@ class Limits(_Model):
     # error rows a finished run may have and still exit 0: a count (10) or a share of the rows ("2.5%")
     max_errors: int | str = 0
 
-    @field_validator("max_errors")
+    @field_validator("max_errors", mode="before")  # before: one message, not one per branch of `int | str`
     @classmethod
-    def _max_errors(cls, v: int | str) -> int | str:
+    def _max_errors(cls, v: Any) -> Any:
         parse_max_errors(v)
         return v
 

@@ -70,7 +70,7 @@ def _max_errors(value: str) -> str:
     try:
         parse_max_errors(value)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(f"{exc} (got {value!r})") from None
     return value
 
 

@@ -13,10 +13,17 @@ hands it over with its record number (the header is record 1; blank lines are no
 error row at its own position, naming its line. Lines and records differ when a quoted value holds newlines,
 so the line is found by a second pass with Python's csv module over the file, made only when a malformed row
 exists. Memory is bounded by the block size (a value longer than a block cannot be read: `BLOCK_SIZE`).
+
+What Arrow reads wrongly or not at all is found by `CsvFile.check()`, the pre-flight pass, before any request:
+bytes that are not UTF-8 (Arrow fails only when it converts them, mid-run, and only in the columns it reads)
+and a quote never closed (Arrow reads the rest of the file into that value, silently). Both raise `CsvError`
+naming the line. A UTF-8 byte order mark (Excel's "CSV UTF-8") is not part of the first column's name.
 """
 
 from __future__ import annotations
 
+import codecs
+import collections
 import csv
 import sys
 from collections.abc import Iterator
@@ -26,7 +33,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-__all__ = ["BLOCK_SIZE", "CsvFile", "delimiter_for"]
+__all__ = ["BLOCK_SIZE", "CsvError", "CsvFile", "delimiter_for"]
 
 # Bytes Arrow reads and parses at a time; also the longest row it can read. max_prompt_chars defaults to a
 # million characters (up to 4 MB of UTF-8), which must fit.
@@ -37,6 +44,20 @@ def delimiter_for(fmt: str) -> str:
     return "\t" if fmt == "tsv" else ","
 
 
+class CsvError(ValueError):
+    """A file that cannot be read as CSV at all: `line N: why`."""
+
+
+# After the file's lines, the quote check feeds the csv reader this one: outside a quoted value it is a record
+# of its own; inside one (a quote never closed) it ends that value.
+_EOF = "\x00batcher: end of file\x00"
+
+
+def _breaks(text: str) -> int:
+    """Line breaks in text: \\n, \\r\\n or a lone \\r (as Arrow and the csv module count them)."""
+    return text.count("\n") + text.count("\r") - text.count("\r\n")
+
+
 class CsvFile:
     def __init__(self, path: Path, delimiter: str) -> None:
         self.path = path
@@ -44,11 +65,61 @@ class CsvFile:
         self._lines: dict[int, int] | None = None  # record number -> first line, for malformed records
 
     def header(self) -> list[str]:
-        with open(self.path, encoding="utf-8", errors="replace", newline="") as f:
+        with open(self.path, encoding="utf-8-sig", errors="replace", newline="") as f:
             for fields in csv.reader(f, delimiter=self.delimiter):
                 if fields:
                     return fields
         return []
+
+    def check(self) -> None:
+        """Raises CsvError for a file Arrow would misread or fail on mid-run: bytes that are not UTF-8, or a
+        quote never closed (named by the line it opens on). Reads the file once more, with the csv module."""
+        breaks = 0  # line breaks read so far
+        limit = csv.field_size_limit()
+        csv.field_size_limit(sys.maxsize)  # a long value is Arrow's to refuse (BLOCK_SIZE), not this pass's
+        try:
+            with open(self.path, encoding="utf-8-sig", newline="") as f:
+
+                def lines() -> Iterator[str]:
+                    nonlocal breaks
+                    for line in f:
+                        yield line
+                        breaks += line.endswith(("\n", "\r"))
+                    yield _EOF
+
+                last = collections.deque(csv.reader(lines(), delimiter=self.delimiter), maxlen=1)[0]
+        except UnicodeDecodeError:
+            raise CsvError(self._not_utf8()) from None
+        finally:
+            csv.field_size_limit(limit)
+        if last != [_EOF]:  # the last value swallowed the end of the file: its quote opens where it starts
+            value = last[-1].removesuffix(_EOF)
+            line = breaks + 1 - _breaks(value)
+            raise CsvError(f"line {line}: a quoted value opens here and is never closed, so the rest of the file "
+                           "would be read as that one value")
+
+    def _not_utf8(self) -> str:
+        """`line N: not UTF-8 ...` for the first bytes that are not UTF-8."""
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0  # of the chunk in the file
+        head = b""  # the file before the chunk, up to the failure (to count its lines)
+        with open(self.path, "rb") as f:
+            while True:
+                chunk = f.read(1 << 20)
+                try:
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as exc:
+                    start = offset - (len(exc.object) - len(chunk)) + exc.start  # the decoder held some bytes
+                    f.seek(0)
+                    head = f.read(start)
+                    bad = exc.object[exc.start:exc.end]
+                    break
+                if not chunk:
+                    return "not valid UTF-8"  # the file changed under us
+                offset += len(chunk)
+        line = head.count(b"\n") + head.count(b"\r") - head.count(b"\r\n") + 1
+        return (f"line {line}: not UTF-8 text (byte {bad.hex(' ')}); save the file as UTF-8 (Excel: "
+                "\"CSV UTF-8\")")
 
     def segments(self, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch | str]]:
         """In file order: (row index, a batch of good rows from there) or (row index, a malformed row's error).
@@ -103,7 +174,7 @@ class CsvFile:
         limit = csv.field_size_limit()
         csv.field_size_limit(sys.maxsize)  # Arrow read the values; this pass must not refuse a long one
         try:
-            with open(self.path, encoding="utf-8", errors="replace", newline="") as f:
+            with open(self.path, encoding="utf-8-sig", errors="replace", newline="") as f:
                 reader = csv.reader(f, delimiter=self.delimiter)
                 width: int | None = None
                 number = 0

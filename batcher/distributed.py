@@ -132,7 +132,7 @@ class _ShardJob(_Job):
         self.worker = worker
         self.coordinator = coordinator
         self.concurrency = concurrency
-        self.source = Source(spec.input, self.keep, parts=task.shard.parts, index_base=task.shard.index_base)
+        self.source = Source(spec.input, self.keep, spec.endpoint.api, parts=task.shard.parts, index_base=task.shard.index_base)
         limits = spec.limits
         self.leased_limits = LeasedLimits(self._call, worker, limits.requests_per_minute, limits.tokens_per_minute,
                                           spec.request.effective_max_tokens * (spec.request.n or 1) + 4096)
@@ -255,7 +255,7 @@ class ShardWorker:
 
 
 def _scan_shard(spec: JobSpec, keep: list[str], shard: Shard) -> Scan:
-    return Source(spec.input, keep, parts=shard.parts).scan()
+    return Source(spec.input, keep, spec.endpoint.api, parts=shard.parts).scan()
 
 
 # -- the driver ------------------------------------------------------------------------------------------------

@@ -46,9 +46,8 @@ from urllib.parse import parse_qs
 
 import yaml
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError, best_match
 
-from .openapi import load_openapi
+from .openapi import load_openapi, request_error
 from .shapes import chat_sim
 from .shapes.chat import PATHS as CHAT_PATHS
 
@@ -304,17 +303,9 @@ def _orq_validator() -> Draft202012Validator:
 
 
 def _schema_check(body: dict[str, Any]) -> None:
-    error: ValidationError | None = best_match(_orq_validator().iter_errors(body))
-    if error is None:
-        return
-    path = [str(p) for p in error.absolute_path]
-    code = "invalid_value"
-    if error.validator == "required" and isinstance(error.instance, dict):
-        missing = [k for k in error.validator_value if k not in error.instance]
-        path += missing[:1]
-        code = "missing_required_parameter"
-    param = ".".join(path) or None
-    raise _RequestError(param, f"{param or 'body'}: {error.message}", code)
+    found = request_error(_orq_validator(), body)
+    if found is not None:
+        raise _RequestError(*found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,26 +478,8 @@ def _completion(p: _Params) -> dict[str, Any]:
         "created": int(time.time()),
         "model": p.model,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": p.reasoning_tokens},
-        },
+        "usage": chat_sim.usage(prompt_tokens, completion_tokens, p.reasoning_tokens),
     }
-
-
-def _pieces(text: str) -> list[str]:
-    """About three pieces cut at spaces, which concatenate back to `text`."""
-    step = max(1, len(text) // 3)
-    out, start = [], 0
-    while start < len(text):
-        end = text.find(" ", start + step)
-        end = len(text) if end < 0 else end
-        out.append(text[start:end])
-        start = end
-    return out or [""]
 
 
 def _sse_chunks(completion: dict[str, Any]) -> list[bytes]:
@@ -519,7 +492,7 @@ def _sse_chunks(completion: dict[str, Any]) -> list[bytes]:
     events: list[dict[str, Any]] = []
     for choice in completion["choices"]:
         reason = choice["finish_reason"]
-        for piece in _pieces(choice["text"]):
+        for piece in chat_sim.pieces(choice["text"]) or [""]:
             events.append(
                 {**head, "choices": [{"index": choice["index"], "text": piece, "finish_reason": reason}]}
             )
@@ -867,8 +840,9 @@ class Gateway:
             log.exception("gateway failed on %s %s", request.method, request.path)
             return _reply(500, _error_body(500, "internal gateway error"))
 
-    def _complete(self, request: _Request) -> _Reply:
-        stats = self._stats
+    def _admit(self, request: _Request) -> tuple[Any, _Reply | None]:
+        """What both generation paths do first: parse the body (kept as text if it is not JSON), count the
+        arrival, and refuse a method other than POST or a wrong API key. Returns (body, refusal or None)."""
         body: Any
         try:
             # Strict JSON (RFC 8259), as a real server parses it: NaN and Infinity are not JSON, so a body that
@@ -876,53 +850,54 @@ class Gateway:
             body = json.loads(request.body, parse_constant=_no_constant)
         except ValueError:
             body = request.body.decode("utf-8", "replace")
-        stats._arrive(request.path, request.headers, body)
+        self._stats._arrive(request.path, request.headers, body)
         if request.method != "POST":
-            return self._refuse(405, f"{request.method} is not allowed here; use POST")
+            return body, self._refuse(405, f"{request.method} is not allowed here; use POST")
         expected = self._expected_auth
         if expected is not None:
             sent = request.headers.get("authorization", "").encode("latin-1")
             if not hmac.compare_digest(sent, expected):
-                return self._refuse(401, "missing or invalid API key", code="invalid_api_key")
+                return body, self._refuse(401, "missing or invalid API key", code="invalid_api_key")
+        return body, None
+
+    def _delay(self) -> float:
+        """The configured latency plus this request's jitter (drawn only for requests that passed their checks)."""
+        delay = self.config.latency_s
+        if self.config.jitter_s:
+            delay += self._jitter_rng.uniform(0, self.config.jitter_s)
+        return delay
+
+    def _track(self, reply: _Reply) -> _Reply:
+        """Count an answered request in flight until _send (or its task's cancellation) counts it out."""
+        self._stats._enter()
+        reply.tracked = True
+        return reply
+
+    def _complete(self, request: _Request) -> _Reply:
+        body, refusal = self._admit(request)
+        if refusal is not None:
+            return refusal
         try:
             params = _params(request.path, body, self.config.validate)
         except _RequestError as exc:
             return self._refuse(exc.status, exc.message, exc.param, exc.code)
-        delay = self.config.latency_s
-        if self.config.jitter_s:
-            delay += self._jitter_rng.uniform(0, self.config.jitter_s)
+        delay = self._delay()
         fault = self._match(request.path, params)
         if fault is not None and fault.upstream and request.path == ORQ_PATH and isinstance(body, dict):
             fault, params = self._route_upstream(body, params, fault)
-        reply = self._ok(params, delay) if fault is None else self._fault(fault, params, request, delay)
-        stats._enter()
-        reply.tracked = True
-        return reply
+        return self._track(self._ok(params, delay) if fault is None else self._fault(fault, params, request, delay))
 
     def _chat(self, request: _Request) -> _Reply:
         """The chat paths: the same auth, latency and fault rules as completions; the body checked, answered
         and streamed by `shapes/chat_sim.py`. Faults match on the messages' text."""
-        stats = self._stats
-        body: Any
-        try:
-            body = json.loads(request.body)
-        except ValueError:
-            body = request.body.decode("utf-8", "replace")
-        stats._arrive(request.path, request.headers, body)
-        if request.method != "POST":
-            return self._refuse(405, f"{request.method} is not allowed here; use POST")
-        expected = self._expected_auth
-        if expected is not None:
-            sent = request.headers.get("authorization", "").encode("latin-1")
-            if not hmac.compare_digest(sent, expected):
-                return self._refuse(401, "missing or invalid API key", code="invalid_api_key")
+        body, refusal = self._admit(request)
+        if refusal is not None:
+            return refusal
         try:
             chat_sim.check_request(body, request.path, self.config.validate)
         except chat_sim.ChatRequestError as exc:
             return self._refuse(exc.status, exc.message, exc.param, exc.code)
-        delay = self.config.latency_s
-        if self.config.jitter_s:
-            delay += self._jitter_rng.uniform(0, self.config.jitter_s)
+        delay = self._delay()
         stream = body.get("stream") is True
         params = _Params(model=body["model"], prompt=_messages_text(body), seed=None, temperature=None,
                          max_tokens=None, stop=(), n=1, echo=False, stream=stream, reasoning_tokens=0)
@@ -933,9 +908,7 @@ class Gateway:
             reply = self._fault(fault, params, request, delay)
         else:
             reply = self._chat_broken(body, fault, delay + fault.delay_s)
-        stats._enter()
-        reply.tracked = True
-        return reply
+        return self._track(reply)
 
     def _chat_ok(self, body: dict[str, Any], delay: float, completion: dict[str, Any] | None = None) -> _Reply:
         completion = completion or chat_sim.chat_completion(body, created=int(time.time()))
@@ -1154,9 +1127,11 @@ def _loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoo
         return None
     try:
         uvloop = importlib.import_module("uvloop")
-    except ImportError:
+    except Exception as exc:  # found but broken (built for another Python...): not usable either
         if choice == "uvloop":
-            raise ValueError("--loop uvloop: uvloop is not installed (pip install uvloop)") from None
+            why = "is not installed" if isinstance(exc, ModuleNotFoundError) else \
+                f"cannot be used ({type(exc).__name__}: {exc})"
+            raise ValueError(f"--loop uvloop: uvloop {why} (pip install uvloop)") from None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory

@@ -279,7 +279,7 @@ class _Job:
         self.fmt = spec.output.resolved_format if options.output is None else _fmt_of(options.output, spec)
         # Kept columns other than the input's id column (that one is the output's id already)
         self.keep = [c for c in spec.output.keep_columns if c != spec.input.id_source]
-        self.source = Source(spec.input, self.keep)
+        self.source = Source(spec.input, self.keep, spec.endpoint.api)
         self.shape: Shape = shape_of_job(spec)
         self.plan: RoutePlan = plan_for(spec.request, spec.endpoint.api, spec.limits.max_rate_limit_wait_s)
         self.prices = PriceTable.default().overridden(
@@ -313,7 +313,7 @@ class _Job:
             self.max_errors = parse_max_errors(options.max_errors) if options.max_errors is not None \
                 else spec.limits.error_allowance
         except ValueError as exc:
-            raise SpecError(f"--max-errors {exc}") from None
+            raise SpecError(f"--max-errors {exc} (got {options.max_errors!r})") from None
         self.endpoint: Endpoint | None = None
         self.endpoint_id = ""
         self.progress: Progress | None = None
@@ -417,16 +417,18 @@ class _Job:
                 await anyio.to_thread.run_sync(self.cache.put_many, items)
         res = self.result
         for r in records:
+            # Tokens and cost of billed calls only, as in `batcher report`: an error row's billed answers too
+            # (a broken or refused answer was paid for), so the totals are the sums over the output file.
+            if not r.get("cached"):
+                res.prompt_tokens += r.get("prompt_tokens") or 0
+                res.completion_tokens += r.get("completion_tokens") or 0
+                if r.get("cost_usd") is None and (r["status"] == "ok" or r.get("completion_tokens") is not None):
+                    res.unpriced += 1
+            res.cost_usd += r.get("cost_usd") or 0.0
             if r["status"] == "ok":
                 res.ok += 1
                 if r.get("cached"):
                     res.cached += 1
-                else:  # tokens of billed calls only, as in `batcher report`
-                    res.prompt_tokens += r.get("prompt_tokens") or 0
-                    res.completion_tokens += r.get("completion_tokens") or 0
-                    if r.get("cost_usd") is None:
-                        res.unpriced += 1
-                res.cost_usd += r.get("cost_usd") or 0.0
             else:
                 res.errors += 1
                 kind = r.get("error_kind") or "unknown"
@@ -899,8 +901,19 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
 LOOP_ENV = "BATCHER_LOOP"
 
 
+def _uvloop_error() -> str | None:
+    """None when uvloop loads; else why not. Found is not enough: an install built for another Python, or a
+    stub, raises on import (ImportError or anything else), and anyio would raise it mid-start."""
+    try:
+        importlib.import_module("uvloop")
+    except Exception as exc:  # any failure to load an optional speed-up means: not usable
+        return f"{type(exc).__name__}: {exc}" if importlib.util.find_spec("uvloop") is not None else "not installed"
+    return None
+
+
 def uvloop_installed() -> bool:
-    return importlib.util.find_spec("uvloop") is not None
+    """True when uvloop is installed and loads."""
+    return _uvloop_error() is None
 
 
 def event_loop(choice: str = "auto") -> str:
@@ -912,7 +925,8 @@ def event_loop(choice: str = "auto") -> str:
     if choice not in ("auto", "uvloop", "asyncio"):
         raise SpecError(f"the event loop must be auto, uvloop or asyncio (--loop or ${LOOP_ENV}), got {choice!r}")
     if choice == "uvloop" and not uvloop_installed():
-        raise SpecError("the uvloop event loop was asked for but uvloop is not installed: "
+        why = _uvloop_error() or "not installed"
+        raise SpecError(f"the uvloop event loop was asked for but uvloop cannot be used ({why}): "
                         "pip install 'batcher[fast]'")
     if choice == "auto":
         return "uvloop" if uvloop_installed() else "asyncio"

@@ -12,7 +12,7 @@ import functools
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import yaml
 from pydantic import (
@@ -57,6 +57,11 @@ RESULT_COLUMN_NAMES = frozenset({
     "cached", "latency_ms", "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
     "reasoning_tokens", "completion_id", "cost_usd",
 })
+
+# The keys of a journal record that are not output columns of their own name: the row's position, its id (the
+# id column's value, whatever that column is named), its kept values and the cache hand-off. A json_schema
+# property never takes one of these names (nor an output column's): it becomes `answer_<name>`.
+RECORD_KEYS = frozenset({"_i", "id", "keep", "_cache", "unconfirmed_usd"})
 
 
 def kept_column_name(column: str, id_name: str) -> str:
@@ -271,7 +276,23 @@ class PiiRedactionPlugin(_Model):
         return self
 
 
-class RequestSpec(_Model):
+class _HasOrq(Protocol):
+    @property
+    def orq(self) -> Orq | None: ...
+
+
+class Routed:
+    """`routing()` for a request spec with the older `orq` block: RequestSpec and chat's ChatRequestSpec."""
+
+    def routing(self: _HasOrq, field: str) -> Any:
+        """A routing setting wherever the user wrote it: top level, else the older `orq` form."""
+        value = getattr(self, field)
+        if value is None and self.orq is not None:
+            value = getattr(self.orq, field)
+        return value
+
+
+class RequestSpec(Routed, _Model):
     """The completion request body minus `prompt`: every field of the orq contract."""
 
     model: str | None = Field(None, min_length=1)
@@ -331,13 +352,6 @@ class RequestSpec(_Model):
                 f"({self.effective_max_tokens})"
             )
         return self
-
-    def routing(self, field: str) -> Any:
-        """A routing setting wherever the user wrote it: top level, else the older `orq` form."""
-        value = getattr(self, field)
-        if value is None and self.orq is not None:
-            value = getattr(self.orq, field)
-        return value
 
     @property
     def effective_max_tokens(self) -> int:
@@ -404,6 +418,8 @@ class InputSpec(_Model):
     # The byte budget of a batch, whatever batch_size says: long rows make smaller batches (sources.py).
     batch_bytes: int = Field(4 * 2**20, ge=2**16, le=2**31)
     max_prompt_chars: int = Field(1_000_000, ge=1, le=INT32_MAX)
+    # A local image/audio/PDF file a message part names is read only up to this size (attachments.py).
+    max_attachment_bytes: int = Field(20 * 1024 * 1024, ge=1, le=2**31 - 1)
 
     _path = field_validator("path", mode="before")(_expand)
 
@@ -565,24 +581,21 @@ class MaxErrors:
         return f"{self.percent:g}%" if self.percent is not None else str(self.count)
 
 
+_MAX_ERRORS = re.compile(r"(?P<count>[0-9]+)|(?P<percent>[0-9]+(\.[0-9]*)?|\.[0-9]+)%")
+MAX_ERRORS_FORMS = 'a count of error rows >= 0 (like 10) or a percentage of the rows from 0% to 100% (like "2.5%")'
+
+
 def parse_max_errors(value: int | str) -> MaxErrors:
-    """`10` or `"10"`: at most 10 error rows; `"2.5%"`: at most 2.5% of the rows. ValueError otherwise."""
-    text = str(value).strip()
-    try:
-        if text.endswith("%"):
-            percent = float(text[:-1])
-            if not 0 <= percent <= 100:  # NaN fails both
-                raise ValueError
-            return MaxErrors(count=None, percent=percent)
-        if isinstance(value, bool):
-            raise ValueError
-        count = int(text)
-        if count < 0:
-            raise ValueError
-        return MaxErrors(count=count)
-    except ValueError:
-        raise ValueError(f"must be a count of error rows (10) or a percentage of the rows (2.5%), 0-100%; "
-                         f"got {value!r}") from None
+    """`10` or `"10"`: at most 10 error rows; `"2.5%"`: at most 2.5% of the rows. ValueError otherwise (a bool,
+    a float, a negative count, a percentage over 100%), saying what is allowed; the caller names the value."""
+    m = _MAX_ERRORS.fullmatch(value.strip()) if isinstance(value, str) else None
+    if type(value) is int and value >= 0:
+        return MaxErrors(count=value)
+    if m and m["count"] is not None:
+        return MaxErrors(count=int(m["count"]))
+    if m and float(m["percent"]) <= 100:
+        return MaxErrors(count=None, percent=float(m["percent"]))
+    raise ValueError(f"must be {MAX_ERRORS_FORMS}")
 
 
 class Limits(_Model):
@@ -596,9 +609,9 @@ class Limits(_Model):
     # error rows a finished run may have and still exit 0: a count (10) or a share of the rows ("2.5%")
     max_errors: int | str = 0
 
-    @field_validator("max_errors")
+    @field_validator("max_errors", mode="before")  # before: one message, not one per branch of `int | str`
     @classmethod
-    def _max_errors(cls, v: int | str) -> int | str:
+    def _max_errors(cls, v: Any) -> Any:
         parse_max_errors(v)
         return v
 
@@ -670,14 +683,11 @@ class JobSpec(_Model):
         batch_input = self.input.format == "openai_batch"
         if self.request.model is None and self.request.routing("load_balancer") is None and not batch_input:
             raise ValueError("request.model is required (or a load_balancer to draw it from)")
+        orq_only: list[str] = []
         if self.is_chat:
-            from .shapes.chat_spec import check_api
+            from .shapes.chat_spec import orq_only_fields
 
-            try:
-                check_api(self.request, self.endpoint.api)  # type: ignore[arg-type]
-            except ValueError as exc:
-                field, _, rest = str(exc).partition(" ")  # "request.x is orq-only...": shown under its field
-                raise ValueError(f"{field}: {rest}") from None
+            orq_only = orq_only_fields(self.request, self.endpoint.api)  # type: ignore[arg-type]
             rf = self.request.response_format  # type: ignore[union-attr]
             schema = getattr(getattr(rf, "json_schema", None), "schema_", None)
             if schema is not None:
@@ -688,21 +698,23 @@ class JobSpec(_Model):
                 except ValueError as exc:
                     raise ValueError(f"request.response_format.json_schema.schema: {exc}") from None
         elif self.endpoint.api == "openai":
-            orq_only = [f for f in ("name", "thinking", "plugins") if getattr(self.request, f) is not None]
+            orq_only = [f"request.{f}" for f in ("name", "thinking", "plugins") if getattr(self.request, f) is not None]
             if self.request.orq is not None:
                 orq_only += [
-                    f"orq.{f}"
+                    f"request.orq.{f}"
                     for f in ("name", "prompt", "identity", "contact", "thread", "inputs", "knowledge_bases")
                     if getattr(self.request.orq, f) is not None
                 ]
-            if orq_only:
-                raise ValueError(
-                    f"request.{orq_only[0]} is orq-only and cannot be sent with endpoint.api: openai "
-                    "(routing fields like retry and cache still apply: batcher enforces them itself)"
-                )
-        self._kept_names()
         if self.input.inputs_columns and self.endpoint.api == "openai":
-            raise ValueError("input.inputs_columns fills orq.inputs, which endpoint.api: openai cannot send")
+            orq_only.append("input.inputs_columns (it fills orq.inputs)")
+        if orq_only:
+            # Every one named at once: a spec moved to api: openai is fixed in one pass.
+            raise ValueError(
+                f"{', '.join(orq_only)}: {'is' if len(orq_only) == 1 else 'are'} orq-only and cannot be sent with "
+                "endpoint.api: openai (routing fields like retry and cache still apply: batcher enforces them "
+                "itself)"
+            )
+        self._kept_names()
         if self.input.inputs_columns and self.request.orq is not None and isinstance(self.request.orq.inputs, list):
             raise ValueError("input.inputs_columns needs request.orq.inputs as a mapping (or unset), not a list")
         return self

@@ -133,6 +133,13 @@ def write_spec(
     limits: dict[str, Any] = {"concurrency": concurrency}
     if rpm is not None:
         limits["requests_per_minute"] = rpm
+    return write_spec_file(path, inp=inp, output=output, base_url=base_url, request=request, limits=limits,
+                           cache_dir=str(cache_dir))
+
+
+def write_spec_file(path: Path, *, inp: dict[str, Any], output: Path, base_url: str, request: dict[str, Any],
+                    limits: dict[str, Any], **extra: Any) -> Path:
+    """A job spec (JSON) against the gateway at `base_url` with no API key; `extra` adds top-level fields."""
     spec = {
         "name": path.stem,
         "input": inp,
@@ -140,7 +147,7 @@ def write_spec(
         "endpoint": {"base_url": base_url, "api": "orq", "api_key_env": None},
         "request": request,
         "limits": limits,
-        "cache_dir": str(cache_dir),
+        **extra,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(spec, indent=1))

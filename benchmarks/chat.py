@@ -20,7 +20,6 @@ what a json_schema adds per row is printed beside it (its validation alone is be
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,16 +47,8 @@ def write_spec(path: Path, variant: str, *, input_path: Path, output: Path, base
                                       "json_schema": {"name": "label", "strict": True, "schema": SCHEMA}}
     if variant == "chat streamed":
         request["stream"] = True
-    spec = {
-        "name": path.stem,
-        "input": inp,
-        "output": {"path": str(output)},
-        "endpoint": {"base_url": base_url, "api": "orq", "api_key_env": None},
-        "request": request,
-        "limits": {"concurrency": concurrency},
-    }
-    path.write_text(json.dumps(spec, indent=1))
-    return path
+    return h.write_spec_file(path, inp=inp, output=output, base_url=base_url, request=request,
+                             limits={"concurrency": concurrency})
 
 
 def main(argv: list[str] | None = None) -> int:

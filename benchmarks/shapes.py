@@ -12,6 +12,7 @@ import json
 import timeit
 from collections.abc import Callable
 
+from batcher._demo import DEMO_SCHEMA as SCHEMA
 from batcher.shapes import ChatShape, CompletionsShape
 from batcher.shapes.chat import MessagesTemplate
 from batcher.shapes.chat_sim import chat_completion, sse_lines
@@ -20,16 +21,6 @@ from batcher.templating import Template
 
 PROMPT = "Classify the sentiment of this review as positive, negative or neutral.\n\n{{text}}"
 ROW = {"text": "Arrived broken, the box was crushed and support never answered. Returned it."}
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "sentiment": {"type": "string", "enum": ["positive", "negative", "neutral"]},
-        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        "topics": {"type": "array", "items": {"type": "string"}},
-    },
-    "required": ["sentiment", "confidence", "topics"],
-    "additionalProperties": False,
-}
 LEGACY_ANSWER = json.dumps({
     "id": "cmpl-1", "object": "text_completion", "created": 1, "model": "openai/gpt-4o-mini",
     "choices": [{"index": 0, "text": "negative", "finish_reason": "stop"}],

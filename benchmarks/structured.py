@@ -15,19 +15,10 @@ from collections.abc import Callable
 
 from jsonschema import validators
 
+from batcher._demo import DEMO_SCHEMA as SCHEMA
 from batcher._fastcheck import compile_check
 from batcher.structured import StructuredOutput
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "sentiment": {"type": "string", "enum": ["positive", "negative", "neutral"]},
-        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        "topics": {"type": "array", "items": {"type": "string"}},
-    },
-    "required": ["sentiment", "confidence", "topics"],
-    "additionalProperties": False,
-}
 ANSWER = '{"sentiment": "negative", "confidence": 0.87, "topics": ["shipping", "support", "refund"]}'
 
 

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
+from batcher._demo import DEMO_SCHEMA as DEMO
 from batcher.shapes.base import Refused, SchemaViolation
 from batcher.shapes.chat import ChatShape, ChatStreamAssembler, parse_chat
 from batcher.shapes.chat_sim import (
@@ -27,16 +28,6 @@ from batcher.shapes.chat_sim import (
     stream_chunk_validator,
 )
 
-DEMO = {
-    "type": "object",
-    "properties": {
-        "sentiment": {"type": "string", "enum": ["positive", "negative", "neutral"]},
-        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        "topics": {"type": "array", "items": {"type": "string"}},
-    },
-    "required": ["sentiment", "confidence", "topics"],
-    "additionalProperties": False,
-}
 NESTED = {
     "type": "object",
     "$defs": {"span": {"type": "object", "properties": {"start": {"type": "integer", "minimum": 0},

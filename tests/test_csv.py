@@ -122,6 +122,42 @@ def test_bad_ids_and_columns_stop_before_any_call(make_spec: Any, gateway: Gatew
     assert gateway.stats.total == 0
 
 
+def _cli_run(make_spec: Any, tmp_path: Path, content: bytes) -> int:
+    src = tmp_path / "in.csv"
+    src.write_bytes(content)
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(make_spec(input={"path": str(src), "id_column": "id", "prompt": "{{text}}"})))
+    return cli_main(["run", str(spec_file), "--quiet"])
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    # not UTF-8 (Latin-1 é), in a row Arrow would only reach mid-run: before, exit 1 with a traceback after calls
+    (b"id,text\n" + b"".join(b"%d,fine\n" % i for i in range(200)) + b"x,caf\xe9\ny,ok\n",
+     "line 202: not UTF-8 text (byte e9)"),
+    (b"id,text\n1,ok\n2,\xe2\x82", "line 3: not UTF-8 text (byte e2 82)"),  # cut in a character
+    # a quote never closed: before, exit 0 with the rows after it gone (read into its value)
+    (b'id,text\n1,"never closed\n2,b\n', "line 2: a quoted value opens here and is never closed"),
+    (b'id,text\r\n1,"a\r\nb"\r\n2,x "y" z\r\n3,"c""d\r\n\r\n4,e\r\n',
+     "line 5: a quoted value opens here and is never closed"),
+])
+def test_a_file_arrow_cannot_read_right_stops_before_any_call_naming_the_line(
+    make_spec: Any, gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str], content: bytes,
+    message: str,
+) -> None:
+    assert _cli_run(make_spec, tmp_path, content) == 3
+    err = capsys.readouterr().err
+    assert f"cannot read {tmp_path / 'in.csv'} as CSV: {message}" in err and "Traceback" not in err
+    assert gateway.stats.total == 0
+
+
+def test_a_utf8_bom_is_not_part_of_the_first_column(make_spec: Any, gateway: Gateway, tmp_path: Path) -> None:
+    # Excel's "CSV UTF-8": a byte order mark and CRLF lines
+    assert _cli_run(make_spec, tmp_path, b"\xef\xbb\xbfid,text\r\n007,a\r\n008,b\r\n") == 0
+    assert gateway.stats.total == 2
+    df = pl.read_parquet(tmp_path / "out" / "t.parquet")
+    assert df["id"].to_list() == ["007", "008"]
+
+
 def test_a_csv_run_resumes(make_spec: Any, gateway: Gateway, tmp_path: Path) -> None:
     spec = _spec(make_spec, _csv(tmp_path / "in.csv", _rows(40)))
     assert run_job(spec, options(limit=15)).ok == 15

@@ -87,3 +87,20 @@ def test_a_bad_max_errors_is_a_usage_error(tmp_path: Path, failing_gateway: Gate
     assert _run(_job(tmp_path, failing_gateway, max_errors=bad)) == 2
     assert "limits.max_errors" in capsys.readouterr().err
     assert failing_gateway.stats.total == 0
+
+
+@pytest.mark.parametrize(("bad", "shown"), [
+    (True, "true"), (-1, "-1"), (2.5, "2.5"), ("1_0", '"1_0"'), ("\uff15", '"\\uff15"'), (None, "null"),
+])
+def test_a_bad_spec_max_errors_is_one_line_naming_the_value_and_the_forms(
+    tmp_path: Path, failing_gateway: Gateway, bad: Any, shown: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # strict: `true` is not 1, a float is not a count; one line, not one per branch of the field's type
+    assert _run(_job(tmp_path, failing_gateway, max_errors=bad)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[1:] == ['  limits.max_errors: must be a count of error rows >= 0 (like 10) or a percentage of the '
+                       f'rows from 0% to 100% (like "2.5%") (got {shown})']
+    with pytest.raises(SystemExit) as exit_:
+        _run(_job(tmp_path, failing_gateway), "--max-errors", str(bad))
+    assert exit_.value.code == 2 and f"(got {str(bad)!r})" in capsys.readouterr().err
+    assert failing_gateway.stats.total == 0

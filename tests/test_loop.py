@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
+import yaml
 
 from batcher import parse_spec, run_job
+from batcher.cli import main as cli_main
 from batcher.errors import SpecError
 from batcher.gateway import Gateway
 from batcher.runner import event_loop, uvloop_installed
@@ -80,3 +83,22 @@ def test_a_run_without_uvloop_installed_runs_on_asyncio(make_spec: Any, gateway:
     monkeypatch.delenv("BATCHER_LOOP", raising=False)
     result = run_job(parse_spec(make_spec()), options())
     assert result.loop == "asyncio" and result.ok == 300
+
+
+@pytest.mark.parametrize("error", ["ImportError('built for another Python')", "RuntimeError('broken')"])
+def test_a_uvloop_that_fails_to_load_falls_back_to_asyncio(make_spec: Any, gateway: Gateway, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str], error: str) -> None:
+    # found (find_spec sees it) but raising when imported: auto runs on asyncio; --loop uvloop is a usage error
+    stub = tmp_path / "stub"
+    (stub / "uvloop").mkdir(parents=True)
+    (stub / "uvloop" / "__init__.py").write_text(f"raise {error}\n")
+    monkeypatch.syspath_prepend(str(stub))
+    monkeypatch.delitem(sys.modules, "uvloop", raising=False)
+    monkeypatch.delenv("BATCHER_LOOP", raising=False)
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(make_spec()))
+    assert cli_main(["run", str(spec_file), "--limit", "20"]) == 0
+    assert "20 ok" in capsys.readouterr().err and gateway.stats.total == 20
+    assert cli_main(["run", str(spec_file), "--fresh", "--loop", "uvloop"]) == 2
+    assert "uvloop cannot be used" in capsys.readouterr().err and gateway.stats.total == 20

@@ -24,9 +24,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError, best_match
 
-from ..openapi import load_openapi
+from ..openapi import load_openapi, request_error
 from .chat import PATHS
 from .chat_spec import OPENAI_CHAT_FIELDS
 
@@ -125,15 +124,9 @@ def check_request(body: Any, path: str = PATHS["orq"], validate: bool = True) ->
             raise ChatRequestError(unknown[0], f"Unrecognized request argument supplied: {unknown[0]}",
                                    "unknown_parameter")
     if validate:
-        error: ValidationError | None = best_match(request_validator().iter_errors(body))
-        if error is not None:
-            where = [str(p) for p in error.absolute_path]
-            code = "invalid_value"
-            if error.validator == "required" and isinstance(error.instance, dict):
-                where += [k for k in error.validator_value if k not in error.instance][:1]
-                code = "missing_required_parameter"
-            param = ".".join(where) or None
-            raise ChatRequestError(param, f"{param or 'body'}: {error.message}", code)
+        found = request_error(request_validator(), body)
+        if found is not None:
+            raise ChatRequestError(*found)
     for name in ("model", "messages"):
         if name not in body:
             raise ChatRequestError(name, f"{name} is required", "missing_required_parameter")
@@ -388,13 +381,18 @@ def chat_completion(body: Mapping[str, Any], *, created: int = 1_767_225_600, co
         "model": body["model"],
         "system_fingerprint": "fp_batcher_sim",
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
-        },
+        "usage": usage(prompt_tokens, completion_tokens, reasoning_tokens),
+    }
+
+
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int) -> dict[str, Any]:
+    """A simulated answer's usage block (nothing cached); the completions simulator in gateway.py uses it too."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
 
 
@@ -421,8 +419,9 @@ def break_answer(completion: dict[str, Any], how: str = "schema") -> dict[str, A
 # ---------------------------------------------------------------------------------------------------- streams
 
 
-def _pieces(text: str) -> list[str]:
-    """About three pieces cut at spaces, which concatenate back to `text`."""
+def pieces(text: str) -> list[str]:
+    """About three pieces cut at spaces, which concatenate back to `text` (none for empty text); the
+    completions stream in gateway.py cuts its texts the same way."""
     step = max(1, len(text) // 3)
     out, start = [], 0
     while start < len(text):
@@ -449,18 +448,18 @@ def sse_chunks(completion: Mapping[str, Any], include_usage: bool = False) -> It
         i, message = choice["index"], choice["message"]
         yield chunk(i, {"role": "assistant", "content": ""})
         if message.get("reasoning"):
-            for piece in _pieces(message["reasoning"]):
+            for piece in pieces(message["reasoning"]):
                 yield chunk(i, {"reasoning": piece})
         if message.get("refusal"):
-            for piece in _pieces(message["refusal"]):
+            for piece in pieces(message["refusal"]):
                 yield chunk(i, {"refusal": piece})
         for t, call in enumerate(message.get("tool_calls") or ()):
             fn = call["function"]
             yield chunk(i, {"tool_calls": [{"index": t, "id": call["id"], "type": "function",
                                             "function": {"name": fn["name"], "arguments": ""}}]})
-            for piece in _pieces(fn["arguments"]):
+            for piece in pieces(fn["arguments"]):
                 yield chunk(i, {"tool_calls": [{"index": t, "function": {"arguments": piece}}]})
-        for piece in _pieces(message.get("content") or ""):
+        for piece in pieces(message.get("content") or ""):
             yield chunk(i, {"content": piece})
         yield chunk(i, {}, choice["finish_reason"])
     if include_usage:

@@ -33,6 +33,7 @@ from ..spec import (
     Orq,
     PiiRedactionPlugin,
     Retry,
+    Routed,
     Thinking,
     ThinkingEnabled,
     Timeout,
@@ -332,7 +333,7 @@ _NOT_NULLABLE = (
 )
 
 
-class ChatRequestSpec(_Model):
+class ChatRequestSpec(Routed, _Model):
     """The chat completion request body minus `messages`: every field of the orq chat contract."""
 
     model: str | None = Field(None, min_length=1)
@@ -427,13 +428,6 @@ class ChatRequestSpec(_Model):
         c = self.tool_choice
         return repr(c) if isinstance(c, str) else f"function {c.function.name!r}" if c is not None else ""
 
-    def routing(self, field: str) -> Any:
-        """A routing setting wherever the user wrote it: top level, else the older `orq` form."""
-        value = getattr(self, field)
-        if value is None and self.orq is not None:
-            value = getattr(self.orq, field)
-        return value
-
     @property
     def effective_max_tokens(self) -> int:
         """The answer's token bound: max_completion_tokens, else max_tokens, else what batcher sends."""
@@ -447,17 +441,23 @@ class ChatRequestSpec(_Model):
         return self.model_dump(mode="json", exclude_unset=True, by_alias=True)
 
 
-def check_api(request: ChatRequestSpec, api: str) -> None:
-    """Raise ValueError naming the first field `api` cannot send (routing fields are fine: batcher applies
-    them itself on an OpenAI-compatible server)."""
+def orq_only_fields(request: ChatRequestSpec, api: str) -> list[str]:
+    """Every field `api` cannot send, in the spec's order (routing fields are fine: batcher applies them itself
+    on an OpenAI-compatible server; `name`, orq's label for the request, is not one of them)."""
     if api != "openai":
-        return
-    for field in request.model_fields_set:
-        if field not in OPENAI_CHAT_FIELDS and field not in _ROUTING and field != "orq":
-            raise ValueError(f"request.{field} is orq-only and cannot be sent with endpoint.api: openai")
+        return []
+    bad = [f"request.{f}" for f in request.model_fields_set
+           if f not in OPENAI_CHAT_FIELDS and (f not in _ROUTING or f == "name") and f != "orq"]
     if request.orq is not None:
-        for field in request.orq.model_fields_set:
-            if field not in _ROUTING:
-                raise ValueError(f"request.orq.{field} is orq-only and cannot be sent with endpoint.api: openai")
+        bad += [f"request.orq.{f}" for f in request.orq.model_fields_set if f not in _ROUTING or f == "name"]
+    return bad
+
+
+def check_api(request: ChatRequestSpec, api: str) -> None:
+    """Raise ValueError naming every field `api` cannot send."""
+    bad = orq_only_fields(request, api)
+    if bad:
+        raise ValueError(f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} orq-only and cannot be sent with "
+                         "endpoint.api: openai")
 
 

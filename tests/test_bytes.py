@@ -20,7 +20,7 @@ from batcher import parse_spec, run_job
 from batcher.gateway import Gateway
 from batcher.pool import Pool, WorkSender
 from batcher.sources import Source, SourceRow
-from batcher.spec import InputSpec
+from batcher.spec import InputSpec, kept_column_name
 
 from .conftest import options
 
@@ -205,3 +205,61 @@ def test_csv_batches_respect_the_byte_budget(tmp_path: Path) -> None:
     assert source.stats.max_batch_bytes <= BUDGET
     assert [str(r.id) for b in batches for r in b] == [str(i) for i in range(60)]
     assert all(_within_budget(b, BUDGET) for b in batches) and len(batches) >= 60 * 18_000 // BUDGET
+
+
+# -- the final write (kept columns) ---------------------------------------------------------------------------
+
+KEPT = kept_column_name("text", "id")  # a kept `text` is renamed: batcher's answer column is `text`
+
+
+def _kept_run(make_spec, tmp_path: Path, inp: Path, out_name: str) -> tuple[Any, Path]:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out" / out_name
+    spec = parse_spec(make_spec(
+        input={"path": str(inp), "id_column": "id", "prompt": "Summarise:\n\n{{text}}", "batch_bytes": BUDGET},
+        output={"path": str(out), "keep_columns": ["text"]},
+    ))
+    result = run_job(spec, options())
+    assert result.status == "finished" and result.ok == 60
+    return result, out
+
+
+def _long_docs_parquet(path: Path, rows: int = 60, chars: int = 20_000) -> Path:
+    table = pa.table({"id": pa.array(range(rows), pa.int64()), "text": [_text(i, chars) for i in range(rows)]})
+    pq.write_table(table, path, row_group_size=rows, write_batch_size=4)  # one row group, small pages
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_kept_parquet_columns_are_read_back_and_written_within_the_byte_budget(
+    make_spec, gateway: Gateway, tmp_path: Path, fmt: str
+) -> None:
+    # 60 documents of 20 KB kept in the output (1.2 MB): the final write reads and writes them a budget at a time.
+    inp = _long_docs_parquet(tmp_path / "docs.parquet")
+    result, out = _kept_run(make_spec, tmp_path, inp, f"out.{fmt}")
+    kept, written = result.kept_stats, result.write_stats
+    assert kept is not None and written is not None
+    assert kept.max_read_bytes <= BUDGET  # was one read of all 60 rows (16,384 at a time)
+    assert kept.reads >= 60 * 20_000 // BUDGET
+    assert written.slices >= 60 * 20_000 // BUDGET
+    if fmt == "parquet":
+        assert written.max_group_bytes <= BUDGET  # row groups close by bytes, not only by row_group_size rows
+        meta = pq.ParquetFile(out).metadata
+        assert meta.num_row_groups >= 60 * 20_000 // BUDGET
+        assert max(meta.row_group(g).num_rows for g in range(meta.num_row_groups)) < 10
+        assert pq.read_table(out).column(KEPT).to_pylist() == [_text(i, 20_000) for i in range(60)]
+    else:
+        lines = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [x[KEPT] for x in lines] == [_text(i, 20_000) for i in range(60)]
+
+
+def test_kept_jsonl_values_are_written_within_the_byte_budget(make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    inp = tmp_path / "docs.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "text": _text(i, 20_000)}) + "\n" for i in range(60)))
+    result, out = _kept_run(make_spec, tmp_path, inp, "out.parquet")
+    written = result.write_stats
+    assert written is not None and result.kept_stats is None
+    assert written.max_group_bytes <= BUDGET
+    assert written.max_slice_bytes <= BUDGET
+    meta = pq.ParquetFile(out).metadata
+    assert meta.num_row_groups >= 60 * 20_000 // BUDGET
+    assert pq.read_table(out).column(KEPT).to_pylist() == [_text(i, 20_000) for i in range(60)]

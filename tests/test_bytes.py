@@ -263,3 +263,44 @@ def test_kept_jsonl_values_are_written_within_the_byte_budget(make_spec, gateway
     meta = pq.ParquetFile(out).metadata
     assert meta.num_row_groups >= 60 * 20_000 // BUDGET
     assert pq.read_table(out).column(KEPT).to_pylist() == [_text(i, 20_000) for i in range(60)]
+
+
+# -- CSV: Arrow reads up to 32 blocks ahead, so the block is sized from the longest record ------------------------
+
+
+def _csv_docs(path: Path, sizes: list[int]) -> Path:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        for i, n in enumerate(sizes):
+            w.writerow([i, _text(i, n).replace(" ", "\n", 3)])  # quoted values holding newlines count whole
+    return path
+
+
+def test_csv_blocks_are_sized_from_the_longest_record(tmp_path: Path) -> None:
+    from batcher.csv_input import BLOCK_SIZE, MIN_BLOCK_SIZE
+
+    inp = _csv_docs(tmp_path / "docs.csv", [20_000] * 150)  # 3 MB: one 8 MiB block before
+    source = Source(InputSpec(path=inp, id_column="id", prompt="Summarise: {{text}}", batch_bytes=BUDGET), [])
+    assert source.check().rows == 150
+    csv_file = source._csv()
+    assert csv_file.longest is not None and 20_000 < csv_file.longest < 20_100
+    assert csv_file.block_size == MIN_BLOCK_SIZE < BLOCK_SIZE
+    batches = list(source.batches())
+    assert [int(r.id) for b in batches for r in b] == list(range(150))
+    # a read is a block and the partial record carried over from the one before: was one read of 3 MB
+    assert 3 <= source.stats.reads and source.stats.max_read_bytes <= MIN_BLOCK_SIZE + csv_file.longest
+
+
+def test_a_csv_record_longer_than_the_small_block_is_still_read(tmp_path: Path) -> None:
+    from batcher.csv_input import MIN_BLOCK_SIZE
+
+    inp = _csv_docs(tmp_path / "docs.csv", [1_000, 2_000_000, 1_000])
+    source = Source(InputSpec(path=inp, id_column="id", prompt_column="text", batch_bytes=BUDGET,
+                                max_prompt_chars=3_000_000), [])
+    source.check()
+    assert source._csv().block_size > 2_000_000 > MIN_BLOCK_SIZE
+    rows = [r for b in source.batches() for r in b]
+    assert [len(r.prompt or "") for r in rows] == [len(_text(i, n)) for i, n in enumerate([1_000, 2_000_000, 1_000])]

@@ -133,6 +133,10 @@ def worst_case(prices: PriceTable, models: Sequence[str], prompt: str, body: dic
     UTF-8 bytes bound the prompt's tokens from above for byte-level BPE tokenizers: the cap holds even for
     text that tokenizes badly (emoji, CJK), at the price of stopping a little early."""
     prompt_bound = len(prompt.encode("utf-8", "surrogatepass"))
+    # Images, audio and files are prompt tokens too: counted by attachments.media_tokens' bound.
+    from .attachments import media_tokens
+
+    prompt_bound += media_tokens(body)[2]
     completion = completion_bound(body)
     worst = 0.0
     for model in models:

@@ -70,6 +70,10 @@ class Work:
     prompt_text: str | None = None  # all the text the body sends (shape.prompt_text); None: the row's prompt
 
 
+# The token counts of a billed answer that add up on its row (with the row's other answers).
+PAID_TOKENS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
+
+
 class Records:
     """The journal records of a row: ok, error, or an answer from the cache."""
 
@@ -235,7 +239,7 @@ class Caller:
         model = fields.get("model") or asked_model
         cost = self.records.cost(model, asked_model, fields)
         out = dict(paid)
-        for k in ("prompt_tokens", "completion_tokens", "total_tokens", "reasoning_tokens"):
+        for k in PAID_TOKENS:
             if fields.get(k) is not None:
                 out[k] = (out.get(k) or 0) + fields[k]
         out["cost_usd"] = None if cost is None or ("cost_usd" in paid and paid["cost_usd"] is None) \
@@ -357,6 +361,11 @@ class Caller:
                         else:
                             retries += 1
                         if not await self._sleep(d.delay):
+                            if paid:  # a billed answer is on a row, even when the run stops before asking again
+                                return self.records.error(
+                                    row, failure.kind, f"{failure.message}; not asked again: the run stopped",
+                                    http_status=failure.status, attempts=attempts, model=body["model"],
+                                    latency_ms=(time.perf_counter() - started) * 1000, **spent())
                             return None
                         continue
                     if d.action == "fallback":
@@ -374,9 +383,12 @@ class Caller:
                 actual = rec.get("cost_usd")
                 held = False
                 self.budget.settle(worst, actual, answered=True)
-                if paid:  # the row cost its refused answers too
+                if paid:  # the row cost its refused answers too: their tokens and cost are on it
                     rec["cost_usd"] = None if actual is None or paid.get("cost_usd") is None \
                         else actual + paid["cost_usd"]
+                    for k in PAID_TOKENS:
+                        if paid.get(k) is not None:
+                            rec[k] = (rec.get(k) or 0) + paid[k]
                 if unconfirmed:
                     rec["unconfirmed_usd"] = unconfirmed
                 if item.key is not None:

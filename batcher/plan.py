@@ -41,6 +41,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from .attachments import IMAGE_TOKENS, IMAGE_TOKENS_BOUND, media_tokens
 from .errors import SpecError
 from .limits import limiter_tokens as _limiter_tokens
 from .prices import Price, PriceTable
@@ -110,6 +111,8 @@ class Plan:
     wall_s: float
     bound_by: str  # concurrency | requests_per_minute | tokens_per_minute
     notes: tuple[str, ...] = field(default=())
+    attachments: int = 0  # image, audio and file parts of the rows to send
+    attachment_tokens: int = 0  # their share of prompt_tokens (attachments.media_tokens)
     max_tokens_field: str = "max_tokens"  # the request field `max_tokens` is read from (chat: max_completion_tokens)
 
     @property
@@ -131,6 +134,8 @@ class Plan:
 class _Tally:
     rows: int = 0
     chars: int = 0
+    media: int = 0  # image/audio/file parts
+    media_tokens: int = 0  # their estimate (attachments.media_tokens)
     completion: int = 0
     limiter: float = 0.0
 
@@ -238,7 +243,7 @@ def make_plan(
     table = PriceTable.default().overridden(
         {m: Price(p.prompt, p.completion, p.cached_prompt) for m, p in (spec.prices or {}).items()}
     ).overridden(prices)
-    source = Source(spec.input, spec.output.keep_columns)
+    source = Source(spec.input, spec.output.keep_columns, spec.endpoint.api)
     info = source.check()
     route = plan_for(spec.request, spec.endpoint.api)
     shape = shape_of_job(spec)
@@ -277,6 +282,9 @@ def make_plan(
                 t = tallies.setdefault(model, _Tally())
                 t.rows += 1
                 t.chars += len(text)
+                n_media, media_est, _ = media_tokens(body)
+                t.media += n_media
+                t.media_tokens += media_est
                 t.completion += int(body.get("max_completion_tokens") or body.get("max_tokens") or 0) * int(
                     body.get("n") or 1) + _reasoning_budget(body)
                 # What runner._Job.prepare charges the tokens_per_minute limiter for this call.
@@ -290,7 +298,7 @@ def make_plan(
     lows: list[float] = []
     highs: list[float] = []
     for model, t in sorted(tallies.items()):
-        est = t.chars / chars_per_token
+        est = t.chars / chars_per_token + t.media_tokens
         billed_on = tuple(dict.fromkeys([model, *fallbacks]))
         low, high, missing = _cost_range(billed_on, table, est * (1 - PROMPT_TOLERANCE),
                                          est * (1 + PROMPT_TOLERANCE), t.completion)
@@ -345,7 +353,9 @@ def make_plan(
         to_send=calls,
         input_errors=input_errors,
         prompt_chars=sum(t.chars for t in tallies.values()),
-        prompt_tokens=round(sum(t.chars for t in tallies.values()) / chars_per_token),
+        prompt_tokens=round(sum(t.chars / chars_per_token + t.media_tokens for t in tallies.values())),
+        attachments=sum(t.media for t in tallies.values()),
+        attachment_tokens=sum(t.media_tokens for t in tallies.values()),
         chars_per_token=chars_per_token,
         prompt_tolerance=PROMPT_TOLERANCE,
         completion_tokens_max=sum(t.completion for t in tallies.values()),
@@ -415,6 +425,9 @@ def render_text(plan: Plan) -> str:
         f"  prompt tokens  ~{plan.prompt_tokens:,} ({plan.prompt_tokens_low:,} - {plan.prompt_tokens_high:,}): "
         f"{plan.prompt_chars:,} chars / {plan.chars_per_token:g}, stated error +/-{tol}",
         "                 (measured +12.1% vs the local gateway on samples/reviews.parquet; real tokenizers differ)",
+        *([f"                 includes ~{plan.attachment_tokens:,} for {plan.attachments:,} attachment(s): "
+           f"{IMAGE_TOKENS:,} an image, bytes / 4 for audio and files (the budget bounds an image at "
+           f"{IMAGE_TOKENS_BOUND:,}, audio and files at a token a byte)"] if plan.attachments else []),
         f"  completion     <= {plan.completion_tokens_max:,} tokens ({plan.max_tokens_field} {plan.max_tokens} x n {plan.n} per row)",
     ]
     if plan.to_send == 0:

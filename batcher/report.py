@@ -427,11 +427,29 @@ def usage_table(lf: pl.LazyFrame, by: list[str]) -> pl.DataFrame:
         # An empty JSONL output has no columns to name: with no rows there is nothing to group, not an error.
         lf = lf.with_columns(pl.lit(None).alias(k) for k in absent)
     _require(lf, [*_USAGE_NEEDS, *keys])
+    exploded = list_keys(lf, by)
+    if exploded:
+        # A list column (a schema's topics, say) groups by each of its elements: a row with [a, b] counts in a
+        # and in b (an empty or null list under null); usage_total still counts every row once.
+        lf = lf.explode(exploded)
     for c, dtype in lf.select(keys).collect_schema().items():
         if dtype.is_nested():
-            raise InputError(f"--by {c}: the column holds {dtype} values; group by a scalar column")
+            raise InputError(f"--by {c}: the column holds {dtype} values; group by a scalar or list column")
     groups = [pl.col(k).alias(n) for k, n in zip(keys, names, strict=True)]
     return _collect(lf.group_by(groups).agg(_aggregates()).sort(names, nulls_last=True))
+
+
+def list_keys(lf: pl.LazyFrame, by: Iterable[str]) -> list[str]:
+    """The `by` columns that hold lists: `usage_table` groups by each of their elements."""
+    schema = lf.collect_schema()
+    return [c for c in dict.fromkeys(by) if c in schema.names() and isinstance(schema[c], pl.List | pl.Array)]
+
+
+def explode_note(columns: list[str]) -> str:
+    names = ", ".join(columns)
+    return (f"--by {names}: a row counts once in the group of each element of its list (a row with [a, b] in a "
+            "and in b, an empty list under null), so the groups add up to more than the rows; the total counts "
+            "each row once")
 
 
 def usage_total(lf: pl.LazyFrame) -> pl.DataFrame:
@@ -735,6 +753,8 @@ def render(lf: pl.LazyFrame, by: list[str], fmt: str, table: str = "all") -> str
         if usage is not None and total is not None:
             doc["usage"] = _text_keys(usage, keys).to_dicts()
             doc["total"] = total.to_dicts()[0]
+            if list_keys(lf, by):
+                doc["note"] = explode_note(list_keys(lf, by))
         if errors is not None:
             doc["errors"] = errors.to_dicts()
         return json.dumps(_json_safe(doc), indent=1, default=str, allow_nan=False)
@@ -742,6 +762,8 @@ def render(lf: pl.LazyFrame, by: list[str], fmt: str, table: str = "all") -> str
     blocks = []
     if usage is not None and total is not None:
         blocks.append(draw(*_usage_cells(usage, total, keys)))
+        if list_keys(lf, by):
+            blocks.append(explode_note(list_keys(lf, by)))
         if total["rows"][0] == 0:
             blocks.append(NO_ROWS)
         if (total["unpriced"][0] or 0) > 0:

@@ -270,7 +270,7 @@ class _Job:
         self.fmt = spec.output.resolved_format if options.output is None else _fmt_of(options.output, spec)
         # Kept columns other than the input's id column (that one is the output's id already)
         self.keep = [c for c in spec.output.keep_columns if c != spec.input.id_source]
-        self.source = Source(spec.input, self.keep)
+        self.source = Source(spec.input, self.keep, spec.endpoint.api)
         self.shape: Shape = shape_of_job(spec)
         self.plan: RoutePlan = plan_for(spec.request, spec.endpoint.api, spec.limits.max_rate_limit_wait_s)
         self.prices = PriceTable.default().overridden(
@@ -408,16 +408,18 @@ class _Job:
                 await anyio.to_thread.run_sync(self.cache.put_many, items)
         res = self.result
         for r in records:
+            # Tokens and cost of billed calls only, as in `batcher report`: an error row's billed answers too
+            # (a broken or refused answer was paid for), so the totals are the sums over the output file.
+            if not r.get("cached"):
+                res.prompt_tokens += r.get("prompt_tokens") or 0
+                res.completion_tokens += r.get("completion_tokens") or 0
+                if r.get("cost_usd") is None and (r["status"] == "ok" or r.get("completion_tokens") is not None):
+                    res.unpriced += 1
+            res.cost_usd += r.get("cost_usd") or 0.0
             if r["status"] == "ok":
                 res.ok += 1
                 if r.get("cached"):
                     res.cached += 1
-                else:  # tokens of billed calls only, as in `batcher report`
-                    res.prompt_tokens += r.get("prompt_tokens") or 0
-                    res.completion_tokens += r.get("completion_tokens") or 0
-                    if r.get("cost_usd") is None:
-                        res.unpriced += 1
-                res.cost_usd += r.get("cost_usd") or 0.0
             else:
                 res.errors += 1
                 kind = r.get("error_kind") or "unknown"

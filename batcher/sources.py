@@ -31,10 +31,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
+from .attachments import Attachments, attach
 from .csv_input import CsvError, CsvFile, delimiter_for
 from .errors import InputError
 from .shapes.chat import MessagesTemplate, messages_from_value
-from .shapes.chat_spec import ChatRequestSpec
+from .shapes.chat_spec import ChatRequestSpec, orq_only_fields
 from .sinks import json_values
 from .spec import InputSpec, RequestSpec
 from .templating import MissingVariable, Template, TemplateError, json_safe
@@ -205,7 +206,8 @@ def _dup_examples(ids: pa.ChunkedArray | pa.Array) -> list[Any]:
 
 
 class Source:
-    def __init__(self, spec: InputSpec, keep_columns: list[str]) -> None:
+    def __init__(self, spec: InputSpec, keep_columns: list[str], api: str = "orq") -> None:
+        self.api = api  # endpoint.api: an OpenAI batch line's orq-only fields are refused under openai
         self.spec = spec
         self.path = spec.path
         self.format = spec.resolved_format
@@ -214,7 +216,9 @@ class Source:
         # writes the output (any Arrow type, untouched); a JSONL input's kept values travel in the journal.
         self._row_keep = [] if self.format == "parquet" else keep_columns
         self.template = Template(spec.prompt, "input.prompt") if spec.prompt is not None else None
-        self.messages = MessagesTemplate(spec.messages, "input.messages") if spec.messages is not None else None
+        self.attachments = Attachments.for_input(spec.path, spec.max_attachment_bytes)
+        self.messages = (MessagesTemplate(spec.messages, "input.messages", self.attachments)
+                         if spec.messages is not None else None)
         self.chat = spec.is_chat
         self.id_name = spec.id_column or ("custom_id" if self.format == "openai_batch" else "id")
         self.stats = ReadStats()
@@ -626,7 +630,7 @@ class Source:
             prompt, size = raw, len(raw)
         if size > self.spec.max_prompt_chars:
             return SourceRow(index, row_id, None, error=f"{where}: {self._too_long(size)}")
-        invalid = _invalid_body(body, self.chat)
+        invalid = _invalid_body(body, self.chat, self.api)
         if invalid:
             return SourceRow(index, row_id, None, error=f"{where}: {invalid}", body=body)
         keep = {c: obj.get(c) for c in self.keep_columns}
@@ -696,7 +700,7 @@ class Source:
                 value = record.get(self.spec.messages_column)
                 if value is None:
                     raise MissingVariable(self.spec.messages_column, "is null in this row")
-                messages = messages_from_value(value)
+                messages = attach(messages_from_value(value), "messages column", self.attachments)
         except MissingVariable as exc:
             what = str(exc) if self.messages is not None else f"messages column {exc.name!r} {exc.why}"
             return SourceRow(index, row_id, None, keep=keep, error=what)
@@ -733,8 +737,9 @@ def _has_media(messages: list[dict[str, Any]]) -> bool:
                                                           for p in m["content"]) for m in messages)
 
 
-def _invalid_body(body: dict[str, Any], chat: bool) -> str | None:
-    """Why an OpenAI batch line's body cannot be sent (an unknown key, a value out of range, NaN), or None."""
+def _invalid_body(body: dict[str, Any], chat: bool, api: str = "orq") -> str | None:
+    """Why an OpenAI batch line's body cannot be sent (an unknown key, a value out of range, NaN, a field
+    `api` cannot send, a json_schema that is not a schema), or None."""
     try:
         json.dumps(body, allow_nan=False)
     except ValueError:
@@ -744,7 +749,7 @@ def _invalid_body(body: dict[str, Any], chat: bool) -> str | None:
     try:
         # The prompt (the messages) and the request fields of the spec, checked the same way.
         fields = {k: v for k, v in body.items() if k != ("messages" if chat else "prompt")}
-        (ChatRequestSpec if chat else RequestSpec).model_validate(fields)
+        request = (ChatRequestSpec if chat else RequestSpec).model_validate(fields)
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False):
@@ -753,6 +758,19 @@ def _invalid_body(body: dict[str, Any], chat: bool) -> str | None:
                    if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, "))
             problems.append(f"body.{field}: {msg}")
         return "; ".join(problems[:3])
+    if isinstance(request, ChatRequestSpec):
+        bad = orq_only_fields(request, api)
+        if bad:
+            return (f"{', '.join(b.replace('request.', 'body.', 1) for b in bad)}: orq-only, cannot be sent with "
+                    "endpoint.api: openai")
+        schema = getattr(getattr(request.response_format, "json_schema", None), "schema_", None)
+        if schema is not None:
+            from .structured import StructuredOutput, load_schema
+
+            try:
+                StructuredOutput(load_schema(schema))
+            except ValueError as exc:
+                return f"body.response_format.json_schema.schema: {exc}"
     return None
 
 

@@ -58,6 +58,11 @@ RESULT_COLUMN_NAMES = frozenset({
     "reasoning_tokens", "completion_id", "cost_usd",
 })
 
+# The keys of a journal record that are not output columns of their own name: the row's position, its id (the
+# id column's value, whatever that column is named), its kept values and the cache hand-off. A json_schema
+# property never takes one of these names (nor an output column's): it becomes `answer_<name>`.
+RECORD_KEYS = frozenset({"_i", "id", "keep", "_cache", "unconfirmed_usd"})
+
 
 def kept_column_name(column: str, id_name: str) -> str:
     """A kept input column's name in the output: its own, unless the id or batcher's columns already use it."""
@@ -408,6 +413,8 @@ class InputSpec(_Model):
     # The byte budget of a batch, whatever batch_size says: long rows make smaller batches (sources.py).
     batch_bytes: int = Field(4 * 2**20, ge=2**16, le=2**31)
     max_prompt_chars: int = Field(1_000_000, ge=1, le=INT32_MAX)
+    # A local image/audio/PDF file a message part names is read only up to this size (attachments.py).
+    max_attachment_bytes: int = Field(20 * 1024 * 1024, ge=1, le=2**31 - 1)
 
     _path = field_validator("path", mode="before")(_expand)
 
@@ -662,14 +669,11 @@ class JobSpec(_Model):
         batch_input = self.input.format == "openai_batch"
         if self.request.model is None and self.request.routing("load_balancer") is None and not batch_input:
             raise ValueError("request.model is required (or a load_balancer to draw it from)")
+        orq_only: list[str] = []
         if self.is_chat:
-            from .shapes.chat_spec import check_api
+            from .shapes.chat_spec import orq_only_fields
 
-            try:
-                check_api(self.request, self.endpoint.api)  # type: ignore[arg-type]
-            except ValueError as exc:
-                field, _, rest = str(exc).partition(" ")  # "request.x is orq-only...": shown under its field
-                raise ValueError(f"{field}: {rest}") from None
+            orq_only = orq_only_fields(self.request, self.endpoint.api)  # type: ignore[arg-type]
             rf = self.request.response_format  # type: ignore[union-attr]
             schema = getattr(getattr(rf, "json_schema", None), "schema_", None)
             if schema is not None:
@@ -680,21 +684,23 @@ class JobSpec(_Model):
                 except ValueError as exc:
                     raise ValueError(f"request.response_format.json_schema.schema: {exc}") from None
         elif self.endpoint.api == "openai":
-            orq_only = [f for f in ("name", "thinking", "plugins") if getattr(self.request, f) is not None]
+            orq_only = [f"request.{f}" for f in ("name", "thinking", "plugins") if getattr(self.request, f) is not None]
             if self.request.orq is not None:
                 orq_only += [
-                    f"orq.{f}"
+                    f"request.orq.{f}"
                     for f in ("name", "prompt", "identity", "contact", "thread", "inputs", "knowledge_bases")
                     if getattr(self.request.orq, f) is not None
                 ]
-            if orq_only:
-                raise ValueError(
-                    f"request.{orq_only[0]} is orq-only and cannot be sent with endpoint.api: openai "
-                    "(routing fields like retry and cache still apply: batcher enforces them itself)"
-                )
-        self._kept_names()
         if self.input.inputs_columns and self.endpoint.api == "openai":
-            raise ValueError("input.inputs_columns fills orq.inputs, which endpoint.api: openai cannot send")
+            orq_only.append("input.inputs_columns (it fills orq.inputs)")
+        if orq_only:
+            # Every one named at once: a spec moved to api: openai is fixed in one pass.
+            raise ValueError(
+                f"{', '.join(orq_only)}: {'is' if len(orq_only) == 1 else 'are'} orq-only and cannot be sent with "
+                "endpoint.api: openai (routing fields like retry and cache still apply: batcher enforces them "
+                "itself)"
+            )
+        self._kept_names()
         if self.input.inputs_columns and self.request.orq is not None and isinstance(self.request.orq.inputs, list):
             raise ValueError("input.inputs_columns needs request.orq.inputs as a mapping (or unset), not a list")
         return self

@@ -5,8 +5,9 @@
     out.parse('{"sentiment": "positive", "confidence": 0.9, "topics": ["price"]}')
     # {'sentiment': 'positive', 'confidence': 0.9, 'topics': ['price']}
 
-Every top-level property of the schema becomes one column, typed from the schema: string and enum -> string,
-integer -> int64, number -> float64, boolean -> bool, an array of scalars -> a list of that type, anything else
+Every top-level property of the schema becomes one column, typed from the schema: string -> string, an enum
+(or const) by its values (strings -> string, integers -> int64, numbers -> float64, bools -> bool, mixed -> JSON
+text; `type` wins when given), integer -> int64, number -> float64, boolean -> bool, an array of scalars -> a list of that type, anything else
 -> a JSON string. A property whose name batcher already uses gets the prefix `answer_`. `parse` raises
 SchemaViolation, carrying the validator's message, for an answer that is not JSON or breaks the schema.
 
@@ -31,6 +32,7 @@ from jsonschema.exceptions import SchemaError, best_match
 
 from ._fastcheck import compile_check
 from .errors import ContractError
+from .paths import expand_path
 
 __all__ = ["Column", "SchemaViolation", "StructuredOutput", "load_schema"]
 
@@ -55,7 +57,7 @@ def load_schema(value: Mapping[str, Any] | str | Path, base_dir: Path | None = N
     if isinstance(value, Mapping):
         schema = dict(value)
     else:
-        path = Path(value).expanduser()
+        path = expand_path(value)  # `~` and `$VAR`, as every path of the spec (an unset variable: ValueError)
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
         try:
@@ -85,17 +87,34 @@ def _scalar_type(schema: Any) -> pa.DataType | None:
     """The Arrow type of a scalar property schema, or None when it is not one scalar type."""
     if not isinstance(schema, Mapping):
         return None
-    enum = schema.get("enum")
-    if enum is not None:
+    types = _types(schema)
+    if len(types) == 1 and types[0] in _SCALARS and not any(k in schema for k in ("anyOf", "oneOf", "allOf",
+                                                                                 "$ref", "not")):
+        return _SCALARS[types[0]]  # `type` wins when given
+    if "enum" in schema or "const" in schema:
+        enum = schema.get("enum") if "enum" in schema else [schema["const"]]
         values = [v for v in enum if v is not None] if isinstance(enum, list) else []
-        return pa.string() if values and all(isinstance(v, str) for v in values) else None
-    if "const" in schema:
-        return pa.string() if isinstance(schema["const"], str) else None
+        return _values_type(values)
     if any(k in schema for k in ("anyOf", "oneOf", "allOf", "$ref", "not")):
         return None
-    types = _types(schema)
-    if len(types) == 1 and types[0] in _SCALARS:
-        return _SCALARS[types[0]]
+    return None
+
+
+def _values_type(values: list[Any]) -> pa.DataType | None:
+    """An enum's (or const's) column type, from its values: all strings -> string, all bools -> bool, all
+    integers -> int64, numbers -> float64; mixed (or none) -> None (JSON text)."""
+    if not values:
+        return None
+    if all(isinstance(v, str) for v in values):
+        return pa.string()
+    if all(isinstance(v, bool) for v in values):
+        return pa.bool_()
+    if any(isinstance(v, bool) for v in values):
+        return None
+    if all(isinstance(v, int) for v in values):
+        return pa.int64()
+    if all(isinstance(v, int | float) for v in values):
+        return pa.float64()
     return None
 
 

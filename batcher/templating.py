@@ -147,12 +147,161 @@ class _Null(jinja2.StrictUndefined):
     __getattr__ = __getitem__ = __call__ = _fail_with_undefined_error
 
 
-_ENV = ImmutableSandboxedEnvironment(
+# What a template may build: no string or list longer than MAX_TEMPLATE_CHARS (and no rendered text either), no
+# integer wider than MAX_INT_BITS. A template that would is refused (SecurityError) before it allocates: the row
+# becomes an error row naming the template. Jinja's sandbox already caps `range` at 100,000 items.
+MAX_TEMPLATE_CHARS = 10_000_000
+MAX_INT_BITS = 10_000
+_WIDTH = re.compile(r"\d+")
+
+
+def _too_big(n: int, what: str) -> NoReturn:
+    raise SecurityError(f"{what} would make a value of {n:,} characters or items "
+                        f"(templates are limited to {MAX_TEMPLATE_CHARS:,})")
+
+
+def _check_widths(fmt: str, what: str) -> None:
+    # A format string's widths and precisions ('%0999999999d', '{:999999999}') size its result.
+    for m in _WIDTH.finditer(fmt):
+        if len(m.group()) > 8 or int(m.group()) > MAX_TEMPLATE_CHARS:
+            _too_big(int(m.group()), what)
+
+
+def _check_ints(values: Any, what: str) -> None:
+    for v in values:
+        if isinstance(v, int) and v > MAX_TEMPLATE_CHARS:
+            _too_big(v, what)
+
+
+def _replaced_size(s: str, old: str, new: str, count: Any = -1) -> int:
+    n = s.count(old) if old else len(s) + 1
+    if isinstance(count, int) and count >= 0:
+        n = min(n, count)
+    return len(s) + n * (len(new) - len(old))
+
+
+def _joined_size(items: list[Any], sep: str) -> int:
+    return sum(len(x) if isinstance(x, str) else 0 for x in items) + len(sep) * max(len(items) - 1, 0)
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, with `*`, `**` and `%` checked before they run, and the size-multiplying calls too."""
+
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_CHARS:
+                    _too_big(len(seq) * n, "'*'")
+        elif operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0 \
+                    and right * abs(left).bit_length() > MAX_INT_BITS:
+                raise SecurityError(f"'**' would make an integer of about {right * abs(left).bit_length():,} "
+                                    f"bits (templates are limited to {MAX_INT_BITS:,})")
+        elif operator == "%" and isinstance(left, str):
+            _check_widths(left, "'%'")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        target = getattr(__obj, "__wrapped__", __obj)  # str.format comes wrapped by the sandbox
+        receiver = getattr(target, "__self__", None)
+        if isinstance(receiver, str):
+            name = getattr(target, "__name__", "")
+            what = f"str.{name}"
+            _check_ints([*args, *kwargs.values()], what)
+            if name in ("format", "format_map"):
+                _check_widths(receiver, what)
+            elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+                size = _replaced_size(receiver, args[0], args[1], args[2] if len(args) > 2 else -1)
+                if size > MAX_TEMPLATE_CHARS:
+                    _too_big(size, what)
+            elif name == "join" and args:
+                items = list(args[0])
+                if _joined_size(items, receiver) > MAX_TEMPLATE_CHARS:
+                    _too_big(_joined_size(items, receiver), what)
+                args = (items, *args[1:])
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _bounded_filter(env: jinja2.Environment, name: str) -> None:
+    """Wrap a filter so that an integer argument over the limit (a width, a count) is refused, and `join` /
+    `replace` / `format` are sized first. Marked pass_context: Jinja never folds it at compile time, so
+    `validate` never evaluates a filter on a constant."""
+    original = env.filters[name]
+    passes = jinja2.utils._PassArg.from_obj(original)
+
+    @jinja2.pass_context
+    def bounded(context: Any, value: Any, *args: Any, **kwargs: Any) -> Any:
+        what = f"filter {name}"
+        _check_ints([*args, *kwargs.values()], what)
+        if name == "format" and isinstance(value, str):
+            _check_widths(value, what)
+        elif name == "replace" and isinstance(value, str) and len(args) >= 2:
+            size = _replaced_size(value, str(args[0]), str(args[1]), args[2] if len(args) > 2 else -1)
+            if size > MAX_TEMPLATE_CHARS:
+                _too_big(size, what)
+        elif name == "join":
+            value = list(value)
+            sep = args[0] if args else kwargs.get("d", "")
+            size = _joined_size([to_text(v) if not isinstance(v, str) else v for v in value], str(sep))
+            if size > MAX_TEMPLATE_CHARS:
+                _too_big(size, what)
+        if passes is jinja2.utils._PassArg.context:
+            return original(context, value, *args, **kwargs)
+        if passes is jinja2.utils._PassArg.eval_context:
+            return original(context.eval_ctx, value, *args, **kwargs)
+        if passes is jinja2.utils._PassArg.environment:
+            return original(context.environment, value, *args, **kwargs)
+        return original(value, *args, **kwargs)
+
+    env.filters[name] = bounded
+
+
+_ENV = _BoundedSandbox(
     undefined=jinja2.StrictUndefined,
     autoescape=False,
     keep_trailing_newline=True,  # "{{text}}\n" must keep its newline, as the {{ }} templates did
     finalize=_finalize,
 )
+for _name in list(_ENV.filters):
+    _bounded_filter(_ENV, _name)
+
+
+def _describe(node: jinja2.nodes.Node) -> str | None:
+    if isinstance(node, jinja2.nodes.Name):
+        return node.name
+    if isinstance(node, jinja2.nodes.Getattr):
+        inner = _describe(node.node)
+        return None if inner is None else f"{inner}.{node.attr}"
+    if isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Const):
+        inner = _describe(node.node)
+        return None if inner is None else f"{inner}[{node.arg.value!r}]"
+    return None
+
+
+@jinja2.pass_context
+def _not_null(context: Any, value: Any, what: str) -> Any:
+    if value is None:
+        if what.startswith("line "):
+            raise ValueError(f"a value printed on {what} is null in this row")
+        raise MissingVariable(what, "is null in this row")
+    return value
+
+
+def _null_checked(ast: jinja2.nodes.Template) -> None:
+    """Every `{{ ... }}` checked for null, nested values included (`{{ex.a}}` with `a: null`): an error naming
+    the expression, as a null column is, never the text `null`."""
+    for output in ast.find_all(jinja2.nodes.Output):
+        for i, node in enumerate(output.nodes):
+            if isinstance(node, jinja2.nodes.TemplateData):
+                continue
+            what = _describe(node) or f"line {node.lineno}"
+            output.nodes[i] = jinja2.nodes.Filter(node, "_not_null", [jinja2.nodes.Const(what)], [], None, None,
+                                                  lineno=node.lineno)
+
+
+_ENV.filters["_not_null"] = _not_null
 
 
 class Template:
@@ -177,9 +326,12 @@ class Template:
             return
         try:
             ast = _ENV.parse(source)
+            _null_checked(ast)
             self._compiled = _ENV.from_string(ast)
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(name, f"line {exc.lineno}: {exc.message}") from None
+        except (SecurityError, TypeError, ValueError, ArithmeticError, LookupError, MemoryError) as exc:
+            raise TemplateError(name, f"{type(exc).__name__}: {exc}") from None
         undeclared = jinja2.meta.find_undeclared_variables(ast) - set(_ENV.globals)
         # In first-use order (the AST walk is source order), as the {{ }} templates listed them.
         loads = [n.name for n in ast.find_all(jinja2.nodes.Name) if n.ctx == "load"]
@@ -215,7 +367,14 @@ class Template:
             value = row[name]
             context[name] = _Null(name=name) if value is None else value
         try:
-            return self._compiled.render(context)
+            pieces: list[str] = []
+            size = 0
+            for piece in self._compiled.generate(context):
+                size += len(piece)
+                if size > MAX_TEMPLATE_CHARS:
+                    raise SecurityError(f"the rendered text passes {MAX_TEMPLATE_CHARS:,} characters")
+                pieces.append(piece)
+            return "".join(pieces)
         except MissingVariable:
             raise
         except NotRenderable as exc:
@@ -224,7 +383,7 @@ class Template:
             raise TemplateError(self.name, exc.message or "undefined value") from None
         except SecurityError as exc:
             raise TemplateError(self.name, f"not allowed in a sandboxed template: {exc}") from None
-        except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
+        except (TypeError, ValueError, ArithmeticError, LookupError, MemoryError) as exc:
             raise TemplateError(self.name, f"{type(exc).__name__}: {exc}") from None
 
     def __repr__(self) -> str:

@@ -433,3 +433,242 @@ def test_asking_again_after_a_billed_broken_answer_never_passes_the_cap(make_spe
     assert result.status == "budget" and gateway.stats.total == 1  # the second attempt would not fit
     assert spent == pytest.approx(per_answer) and spent <= 1.6 * per_answer
     assert rows[0]["error_kind"] == "schema" and "not asked again" in rows[0]["error"]
+
+
+# --- the outside tester's findings (fix4) ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prop_type", ["string", "integer"])
+def test_a_schema_property_named_id_never_overwrites_the_row_ids(make_spec, gateway: Gateway, tmp_path: Path,
+                                                                 prop_type: str) -> None:
+    schema = {"type": "object", "properties": {"id": {"type": prop_type}, "keep": {"type": "string"},
+                                               "_i": {"type": "string"}, "unconfirmed_usd": {"type": "string"},
+                                               "sentiment": {"type": "string"}},
+              "required": ["id", "sentiment"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    spec = parse_spec(_chat(make_spec, request={"response_format": fmt},
+                            output={"path": str(tmp_path / "o.parquet"), "keep_columns": ["rating"]}))
+    shape = shape_of_job(spec)
+    assert set(shape.extra_columns) >= {"answer_id", "answer_keep", "answer__i", "answer_unconfirmed_usd", "sentiment"}
+    result = run_job(spec, options(limit=20))
+    assert result.status == "finished" and result.ok == 20
+    rows = _rows(tmp_path / "o.parquet")
+    expected = [r["review_id"] for r in pq.read_table(SAMPLES / "reviews.parquet").slice(0, 20).to_pylist()]
+    assert [r["review_id"] for r in rows] == expected
+    assert all(r["rating"] is not None for r in rows)
+    assert all(r["answer_id"] == json.loads(r["text"])["id"] for r in rows)
+    # the journal holds the row ids: a rerun resumes them all, plan reads it too
+    again = run_job(spec, options(limit=20))
+    assert again.status == "finished" and gateway.stats.total == 20
+
+
+def test_a_row_value_never_sends_a_local_file_that_is_not_an_attachment(make_spec, gateway: Gateway,
+                                                                          tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    monkeypatch.setenv("ORQ_API_KEY", "sk-canary-attachment-0000")
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(32))
+    wav = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(16)
+    pdf = b"%PDF-1.4\n% tiny\n"
+    (tmp_path / "a.png").write_bytes(png)
+    (tmp_path / "fake.png").write_text("not an image at all")
+    (tmp_path / "big.png").write_bytes(png + bytes(5000))
+    (tmp_path / "a.wav").write_bytes(wav)
+    (tmp_path / "a.pdf").write_bytes(pdf)
+    os.mkfifo(tmp_path / "fifo.png")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.png"
+    outside.write_bytes(png)
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = {
+        "ok": {"img": str(tmp_path / "a.png"), "audio": str(tmp_path / "a.wav"), "doc": str(tmp_path / "a.pdf")},
+        "environ": {"img": "/proc/self/environ"},
+        "shadow": {"img": "/etc/passwd"},
+        "outside": {"img": str(outside)},
+        "fake": {"img": str(tmp_path / "fake.png")},
+        "big": {"img": str(tmp_path / "big.png")},
+        "fifo": {"img": str(tmp_path / "fifo.png")},
+        "audio_not_audio": {"audio": str(tmp_path / "a.png")},
+        "doc_not_pdf": {"doc": str(tmp_path / "a.png")},
+    }
+    src = write_jsonl(tmp_path / "in.jsonl", [
+        {"id": k, "img": v.get("img", "https://x/y.png"), "audio": v.get("audio", base64.b64encode(wav).decode()),
+         "doc": v.get("doc", "data:application/pdf;base64," + base64.b64encode(pdf).decode())}
+        for k, v in rows.items()])
+    msgs = [{"role": "user", "content": [
+        {"type": "text", "text": "Describe."},
+        {"type": "image_url", "image_url": {"url": "{{img}}"}},
+        {"type": "input_audio", "input_audio": {"data": "{{audio}}", "format": "wav"}},
+        {"type": "file", "file": {"file_data": "{{doc}}"}}]}]
+    spec = parse_spec(_chat(make_spec, input={"path": str(src), "id_column": "id", "messages": msgs,
+                                              "max_attachment_bytes": 1000}))
+    run_job(spec, options())
+    sent = json.dumps(list(gateway.stats.bodies))
+    assert "sk-canary" not in sent and "ORQ_API_KEY" not in sent and "root:" not in sent
+    assert gateway.stats.total == 1
+    parts = gateway.stats.bodies[0]["body"]["messages"][0]["content"]
+    assert parts[1]["image_url"]["url"] == "data:image/png;base64," + base64.b64encode(png).decode()
+    assert parts[2]["input_audio"]["data"] == base64.b64encode(wav).decode()
+    assert parts[3]["file"]["file_data"] == "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+    out = {r["id"]: r for r in _rows(tmp_path / "out" / "t.parquet")}
+    assert out["ok"]["status"] == "ok"
+    why = {"environ": "system file", "shadow": "outside the folders", "outside": "outside the folders",
+           "fake": "not an image", "big": "over input.max_attachment_bytes", "fifo": "not a regular file",
+           "audio_not_audio": "is not audio", "doc_not_pdf": "is not a PDF"}
+    for rid, text in why.items():
+        r = out[rid]
+        assert r["status"] == "error" and r["error_kind"] == "input", rid
+        assert text in r["error"] and repr(rid) in r["error"] and "input.messages[0].content[" in r["error"], r["error"]
+    # a messages column's local image goes by the same rule
+    col = write_jsonl(tmp_path / "col.jsonl", [
+        {"id": "m1", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": str(tmp_path / "a.png")}}]}]},
+        {"id": "m2", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": "/proc/self/environ"}}]}]}])
+    gateway.stats.reset()
+    spec = parse_spec(_chat(make_spec, input={"path": str(col), "id_column": "id", "messages_column": "messages",
+                                              "prompt": None}, output={"path": str(tmp_path / "m.parquet")}))
+    run_job(spec, options())
+    assert gateway.stats.total == 1
+    assert gateway.stats.bodies[0]["body"]["messages"][0]["content"][1]["image_url"]["url"].startswith(
+        "data:image/png;base64,")
+    m2 = {r["id"]: r for r in _rows(tmp_path / "m.parquet")}["m2"]
+    assert m2["status"] == "error" and "messages column[0].content[1].image_url.url" in m2["error"]
+
+
+def test_every_billed_answer_is_on_its_row_and_in_the_summary_and_the_budget(make_spec, gateway: Gateway,
+                                                                            tmp_path: Path) -> None:
+    clean = parse_spec(_chat(make_spec, request={"response_format": LABEL_FORMAT},
+                             output={"path": str(tmp_path / "clean.parquet")}))
+    assert run_job(clean, options(limit=60)).ok == 60
+    before = {r["review_id"]: r for r in _rows(tmp_path / "clean.parquet")}
+    gateway.set_faults([{"kind": "schema_violation", "first": 1, "prompt_contains": "a"},  # once: retried, ok
+                        {"kind": "schema_violation", "prompt_contains": "refund"}])  # always: an error row
+    faulty = parse_spec(_chat(make_spec, request={"response_format": LABEL_FORMAT},
+                              output={"path": str(tmp_path / "f.parquet")}))
+    result = run_job(faulty, options(limit=60))
+    rows = _rows(tmp_path / "f.parquet")
+    retried = [r for r in rows if r["status"] == "ok" and r["attempts"] == 2]
+    assert retried and result.errors
+    for r in retried:  # both answers' prompts were billed: twice the clean row's
+        assert r["prompt_tokens"] == 2 * before[r["review_id"]]["prompt_tokens"]
+        assert r["completion_tokens"] > before[r["review_id"]]["completion_tokens"]
+    assert result.prompt_tokens == sum(r["prompt_tokens"] or 0 for r in rows)
+    assert result.completion_tokens == sum(r["completion_tokens"] or 0 for r in rows)
+    assert result.cost_usd == pytest.approx(sum(r["cost_usd"] or 0 for r in rows))
+    # under a cap: what the run says it spent is what the file holds, and never over the cap
+    gateway.set_faults([{"kind": "schema_violation", "first": 1, "prompt_contains": "a"}])
+    cap = result.cost_usd / 3
+    capped = parse_spec(_chat(make_spec, request={"response_format": LABEL_FORMAT}, limits={"max_cost_usd": cap},
+                              output={"path": str(tmp_path / "c.parquet")}, name="capped"))
+    res = run_job(capped, options(limit=60))
+    spent = sum(r["cost_usd"] or 0 for r in _rows(tmp_path / "c.parquet"))
+    assert res.status == "budget" and res.cost_usd == pytest.approx(spent) and spent <= cap
+    assert f"${spent:.4f}" in res.message
+
+
+def test_validate_names_every_orq_only_field_for_api_openai(make_spec, tmp_path: Path) -> None:
+    chat = _chat(make_spec, endpoint={"api": "openai"}, input={"inputs_columns": ["customer_name"]},
+                 request={"name": "labeler", "guardrails": [{"id": "g", "execute_on": "input"}],
+                          "orq": {"identity": {"id": "u1"}, "thread": {"id": "t1"}}})
+    with pytest.raises(SpecError) as err:
+        parse_spec(chat)
+    for field in ("request.name", "request.guardrails", "request.orq.identity", "request.orq.thread",
+                  "input.inputs_columns"):
+        assert field in str(err.value), field
+    prompt = make_spec(endpoint={"api": "openai"}, request={"name": "labeler", "orq": {"thread": {"id": "t1"}}})
+    with pytest.raises(SpecError) as err:
+        parse_spec(prompt)
+    assert "request.name" in str(err.value) and "request.orq.thread" in str(err.value)
+    # routing fields are still fine with api: openai
+    ok = _chat(make_spec, endpoint={"api": "openai"}, request={"retry": {"count": 2, "on_codes": [500]}})
+    assert parse_spec(ok).endpoint.api == "openai"
+
+
+def test_a_schema_file_path_expands_variables(make_spec, gateway: Gateway, tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "schemas").mkdir()
+    (tmp_path / "schemas" / "s.json").write_text(json.dumps(SCHEMA))
+    monkeypatch.setenv("SD", str(tmp_path / "schemas"))
+    fmt = {"type": "json_schema", "json_schema": {"name": "label", "schema": "$SD/s.json"}}
+    spec = parse_spec(_chat(make_spec, request={"response_format": fmt}))
+    assert run_job(spec, options(limit=5)).ok == 5
+    assert gateway.stats.bodies[-1]["body"]["response_format"]["json_schema"]["schema"] == SCHEMA
+    monkeypatch.delenv("SD")
+    with pytest.raises(SpecError, match=r"\$SD"):
+        parse_spec(_chat(make_spec, request={"response_format": fmt}))
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "jsonl"])
+def test_report_by_a_list_column_counts_each_element(make_spec, gateway: Gateway, tmp_path: Path, capsys: Any,
+                                                     suffix: str) -> None:
+    out = tmp_path / f"labels.{suffix}"
+    run_job(parse_spec(_chat(make_spec, output={"path": str(out)}, request={"response_format": LABEL_FORMAT})),
+            options(limit=60))
+    rows = _rows(out) if suffix == "parquet" else [json.loads(x) for x in out.read_text().splitlines()]
+    counts: dict[Any, int] = {}
+    for r in rows:
+        for t in r["topics"] or [None]:
+            counts[t] = counts.get(t, 0) + 1
+    assert sum(counts.values()) > len(rows)  # some rows have several topics
+    capsys.readouterr()
+    assert main(["report", str(out), "--by", "topics", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {g["topics"]: g["rows"] for g in report["usage"]} == counts
+    assert report["total"]["rows"] == len(rows) and "each element" in report["note"]
+    assert main(["report", str(out), "--by", "topics"]) == 0
+    assert "counts once in the group of each element" in capsys.readouterr().out
+
+
+def test_plan_and_the_budget_count_attachments(make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    from batcher.attachments import IMAGE_TOKENS, IMAGE_TOKENS_BOUND
+    from batcher.budget import worst_case
+    from batcher.plan import render_text
+    from batcher.prices import Price, PriceTable
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(4_000_000)
+    (tmp_path / "big.png").write_bytes(png)
+    wav = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(40_000)
+    (tmp_path / "a.wav").write_bytes(wav)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "img": str(tmp_path / "big.png"),
+                                               "audio": str(tmp_path / "a.wav")} for i in range(3)])
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Describe."},
+                                         {"type": "image_url", "image_url": {"url": "{{img}}"}},
+                                         {"type": "input_audio", "input_audio": {"data": "{{audio}}",
+                                                                                 "format": "wav"}}]}]
+    spec = parse_spec(_chat(make_spec, input={"path": str(src), "id_column": "id", "messages": msgs}))
+    plan = make_plan(spec)
+    assert plan.attachments == 6
+    assert plan.prompt_tokens >= 3 * (IMAGE_TOKENS + len(wav) // 4)
+    assert "6 attachment(s)" in render_text(plan) and gateway.stats.total == 0
+    # the budget's prompt bound covers them: an image is IMAGE_TOKENS_BOUND, audio a token a byte
+    prices = PriceTable({"m": Price(prompt=1_000_000, completion=0)})
+    text_only = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with_media = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://x/y.png"}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}]}]}
+    a = worst_case(prices, ["m"], "hi", text_only)
+    b = worst_case(prices, ["m"], "hi", with_media)
+    assert a is not None and b is not None and b - a >= IMAGE_TOKENS_BOUND + len(wav) - 1
+
+
+def test_a_chat_batch_lines_orq_only_fields_and_bad_schema_are_error_rows(make_spec, gateway: Gateway,
+                                                                          tmp_path: Path) -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    lines = [
+        {"custom_id": "guard", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "openai/gpt-4o-mini", "messages": msgs, "guardrails": [{"id": "g", "execute_on": "input"}]}},
+        {"custom_id": "schema", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "openai/gpt-4o-mini", "messages": msgs, "response_format": {
+             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}},
+        {"custom_id": "fine", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "openai/gpt-4o-mini", "messages": msgs}},
+    ]
+    src = write_jsonl(tmp_path / "b.jsonl", lines)
+    spec = make_spec(input={"path": str(src), "format": "openai_batch", "id_column": None, "prompt": None},
+                     endpoint={"api": "openai"})
+    spec["request"].pop("max_tokens", None)
+    run_job(parse_spec(spec), options())
+    rows = {r["custom_id"]: r for r in _rows(tmp_path / "out" / "t.parquet")}
+    assert rows["fine"]["status"] == "ok" and gateway.stats.total == 1
+    assert rows["guard"]["status"] == "error" and "body.guardrails: orq-only" in rows["guard"]["error"]
+    assert rows["schema"]["status"] == "error" and "not a valid JSON schema" in rows["schema"]["error"]

@@ -295,7 +295,7 @@ def test_cache_key_ignores_defaults_routing_and_streaming(body) -> None:
 
 def test_messages_template_renders_strings_in_every_part(tmp_path: Path) -> None:
     image = tmp_path / "cat.png"
-    image.write_bytes(b"\x89PNG fake")
+    image.write_bytes(b"\x89PNG\r\n\x1a\n fake")
     mt = MessagesTemplate([
         {"role": "system", "content": "You label {{kind}}."},
         {"role": "user", "content": [{"type": "text", "text": "{% for e in examples %}{{e}}; {% endfor %}{{text}}"},
@@ -307,7 +307,7 @@ def test_messages_template_renders_strings_in_every_part(tmp_path: Path) -> None
     assert rendered[0] == {"role": "system", "content": "You label reviews."}
     assert rendered[1]["content"][0] == {"type": "text", "text": "a; b; great"}
     url = rendered[1]["content"][1]["image_url"]["url"]
-    assert url == "data:image/png;base64," + base64.b64encode(b"\x89PNG fake").decode()  # a local file is inlined
+    assert url == "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n fake").decode()  # a local file is inlined
     assert mt.render({**row, "image": "https://cdn/x.png"})[1]["content"][1]["image_url"]["url"] == "https://cdn/x.png"
     with pytest.raises(TemplateError, match=r"messages\[1\]\.content\[1\]\.image_url\.url: .*not-here.png"):
         mt.render({**row, "image": str(tmp_path / "not-here.png")})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -31,14 +32,14 @@ def test_columns_are_typed_from_the_schema() -> None:
             "nested": {"type": "object", "properties": {"x": {"type": "integer"}}},
             "either": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
             "matrix": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
-            "levels": {"enum": [1, 2, 3]},
+            "levels": {"enum": [1, 2, 3]},  # an enum of integers: int64 (fix4)
         },
     }
     out = StructuredOutput(schema)
     assert out.columns == {
         "label": pa.string(), "name": pa.string(), "count": pa.int64(), "score": pa.float64(), "ok": pa.bool_(),
         "tags": pa.list_(pa.string()), "ids": pa.list_(pa.int64()), "nested": pa.string(), "either": pa.string(),
-        "matrix": pa.string(), "levels": pa.string(),
+        "matrix": pa.string(), "levels": pa.int64(),
     }
 
 
@@ -170,3 +171,23 @@ def test_fastcheck_handles_refs_and_recursion() -> None:
     validator = Draft202012Validator(schema)
     for value in ({"kids": []}, {"kids": [{"kids": []}]}, {"kids": [{}]}, {}, []):
         assert check(value) == validator.is_valid(value)
+
+
+@pytest.mark.parametrize(("prop", "answer", "arrow", "value"), [
+    ({"type": "integer", "enum": [1, 2, 3]}, 2, pa.int64(), 2),
+    ({"enum": [1, 2, 3]}, 2, pa.int64(), 2),
+    ({"enum": [1, 2.5, 3]}, 2.5, pa.float64(), 2.5),
+    ({"enum": [1, 2.5, 3]}, 1, pa.float64(), 1.0),
+    ({"enum": [True, False]}, False, pa.bool_(), False),
+    ({"enum": ["a", "b", None]}, "b", pa.string(), "b"),
+    ({"enum": [1, "a"]}, "a", pa.string(), '"a"'),  # mixed: JSON text
+    ({"const": 7}, 7, pa.int64(), 7),
+    ({"type": "number", "enum": [1, 2]}, 2, pa.float64(), 2.0),  # type wins
+])
+def test_an_enum_takes_the_type_of_its_values(prop: dict[str, Any], answer: Any, arrow: pa.DataType,
+                                              value: Any) -> None:
+    out = StructuredOutput({"type": "object", "properties": {"x": prop}})
+    assert out.columns["x"] == arrow
+    got = out.parse(json.dumps({"x": answer}))["x"]
+    assert got == value and type(got) is type(value)
+    pa.table({"x": pa.array([got], type=arrow)})  # it fits its column

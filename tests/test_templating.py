@@ -143,3 +143,42 @@ def test_a_dashed_column_still_works_in_a_plain_template() -> None:
 def test_values_are_not_re_expanded() -> None:
     assert Template("{{a}}").render({"a": "{{b}}"}) == "{{b}}"
     assert Template("{{a}}" + JINJA).render({"a": "{% if %}"}) == "{% if %}"
+
+
+# --- templates cannot make unbounded values (fix4) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", [
+    "{{ text * 10**9 }}", "{{ 'ab' * 10**9 }}", "{{ [text] * 10**9 }}", "{{ (999999999999999999|int) ** 99999 }}",
+    "{{ text|center(10**9) }}", "{{ text.center(10**9) }}", "{{ text|indent(10**9) }}", "{{ '%0999999999d' % 1 }}",
+    "{{ '{:999999999}'.format(1) }}", "{{ range(100000)|join(text * 1000) }}", "{{ text.replace('', 'x' * 100000) }}",
+    "{% for i in range(100000) %}{{ text * 1000 }}{% endfor %}", "{{ range(10**9)|list }}",
+])
+def test_a_template_that_would_make_a_huge_value_is_an_error_naming_it_at_once(source: str) -> None:
+    import time
+
+    started = time.perf_counter()
+    t = Template(source, "input.prompt")  # compiling never evaluates the constant (validate)
+    with pytest.raises(TemplateError, match=r"template input\.prompt"):
+        t.render({"text": "hello world " * 10})
+    assert time.perf_counter() - started < 2
+
+
+def test_ordinary_uses_of_the_bounded_operators_still_work() -> None:
+    t = Template("{{ text * 2 }} {{ 2**10 }} {{ [1,2]|join(',') }} {{ 'a-%s' % 'b' }} {{ '{}!'.format(text) }} "
+                 "{{ text|center(7) }} {{ text.replace('a', 'b') }}")
+    assert t.render({"text": "ab"}) == "abab 1024 1,2 a-b ab!    ab   bb"
+
+
+def test_a_nested_null_printed_is_an_error_naming_the_expression_never_the_text_null() -> None:
+    t = Template("{% for ex in examples %}{{ex.q}}->{{ex.a}}; {% endfor %}{{ d['k'] }}")
+    assert t.render({"examples": [{"q": "a", "a": "b"}], "d": {"k": 1}}) == "a->b; 1"
+    with pytest.raises(MissingVariable, match=r"\{\{ex\.a\}\} is null"):
+        t.render({"examples": [{"q": "a", "a": None}], "d": {"k": 1}})
+    with pytest.raises(MissingVariable, match=r"\{\{d\['k'\]\}\} is null"):
+        t.render({"examples": [], "d": {"k": None}})
+    with pytest.raises(TemplateError, match=r"template prompt: .*printed on line 1 is null"):
+        Template("{{ (d.values()|list)[0] }}").render({"d": {"k": None}})
+    # a null is still false in a test, and JSON inside a printed list or object
+    assert Template("{% if ex.a %}x{% else %}none{% endif %} {{ ex }}").render({"ex": {"a": None}}) == \
+        'none {"a": null}'

@@ -12,11 +12,9 @@ columns chat adds (`refusal`, `tool_calls`, `reasoning`, plus a json_schema's ty
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import math
-import mimetypes
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +23,10 @@ from typing import Any
 import pyarrow as pa
 from pydantic import TypeAdapter, ValidationError
 
-from ..spec import DEFAULT_MAX_TOKENS
+from ..attachments import Attachments, attach
+from ..spec import DEFAULT_MAX_TOKENS, RECORD_KEYS, RESULT_COLUMN_NAMES
 from ..structured import StructuredOutput, load_schema
-from ..templating import Template, TemplateError
+from ..templating import Template
 from .base import Api, ContractError, Prompt, Refused
 from .chat_spec import OPENAI_CHAT_FIELDS, ChatRequestSpec, Message
 
@@ -396,7 +395,7 @@ class ChatShape:
                 js["schema"] = load_schema(js["schema"], base_dir)  # a path in the spec, the schema on the wire
                 fields["response_format"] = {**rf, "json_schema": js}
         self.structured = StructuredOutput.from_response_format(
-            fields.get("response_format"), {*reserved, *CHAT_COLUMNS}
+            fields.get("response_format"), {*reserved, *CHAT_COLUMNS, *RECORD_KEYS, *RESULT_COLUMN_NAMES}
         )
         if api == "openai":
             fields = {k: v for k, v in fields.items() if k in OPENAI_CHAT_FIELDS}
@@ -491,24 +490,14 @@ def _compile(value: Any, where: str, out: list[Template]) -> Any:
     return value
 
 
-def _data_url(value: str, where: str) -> str:
-    """An image part's url: a URL or data: URL as it is, an existing local file as a base64 data URL."""
-    if value.startswith(("http://", "https://", "data:")):
-        return value
-    path = Path(value).expanduser()
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise TemplateError(where, f"{value[:120]!r} is neither an http(s)/data URL nor a readable file "
-                                   f"({exc.strerror or exc})") from None
-    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
 class MessagesTemplate:
     """`input.messages`: each content a template, or a list of parts whose string values are templates."""
 
-    def __init__(self, messages: Sequence[Mapping[str, Any]], name: str = "messages") -> None:
+    def __init__(self, messages: Sequence[Mapping[str, Any]], name: str = "messages",
+                 attachments: Attachments | None = None) -> None:
+        self.name = name
+        # Local files in image/audio/file parts are read under these rules (attachments.py).
+        self.attachments = attachments or Attachments()
         try:
             checked = _MESSAGES.validate_python(list(messages))
         except ValidationError as exc:
@@ -526,16 +515,16 @@ class MessagesTemplate:
             self.variables += [v for v in t.variables if v not in self.variables]
 
     def render(self, row: Mapping[str, Any]) -> list[dict[str, Any]]:
-        return [self._render(m, row) for m in self._tree]
+        """The row's messages; a local file in an image, audio or file part read as data (or AttachmentError)."""
+        return attach([self._render(m, row) for m in self._tree], f"template {self.name}", self.attachments)
 
-    def _render(self, node: Any, row: Mapping[str, Any], key: str = "") -> Any:
+    def _render(self, node: Any, row: Mapping[str, Any]) -> Any:
         if isinstance(node, Template):
-            text = node.render(row)
-            return _data_url(text, node.name) if key == "url" and ".image_url." in node.name else text
+            return node.render(row)
         if isinstance(node, list):
             return [self._render(v, row) for v in node]
         if isinstance(node, dict):
-            return {k: self._render(v, row, k) for k, v in node.items()}
+            return {k: self._render(v, row) for k, v in node.items()}
         return node
 
 

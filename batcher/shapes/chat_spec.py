@@ -441,17 +441,23 @@ class ChatRequestSpec(Routed, _Model):
         return self.model_dump(mode="json", exclude_unset=True, by_alias=True)
 
 
-def check_api(request: ChatRequestSpec, api: str) -> None:
-    """Raise ValueError naming the first field `api` cannot send (routing fields are fine: batcher applies
-    them itself on an OpenAI-compatible server)."""
+def orq_only_fields(request: ChatRequestSpec, api: str) -> list[str]:
+    """Every field `api` cannot send, in the spec's order (routing fields are fine: batcher applies them itself
+    on an OpenAI-compatible server; `name`, orq's label for the request, is not one of them)."""
     if api != "openai":
-        return
-    for field in request.model_fields_set:
-        if field not in OPENAI_CHAT_FIELDS and field not in _ROUTING and field != "orq":
-            raise ValueError(f"request.{field} is orq-only and cannot be sent with endpoint.api: openai")
+        return []
+    bad = [f"request.{f}" for f in request.model_fields_set
+           if f not in OPENAI_CHAT_FIELDS and (f not in _ROUTING or f == "name") and f != "orq"]
     if request.orq is not None:
-        for field in request.orq.model_fields_set:
-            if field not in _ROUTING:
-                raise ValueError(f"request.orq.{field} is orq-only and cannot be sent with endpoint.api: openai")
+        bad += [f"request.orq.{f}" for f in request.orq.model_fields_set if f not in _ROUTING or f == "name"]
+    return bad
+
+
+def check_api(request: ChatRequestSpec, api: str) -> None:
+    """Raise ValueError naming every field `api` cannot send."""
+    bad = orq_only_fields(request, api)
+    if bad:
+        raise ValueError(f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} orq-only and cannot be sent with "
+                         "endpoint.api: openai")
 
 

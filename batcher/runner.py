@@ -47,6 +47,7 @@ from .sinks import (
     JobLock,
     Journal,
     RunState,
+    WriteStats,
     compact_journal,
     encode_lines,
     finalize,
@@ -102,6 +103,8 @@ class RunResult:
     message: str = ""
     signal: int | None = None
     input_stats: ReadStats | None = field(default=None, repr=False)  # the reader's counters (byte budget)
+    write_stats: WriteStats | None = field(default=None, repr=False)  # the final write's counters (byte budget)
+    kept_stats: InputColumns | None = field(default=None, repr=False)  # kept Parquet columns' reads (byte budget)
     loop: str = ""  # the event loop the run used: "uvloop" or "asyncio"
     error_kinds: dict[str, int] = field(default_factory=dict)  # error rows by error_kind
     over_max_errors: bool = False  # finished, with more error rows than max_errors allows
@@ -276,7 +279,9 @@ class _Job:
         cache_cfg = spec.request.routing("cache")
         self.cache_ttl: float | None = cache_cfg.ttl if cache_cfg is not None else None
         self.cache: ResponseCache | None = None
-        self.result = RunResult(output=self.output, status="failed", input_stats=self.source.stats)
+        self.write_stats = WriteStats()
+        self.result = RunResult(output=self.output, status="failed", input_stats=self.source.stats,
+                                write_stats=self.write_stats)
         self.records = Records(self.prices)
         self.budget = Budget(spec.limits.max_cost_usd)  # the spend of earlier runs is added in _preflight
         self.caller = Caller(
@@ -715,7 +720,8 @@ class _Job:
         spec = self.spec
         keep_from = None
         if self.keep and self.source.format == "parquet" and self.fmt != "openai_batch":
-            keep_from = InputColumns(spec.input.path, self.keep, spec.input.id_column)
+            keep_from = InputColumns(spec.input.path, self.keep, spec.input.id_column, spec.input.batch_bytes)
+            self.result.kept_stats = keep_from
         written = finalize(
             self.state.directory / "journal.jsonl",
             self.output,
@@ -726,6 +732,8 @@ class _Job:
             spec.output.row_group_size,
             keep_from=keep_from,
             chat=self.shape.name == "chat",
+            max_bytes=spec.input.batch_bytes,
+            stats=self.write_stats,
         )
         all_ok = written == info.rows and self.result.errors == 0 and self.result.skipped + self.result.ok == info.rows
         # "finished" makes the next rerun a no-op; anything else (error rows, a --limit run) resumes.

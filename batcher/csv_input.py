@@ -12,7 +12,8 @@ A malformed row (more or fewer fields than the header) does not stop the read: A
 hands it over with its record number (the header is record 1; blank lines are not records), and it becomes an
 error row at its own position, naming its line. Lines and records differ when a quoted value holds newlines,
 so the line is found by a second pass with Python's csv module over the file, made only when a malformed row
-exists. Memory is bounded by the block size (a value longer than a block cannot be read: `BLOCK_SIZE`).
+exists. Memory is bounded by the block size (a value longer than a block cannot be read: `BLOCK_SIZE`), which
+`check()` sizes from the longest record it finds (`block_size`).
 
 What Arrow reads wrongly or not at all is found by `CsvFile.check()`, the pre-flight pass, before any request:
 bytes that are not UTF-8 (Arrow fails only when it converts them, mid-run, and only in the columns it reads)
@@ -23,7 +24,6 @@ naming the line. A UTF-8 byte order mark (Excel's "CSV UTF-8") is not part of th
 from __future__ import annotations
 
 import codecs
-import collections
 import csv
 import sys
 from collections.abc import Iterator
@@ -33,11 +33,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-__all__ = ["BLOCK_SIZE", "CsvError", "CsvFile", "delimiter_for"]
+__all__ = ["BLOCK_SIZE", "MIN_BLOCK_SIZE", "CsvError", "CsvFile", "delimiter_for"]
 
-# Bytes Arrow reads and parses at a time; also the longest row it can read. max_prompt_chars defaults to a
-# million characters (up to 4 MB of UTF-8), which must fit.
+# The most bytes Arrow reads and parses at a time; also the longest row it can read. max_prompt_chars defaults
+# to a million characters (up to 4 MB of UTF-8), which must fit.
 BLOCK_SIZE = 8 << 20
+# Arrow's streaming CSV reader reads up to 32 blocks ahead in a background thread (not configurable from
+# Python), so the block is what bounds memory: once `check()` has measured the longest record, blocks are that
+# record plus `_BLOCK_SLACK` (at least `MIN_BLOCK_SIZE`), not BLOCK_SIZE: ~18 MB ahead for 500 KB rows, not
+# ~270 MB. (Smaller blocks cost nothing measurable: a million short rows parse as fast in 256 KiB blocks.)
+MIN_BLOCK_SIZE = 256 << 10
+_BLOCK_SLACK = 64 << 10
 
 
 def delimiter_for(fmt: str) -> str:
@@ -63,6 +69,14 @@ class CsvFile:
         self.path = path
         self.delimiter = delimiter
         self._lines: dict[int, int] | None = None  # record number -> first line, for malformed records
+        self.longest: int | None = None  # bytes of the longest record (header included), once `check()` ran
+
+    @property
+    def block_size(self) -> int:
+        """Bytes Arrow reads at a time: the longest record and some slack once known, BLOCK_SIZE before."""
+        if self.longest is None:
+            return BLOCK_SIZE
+        return min(BLOCK_SIZE, max(MIN_BLOCK_SIZE, self.longest + _BLOCK_SLACK))
 
     def header(self) -> list[str]:
         with open(self.path, encoding="utf-8-sig", errors="replace", newline="") as f:
@@ -75,23 +89,31 @@ class CsvFile:
         """Raises CsvError for a file Arrow would misread or fail on mid-run: bytes that are not UTF-8, or a
         quote never closed (named by the line it opens on). Reads the file once more, with the csv module."""
         breaks = 0  # line breaks read so far
+        read = 0  # bytes read so far (UTF-8, as Arrow counts them)
         limit = csv.field_size_limit()
         csv.field_size_limit(sys.maxsize)  # a long value is Arrow's to refuse (BLOCK_SIZE), not this pass's
         try:
             with open(self.path, encoding="utf-8-sig", newline="") as f:
 
                 def lines() -> Iterator[str]:
-                    nonlocal breaks
+                    nonlocal breaks, read
                     for line in f:
+                        read += len(line) if line.isascii() else len(line.encode("utf-8", "surrogatepass"))
                         yield line
                         breaks += line.endswith(("\n", "\r"))
                     yield _EOF
 
-                last = collections.deque(csv.reader(lines(), delimiter=self.delimiter), maxlen=1)[0]
+                # One record at a time (the csv module reads no further than the record it returns), measuring
+                # the longest: what sizes Arrow's blocks (`block_size`).
+                longest = end = 0
+                last: list[str] = []
+                for record in csv.reader(lines(), delimiter=self.delimiter):
+                    longest, end, last = max(longest, read - end), read, record
         except UnicodeDecodeError:
             raise CsvError(self._not_utf8()) from None
         finally:
             csv.field_size_limit(limit)
+        self.longest = longest
         if last != [_EOF]:  # the last value swallowed the end of the file: its quote opens where it starts
             value = last[-1].removesuffix(_EOF)
             line = breaks + 1 - _breaks(value)
@@ -134,7 +156,7 @@ class CsvFile:
 
         reader = pa_csv.open_csv(
             self.path,
-            read_options=pa_csv.ReadOptions(block_size=BLOCK_SIZE, use_threads=False),
+            read_options=pa_csv.ReadOptions(block_size=self.block_size, use_threads=False),
             parse_options=pa_csv.ParseOptions(delimiter=self.delimiter, newlines_in_values=True,
                                               invalid_row_handler=on_invalid),
             convert_options=pa_csv.ConvertOptions(column_types={c: pa.string() for c in columns},

@@ -51,6 +51,7 @@ from .sinks import (
     JobLock,
     Journal,
     RunState,
+    WriteStats,
     compact_journal,
     encode_lines,
     finalize,
@@ -108,6 +109,8 @@ class RunResult:
     message: str = ""
     signal: int | None = None
     input_stats: ReadStats | None = field(default=None, repr=False)  # the reader's counters (byte budget)
+    write_stats: WriteStats | None = field(default=None, repr=False)  # the final write's counters (byte budget)
+    kept_stats: InputColumns | None = field(default=None, repr=False)  # kept Parquet columns' reads (byte budget)
     loop: str = ""  # the event loop the run used: "uvloop" or "asyncio"
     error_kinds: dict[str, int] = field(default_factory=dict)  # error rows by error_kind
     over_max_errors: bool = False  # finished, with more error rows than max_errors allows
@@ -288,8 +291,9 @@ class _Job:
         cache_cfg = spec.request.routing("cache")
         self.cache_ttl: float | None = cache_cfg.ttl if cache_cfg is not None else None
         self.cache: ResponseCache | None = None
+        self.write_stats = WriteStats()
         self.result = RunResult(output=Path(self.remote_output or self.output), status="failed",
-                                input_stats=self.source.stats)
+                                input_stats=self.source.stats, write_stats=self.write_stats)
         self.records = Records(self.prices)
         self.budget = Budget(spec.limits.max_cost_usd)  # the spend of earlier runs is added in _preflight
         self.caller = Caller(
@@ -788,11 +792,13 @@ class _Job:
         spec = self.spec
         keep_from = None
         if self.keep and self.source.format == "parquet" and self.fmt != "openai_batch":
-            keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column)
+            keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column, spec.input.batch_bytes)
+            self.result.kept_stats = keep_from
 
         def write(journal: Path, output: Path, fmt: str) -> int:
             return finalize(journal, output, fmt, self.schema, self.source.id_name, self.keep,
-                            spec.output.row_group_size, keep_from=keep_from, chat=self.shape.name == "chat")
+                            spec.output.row_group_size, keep_from=keep_from, chat=self.shape.name == "chat",
+                            max_bytes=spec.input.batch_bytes, stats=self.write_stats)
 
         journal = self.state.directory / "journal.jsonl"
         if self.fmt == "parquet_dataset":

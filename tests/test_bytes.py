@@ -20,7 +20,7 @@ from batcher import parse_spec, run_job
 from batcher.gateway import Gateway
 from batcher.pool import Pool, WorkSender
 from batcher.sources import Source, SourceRow
-from batcher.spec import InputSpec
+from batcher.spec import InputSpec, kept_column_name
 
 from .conftest import options
 
@@ -205,3 +205,102 @@ def test_csv_batches_respect_the_byte_budget(tmp_path: Path) -> None:
     assert source.stats.max_batch_bytes <= BUDGET
     assert [str(r.id) for b in batches for r in b] == [str(i) for i in range(60)]
     assert all(_within_budget(b, BUDGET) for b in batches) and len(batches) >= 60 * 18_000 // BUDGET
+
+
+# -- the final write (kept columns) ---------------------------------------------------------------------------
+
+KEPT = kept_column_name("text", "id")  # a kept `text` is renamed: batcher's answer column is `text`
+
+
+def _kept_run(make_spec, tmp_path: Path, inp: Path, out_name: str) -> tuple[Any, Path]:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out" / out_name
+    spec = parse_spec(make_spec(
+        input={"path": str(inp), "id_column": "id", "prompt": "Summarise:\n\n{{text}}", "batch_bytes": BUDGET},
+        output={"path": str(out), "keep_columns": ["text"]},
+    ))
+    result = run_job(spec, options())
+    assert result.status == "finished" and result.ok == 60
+    return result, out
+
+
+def _long_docs_parquet(path: Path, rows: int = 60, chars: int = 20_000) -> Path:
+    table = pa.table({"id": pa.array(range(rows), pa.int64()), "text": [_text(i, chars) for i in range(rows)]})
+    pq.write_table(table, path, row_group_size=rows, write_batch_size=4)  # one row group, small pages
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_kept_parquet_columns_are_read_back_and_written_within_the_byte_budget(
+    make_spec, gateway: Gateway, tmp_path: Path, fmt: str
+) -> None:
+    # 60 documents of 20 KB kept in the output (1.2 MB): the final write reads and writes them a budget at a time.
+    inp = _long_docs_parquet(tmp_path / "docs.parquet")
+    result, out = _kept_run(make_spec, tmp_path, inp, f"out.{fmt}")
+    kept, written = result.kept_stats, result.write_stats
+    assert kept is not None and written is not None
+    assert kept.max_read_bytes <= BUDGET  # was one read of all 60 rows (16,384 at a time)
+    assert kept.reads >= 60 * 20_000 // BUDGET
+    assert written.slices >= 60 * 20_000 // BUDGET
+    if fmt == "parquet":
+        assert written.max_group_bytes <= BUDGET  # row groups close by bytes, not only by row_group_size rows
+        meta = pq.ParquetFile(out).metadata
+        assert meta.num_row_groups >= 60 * 20_000 // BUDGET
+        assert max(meta.row_group(g).num_rows for g in range(meta.num_row_groups)) < 10
+        assert pq.read_table(out).column(KEPT).to_pylist() == [_text(i, 20_000) for i in range(60)]
+    else:
+        lines = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [x[KEPT] for x in lines] == [_text(i, 20_000) for i in range(60)]
+
+
+def test_kept_jsonl_values_are_written_within_the_byte_budget(make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    inp = tmp_path / "docs.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "text": _text(i, 20_000)}) + "\n" for i in range(60)))
+    result, out = _kept_run(make_spec, tmp_path, inp, "out.parquet")
+    written = result.write_stats
+    assert written is not None and result.kept_stats is None
+    assert written.max_group_bytes <= BUDGET
+    assert written.max_slice_bytes <= BUDGET
+    meta = pq.ParquetFile(out).metadata
+    assert meta.num_row_groups >= 60 * 20_000 // BUDGET
+    assert pq.read_table(out).column(KEPT).to_pylist() == [_text(i, 20_000) for i in range(60)]
+
+
+# -- CSV: Arrow reads up to 32 blocks ahead, so the block is sized from the longest record ------------------------
+
+
+def _csv_docs(path: Path, sizes: list[int]) -> Path:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "text"])
+        for i, n in enumerate(sizes):
+            w.writerow([i, _text(i, n).replace(" ", "\n", 3)])  # quoted values holding newlines count whole
+    return path
+
+
+def test_csv_blocks_are_sized_from_the_longest_record(tmp_path: Path) -> None:
+    from batcher.csv_input import BLOCK_SIZE, MIN_BLOCK_SIZE
+
+    inp = _csv_docs(tmp_path / "docs.csv", [20_000] * 150)  # 3 MB: one 8 MiB block before
+    source = Source(InputSpec(path=inp, id_column="id", prompt="Summarise: {{text}}", batch_bytes=BUDGET), [])
+    assert source.check().rows == 150
+    csv_file = source._csv()
+    assert csv_file.longest is not None and 20_000 < csv_file.longest < 20_100
+    assert csv_file.block_size == MIN_BLOCK_SIZE < BLOCK_SIZE
+    batches = list(source.batches())
+    assert [int(r.id) for b in batches for r in b] == list(range(150))
+    # a read is a block and the partial record carried over from the one before: was one read of 3 MB
+    assert 3 <= source.stats.reads and source.stats.max_read_bytes <= MIN_BLOCK_SIZE + csv_file.longest
+
+
+def test_a_csv_record_longer_than_the_small_block_is_still_read(tmp_path: Path) -> None:
+    from batcher.csv_input import MIN_BLOCK_SIZE
+
+    inp = _csv_docs(tmp_path / "docs.csv", [1_000, 2_000_000, 1_000])
+    source = Source(InputSpec(path=inp, id_column="id", prompt_column="text", batch_bytes=BUDGET,
+                                max_prompt_chars=3_000_000), [])
+    source.check()
+    assert source._csv().block_size > 2_000_000 > MIN_BLOCK_SIZE
+    rows = [r for b in source.batches() for r in b]
+    assert [len(r.prompt or "") for r in rows] == [len(_text(i, n)) for i, n in enumerate([1_000, 2_000_000, 1_000])]

@@ -78,6 +78,10 @@ class Budget:
         self.in_flight += 1
         return True
 
+    async def areserve(self, worst: float) -> bool:
+        """`reserve`, for a budget that may have to ask for room first (a worker's share of a job's cap)."""
+        return self.reserve(worst)
+
     def _release(self, worst: float) -> None:
         self.in_flight = max(0, self.in_flight - 1)
         self.reserved = max(0.0, self.reserved - worst) if self.in_flight else 0.0

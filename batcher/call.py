@@ -219,7 +219,7 @@ class Caller:
         the budget is reached (nothing in flight, and it still does not fit)."""
         if not self.budget.enforced:
             return not self.halted
-        while not self.budget.reserve(worst):
+        while not await self.budget.areserve(worst):
             if self.halted or self.budget_hit:
                 return False
             if self.budget.in_flight == 0:

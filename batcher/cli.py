@@ -47,6 +47,8 @@ def _run(args: argparse.Namespace) -> int:
         base_url=args.base_url,
         verbose=args.verbose,
         overwrite=args.overwrite,
+        ray=args.ray,
+        workers=args.workers,
         wait=args.wait,
         loop=args.loop,
         max_errors=args.max_errors,
@@ -104,6 +106,11 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="replace an existing output file that batcher did not write")
     run.add_argument("--verbose", "-v", action="store_true", help="print every failed attempt and the decision")
+    run.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                     help="run on Ray: a local instance, or the cluster at ADDRESS ('auto', 'ray://host:10001'); "
+                     "needs pip install 'batcher[ray]'")
+    run.add_argument("--workers", type=int, metavar="N",
+                     help="Ray workers (default: one per CPU of the cluster, capped by the shards)")
     run.add_argument("--wait", action="store_true",
                      help="if another run of this job is under way, wait for it to end, then resume (else: exit 8)")
     run.add_argument("--max-errors", type=_max_errors, metavar="N|P%",
@@ -180,6 +187,8 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1 if hasattr(args, "limit") else False:
         parser.error("--limit must be at least 1")
+    if getattr(args, "workers", None) is not None and (args.workers < 1 or getattr(args, "ray", None) is None):
+        parser.error("--workers needs --ray and must be at least 1")
     _expand_path_args(args, parser)
     try:
         code: int = args.func(args)

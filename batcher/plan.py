@@ -141,7 +141,7 @@ class _Tally:
 
 
 def _done_ids(spec: JobSpec, output: Path, rows: int, limit: int | None, fresh: bool,
-              notes: list[str]) -> tuple[list[Any], bool]:
+              notes: list[str], files: list[str] | None = None) -> tuple[list[Any], bool]:
     """The ids a resumed run would skip, and whether the run would find nothing to do; mirrors the run's
     pre-flight, but only reads: the run compacts the journal, the plan must not touch it."""
     state_dir = state_dir_for(output)
@@ -157,7 +157,7 @@ def _done_ids(spec: JobSpec, output: Path, rows: int, limit: int | None, fresh: 
                      "unless given --fresh; counted as nothing done")
         return [], False
     # An edited input (with ids: rows replaced, same count) is not finished whatever run.json says.
-    same_input = state.input == input_identity(spec.input.path)
+    same_input = state.input == input_identity(spec.input.path, files)
     if not same_input and spec.input.id_column is None and spec.input.resolved_format != "openai_batch":
         notes.append(f"the input changed since the run in {state_dir} and its rows are known by position: the run "
                      "would stop (exit 5) unless given --fresh; counted as nothing done")
@@ -249,7 +249,7 @@ def make_plan(
     shape = shape_of_job(spec)
     fallbacks = [f.model for f in (spec.request.routing("fallbacks") or [])]
 
-    ids, nothing_to_do = _done_ids(spec, out, info.rows, limit, fresh, notes)
+    ids, nothing_to_do = _done_ids(spec, out, info.rows, limit, fresh, notes, source.files)
     considered = info.rows if limit is None else min(limit, info.rows)
     tallies: dict[str, _Tally] = {}
     input_errors = 0

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import signal
 import stat
 import sys
@@ -30,17 +31,20 @@ import anyio
 import pyarrow as pa
 from anyio.abc import ObjectSendStream
 
+from . import storage
 from .budget import Budget, BudgetStop, PriorSpend, SpendLog, fold_spend, unpriced
 from .cache import ResponseCache
 from .call import Caller, Records, Work
 from .client import Endpoint, WorkerClient, check_api_key
 from .errors import FatalRequestError, OutputError, ResumeError, SpecError
 from .limits import RateLimits, limiter_tokens
+from .mirror import Mirror, MirroredJournal, staging_dir
 from .pool import Pool, WorkSender
 from .prices import Price, PriceTable
 from .progress import Progress
 from .routing import Backoff, RoutePlan, plan_for
 from .shapes import Shape, shape_of_job
+from .shards import fold_shards, write_parts
 from .sinks import (
     DROPPED,
     InputColumns,
@@ -81,6 +85,8 @@ class RunOptions:
     wait: bool = False  # another run of the job holds its lock: wait for it instead of refusing (exit 8)
     max_errors: int | str | None = None  # overrides limits.max_errors: "10" rows or "2.5%" of the rows
     loop: str = "auto"  # run_job's event loop: auto (uvloop when installed), uvloop, asyncio; see `event_loop`
+    ray: str | None = None  # run on Ray: "local" (a local instance), "auto" or "ray://host:port"; None: here
+    workers: int | None = None  # Ray workers (default: one per CPU of the cluster, capped by the shards)
 
 
 @dataclass
@@ -139,9 +145,9 @@ class RunResult:
             cost += f" + ≤ ${self.unconfirmed_usd:.4f} unconfirmed (calls cut off or dropped after sending: may have been billed)"
         if self.unpriced:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
+        where = storage.uri_of(self.output) or self.output
         dropped = f"; {self.dropped} answers for ids no longer in the input were dropped" if self.dropped else ""
-        return (f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> "
-                f"{self.output}{dropped}")
+        return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {where}{dropped}"
 
 
 # A run that finished with more error rows than --max-errors / limits.max_errors allow (default: none): a
@@ -201,8 +207,9 @@ def check_output_columns(spec: JobSpec, shape: Shape | None = None) -> None:
                             "own columns; rename that column in the input")
 
 
-def _probe_output(path: Path) -> None:
-    _refuse_special_output(path)
+def _probe_output(path: Path, folder: bool = False) -> None:
+    if not folder:
+        _refuse_special_output(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         probe = path.parent / f".{path.name}.probe{os.getpid()}"
@@ -211,8 +218,8 @@ def _probe_output(path: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise OutputError(f"cannot write the output {path}: {exc.strerror or exc}") from None
-    if path.exists() and path.is_dir():
-        raise OutputError(f"the output path {path} is a folder")
+    if path.exists() and path.is_dir() != folder:
+        raise OutputError(f"the output path {path} is {'not ' if folder else ''}a folder")
 
 
 def _check_output_target(output: Path, input_path: Path, overwrite: bool) -> None:
@@ -250,8 +257,8 @@ def run_fingerprint(spec: JobSpec) -> str:
         {
             **material,
             "input": spec.input.model_dump(mode="json", exclude={"path", "batch_size", "batch_bytes",
-                                                                         "max_prompt_chars"}),
-            "input_path": str(spec.input.path.resolve()),
+                                                                 "max_prompt_chars"}),
+            "input_path": storage.location(spec.input.path),
             "keep": spec.output.keep_columns,
             "format": spec.output.resolved_format,
             "request": spec.request.model_dump(mode="json", exclude_unset=True),
@@ -267,6 +274,11 @@ class _Job:
         self.spec = spec
         self.options = options
         self.output = options.output or spec.output.path
+        # An output on object storage: the run is staged on this machine and mirrored there (mirror.py)
+        self.remote_output = storage.uri_of(self.output)
+        self.mirror: Mirror | None = None
+        if self.remote_output is not None:
+            self.output = staging_dir(self.remote_output) / self.remote_output.rpartition("/")[2]
         self.fmt = spec.output.resolved_format if options.output is None else _fmt_of(options.output, spec)
         # Kept columns other than the input's id column (that one is the output's id already)
         self.keep = [c for c in spec.output.keep_columns if c != spec.input.id_source]
@@ -280,8 +292,8 @@ class _Job:
         self.cache_ttl: float | None = cache_cfg.ttl if cache_cfg is not None else None
         self.cache: ResponseCache | None = None
         self.write_stats = WriteStats()
-        self.result = RunResult(output=self.output, status="failed", input_stats=self.source.stats,
-                                write_stats=self.write_stats)
+        self.result = RunResult(output=Path(self.remote_output or self.output), status="failed",
+                                input_stats=self.source.stats, write_stats=self.write_stats)
         self.records = Records(self.prices)
         self.budget = Budget(spec.limits.max_cost_usd)  # the spend of earlier runs is added in _preflight
         self.caller = Caller(
@@ -300,6 +312,7 @@ class _Job:
             shape=self.shape,
             recent_max=3 * spec.input.batch_size + 16 * spec.limits.concurrency,
         )
+        self.concurrency = spec.limits.concurrency  # this process's share of it, for one worker of a cluster
         try:
             self.max_errors = parse_max_errors(options.max_errors) if options.max_errors is not None \
                 else spec.limits.error_allowance
@@ -493,10 +506,30 @@ class _Job:
             return await self._run(t0, outer, finishing)
 
     async def _run(self, t0: float, outer: dict[int, Any], finishing: contextlib.ExitStack) -> RunResult:
-        spec, opts = self.spec, self.options
+        opts = self.options
         info = self._preflight()
         await self._lock_job()
         self._resume_state(info)
+        total = info.rows if opts.limit is None else min(opts.limit, info.rows)
+        # The watcher is gone (and anyio put the default handlers back) once the pipeline ends: a signal from
+        # there on must neither kill the final write nor go unheard.
+        error = await self._pipeline(max(0, total - self.result.skipped), self.state.directory,
+                                     lambda: finishing.enter_context(self._signals_while_finishing(outer)))
+        self.result.rows = self.result.skipped + self.result.ok + self.result.errors
+        self.result.unconfirmed_usd = max(0.0, self.budget.unconfirmed - self.budget.unconfirmed_before)
+        self.result.wall_s = time.perf_counter() - t0
+        return self._conclude(info, error)
+
+    def _open_journal(self, directory: Path) -> Journal:
+        return Journal(directory) if self.mirror is None else MirroredJournal(directory, self.mirror, "")
+
+    def _start_helpers(self, tg: anyio.abc.TaskGroup) -> None:
+        """Tasks that run beside the pool (a distributed shard's heartbeat); none for a local run."""
+
+    async def _pipeline(self, todo: int, journal_dir: Path, drained: Any = None) -> BaseException | None:
+        """The pipeline over `self.source`, journaled in `journal_dir`: a fatal or output error is returned.
+        `drained` is called once the pool has stopped, before the pipeline's resources close."""
+        spec, opts = self.spec, self.options
         base_url = opts.base_url or spec.endpoint.base_url
         api_key = _api_key(spec, base_url)
         async with contextlib.AsyncExitStack() as stack:
@@ -516,19 +549,17 @@ class _Job:
                 stack.callback(self.cache.close)
                 if not self.cache.enabled:
                     self.cache = None
-            self.journal = Journal(self.state.directory)
+            self.journal = self._open_journal(journal_dir)
             stack.callback(self.journal.close)
             if self.budget.enforced:
-                spend_log = SpendLog(self.state.directory)
+                spend_log = SpendLog(journal_dir)
                 stack.callback(spend_log.close)
                 self.caller.spend_log = spend_log
-            total = info.rows if opts.limit is None else min(opts.limit, info.rows)
-            todo = max(0, total - self.result.skipped)
             self.progress = Progress(todo, enabled=_progress_enabled(opts), job=spec.job_name)
             stack.callback(self.progress.close)
             endpoint = self.endpoint
             self.pool: Pool[Work, _Result, WorkerClient] = Pool(
-                concurrency=spec.limits.concurrency,
+                concurrency=self.concurrency,
                 feed=self.feed,
                 work=self.caller.work,
                 open_worker=lambda: WorkerClient(endpoint, self.shape),
@@ -544,18 +575,18 @@ class _Job:
                 if opts.handle_signals:
                     tg.start_soon(self._watch_signals)
                 tg.start_soon(self._sync_journal)
+                self._start_helpers(tg)
                 try:
                     await self.pool.run()
                 except (FatalRequestError, OutputError) as exc:
                     error = exc
                 finally:
                     tg.cancel_scope.cancel()
-            # The watcher is gone (and anyio put the default handlers back): a signal from here on must
-            # neither kill the final write nor go unheard.
-            finishing.enter_context(self._signals_while_finishing(outer))
-        self.result.rows = self.result.skipped + self.result.ok + self.result.errors
-        self.result.unconfirmed_usd = max(0.0, self.budget.unconfirmed - self.budget.unconfirmed_before)
-        self.result.wall_s = time.perf_counter() - t0
+            if drained is not None:
+                drained()
+        return error
+
+    def _conclude(self, info: SourceInfo, error: BaseException | None) -> RunResult:
         if isinstance(error, OutputError):
             # Nothing more is written: run.json already says the run is unfinished, and on a full disk a state
             # write here would fail too and hide the error that matters.
@@ -575,11 +606,11 @@ class _Job:
         if isinstance(error, FatalRequestError):
             res.status = "fatal"
             res.message = f"{error}. Nothing answered was lost: fix the key and rerun the same command to resume"
-        elif res.signal is not None:
+        elif self._interrupted():
             res.status = "interrupted"
             res.message = (f"interrupted: {res.skipped + res.ok + res.errors} rows saved in {self.output}; "
                            "rerun the same command to finish the rest")
-        elif self.caller.budget_hit and self.budget.cap is not None:
+        elif self._budget_hit() and self.budget.cap is not None:
             res.status = "budget"
             BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent, self.caller.needed)
             earlier = f" (${self.budget.spent_before:.4f} of it by earlier runs)" if self.budget.spent_before else ""
@@ -601,11 +632,13 @@ class _Job:
                     f"{ERRORS_EXIT_CODE}. Rerun the same command to ask them again, or raise --max-errors "
                     "(or limits.max_errors) to accept them"
                 )
+        if self.mirror is not None:
+            self.mirror.push_small()
         return res
 
     def _preflight(self) -> SourceInfo:
         spec = self.spec
-        info = self.source.check()
+        info = self._check_input()
         if spec.limits.max_cost_usd is not None:
             # every model that may answer: the primary, the fallbacks and the balancer's, on both APIs
             missing = unpriced(self.prices, self.plan.may_answer)
@@ -615,7 +648,7 @@ class _Job:
                     "cannot be enforced; add it under prices: (USD per million prompt/completion tokens)"
                 )
         check_output_columns(spec, self.shape)
-        _probe_output(self.output)
+        _probe_output(self.output, folder=self.fmt == "parquet_dataset")
         _check_output_target(self.output, spec.input.path, self.options.overwrite)
         self.schema = output_schema(self.source.id_name, info.id_type, {c: info.keep_types[c] for c in self.keep},
                                     extra=self.shape.extra_columns)
@@ -640,6 +673,12 @@ class _Job:
         spec, opts = self.spec, self.options
         fp = run_fingerprint(spec)
         state_dir = state_dir_for(self.output)
+        if self.remote_output is not None:
+            parent, _, name = self.remote_output.rpartition("/")
+            self.mirror = Mirror(state_dir, f"{parent}/.{name}.batcher")
+            if opts.fresh:
+                self.mirror.drop_tree("")
+            self.mirror.pull()
         state = RunState.load(state_dir)
         self.done_ids: pa.Array | None = None
         if state is not None and opts.fresh:
@@ -654,7 +693,7 @@ class _Job:
             )
         positional = spec.input.id_column is None and self.source.format != "openai_batch"
         # Recorded for every job: with ids, a changed input has its answers renumbered to the rows' new places.
-        identity = input_identity(spec.input.path)
+        identity = self._input_identity()
         changed = state is not None and state.input != identity
         if changed and positional:
             raise ResumeError(
@@ -669,29 +708,62 @@ class _Job:
                 self.result.status = "nothing_to_do"
                 self.result.skipped = info.rows
                 raise _NothingToDo()
-            # Before the compaction, which drops error rows (and what their unknown attempts may have cost).
-            prior = PriorSpend(0.0, 0.0)
-            if self.budget.enforced or (state_dir / SpendLog.NAME).exists():  # else: no need to read the journal
-                prior = fold_spend(state_dir)
-            ids = compact_journal(state_dir)
-            if changed and ids:
-                # Rows moved, came or went since the journal was written: its positions follow the ids to the
-                # rows' current places (rows are in input order), and answers for ids now gone are dropped.
-                self.result.dropped = remap_journal(state_dir, self.source.ids(info.id_type),
-                                                    on_dropped=lambda cost: _carry_spend(state_dir, cost))
+            prior = self._resume(state_dir, info, changed)
             if changed:
                 # Not "finished" any more: a crash before this run's end must not make the rerun a no-op on an
                 # input whose new rows were never asked.
                 state.input, state.status = identity, "partial"
                 state.save()
-            self.result.skipped = len(ids) - self.result.dropped
-            if ids:
-                self.done_ids = pa.array(ids, type=info.id_type)
             self._budget_so_far(state_dir, prior)
         else:
             state = RunState(state_dir, fp, input=identity)
             state.save()
+        if self.mirror is not None:
+            self.mirror.push_small()
         self.state = state
+
+    def _check_input(self) -> SourceInfo:
+        return self.source.check()
+
+    def _input_identity(self) -> dict[str, Any]:
+        # a directory, a glob or an object: every file's, in order (a file added or removed changes positions)
+        return input_identity(self.spec.input.path, self.source.files)
+
+    def _part_starts(self) -> list[int]:
+        """Where the parts of a `parquet_dataset` output begin (row positions): one part for a local run."""
+        return [0]
+
+    def _resume(self, state_dir: Path, info: SourceInfo, changed: bool) -> PriorSpend:
+        """Pick up an earlier run's answers: the ids to skip; returns the spend so far. `changed`: the input
+        (with ids) was edited since the journal was written."""
+        fold_shards(state_dir)  # a distributed run's journals, if one stopped before merging them
+        # Before the compaction, which drops error rows (and what their unknown attempts may have cost).
+        prior = PriorSpend(0.0, 0.0)
+        if self.budget.enforced or (state_dir / SpendLog.NAME).exists():  # else: no need to read the journal
+            prior = fold_spend(state_dir)
+        ids = self._remap(state_dir, info, changed)
+        if self.mirror is not None:
+            self.mirror.push_base("", state_dir)
+        self.result.skipped = len(ids) - self.result.dropped
+        if ids:
+            self.done_ids = pa.array(ids, type=info.id_type)
+        return prior
+
+    def _remap(self, state_dir: Path, info: SourceInfo, changed: bool) -> list[Any]:
+        """Compact the job's journal; if the input changed, its positions follow the ids to the rows' current
+        places (rows are in input order), and answers for ids now gone are dropped (`result.dropped`), their
+        cost carried in `spend.log`. Returns the compacted journal's ids (the dropped ones included)."""
+        ids = compact_journal(state_dir)
+        if changed and ids:
+            self.result.dropped = remap_journal(state_dir, self.source.ids(info.id_type),
+                                                on_dropped=lambda cost: _carry_spend(state_dir, cost))
+        return ids
+
+    def _interrupted(self) -> bool:
+        return self.result.signal is not None
+
+    def _budget_hit(self) -> bool:
+        return self.caller.budget_hit
 
     def _budget_so_far(self, state_dir: Path, prior: PriorSpend) -> None:
         """The cap is the job's: earlier runs' spend counts (answers, and calls of unknown outcome at their worst
@@ -720,21 +792,21 @@ class _Job:
         spec = self.spec
         keep_from = None
         if self.keep and self.source.format == "parquet" and self.fmt != "openai_batch":
-            keep_from = InputColumns(spec.input.path, self.keep, spec.input.id_column, spec.input.batch_bytes)
+            keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column, spec.input.batch_bytes)
             self.result.kept_stats = keep_from
-        written = finalize(
-            self.state.directory / "journal.jsonl",
-            self.output,
-            self.fmt,
-            self.schema,
-            self.source.id_name,
-            self.keep,
-            spec.output.row_group_size,
-            keep_from=keep_from,
-            chat=self.shape.name == "chat",
-            max_bytes=spec.input.batch_bytes,
-            stats=self.write_stats,
-        )
+
+        def write(journal: Path, output: Path, fmt: str) -> int:
+            return finalize(journal, output, fmt, self.schema, self.source.id_name, self.keep,
+                            spec.output.row_group_size, keep_from=keep_from, chat=self.shape.name == "chat",
+                            max_bytes=spec.input.batch_bytes, stats=self.write_stats)
+
+        journal = self.state.directory / "journal.jsonl"
+        if self.fmt == "parquet_dataset":
+            written = write_parts(journal, self.output, self._part_starts(), lambda j, o: write(j, o, "parquet"))
+        else:
+            written = write(journal, self.output, self.fmt)
+        if self.remote_output is not None:
+            storage.upload(self.output, self.remote_output)
         all_ok = written == info.rows and self.result.errors == 0 and self.result.skipped + self.result.ok == info.rows
         # "finished" makes the next rerun a no-op; anything else (error rows, a --limit run) resumes.
         self.state.status = "finished" if all_ok else "partial"
@@ -779,6 +851,8 @@ def _carry_spend(state_dir: Path, cost: float) -> None:
 
 
 def _remove_state(directory: Path) -> None:
+    for name in ("shards", "shards.new", "shards.old"):
+        shutil.rmtree(directory / name, ignore_errors=True)
     for name in ("journal.jsonl", "run.json", "journal.compact.tmp", "journal.remap.tmp", DROPPED, BudgetStop.NAME,
                  SpendLog.NAME, SpendLog.NAME + ".tmp"):
         with contextlib.suppress(FileNotFoundError):
@@ -811,7 +885,12 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
     options = options or RunOptions(**kwargs)
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
-    job = _Job(spec, options)
+    if options.ray is not None:
+        from .distributed import RayJob  # imports Ray: only a --ray run pays for it
+
+        job: _Job = RayJob(spec, options)
+    else:
+        job = _Job(spec, options)
     try:
         return await job.run()
     except _NothingToDo:

@@ -27,7 +27,7 @@ import os
 import socket
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,11 +180,29 @@ class RunState:
 _ENDS = 1 << 20
 
 
-def input_identity(path: Path) -> dict[str, Any]:
-    """What names an input file's content, cheaply: its size, modification time and a hash of its first and
+def input_identity(path: str | os.PathLike[str], files: Sequence[str] | None = None) -> dict[str, Any]:
+    """What names an input's content, cheaply: a file's size, modification time and a hash of its first and
     last MiB. Without `id_column` rows are positions, so a rerun on a changed input is refused (answers would
     land on the wrong rows); with ids the file may change freely, and a change makes the rerun renumber the
-    journal by id (`remap_journal`) so the output follows the input's current order."""
+    journal by id (`remap_journal`) so the output follows the input's current order.
+
+    A directory, a glob or an object (`s3://`): every file's identity, in order (a file added or removed
+    changes positions too). `files`: the files it names, if already listed (`Source.files`); else listed here
+    with any input suffix."""
+    from . import storage
+
+    if files is None:
+        if not storage.is_remote(path) and Path(path).is_file():
+            files = [os.fspath(path)]
+        else:
+            suffixes = (".parquet", ".jsonl", ".ndjson", ".csv", ".tsv")
+            files = storage.expand_inputs(path, suffixes) or [os.fspath(path)]
+    if len(files) != 1 or storage.is_remote(files[0]):
+        return {"files": [storage.identity(f) for f in files]}
+    return _file_identity(Path(files[0]))
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
     st = path.stat()
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -637,49 +655,65 @@ class InputColumns:
     checked against the journal's; if the input was edited since (rows moved), the rows are found by id.
     """
 
-    def __init__(self, path: Path, columns: list[str], id_column: str | None, max_bytes: int = 4 << 20) -> None:
-        self.path = path
+    def __init__(self, path: Path | list[str], columns: list[str], id_column: str | None,
+                 max_bytes: int = 4 << 20) -> None:
+        # several files (a directory or glob input): positions run on from one file to the next
+        self.paths = [str(path)] if isinstance(path, Path) else list(path)
         self.columns = columns
         self.id_column = id_column
         self.max_bytes = max_bytes
         self._read = list(dict.fromkeys([*columns, *([id_column] if id_column else [])]))
-        pf = pq.ParquetFile(path, pre_buffer=False)
-        arrow = pf.schema_arrow
+        first = self._file(self.paths[0])
+        arrow = first.schema_arrow
         self._schema = pa.schema([arrow.field(c) for c in self._read])
         self._all_ids: pa.Array | None = None
-        meta = pf.metadata
         wanted = set(self._read)
-        self._sizes = [
-            sum(meta.row_group(g).column(j).total_uncompressed_size for j in range(meta.row_group(g).num_columns)
-                if meta.row_group(g).column(j).path_in_schema.split(".")[0] in wanted) or meta.row_group(g).total_byte_size
-            for g in range(meta.num_row_groups)
-        ]
-        self._rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-        # Stream column chunks (not read whole) only when one is bigger than the budget, as the reader does.
-        self._stream = any(meta.row_group(g).column(j).total_uncompressed_size > max_bytes
-                           for g in range(meta.num_row_groups) for j in range(meta.row_group(g).num_columns)
-                           if meta.row_group(g).column(j).path_in_schema.split(".")[0] in wanted)
+        # (file, row group, uncompressed bytes of the kept columns, rows) for every row group of every file
+        self._groups: list[tuple[int, int, int, int]] = []
+        self._stream = False
+        for f, path_ in enumerate(self.paths):
+            meta = (first if f == 0 else self._file(path_)).metadata
+            for g in range(meta.num_row_groups):
+                rg = meta.row_group(g)
+                cols = [rg.column(j) for j in range(rg.num_columns) if rg.column(j).path_in_schema.split(".")[0] in wanted]
+                size = sum(c.total_uncompressed_size for c in cols) or rg.total_byte_size
+                # Stream column chunks (not read whole) only when one is bigger than the budget, as the reader does.
+                self._stream = self._stream or any(c.total_uncompressed_size > max_bytes for c in cols)
+                self._groups.append((f, g, size, rg.num_rows))
         self._per_row_seen = 0.0
         self.reads = 0  # Arrow reads of the kept columns
         self.max_read_bytes = 0  # the most bytes one read held
         self._restart()
 
+    @staticmethod
+    def _file(path: str, **kw: Any) -> pq.ParquetFile:
+        from .storage import is_remote, open_input
+
+        return pq.ParquetFile(open_input(path) if is_remote(path) else path, pre_buffer=False, **kw)
+
+    def _all_batches(self, columns: list[str], batch_size: int) -> Iterator[pa.RecordBatch]:
+        for path in self.paths:
+            yield from self._file(path).iter_batches(batch_size=batch_size, columns=columns)
+
     @property
     def bytes_per_row(self) -> float:
         """The most bytes a row's kept values take, as far as is known (footer sizes, then reads)."""
-        known = max((s / n for s, n in zip(self._sizes, self._rows, strict=True) if n), default=1.0)
+        known = max((s / n for _, _, s, n in self._groups if n), default=1.0)
         return max(known, self._per_row_seen, 1.0)
 
     def _reads(self) -> Iterator[pa.RecordBatch]:
         """The kept columns in reads of about a quarter of the byte budget, sized from each row group's
         uncompressed bytes per row (or the most a read has held so far, if more), as the input reader does."""
-        pf = pq.ParquetFile(self.path, pre_buffer=False, **({"buffer_size": 1 << 20} if self._stream else {}))
-        for g, (size, rows) in enumerate(zip(self._sizes, self._rows, strict=True)):
+        opened: dict[int, pq.ParquetFile] = {}
+        for f, g, size, rows in self._groups:
             if rows == 0:
                 continue
+            if f not in opened:
+                opened.clear()  # one file open at a time
+                opened[f] = self._file(self.paths[f], **({"buffer_size": 1 << 20} if self._stream else {}))
             per_row = max(size / rows, self._per_row_seen, 1.0)
             step = max(1, min(16_384, int(self.max_bytes / 4 / per_row)))
-            for batch in pf.iter_batches(batch_size=step, row_groups=[g], columns=self._read):
+            for batch in opened[f].iter_batches(batch_size=step, row_groups=[g], columns=self._read):
                 nbytes = batch.nbytes
                 self.reads += 1
                 self.max_read_bytes = max(self.max_read_bytes, nbytes)
@@ -740,8 +774,7 @@ class InputColumns:
     def _take_by_id(self, ids: Any) -> pa.Table:
         assert self.id_column is not None
         if self._all_ids is None:
-            pf = pq.ParquetFile(self.path, pre_buffer=False)
-            chunks = [b.column(0) for b in pf.iter_batches(batch_size=65_536, columns=[self.id_column])]
+            chunks = [b.column(0) for b in self._all_batches([self.id_column], 65_536)]
             self._all_ids = pa.chunked_array(chunks, type=self._schema.field(self.id_column).type).combine_chunks()
         found = pc.index_in(ids, value_set=self._all_ids)
         order = pc.sort_indices(found)  # nulls (ids no longer in the input) last

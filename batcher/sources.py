@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
+from . import storage
 from .attachments import Attachments, attach
 from .csv_input import CsvError, CsvFile, delimiter_for
 from .errors import InputError
@@ -40,7 +41,7 @@ from .sinks import json_values
 from .spec import InputSpec, RequestSpec
 from .templating import MissingVariable, Template, TemplateError, json_safe
 
-__all__ = ["ReadStats", "Source", "SourceInfo", "SourceRow"]
+__all__ = ["InputPart", "ReadStats", "Scan", "Source", "SourceInfo", "SourceRow"]
 
 
 @dataclass(slots=True)
@@ -84,6 +85,49 @@ class SourceInfo:
     rows: int
     id_type: pa.DataType
     keep_types: dict[str, pa.DataType]
+
+
+@dataclass(frozen=True, slots=True)
+class InputPart:
+    """A piece of the input: a whole file, some row groups of a Parquet file, or the lines that begin in a byte
+    range of a JSONL file. `line_base`: the file's lines before the part (error rows name the file's line)."""
+
+    path: str
+    row_groups: tuple[int, ...] | None = None
+    start: int = 0
+    end: int | None = None
+    line_base: int = 0
+
+
+@dataclass(slots=True)
+class Scan:
+    """What a pre-flight pass over some parts found; scans of consecutive parts add up (`merge`), so a cluster
+    can scan shards in parallel and the driver checks the ids of the whole input at once."""
+
+    rows: int = 0
+    lines: list[int] = field(default_factory=list)  # per part: the raw lines it holds (blank ones too)
+    ids: list[pa.Array] = field(default_factory=list)
+    id_values: list[Any] = field(default_factory=list)  # JSONL: the ids as read (typed by `Source.info`)
+    no_id: list[int] = field(default_factory=list)  # JSONL: line numbers of object lines without an id
+    seen_keys: set[str] = field(default_factory=set)
+    keep_kinds: dict[str, set[str]] = field(default_factory=dict)
+    id_type: pa.DataType | None = None  # Parquet
+    keep_types: dict[str, pa.DataType] = field(default_factory=dict)  # Parquet
+
+    def merge(self, other: Scan) -> None:
+        self.rows += other.rows
+        self.lines += other.lines
+        self.ids += other.ids
+        self.id_values += other.id_values
+        self.no_id += other.no_id
+        self.seen_keys |= other.seen_keys
+        for c, kinds in other.keep_kinds.items():
+            self.keep_kinds.setdefault(c, set()).update(kinds)
+        if self.id_type is None:
+            self.id_type = other.id_type
+        elif other.id_type is not None and other.id_type != self.id_type:
+            raise InputError(f"the input files' id columns differ in type: {self.id_type} and {other.id_type}")
+        self.keep_types = self.keep_types or other.keep_types
 
 
 _INT64 = (-(2**63), 2**63 - 1)
@@ -205,12 +249,26 @@ def _dup_examples(ids: pa.ChunkedArray | pa.Array) -> list[Any]:
     return [d["values"] for d in dup.slice(0, 5).to_pylist()]
 
 
+_SUFFIXES = {"parquet": (".parquet",), "jsonl": (".jsonl", ".ndjson"), "openai_batch": (".jsonl", ".ndjson"),
+             "csv": (".csv",), "tsv": (".tsv",)}
+
+
 class Source:
-    def __init__(self, spec: InputSpec, keep_columns: list[str], api: str = "orq") -> None:
+    """The input's rows. `parts`: the pieces this source reads (default: the whole input, a file or the files
+    of a directory or glob), whose first row is at position `index_base` of the whole input."""
+
+    def __init__(self, spec: InputSpec, keep_columns: list[str], api: str = "orq",
+                 parts: Sequence[InputPart] | None = None, index_base: int = 0) -> None:
         self.api = api  # endpoint.api: an OpenAI batch line's orq-only fields are refused under openai
         self.spec = spec
         self.path = spec.path
         self.format = spec.resolved_format
+        self.whole = parts is None
+        if parts is None:
+            files = storage.expand_inputs(spec.path, _SUFFIXES[self.format])
+            parts = [InputPart(str(spec.path))] if files is None else [InputPart(f) for f in files]
+        self.parts = list(parts)
+        self.index_base = index_base
         self.keep_columns = keep_columns
         # A Parquet input's kept columns are not read here: the sink takes them from the file itself when it
         # writes the output (any Arrow type, untouched); a JSONL input's kept values travel in the journal.
@@ -242,26 +300,69 @@ class Source:
         return cols
 
     def check(self) -> SourceInfo:
-        if not self.path.exists():
-            raise InputError(f"input file {self.path} does not exist")
-        if not self.path.is_file():
-            raise InputError(f"input path {self.path} is not a file")
-        try:
-            with open(self.path, "rb"):
-                pass
-        except OSError as exc:
-            raise InputError(f"cannot read input file {self.path}: {exc.strerror or exc}") from None
-        if self.format == "parquet":
-            return self._check_parquet()
-        if self.format in ("csv", "tsv"):
+        if self.format in ("csv", "tsv"):  # one local file, read whole (csv_input.py)
+            if not self.path.exists():
+                raise InputError(f"input file {self.path} does not exist")
+            if not self.path.is_file():
+                raise InputError(f"input path {self.path} is not a file")
+            try:
+                with open(self.path, "rb"):
+                    pass
+            except OSError as exc:
+                raise InputError(f"cannot read input file {self.path}: {exc.strerror or exc}") from None
             return self._check_csv()
-        return self._check_jsonl()
+        return self.info(self.scan())
 
-    def _check_parquet(self) -> SourceInfo:
+    @property
+    def files(self) -> list[str]:
+        return list(dict.fromkeys(p.path for p in self.parts))
+
+    def scan(self) -> Scan:
+        """Read what the pre-flight needs from this source's parts (ids, counts, columns, types)."""
+        for name in self.files:
+            if storage.is_remote(name):
+                storage.size_of(name)  # raises InputError naming the URI when it is not there
+                continue
+            path = self.path if name == str(self.path) else type(self.path)(name)
+            if not path.exists():
+                raise InputError(f"input file {path} does not exist")
+            if not path.is_file():
+                raise InputError(f"input path {path} is not a file")
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise InputError(f"cannot read input file {path}: {exc.strerror or exc}") from None
+        if self.format == "parquet":
+            scan = Scan()
+            for part in self.parts:
+                scan.merge(self._scan_parquet(part))
+            return scan
+        return self._scan_jsonl()
+
+    def info(self, scan: Scan) -> SourceInfo:
+        """The whole input's facts from the scans of all its parts; refuses null or duplicate ids."""
+        if self.format == "parquet":
+            assert scan.id_type is not None
+            if self.spec.id_column:
+                self._check_ids(pa.chunked_array(scan.ids, type=scan.id_type))
+            return SourceInfo(rows=scan.rows, id_type=scan.id_type, keep_types=scan.keep_types)
+        return self._jsonl_info(scan)
+
+    def _parquet_file(self, part: InputPart, buffer_size: int = 0) -> pq.ParquetFile:
         try:
-            pf = pq.ParquetFile(self.path, pre_buffer=False)
+            if storage.is_remote(part.path):
+                return pq.ParquetFile(storage.open_input(part.path), pre_buffer=False, buffer_size=buffer_size)
+            return pq.ParquetFile(part.path, pre_buffer=False, buffer_size=buffer_size)
         except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"cannot read {self.path} as Parquet: {exc}") from None
+            raise InputError(f"cannot read {self._name(part)} as Parquet: {exc}") from None
+
+    def _name(self, part: InputPart) -> str:
+        return str(self.path) if part.path == str(self.path) else (storage.uri_of(part.path) or part.path)
+
+    def _scan_parquet(self, part: InputPart) -> Scan:
+        pf = self._parquet_file(part)
+        name = self._name(part)
         schema = pf.schema_arrow
         missing = [c for c in self._needed() if c not in schema.names]
         if missing:
@@ -272,31 +373,37 @@ class Source:
                 else:
                     what.append(repr(c))
             raise InputError(
-                f"{self.path}: no column {', '.join(what)}; the columns are {schema.names}"
+                f"{name}: no column {', '.join(what)}; the columns are {schema.names}"
             )
         if self.spec.prompt_column:
             t = schema.field(self.spec.prompt_column).type
             if not _is_string_type(t):
-                raise InputError(f"{self.path}: prompt_column {self.spec.prompt_column!r} is {t}, not a string column")
+                raise InputError(f"{name}: prompt_column {self.spec.prompt_column!r} is {t}, not a string column")
         if self.spec.messages_column:
             t = _decoded(schema.field(self.spec.messages_column).type)
             if not (_is_string_type(t) or pa.types.is_list(t) or pa.types.is_large_list(t)):
-                raise InputError(f"{self.path}: messages_column {self.spec.messages_column!r} is {t}, not a list of "
+                raise InputError(f"{name}: messages_column {self.spec.messages_column!r} is {t}, not a list of "
                                  "messages (a list of structs) or a string column of JSON lists")
-        rows = pf.metadata.num_rows
+        groups = part.row_groups
+        if groups is None:
+            rows = pf.metadata.num_rows
+        else:
+            rows = sum(pf.metadata.row_group(g).num_rows for g in groups)
         id_type: pa.DataType = pa.int64()
+        scan = Scan(rows=rows, lines=[rows])
         if self.spec.id_column:
             id_type = schema.field(self.spec.id_column).type
             if not _is_id_type(id_type):
                 raise InputError(
-                    f"{self.path}: id_column {self.spec.id_column!r} is {id_type}; ids must be strings or integers"
+                    f"{name}: id_column {self.spec.id_column!r} is {id_type}; ids must be strings or integers"
                 )
             id_type = _decoded(id_type)
-            chunks = [_plain(b.column(0)) for b in pf.iter_batches(batch_size=65_536, columns=[self.spec.id_column])]
-            ids = pa.chunked_array(chunks, type=id_type)
-            self._check_ids(ids)
-        keep_types = {c: schema.field(c).type for c in self.keep_columns}
-        return SourceInfo(rows=rows, id_type=id_type, keep_types=keep_types)
+            chunks = [_plain(b.column(0)) for b in pf.iter_batches(batch_size=65_536, columns=[self.spec.id_column],
+                                                                      row_groups=groups)]
+            scan.ids = [pa.chunked_array(chunks, type=id_type).combine_chunks()]
+        scan.id_type = id_type
+        scan.keep_types = {c: schema.field(c).type for c in self.keep_columns}
+        return scan
 
     def _check_ids(self, ids: pa.ChunkedArray | pa.Array) -> None:
         if ids.null_count:
@@ -312,13 +419,14 @@ class Source:
                 "ids must be unique (or drop id_column to use row positions)"
             )
 
-    def _check_jsonl(self) -> SourceInfo:
+    def _scan_jsonl(self) -> Scan:
         rows = 0
         ids: list[Any] = []
         no_id: list[int] = []  # line numbers of object lines without an id
         seen_keys: set[str] = set()
         keep_types: dict[str, set[str]] = {c: set() for c in self.keep_columns}
         id_col = self.id_name if (self.spec.id_column or self.format == "openai_batch") else None
+        self._raw_lines: list[int] = []
         for _lineno, obj, suspect, _size in self._lines():
             rows += 1
             if not isinstance(obj, dict):
@@ -350,6 +458,13 @@ class Source:
                     # an integer beyond int64 fits no Arrow integer: such a column is kept as JSON text
                     big = type(v) is int and not -(2**63) <= v < 2**63
                     keep_types[c].add("bigint" if big else type(v).__name__)
+        return Scan(rows=rows, lines=self._raw_lines, id_values=ids, seen_keys=seen_keys, keep_kinds=keep_types,
+                    no_id=no_id)
+
+    def _jsonl_info(self, scan: Scan) -> SourceInfo:
+        rows, ids, seen_keys, no_id = scan.rows, scan.id_values, scan.seen_keys, scan.no_id
+        keep_types = {c: scan.keep_kinds.get(c, set()) for c in self.keep_columns}
+        id_col = self.id_name if (self.spec.id_column or self.format == "openai_batch") else None
         if self.format != "openai_batch":
             never = [c for c in self._needed() if c not in seen_keys and c != self.spec.id_column]
             if never and rows:
@@ -459,26 +574,45 @@ class Source:
 
     def _lines(self) -> Iterator[tuple[int, Any, bool, int]]:
         """(line number, parsed object or a `_BadLine`, whether it may hold a lone surrogate, the line's bytes) per
-        non-blank line."""
+        non-blank line. Line numbers are the file's; with several files, the message names the file too."""
         search = _ESCAPED_SURROGATE.search
-        with open(self.path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if lineno == 1:
-                    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a BOM (Windows editors): not part of the first line
-                if not raw.strip():
-                    continue
-                try:
-                    yield lineno, json.loads(raw), search(raw) is not None, len(raw)
-                except (ValueError, UnicodeDecodeError) as exc:
-                    yield lineno, _BadLine(f"line {lineno}: not valid JSON ({str(exc)[:80]})"), False, len(raw)
+        counts: list[int] = []
+        self._raw_lines = counts
+        several = len(self.files) > 1
+        for part in self.parts:
+            counts.append(0)
+            where = f"{part.path}: " if several else ""
+            if self.whole and part.start == 0 and part.end is None and not storage.is_remote(part.path):
+                f: Any = open(part.path, "rb")
+                lines: Any = f
+            else:
+                f = None
+                lines = storage.iter_lines(part.path, part.start, part.end)
+            try:
+                for lineno, raw in enumerate(lines, start=part.line_base + 1):
+                    counts[-1] += 1
+                    if lineno == 1:
+                        raw = raw.removeprefix(b"\xef\xbb\xbf")  # a BOM (Windows editors): not part of the first line
+                    if not raw.strip():
+                        continue
+                    try:
+                        yield lineno, json.loads(raw), search(raw) is not None, len(raw)
+                    except (ValueError, UnicodeDecodeError) as exc:
+                        yield (lineno, _BadLine(f"{where}line {lineno}: not valid JSON ({str(exc)[:80]})"), False,
+                               len(raw))
+            finally:
+                if f is not None:
+                    f.close()
 
     def ids(self, id_type: pa.DataType) -> pa.Array:
         """Every row's id in file order (null for a JSONL line that is not an object): where each id is now,
         for a resumed run whose input was edited (`sinks.remap_journal`)."""
         if self.format == "parquet":
             assert self.spec.id_column is not None
-            pf = pq.ParquetFile(self.path, pre_buffer=False)
-            chunks = [_plain(b.column(0)) for b in pf.iter_batches(batch_size=65_536, columns=[self.spec.id_column])]
+            # every part in order (the files of a directory, a glob or an object store), as `batches` reads them
+            chunks = [_plain(b.column(0)).cast(id_type) for part in self.parts
+                      for b in self._parquet_file(part).iter_batches(batch_size=65_536, columns=[self.spec.id_column],
+                                                                     row_groups=part.row_groups)]
             return pa.chunked_array(chunks, type=id_type).combine_chunks()
         if self.format in ("csv", "tsv"):
             assert self.spec.id_column is not None
@@ -506,17 +640,10 @@ class Source:
         columns = self._needed(keep=False)
         wanted = set(columns)
         budget = self.spec.batch_bytes
-        pf = pq.ParquetFile(self.path, pre_buffer=False)
-        meta_all = pf.metadata
-        # Stream column chunks only when one is bigger than the budget: short rows keep the one read per chunk.
-        if any(meta_all.row_group(g).column(j).total_uncompressed_size > budget
-               for g in range(meta_all.num_row_groups) for j in range(meta_all.row_group(g).num_columns)
-               if meta_all.row_group(g).column(j).path_in_schema.split(".")[0] in wanted):
-            pf = pq.ParquetFile(self.path, pre_buffer=False, buffer_size=_READ_BUFFER)
         per_row_seen = 0.0  # the most bytes per row a read has held so far
-        index = 0
+        index = self.index_base
         out = _Batcher(self.spec.batch_size, budget, self.stats)
-        for g in range(pf.metadata.num_row_groups):
+        for _part, pf, g in self._row_groups(wanted, budget):
             meta = pf.metadata.row_group(g)
             if meta.num_rows == 0:
                 continue
@@ -563,10 +690,24 @@ class Source:
         if (last := out.flush()) is not None:
             yield last
 
+    def _row_groups(self, wanted: set[str], budget: int) -> Iterator[tuple[InputPart, pq.ParquetFile, int]]:
+        """(part, its file, row group) in input order, over this source's parts."""
+        for part in self.parts:
+            pf = self._parquet_file(part)
+            meta_all = pf.metadata
+            groups = list(range(meta_all.num_row_groups)) if part.row_groups is None else list(part.row_groups)
+            # Stream column chunks only when one is bigger than the budget: short rows keep the one read per chunk.
+            if any(meta_all.row_group(g).column(j).total_uncompressed_size > budget
+                   for g in groups for j in range(meta_all.row_group(g).num_columns)
+                   if meta_all.row_group(g).column(j).path_in_schema.split(".")[0] in wanted):
+                pf = self._parquet_file(part, buffer_size=_READ_BUFFER)
+            for g in groups:
+                yield part, pf, g
+
     def _jsonl_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
         done = set(done_ids.to_pylist()) if done_ids is not None and len(done_ids) else None
         out = _Batcher(self.spec.batch_size, self.spec.batch_bytes, self.stats)
-        for index, (lineno, obj, suspect, size) in enumerate(self._lines()):
+        for index, (lineno, obj, suspect, size) in enumerate(self._lines(), start=self.index_base):
             self.stats.read(size)
             row = self._json_row(index, lineno, obj)
             if suspect and row.error is None:

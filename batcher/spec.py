@@ -367,6 +367,11 @@ def format_of(path: Path, section: str) -> str:
         return "jsonl"
     if section == "input" and suffix in (".csv", ".tsv"):
         return suffix[1:]
+    if section == "input" and path.is_dir():  # a directory of inputs: the format its files share
+        found = {format_of(p, section) for p in path.iterdir()
+                 if p.is_file() and p.suffix.lower() in (".parquet", ".jsonl", ".ndjson", ".csv", ".tsv")}
+        if len(found) == 1:
+            return found.pop()
     kinds = ".parquet, .jsonl, .csv or .tsv" if section == "input" else ".parquet or .jsonl"
     raise ValueError(f"cannot tell the format of {str(path)!r}: use {kinds}, or set {section}.format")
 
@@ -466,11 +471,20 @@ class InputSpec(_Model):
 
 class OutputSpec(_Model):
     path: Path
-    format: Literal["parquet", "jsonl", "openai_batch"] | None = None
+    # parquet_dataset: a folder of Parquet parts read as one dataset (what a path ending with "/" means)
+    format: Literal["parquet", "jsonl", "openai_batch", "parquet_dataset"] | None = None
     keep_columns: list[str] = Field(default_factory=list)
     row_group_size: int = Field(10_000, ge=1, le=1_000_000)
 
     _path = field_validator("path", mode="before")(_expand)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _folder(cls, data: Any) -> Any:
+        path = data.get("path") if isinstance(data, dict) else None
+        if isinstance(path, str) and path.endswith("/") and data.get("format") is None:
+            return {**data, "format": "parquet_dataset"}
+        return data
 
     @property
     def resolved_format(self) -> str:

@@ -1,0 +1,324 @@
+"""Job-wide limits for a job run by several workers: one coordinator hands out leases, each worker paces itself.
+
+    coordinator (one, on the driver's side)            worker × W (each runs one shard's pipeline at a time)
+      rate leases: a share of rpm/tpm for `lease_s`  ◀──  LeasedLimits: paces calls locally at its share
+      budget: dollars in chunks                      ◀──  LeasedBudget: reserves locally from its chunk
+      heartbeat: progress in; 429 pause, stop out    ◀─▶  every `heartbeat_s`
+
+Why leases and not a permit per call: a round trip per call would put the coordinator on every call's path
+(a Ray actor call costs ~0.3 ms of CPU on each side), and its throughput would cap the job's. A rate lease is a
+share of the limit for a while: the shares of unexpired leases never add up to more than the limit, so the job's
+rate holds however the calls are spread, and a worker asks again only every `lease_s / 2`. A worker's share is
+`limit / expected` (`expected`: the workers that still have shards); a lease that is not renewed (a worker that
+died or ran out of work) expires and its share goes back. Budget chunks work the same way for dollars: the
+chunks granted never add up to more than the cap minus what earlier runs spent, and a worker spends only from
+its chunk, so the cap holds without a round trip per call; what is left of a chunk is given back when the
+shard ends.
+
+`Coordination` is plain Python (the tests drive it with a fake clock); the Ray engine wraps it in an actor.
+The worker-side classes take `call(method, *args)`, an async function that reaches it, so they do not know Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from .budget import Budget
+from .limits import Cooldown, RateLimits
+
+__all__ = ["Coordination", "LeasedBudget", "LeasedCooldown", "LeasedLimits", "Pacer", "RateLease"]
+
+Call = Callable[..., Awaitable[Any]]
+
+PROGRESS_KEYS = ("rows", "ok", "errors", "cached", "skipped", "attempts", "prompt_tokens", "completion_tokens",
+                 "cost_usd", "unpriced")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLease:
+    rpm: float | None  # this worker's share; None: no such limit
+    tpm: float | None
+    seconds: float  # valid for this long from when it was granted
+
+
+@dataclass
+class _Held:
+    rpm: float = 0.0
+    tpm: float = 0.0
+    expires: float = 0.0
+
+
+@dataclass
+class Coordination:
+    """The job-wide state. All methods are quick and never block: an actor runs them one at a time."""
+
+    requests_per_minute: float | None
+    tokens_per_minute: float | None
+    max_cost_usd: float | None
+    spent_before: float = 0.0
+    expected: int = 1  # workers that may hold a share at once
+    lease_s: float = 1.0
+    clock: Callable[[], float] = time.time
+    leases: dict[str, _Held] = field(default_factory=dict)
+    granted_usd: dict[str, float] = field(default_factory=dict)
+    spent_usd: float = 0.0  # reported by workers; informational (the cap is held by the chunks)
+    pause_until: float = 0.0  # wall clock: no worker sends before this (a 429's Retry-After)
+    stopping: bool = False
+    budget_exhausted: bool = False
+    totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PROGRESS_KEYS, 0.0))
+    lease_calls: int = 0
+    budget_calls: int = 0
+    heartbeats: int = 0
+
+    # -- rate ---------------------------------------------------------------------------------------------
+
+    def set_expected(self, n: int) -> None:
+        self.expected = max(1, n)
+
+    def lease(self, worker: str) -> RateLease:
+        """A share of the rate limits for `lease_s`: the fair share, or what the other unexpired leases leave."""
+        self.lease_calls += 1
+        now = self.clock()
+        for w in [w for w, h in self.leases.items() if h.expires <= now or w == worker]:
+            del self.leases[w]
+        rpm = tpm = None
+        held = _Held(expires=now + self.lease_s)
+        if self.requests_per_minute is not None:
+            others = sum(h.rpm for h in self.leases.values())
+            held.rpm = max(0.0, min(self.requests_per_minute / self.expected, self.requests_per_minute - others))
+            rpm = held.rpm
+        if self.tokens_per_minute is not None:
+            others = sum(h.tpm for h in self.leases.values())
+            held.tpm = max(0.0, min(self.tokens_per_minute / self.expected, self.tokens_per_minute - others))
+            tpm = held.tpm
+        self.leases[worker] = held
+        return RateLease(rpm, tpm, self.lease_s)
+
+    def release(self, worker: str) -> None:
+        self.leases.pop(worker, None)
+
+    # -- budget -------------------------------------------------------------------------------------------
+
+    def budget(self, worker: str, want: float, give_back: float = 0.0, spent: float = 0.0) -> float:
+        """Grant up to `want` dollars (0 when the cap's remainder is smaller than `want`: the worker stops)."""
+        self.budget_calls += 1
+        self.spent_usd += spent
+        mine = self.granted_usd.get(worker, 0.0) - give_back
+        self.granted_usd[worker] = max(0.0, mine)
+        if self.max_cost_usd is None:
+            return math.inf
+        room = self.max_cost_usd - self.spent_before - sum(self.granted_usd.values())
+        if want <= 0:
+            return 0.0
+        if room + 1e-12 < want:
+            self.budget_exhausted = True
+            return 0.0
+        self.granted_usd[worker] += want
+        return want
+
+    # -- heartbeat ----------------------------------------------------------------------------------------
+
+    def heartbeat(self, worker: str, progress: dict[str, float] | None = None, pause_until: float = 0.0
+                  ) -> tuple[float, bool]:
+        """Progress from a worker; the job's pause and stop flag back."""
+        self.heartbeats += 1
+        if progress:
+            for k, v in progress.items():
+                self.totals[k] = self.totals.get(k, 0.0) + v
+        self.pause_until = max(self.pause_until, pause_until)
+        return self.pause_until, self.stopping
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"totals": dict(self.totals), "lease_calls": self.lease_calls, "budget_calls": self.budget_calls,
+                "heartbeats": self.heartbeats, "budget_exhausted": self.budget_exhausted,
+                "spent_usd": self.spent_usd, "stopping": self.stopping}
+
+
+# -- the worker's side --------------------------------------------------------------------------------------
+
+
+class Pacer:
+    """A leaky bucket whose rate may change without a new burst (GCRA: the theoretical arrival time carries
+    over). Holds at most `burst_s` of the rate ahead, as `limits.RateLimits` does."""
+
+    def __init__(self, per_minute: float, burst_s: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_second = per_minute / 60.0
+        self.burst_s = burst_s
+        self.clock = clock
+        self.tat = 0.0  # when the bucket is empty again
+
+    def set_rate(self, per_minute: float) -> None:
+        self.per_second = per_minute / 60.0
+
+    def wait_time(self, units: float) -> float:
+        """Seconds to wait before `units` may go (0: now); inf while the rate is 0."""
+        if self.per_second <= 0:
+            return math.inf
+        now = self.clock()
+        tat = max(self.tat, now)
+        # up to `burst_s` of the rate (and at least this call) may go at once
+        allowed = max(self.burst_s, units / self.per_second)
+        return max(0.0, tat + units / self.per_second - allowed - now)
+
+    def take(self, units: float) -> None:
+        if self.per_second > 0:
+            self.tat = max(self.tat, self.clock()) + units / self.per_second
+
+
+class LeasedLimits(RateLimits):
+    """`RateLimits` for one worker of a job: paced at its lease's share, renewed every half lease."""
+
+    def __init__(self, call: Call, worker: str, requests_per_minute: float | None, tokens_per_minute: float | None,
+                 max_call_tokens: float) -> None:
+        super().__init__(None, None, max_call_tokens)
+        self._call = call
+        self._worker = worker
+        self._has_rpm = requests_per_minute is not None
+        self._has_tpm = tokens_per_minute is not None
+        self._max_call = min(max_call_tokens, tokens_per_minute) if tokens_per_minute else max_call_tokens
+        self._requests_p = Pacer(0.0)
+        self._tokens_p = Pacer(0.0)
+        self._renew_at = 0.0
+        self._expires = 0.0
+        self._lock = anyio.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self._has_rpm or self._has_tpm
+
+    async def _lease(self) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            if now < self._renew_at:
+                return
+            lease: RateLease = await self._call("lease", self._worker)
+            # Counted from before the call: the coordinator's clock started no later than that.
+            self._expires = now + lease.seconds * 0.9
+            self._renew_at = now + lease.seconds / 2
+            if lease.rpm is not None:
+                self._requests_p.set_rate(lease.rpm)
+            if lease.tpm is not None:
+                self._tokens_p.set_rate(lease.tpm)
+
+    async def acquire(self, tokens: float) -> None:
+        if not self.active:
+            return
+        units = min(tokens, self._max_call)
+        while True:
+            now = time.monotonic()
+            if now >= self._renew_at:
+                await self._lease()
+                continue
+            wait = 0.0
+            if self._has_tpm:
+                wait = self._tokens_p.wait_time(units)
+            if self._has_rpm:
+                wait = max(wait, self._requests_p.wait_time(1))
+            if wait == 0:
+                if now >= self._expires:
+                    self._renew_at = 0.0  # the lease ran out while waiting: renew before sending
+                    continue
+                if self._has_tpm:
+                    self._tokens_p.take(units)
+                if self._has_rpm:
+                    self._requests_p.take(1)
+                return
+            # a zero share waits for the others to shrink at their renewal; never past the lease's renewal
+            await anyio.sleep(min(wait, 0.25, max(0.01, self._renew_at - now)))
+
+    async def close(self) -> None:
+        if self.active:
+            await self._call("release", self._worker)
+
+
+class LeasedCooldown(Cooldown):
+    """The 429 pause for the whole job: a worker's pause goes to the coordinator at once; the others learn it at
+    their next heartbeat (every `heartbeat_s`) and hold their sends as this worker does."""
+
+    def __init__(self, notify: Callable[[float], None]) -> None:
+        super().__init__()
+        self._notify = notify
+
+    def extend(self, seconds: float) -> None:
+        super().extend(seconds)
+        self._notify(time.time() + seconds)
+
+    def pause_until_wall(self, wall: float) -> None:
+        left = wall - time.time()
+        if left > 0:
+            self.until = max(self.until, time.monotonic() + left)
+
+
+class LeasedBudget(Budget):
+    """`Budget` for one worker: reserves from a chunk of the job's cap granted by the coordinator."""
+
+    def __init__(self, call: Call, worker: str, cap: float | None, chunk: float, spent_before: float = 0.0) -> None:
+        super().__init__(cap, spent_before)
+        self._call = call
+        self._worker = worker
+        self.chunk = chunk
+        self.granted = 0.0  # this worker's chunks so far, less what was given back
+        self.used = 0.0  # reserved + spent from them
+        self._unreported = 0.0
+        self._lock = anyio.Lock()
+
+    def reserve(self, worst: float) -> bool:
+        if self.cap is None:
+            return True
+        if self.used + worst > self.granted + 1e-12:
+            return False
+        self.used += worst
+        self.reserved += worst
+        self.in_flight += 1
+        return True
+
+    async def areserve(self, worst: float) -> bool:
+        if self.cap is None:
+            return True
+        async with self._lock:
+            if self.reserve(worst):
+                return True
+            want = max(self.chunk, worst - (self.granted - self.used))
+            got: float = await self._call("budget", self._worker, want, 0.0, self._take_unreported())
+            self.granted += got
+            return self.reserve(worst)
+
+    def settle(self, worst: float, actual: float | None, *, answered: bool) -> None:
+        if self.cap is None:
+            return
+        spent = (worst if actual is None else actual) if answered else 0.0
+        self.used -= worst - spent
+        self.spent += spent
+        self._unreported += spent
+        self._release(worst)
+
+    def charge(self, worst: float) -> None:
+        """An attempt of unknown outcome: its worst case counts as spent (and stays used from the chunk)."""
+        if self.cap is None:
+            return
+        self.spent += worst
+        self.unconfirmed += worst
+        self._unreported += worst
+        self._release(worst)
+
+    def _take_unreported(self) -> float:
+        spent, self._unreported = self._unreported, 0.0
+        return spent
+
+    async def close(self) -> None:
+        """Give back what this worker did not spend or reserve."""
+        if self.cap is None:
+            return
+        back = max(0.0, self.granted - self.used)
+        if back or self._unreported:
+            await self._call("budget", self._worker, 0.0, back, self._take_unreported())
+            self.granted -= back

@@ -1,0 +1,142 @@
+"""Input, output and the journal on S3: a real S3-compatible server (moto's server mode, its own process on
+127.0.0.1), reached through pyarrow's S3 filesystem with the endpoint from AWS_ENDPOINT_URL."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import polars as pl
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from batcher import parse_spec, run_job
+from batcher.cli import main
+from batcher.gateway import Gateway
+
+from .conftest import SAMPLES, options
+
+pytest.importorskip("moto")
+pytestmark = pytest.mark.slow
+
+SECRET = "s3cr3t-never-printed-0123456789"
+TIMING = ["latency_ms", "completion_id"]
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SimpleNamespace:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTESTING")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.setenv("BATCHER_STAGING", str(tmp_path / "staging"))
+    from batcher import storage
+
+    storage._s3.cache_clear()
+    fs, _ = storage.filesystem("s3://bucket")
+    bucket = f"b{time.time_ns()}"
+    admin = pafs.S3FileSystem(endpoint_override=s3_server, scheme="http", region="us-east-1",
+                              access_key="AKIDTESTING", secret_key=SECRET, allow_bucket_creation=True)
+    admin.create_dir(bucket)
+    with open(SAMPLES / "reviews.parquet", "rb") as src, fs.open_output_stream(f"{bucket}/in/reviews.parquet") as dst:
+        dst.write(src.read())
+    with open(SAMPLES / "reviews.jsonl", "rb") as src, fs.open_output_stream(f"{bucket}/in/reviews.jsonl") as dst:
+        dst.write(src.read())
+    return SimpleNamespace(fs=fs, bucket=bucket)
+
+
+def _read(fs: pafs.FileSystem, path: str) -> pl.DataFrame:
+    with fs.open_input_file(path) as f:
+        return pl.from_arrow(pq.read_table(f)).drop(TIMING)  # type: ignore[return-value]
+
+
+def test_s3_input_output_and_journal_then_resume_elsewhere(make_spec, gateway: Gateway, s3, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    b = s3.bucket
+    local = parse_spec(make_spec(output={"path": str(tmp_path / "local.parquet")}, cache_dir=None))
+    run_job(local, options())
+    spec = parse_spec(make_spec(input={"path": f"s3://{b}/in/reviews.parquet"},
+                                output={"path": f"s3://{b}/out/o.parquet"}, cache_dir=None))
+    part = run_job(spec, options(limit=120))
+    assert part.ok == 120 and str(part.output).startswith("s3:")
+    journal = s3.fs.get_file_info(pafs.FileSelector(f"{b}/out/.o.parquet.batcher/journal"))
+    assert journal, "the journal is on the store"
+    # another machine: nothing staged locally, everything comes from the store
+    monkeypatch.setenv("BATCHER_STAGING", str(tmp_path / "elsewhere"))
+    rest = run_job(spec, options())
+    assert rest.status == "finished" and rest.skipped == 120 and rest.ok == 180
+    assert gateway.stats.billed == 300 + 300  # the local run's, then each row once on S3
+    assert _read(s3.fs, f"{b}/out/o.parquet").equals(pl.read_parquet(tmp_path / "local.parquet").drop(TIMING))
+
+
+def test_s3_credentials_appear_in_no_output_file_or_message(make_spec, s3, tmp_path: Path, capsys) -> None:
+    import yaml
+
+    b = s3.bucket
+    spec = make_spec(input={"path": f"s3://{b}/in/reviews.jsonl"}, output={"path": f"s3://{b}/out/j.jsonl"})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 0
+    # and a missing object is an error that names it, not the key
+    spec["input"]["path"] = f"s3://{b}/in/missing.jsonl"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 3
+    err = capsys.readouterr().err
+    assert "missing.jsonl" in err
+    assert SECRET not in err
+    for f in (tmp_path).rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f
+    for info in s3.fs.get_file_info(pafs.FileSelector(b, recursive=True)):
+        if info.type == pafs.FileType.File:
+            with s3.fs.open_input_stream(info.path) as f:
+                assert SECRET.encode() not in f.read(), info.path
+
+
+def test_s3_with_ray_workers(make_spec, gateway: Gateway, s3, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    import ray
+
+    from batcher.distributed import _connect
+
+    b = s3.bucket
+    local = parse_spec(make_spec(input={"path": str(SAMPLES / "reviews.jsonl"), "id_column": None},
+                                 output={"path": str(tmp_path / "local.parquet")}, cache_dir=None))
+    run_job(local, options())
+    spec = parse_spec(make_spec(input={"path": f"s3://{b}/in/reviews.jsonl", "id_column": None},
+                                output={"path": f"s3://{b}/out/r.parquet"}, cache_dir=None))
+    if ray.is_initialized():
+        ray.shutdown()  # the workers must see this test's AWS variables
+    _connect("local")
+    try:
+        res = run_job(spec, options(ray="local", workers=2))
+    finally:
+        ray.shutdown()
+    assert res.status == "finished" and res.ok == 300, res.message
+    assert _read(s3.fs, f"{b}/out/r.parquet").equals(pl.read_parquet(tmp_path / "local.parquet").drop(TIMING))

@@ -1,0 +1,261 @@
+"""Shards and the coordinator's model, in one process: directory and glob inputs, byte-range and row-group parts
+that add up to the whole input, and the lease arithmetic on a fake clock. No Ray here (see test_distributed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batcher import parse_spec, run_job
+from batcher.coordinator import Coordination, LeasedBudget, Pacer
+from batcher.plan import make_plan
+from batcher.shards import place, plan_shards
+from batcher.sources import Source
+from batcher.storage import iter_lines, uri_of
+
+from .conftest import ROOT, SAMPLES, options, write_jsonl
+
+TIMING = ["latency_ms", "completion_id"]
+
+
+def _same(a: Path, b: Path) -> None:
+    left = pl.read_parquet(a).drop(TIMING)
+    right = pl.read_parquet(b).drop(TIMING)
+    assert left.equals(right)
+
+
+def test_iter_lines_ranges_cover_every_line_once(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    lines = [f'{{"i":{i},"pad":"{"x" * (i % 7)}"}}\n'.encode() for i in range(50)] + [b"\n", b'{"last":1}']
+    path.write_bytes(b"".join(lines))
+    size = path.stat().st_size
+    for step in (1, 3, 17, 64, size):
+        got: list[bytes] = []
+        for start in range(0, size, step):
+            got += iter_lines(path, start, start + step if start + step < size else None)
+        assert got == lines, step
+
+
+def test_uri_survives_the_spec_path() -> None:
+    assert uri_of(Path("s3://bucket/a/b.parquet")) == "s3://bucket/a/b.parquet"
+    assert uri_of("gs://b/k") == "gs://b/k"
+    assert uri_of("/tmp/s3/x") is None and uri_of("s3x:/a") is None
+
+
+def test_directory_of_parquet_files_is_one_input(make_spec, tmp_path: Path) -> None:
+    table = pq.read_table(SAMPLES / "reviews.parquet")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k, start in enumerate((0, 120, 250)):
+        end = {0: 120, 120: 250, 250: 300}[start]
+        pq.write_table(table.slice(start, end - start), folder / f"part-{k}.parquet", row_group_size=40)
+    (folder / "notes.txt").write_text("not an input")
+    one = parse_spec(make_spec(output={"path": str(tmp_path / "one.parquet"), "keep_columns": ["product"]}))
+    many = parse_spec(make_spec(input={"path": str(folder)}, output={"path": str(tmp_path / "many.parquet"),
+                                                                      "keep_columns": ["product"]}))
+    assert run_job(one, options()).status == "finished"
+    res = run_job(many, options())
+    assert res.status == "finished" and res.ok == 300
+    _same(tmp_path / "one.parquet", tmp_path / "many.parquet")
+
+
+def test_a_folder_holding_one_file(make_spec, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "only.parquet").write_bytes((SAMPLES / "reviews.parquet").read_bytes())
+    spec = parse_spec(make_spec(input={"path": str(folder)}, output={"path": str(tmp_path / "o.parquet")}))
+    assert run_job(spec, options()).ok == 300
+
+
+def test_glob_of_jsonl_files_positions_run_on(make_spec, tmp_path: Path) -> None:
+    rows = [json.loads(x) for x in (SAMPLES / "reviews.jsonl").read_text().splitlines()]
+    write_jsonl(tmp_path / "a-1.jsonl", [*rows[:100], "{broken"])
+    write_jsonl(tmp_path / "a-2.jsonl", rows[100:])
+    spec = parse_spec(make_spec(input={"path": str(tmp_path / "a-*.jsonl"), "id_column": None},
+                                output={"path": str(tmp_path / "o.parquet")}))
+    res = run_job(spec, options())
+    assert res.ok == 300 and res.errors == 1
+    df = pl.read_parquet(tmp_path / "o.parquet")
+    assert df["id"].to_list() == list(range(301))  # positions run on across files
+    bad = df.filter(pl.col("status") == "error")
+    assert bad["id"].to_list() == [100] and "a-1.jsonl: line 101" in bad["error"][0]
+
+
+def test_duplicate_ids_across_files_are_refused(make_spec, tmp_path: Path) -> None:
+    rows = [json.loads(x) for x in (SAMPLES / "reviews.jsonl").read_text().splitlines()]
+    write_jsonl(tmp_path / "b-1.jsonl", rows[:10])
+    write_jsonl(tmp_path / "b-2.jsonl", rows[5:15])
+    spec = parse_spec(make_spec(input={"path": str(tmp_path / "b-*.jsonl")}, output={"path": str(tmp_path / "o.parquet")}))
+    with pytest.raises(Exception, match="duplicate ids"):
+        run_job(spec, options())
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_shard_scans_add_up_to_the_whole_input(make_spec, tmp_path: Path, fmt: str) -> None:
+    if fmt == "parquet":
+        spec = parse_spec(make_spec())
+    else:
+        text = (SAMPLES / "reviews.jsonl").read_text().splitlines()
+        text.insert(37, "")  # a blank line and a bad one shift line numbers but not positions
+        text.insert(90, "[1, 2]")
+        (tmp_path / "r.jsonl").write_text("\n".join(text) + "\n")
+        spec = parse_spec(make_spec(input={"path": str(tmp_path / "r.jsonl"), "id_column": None}))
+    whole = Source(spec.input, [])
+    expected = [r for b in whole.batches() for r in b]
+    shards = plan_shards(whole, min_shards=7)
+    assert len(shards) >= 3
+    scans = [Source(spec.input, [], parts=s.parts).scan() for s in shards]
+    placed = place(shards, scans)
+    got = [r for s in placed for b in Source(spec.input, [], parts=s.parts, index_base=s.index_base).batches()
+           for r in b]
+    assert [(r.index, r.id, r.prompt, r.error) for r in got] == [(r.index, r.id, r.prompt, r.error) for r in expected]
+    assert sum(s.rows for s in placed) == whole.check().rows
+
+
+def test_import_batcher_and_a_local_run_never_import_ray(tmp_path: Path) -> None:
+    out = tmp_path / "o.parquet"
+    code = f"""
+import sys
+import batcher, batcher.cli, batcher.runner, batcher.shards, batcher.coordinator, batcher.storage
+from batcher import parse_spec, run_job
+spec = parse_spec({{"input": {{"path": {str(SAMPLES / 'reviews.parquet')!r}, "id_column": "review_id",
+                    "prompt": "{{{{text}}}}"}}, "output": {{"path": {str(out)!r}}},
+                    "endpoint": {{"local": {{"latency_ms": 0}}}}, "request": {{"model": "openai/gpt-4o-mini"}}}})
+assert run_job(spec, quiet=True).ok == 300
+assert "ray" not in sys.modules, "ray was imported"
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+# -- the coordinator's arithmetic, on a fake clock ---------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_rate_shares_never_add_up_past_the_limit() -> None:
+    clock = Clock()
+    c = Coordination(600, 60_000, None, expected=4, lease_s=1.0, clock=clock)
+    for step in range(200):
+        clock.t += 0.1
+        worker = f"w{step % 5}"  # five workers where four were expected: the fifth waits for a share
+        c.lease(worker)
+        live = [h for h in c.leases.values() if h.expires > clock.t]
+        assert sum(h.rpm for h in live) <= 600 + 1e-9
+        assert sum(h.tpm for h in live) <= 60_000 + 1e-9
+    c.set_expected(1)
+    clock.t += 5  # every lease expired: one worker left gets the whole limit
+    assert c.lease("w0").rpm == 600
+
+
+def test_budget_chunks_never_pass_the_cap() -> None:
+    c = Coordination(None, None, 1.0, spent_before=0.25)
+    granted = [c.budget(f"w{i % 3}", 0.1) for i in range(20)]
+    assert sum(granted) <= 0.75 + 1e-9 and granted.count(0.0) > 0 and c.budget_exhausted
+    c.budget("w0", 0.0, give_back=0.1)
+    assert c.budget("w1", 0.1) == 0.1
+
+
+def test_leased_budget_reserves_from_its_chunk() -> None:
+    c = Coordination(None, None, 1.0)
+
+    async def call(method: str, *args: object) -> object:
+        return getattr(c, method)(*args)
+
+    async def main() -> None:
+        b = LeasedBudget(call, "w", cap=1.0, chunk=0.3)
+        assert await b.areserve(0.2) and await b.areserve(0.2)  # the second needs a second chunk
+        b.settle(0.2, 0.05, answered=True)
+        b.settle(0.2, None, answered=False)
+        await b.close()
+        assert abs(c.granted_usd["w"] - 0.05) < 1e-9  # what it spent stays counted; the rest went back
+        assert not await b.areserve(2.0)
+
+    anyio.run(main)
+
+
+def test_pacer_holds_the_rate_across_rate_changes() -> None:
+    clock = Clock()
+    p = Pacer(600, burst_s=0.1, clock=clock)  # 10/s
+    sent = 0
+    for step in range(1000):  # 10 s in steps of 10 ms
+        if step == 500:
+            p.set_rate(1200)  # 20/s from 5 s on, and no new burst when the rate changes
+        while p.wait_time(1) == 0:
+            p.take(1)
+            sent += 1
+        clock.t += 0.01
+    assert 140 <= sent <= 5 * 10 + 5 * 20 + 2  # never over; a little under from the 10 ms steps
+
+
+def test_tables_equal_helper_sees_a_difference(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"a": [1], "latency_ms": [1.0], "completion_id": ["x"]}), tmp_path / "x.parquet")
+    pq.write_table(pa.table({"a": [2], "latency_ms": [1.0], "completion_id": ["x"]}), tmp_path / "y.parquet")
+    with pytest.raises(AssertionError):
+        _same(tmp_path / "x.parquet", tmp_path / "y.parquet")
+
+
+def test_output_path_ending_with_a_slash_is_a_folder_of_parquet_parts(make_spec, tmp_path: Path) -> None:
+    one = parse_spec(make_spec(output={"path": str(tmp_path / "one.parquet"), "keep_columns": ["product"]}))
+    spec = parse_spec(make_spec(output={"path": str(tmp_path / "ds") + "/", "keep_columns": ["product"]}))
+    assert spec.output.resolved_format == "parquet_dataset"
+    run_job(one, options())
+    res = run_job(spec, options(limit=100))
+    assert res.ok == 100
+    res = run_job(spec, options())
+    assert res.status == "finished" and res.skipped == 100
+    parts = sorted(p.name for p in (tmp_path / "ds").iterdir())
+    assert parts == ["part-00000.parquet"]
+    ds = pl.from_arrow(pq.read_table(tmp_path / "ds")).drop(TIMING)  # pyarrow reads the folder as one dataset
+    assert ds.equals(pl.read_parquet(tmp_path / "one.parquet").drop(TIMING))
+
+
+@pytest.mark.parametrize("kind", ["folder", "glob"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_an_edited_folder_or_glob_input_resumes_by_id(make_spec, tmp_path: Path, kind: str, fmt: str) -> None:
+    """fix3's remap on a many-file input: `input_identity` and `Source.ids` read every file (folder or glob)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+
+    def write(name: str, rows: list[tuple[str, str]]) -> None:
+        if fmt == "parquet":
+            pq.write_table(pa.table({"k": [k for k, _ in rows], "t": [t for _, t in rows]}), folder / f"{name}.parquet")
+        else:
+            write_jsonl(folder / f"{name}.jsonl", [{"k": k, "t": t} for k, t in rows])
+
+    write("p-1", [("k0", "a"), ("k1", "b"), ("k2", "c")])
+    write("p-2", [("k3", "d"), ("k4", "e")])
+    path = str(folder) if kind == "folder" else str(folder / f"p-*.{fmt}")
+    out = tmp_path / "o.parquet"
+    spec = parse_spec(make_spec(input={"path": path, "id_column": "k", "prompt": "{{t}}"},
+                                output={"path": str(out), "keep_columns": ["t"]}))
+    assert run_job(spec, options(limit=3)).ok == 3  # k0, k1, k2
+    assert make_plan(spec).done == 3  # the plan reads the many-file identity too
+    write("p-1", [("k9", "new"), ("k0", "a")])  # k1, k2 (answered) gone; k9 new
+    write("p-3", [("k5", "f")])  # a file added
+    assert make_plan(spec).done == 1  # only answers still in the input
+    res = run_job(spec, options())
+    assert res.exit_code == 0 and res.ok == 4 and res.skipped == 1 and res.dropped == 2
+    assert pl.read_parquet(out)["k"].to_list() == ["k9", "k0", "k3", "k4", "k5"]
+    assert run_job(spec, options()).status == "nothing_to_do"
+    # without ids, rows are positions: a changed file is refused
+    positional = parse_spec(make_spec(input={"path": path, "id_column": None, "prompt": "{{t}}"},
+                                      output={"path": str(tmp_path / "p.parquet")}))
+    assert run_job(positional, options(limit=2)).ok == 2
+    write("p-3", [("k5", "f"), ("k6", "g")])
+    with pytest.raises(Exception, match="changed since the run"):
+        run_job(positional, options())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..structured import StructuredOutput, load_schema
 from ..templating import Template
 from .base import Api, ContractError, Prompt, Refused
 from .chat_spec import OPENAI_CHAT_FIELDS, ChatRequestSpec, Message
+from .completions import _usage  # one reading of the usage block for both shapes
 
 __all__ = [
     "CHAT_COLUMNS",
@@ -84,32 +84,6 @@ class ChatAnswer:
             if self.tool_calls else None,
             "reasoning": self.reasoning,
         }
-
-
-def _int(v: Any) -> int | None:
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-        raise ContractError(f"token count is not a number: {v!r}")
-    return int(v)
-
-
-def _usage(usage: Any) -> tuple[int | None, ...]:
-    if usage is None:
-        return (None, None, None, None, None)
-    if not isinstance(usage, dict):
-        raise ContractError("usage is not an object")
-    ptd = usage.get("prompt_tokens_details") or {}
-    ctd = usage.get("completion_tokens_details") or {}
-    if not isinstance(ptd, dict) or not isinstance(ctd, dict):
-        raise ContractError("usage details are not objects")
-    return (
-        _int(usage.get("prompt_tokens")),
-        _int(usage.get("completion_tokens")),
-        _int(usage.get("total_tokens")),
-        _int(ptd.get("cached_tokens")),
-        _int(ctd.get("reasoning_tokens")),
-    )
 
 
 def _opt_str(container: Mapping[str, Any], key: str, what: str) -> str | None:

@@ -158,9 +158,21 @@ ERRORS_EXIT_CODE = 9
 # fdatasync's time): they are asked again on resume. A kill -9 costs none of them (see `sinks.Journal`).
 SYNC_INTERVAL_S = 0.1
 
-# What the writer receives: a worker's row (None when the row was not sent: budget, fatal stop, signal), or a
-# list of rows the feeder settled without a call.
-_Result = dict[str, Any] | list[dict[str, Any]] | None
+
+@dataclass(slots=True)
+class Settled:
+    """Rows of one input batch settled without a call (cache hits, input errors), journaled with one write:
+    their lines are encoded in the feeder's thread along with the reading, rendering and lookups that found
+    them, so the writer only hands them to the journal and counts them."""
+
+    lines: bytes
+    errors: list[dict[str, Any]]  # the error rows' records (their kinds are counted)
+    cached: int  # rows answered from the cache (ok, no tokens billed, no cost)
+
+
+# What the writer receives: a worker's row (None when the row was not sent: budget, fatal stop, signal), or the
+# rows the feeder settled without a call.
+_Result = dict[str, Any] | Settled | None
 
 
 def _api_key(spec: JobSpec, base_url: str) -> str | None:
@@ -338,7 +350,7 @@ class _Job:
 
     # -- the pipeline ---------------------------------------------------------------------------------------
 
-    def _next_batch(self, batches: Iterator[list[SourceRow]]) -> tuple[list[Work], list[dict[str, Any]]] | None:
+    def _next_batch(self, batches: Iterator[list[SourceRow]]) -> tuple[list[Work], Settled | None] | None:
         """Read, render and look up one input batch (in a worker thread: it is the bulk of the per-row
         Python work before the call, and would otherwise stall the event loop for a whole batch).
         Returns the rows that need a call, and those settled without one (cache hits, input errors)."""
@@ -349,31 +361,39 @@ class _Job:
         if batch is None:
             return None
         prepared = [self.prepare(r) for r in batch]
-        hits: dict[str, dict[str, Any]] = {}
+        hits: dict[str, str] = {}
         if self.cache is not None:
-            hits = self.cache.get_many([p.key for p in prepared if isinstance(p, Work) and p.key is not None])
+            hits = self.cache.get_many_text([p.key for p in prepared if isinstance(p, Work) and p.key is not None])
         work: list[Work] = []
-        done: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        lines: list[bytes] = []
         for p in prepared:
             if isinstance(p, dict):
-                done.append(p)
+                errors.append(p)
+                lines.append(encode_lines((p,)))
             elif p.key is not None and p.key in hits:
-                done.append(self.records.ok(p.row, hits[p.key], cached=True, attempts=0, latency_ms=0.0,
-                                            asked_model=p.body["model"]))
+                text = hits[p.key]
+                line = self.records.cached_line(p.row, text)
+                if line is None:
+                    line = encode_lines((self.records.ok(p.row, json.loads(text), cached=True, attempts=0,
+                                                         latency_ms=0.0, asked_model=p.body["model"]),))
+                lines.append(line)
             else:
                 work.append(p)
-        return work, done
+        if not lines:
+            return work, None
+        return work, Settled(b"".join(lines), errors, len(lines) - len(errors))
 
     async def feed(self, work: WorkSender[Work], results: ObjectSendStream[_Result]) -> None:
         batches = iter(self.source.batches(self.done_ids))
         while (step := await anyio.to_thread.run_sync(self._next_batch, batches)) is not None:
-            to_send, done = step
+            to_send, settled = step
             del step
-            # Settled rows go to the writer as one list: the result buffer is kept small for answers that
+            # Settled rows go to the writer as one item: the result buffer is kept small for answers that
             # were paid for, and these must not queue one by one behind it.
-            if done:
-                await results.send(done)
-            del done
+            if settled is not None:
+                await results.send(settled)
+            del settled
             # The batch is the look-ahead (at most input.batch_bytes): each item leaves it as it is handed
             # over, so a row whose call is over is not kept alive here until the whole batch is sent.
             to_send.reverse()
@@ -400,18 +420,23 @@ class _Job:
     async def write(self, batch: list[_Result]) -> None:
         """Counts, progress and the cache, for results in groups. Answers are journaled already (`record`);
         rows settled without a call (cache hits, input errors: a crash costs nothing to redo) are journaled
-        here, encoded in a thread since they come a whole input batch at a time."""
+        here, as the lines the feeder encoded (`Settled`)."""
         records: list[dict[str, Any]] = []
-        settled: list[dict[str, Any]] = []
+        cached = 0
         for r in batch:
-            if isinstance(r, list):
-                settled.extend(r)
+            if isinstance(r, Settled):
+                self.journal.write(r.lines)
+                records.extend(r.errors)
+                cached += r.cached
             elif r is not None:
                 records.append(r)
-        if settled:
-            self.journal.write(await anyio.to_thread.run_sync(encode_lines, settled))
-            records.extend(settled)
+        res = self.result
+        if cached:
+            res.ok += cached
+            res.cached += cached
         if not records:
+            if cached and self.progress is not None:
+                self.progress.advance(cached, res)
             return
         to_cache = [c for c in (r.pop("_cache", None) for r in records) if c is not None]
         if self.cache is not None and self.cache_ttl is not None:
@@ -419,7 +444,6 @@ class _Job:
             items = [(k, c, ttl) for k, c in to_cache]
             if items:
                 await anyio.to_thread.run_sync(self.cache.put_many, items)
-        res = self.result
         for r in records:
             # Tokens and cost of billed calls only, as in `batcher report`: an error row's billed answers too
             # (a broken or refused answer was paid for), so the totals are the sums over the output file.
@@ -439,7 +463,7 @@ class _Job:
                 res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
             res.attempts += r.get("attempts") or 0
         if self.progress is not None:
-            self.progress.advance(len(records), res)
+            self.progress.advance(len(records) + cached, res)
 
     async def _watch_signals(self) -> None:
         """First SIGINT/SIGTERM: no new calls, in-flight calls get the grace period. Second: stop now."""

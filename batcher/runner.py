@@ -816,7 +816,8 @@ class _Job:
         spec = self.spec
         keep_from = None
         if self.keep and self.source.format == "parquet" and self.fmt != "openai_batch":
-            keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column, spec.input.batch_bytes)
+            keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column, spec.input.batch_bytes,
+                                     types=info.keep_types)
             self.result.kept_stats = keep_from
 
         def write(journal: Path, output: Path, fmt: str) -> int:

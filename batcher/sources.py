@@ -113,6 +113,7 @@ class Scan:
     keep_kinds: dict[str, set[str]] = field(default_factory=dict)
     id_type: pa.DataType | None = None  # Parquet
     keep_types: dict[str, pa.DataType] = field(default_factory=dict)  # Parquet
+    keep_files: dict[str, str] = field(default_factory=dict)  # Parquet: the file each kept type was read from
 
     def merge(self, other: Scan) -> None:
         self.rows += other.rows
@@ -127,7 +128,33 @@ class Scan:
             self.id_type = other.id_type
         elif other.id_type is not None and other.id_type != self.id_type:
             raise InputError(f"the input files' id columns differ in type: {self.id_type} and {other.id_type}")
-        self.keep_types = self.keep_types or other.keep_types
+        for c, t in other.keep_types.items():
+            mine = self.keep_types.get(c)
+            if mine is None or mine == t:
+                self.keep_types.setdefault(c, t)
+                self.keep_files.setdefault(c, other.keep_files.get(c, "?"))
+                continue
+            # Files written apart often differ (pandas writes an int column with a null as double): the output
+            # column takes the type both fit in, or the run stops here, before any request.
+            common = _common_type(mine, t)
+            if common is None:
+                raise InputError(
+                    f"kept column {c!r} is {mine} in {self.keep_files.get(c, '?')} but {t} in "
+                    f"{other.keep_files.get(c, '?')}: the input files must agree on a type the output column can hold"
+                )
+            self.keep_types[c] = common
+
+
+def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type that values of `a` and of `b` both fit in without loss of meaning (int64 and double: double),
+    as Arrow's permissive schema merge finds it; None if there is none (string and int64)."""
+    for x, y in ((a, b), (_decoded(a), _decoded(b))):
+        try:
+            return pa.unify_schemas([pa.schema([("c", x)]), pa.schema([("c", y)])], promote_options="permissive") \
+                .field("c").type
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            continue
+    return None
 
 
 _INT64 = (-(2**63), 2**63 - 1)
@@ -403,6 +430,7 @@ class Source:
             scan.ids = [pa.chunked_array(chunks, type=id_type).combine_chunks()]
         scan.id_type = id_type
         scan.keep_types = {c: schema.field(c).type for c in self.keep_columns}
+        scan.keep_files = dict.fromkeys(self.keep_columns, name)
         return scan
 
     def _check_ids(self, ids: pa.ChunkedArray | pa.Array) -> None:

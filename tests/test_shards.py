@@ -16,6 +16,7 @@ import pytest
 
 from batcher import parse_spec, run_job
 from batcher.coordinator import Coordination, LeasedBudget, Pacer
+from batcher.errors import InputError
 from batcher.plan import make_plan
 from batcher.shards import place, plan_shards
 from batcher.sources import Source
@@ -65,6 +66,31 @@ def test_directory_of_parquet_files_is_one_input(make_spec, tmp_path: Path) -> N
     res = run_job(many, options())
     assert res.status == "finished" and res.ok == 300
     _same(tmp_path / "one.parquet", tmp_path / "many.parquet")
+
+
+def test_files_that_differ_in_a_kept_columns_type(make_spec, gateway, tmp_path: Path) -> None:
+    # pandas writes an int column with a null as double: the output column takes the type both fit in. Types
+    # with none in common (int64 and string) stop the run before any request, naming both files.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"review_id": ["a", "b"], "text": ["good", "bad"], "stars": pa.array([1, 2])}),
+                   folder / "a.parquet")
+    pq.write_table(pa.table({"review_id": ["c", "d"], "text": ["fine", "meh"], "stars": pa.array([0.5, None])}),
+                   folder / "b.parquet")
+    out = tmp_path / "o.parquet"
+    spec = parse_spec(make_spec(input={"path": str(folder)}, output={"path": str(out), "keep_columns": ["stars"]}))
+    assert run_job(spec, options()).ok == 4
+    df = pl.read_parquet(out)
+    assert df.schema["stars"] == pl.Float64 and df["stars"].to_list() == [1.0, 2.0, 0.5, None]
+
+    pq.write_table(pa.table({"review_id": ["c", "d"], "text": ["fine", "meh"], "stars": ["x", "y"]}),
+                   folder / "b.parquet")
+    calls = gateway.stats.total
+    bad = parse_spec(make_spec(input={"path": str(folder)},
+                               output={"path": str(tmp_path / "o2.parquet"), "keep_columns": ["stars"]}))
+    with pytest.raises(InputError, match=r"'stars' is int64 in .*a\.parquet but string in .*b\.parquet"):
+        run_job(bad, options())
+    assert gateway.stats.total == calls
 
 
 def test_a_folder_holding_one_file(make_spec, tmp_path: Path) -> None:

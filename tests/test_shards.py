@@ -124,10 +124,18 @@ def test_duplicate_ids_across_files_are_refused(make_spec, tmp_path: Path) -> No
         run_job(spec, options())
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "jsonl glob"])
 def test_shard_scans_add_up_to_the_whole_input(make_spec, tmp_path: Path, fmt: str) -> None:
     if fmt == "parquet":
         spec = parse_spec(make_spec())
+    elif fmt == "jsonl glob":
+        # errors name the file and its line, in a shard as in the whole input (a shard reads one file's part)
+        text = (SAMPLES / "reviews.jsonl").read_text().splitlines()
+        text[40] = "this is not json"
+        text[170] = json.dumps({**json.loads(text[170]), "text": None})
+        for k, (a, b) in enumerate(((0, 100), (100, 200), (200, 300))):
+            (tmp_path / f"part-{k}.jsonl").write_text("\n".join(text[a:b]) + "\n")
+        spec = parse_spec(make_spec(input={"path": str(tmp_path / "part-*.jsonl"), "id_column": None}))
     else:
         text = (SAMPLES / "reviews.jsonl").read_text().splitlines()
         text.insert(37, "")  # a blank line and a bad one shift line numbers but not positions
@@ -144,6 +152,11 @@ def test_shard_scans_add_up_to_the_whole_input(make_spec, tmp_path: Path, fmt: s
            for r in b]
     assert [(r.index, r.id, r.prompt, r.error) for r in got] == [(r.index, r.id, r.prompt, r.error) for r in expected]
     assert sum(s.rows for s in placed) == whole.check().rows
+    if fmt == "jsonl glob":
+        errors = [r.error for r in got if r.error]
+        assert len(errors) == 2
+        assert errors[0].startswith(f"{tmp_path / 'part-0.jsonl'}: line 41: not valid JSON")
+        assert errors[1].startswith(f"{tmp_path / 'part-1.jsonl'}: line 71: ") and "{{text}}" in errors[1]
 
 
 def test_import_batcher_and_a_local_run_never_import_ray(tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ from .errors import FatalRequestError, OutputError, ResumeError, SpecError
 from .limits import RateLimits, limiter_tokens
 from .mirror import Mirror, MirroredJournal, staging_dir
 from .pool import Pool, WorkSender
-from .prices import Price, PriceTable
+from .prices import Price, PriceTable, usd
 from .progress import Progress
 from .routing import Backoff, RoutePlan, plan_for
 from .shapes import Shape, shape_of_job
@@ -140,9 +140,9 @@ class RunResult:
         if self.skipped:
             parts.append(f"{self.skipped} done earlier")
         tokens = f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens"
-        cost = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
+        cost = f", {usd(self.cost_usd)}" if self.cost_usd else ""
         if self.unconfirmed_usd:
-            cost += f" + ≤ ${self.unconfirmed_usd:.4f} unconfirmed (calls cut off or dropped after sending: may have been billed)"
+            cost += f" + ≤ {usd(self.unconfirmed_usd)} unconfirmed (calls cut off or dropped after sending: may have been billed)"
         if self.unpriced:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
         where = storage.uri_of(self.output) or self.output
@@ -637,10 +637,10 @@ class _Job:
         elif self._budget_hit() and self.budget.cap is not None:
             res.status = "budget"
             BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent, self.caller.needed)
-            earlier = f" (${self.budget.spent_before:.4f} of it by earlier runs)" if self.budget.spent_before else ""
+            earlier = f" ({usd(self.budget.spent_before)} of it by earlier runs)" if self.budget.spent_before else ""
             res.message = (
                 f"stopped before passing limits.max_cost_usd (${self.budget.cap:g}): the job has spent "
-                f"${self.budget.spent:.4f}{earlier} and the next row may cost up to ${self.caller.needed:.4f}; raise limits.max_cost_usd and rerun the same command to "
+                f"{usd(self.budget.spent)}{earlier} and the next row may cost up to {usd(self.caller.needed)}; raise limits.max_cost_usd and rerun the same command to "
                 "finish the rest"
             )
         else:
@@ -803,11 +803,11 @@ class _Job:
         needed = stop.needed()
         if before >= cap or (needed is not None and before + needed > cap):
             self.result.status = "budget"
-            unconfirmed = f" (≤ ${prior.unconfirmed:.4f} of it unconfirmed)" if prior.unconfirmed else ""
-            nxt = f", and its next row may cost up to ${needed:.4f}" if needed is not None else ""
+            unconfirmed = f" (≤ {usd(prior.unconfirmed)} of it unconfirmed)" if prior.unconfirmed else ""
+            nxt = f", and its next row may cost up to {usd(needed)}" if needed is not None else ""
             self.result.message = (
                 f"limits.max_cost_usd (${cap:g}) is already reached for this job: earlier runs spent "
-                f"${before:.4f}{unconfirmed}{nxt}; no request made. Raise "
+                f"{usd(before)}{unconfirmed}{nxt}; no request made. Raise "
                 "limits.max_cost_usd and rerun the same command to finish the rest"
             )
             raise _BudgetReached()

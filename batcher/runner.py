@@ -71,6 +71,7 @@ __all__ = ["ERRORS_EXIT_CODE", "RunOptions", "RunResult", "arun_job", "run_job"]
 @dataclass(frozen=True)
 class RunOptions:
     output: Path | None = None
+    output_folder: bool = False  # `--output DIR/`: a folder of Parquet parts, as an output.path ending with "/"
     limit: int | None = None
     quiet: bool = False
     fresh: bool = False
@@ -291,7 +292,10 @@ class _Job:
         self.mirror: Mirror | None = None
         if self.remote_output is not None:
             self.output = staging_dir(self.remote_output) / self.remote_output.rpartition("/")[2]
-        self.fmt = spec.output.resolved_format if options.output is None else _fmt_of(options.output, spec)
+        if options.output is None:
+            self.fmt = spec.output.resolved_format
+        else:
+            self.fmt = "parquet_dataset" if options.output_folder else _fmt_of(options.output, spec)
         # Kept columns other than the input's id column (that one is the output's id already)
         self.keep = [c for c in spec.output.keep_columns if c != spec.input.id_source]
         self.source = Source(spec.input, self.keep, spec.endpoint.api)

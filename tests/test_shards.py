@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batcher import parse_spec, run_job
+from batcher.cli import main as cli_main
 from batcher.coordinator import Coordination, LeasedBudget, Pacer
 from batcher.errors import InputError
 from batcher.plan import make_plan
@@ -261,6 +262,14 @@ def test_output_path_ending_with_a_slash_is_a_folder_of_parquet_parts(make_spec,
     assert parts == ["part-00000.parquet"]
     ds = pl.from_arrow(pq.read_table(tmp_path / "ds")).drop(TIMING)  # pyarrow reads the folder as one dataset
     assert ds.equals(pl.read_parquet(tmp_path / "one.parquet").drop(TIMING))
+
+
+def test_output_flag_ending_with_a_slash_is_a_folder_of_parquet_parts(make_spec, tmp_path: Path) -> None:
+    spec = make_spec()
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    assert cli_main(["run", str(tmp_path / "job.json"), "--quiet", "--output", str(tmp_path / "ds") + "/"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["part-00000.parquet"]
+    assert pq.read_table(tmp_path / "ds").num_rows == 300
 
 
 @pytest.mark.parametrize("kind", ["folder", "glob"])

@@ -915,6 +915,8 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
     if options.ray is not None:
+        if importlib.util.find_spec("ray") is None:
+            raise SpecError("--ray needs Ray, which is not installed: pip install 'batcher[ray]'")
         from .distributed import RayJob  # imports Ray: only a --ray run pays for it
 
         job: _Job = RayJob(spec, options)

@@ -307,3 +307,11 @@ def test_an_edited_folder_or_glob_input_resumes_by_id(make_spec, tmp_path: Path,
     write("p-3", [("k5", "f"), ("k6", "g")])
     with pytest.raises(Exception, match="changed since the run"):
         run_job(positional, options())
+
+
+def test_ray_flag_without_ray_installed_is_a_usage_error(make_spec, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: importing it raises ImportError
+    (tmp_path / "job.json").write_text(json.dumps(make_spec()))
+    assert cli_main(["run", str(tmp_path / "job.json"), "--ray", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "batcher: error: --ray needs Ray, which is not installed: pip install 'batcher[ray]'"

@@ -38,7 +38,7 @@ from .coordinator import PROGRESS_KEYS, Coordination, LeasedBudget, LeasedCooldo
 from .errors import BatcherError, FatalRequestError
 from .mirror import Mirror, local_scratch
 from .progress import Progress
-from .runner import RunOptions, RunResult, _Job, _progress_enabled, _say
+from .runner import RunOptions, RunResult, _Job, _progress_enabled, _say, event_loop
 from .shards import (
     SHARDS,
     Shard,
@@ -57,6 +57,9 @@ __all__ = ["RayJob"]
 
 HEARTBEAT_S = 0.2
 MAX_SHARD_TRIES = 4  # a shard whose worker died this many times fails the run (a poisoned shard, not bad luck)
+# What a worker that died (SIGKILL, a lost node) raises in the driver
+_LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+         ray.exceptions.ObjectLostError)
 
 
 def _resources() -> dict[str, float]:
@@ -70,16 +73,28 @@ def _connect(address: str) -> None:
     # The workers must import the very batcher the driver runs (a checkout, not only an installed package).
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join([root, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
-    env = {"PYTHONPATH": path}
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
-        if os.environ.get(name):
-            env[name] = os.environ[name]
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False,
-                              "include_dashboard": False, "configure_logging": False}
-    if address == "local":
-        ray.init(**kwargs)
-    else:
-        ray.init(address=address, **kwargs)
+    kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False, "configure_logging": False}
+    if address != "local":
+        env = {"PYTHONPATH": path}
+        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+            if os.environ.get(name):
+                env[name] = os.environ[name]
+        ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
+        return
+    # "local" is a new instance of this process's own (a bare `ray.init()` would join any instance left on the
+    # machine by `ray start` or by a driver that died). Its workers inherit this process's environment, so the
+    # path goes there rather than in a runtime_env: the workers Ray starts with the instance (one per CPU) then
+    # become ours, where a runtime_env would have Ray start new ones for each actor (~1 s and ~80 MB each) and
+    # leave those idle.
+    before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = path
+    try:
+        ray.init(address="local", **kwargs)
+    finally:
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 # -- the coordinator actor -------------------------------------------------------------------------------------
@@ -88,6 +103,8 @@ def _connect(address: str) -> None:
 class _CoordinatorActor:
     def __init__(self, **kwargs: Any) -> None:
         self.c = Coordination(**kwargs)
+        self._cpu = time.process_time()
+        self._snapshots = 0
 
     def lease(self, worker: str) -> Any:
         return self.c.lease(worker)
@@ -104,11 +121,22 @@ class _CoordinatorActor:
     def set_expected(self, n: int) -> None:
         self.c.set_expected(n)
 
+    def begin(self, spent_before: float, expected: int) -> None:
+        """What earlier runs spent and the workers that will hold shares: known to the driver only after the
+        pre-flight, which the actors are started for."""
+        self.c.spent_before = spent_before
+        self.c.set_expected(expected)
+
     def stop(self) -> None:
         self.c.stop()
 
     def snapshot(self) -> dict[str, Any]:
-        return self.c.snapshot()
+        """The job's totals, and what the coordinator cost: its calls and its process's CPU since it started."""
+        self._snapshots += 1
+        snap = self.c.snapshot()
+        snap["calls"] = snap["lease_calls"] + snap["budget_calls"] + snap["heartbeats"] + self._snapshots
+        snap["cpu_s"] = time.process_time() - self._cpu
+        return snap
 
 
 # -- a shard on a worker ---------------------------------------------------------------------------------------
@@ -119,19 +147,19 @@ class _Task:
     shard: Shard
     journal_dir: str
     id_type: pa.DataType
+    concurrency: int  # this worker's share of limits.concurrency
     remote: str | None = None  # the shard's state on object storage (the journal_dir is then a scratch copy)
 
 
 class _ShardJob(_Job):
     """One shard's run of the pipeline, with the job-wide limits leased from the coordinator."""
 
-    def __init__(self, spec: JobSpec, options: RunOptions, task: _Task, coordinator: Any, worker: str,
-                 concurrency: int) -> None:
+    def __init__(self, spec: JobSpec, options: RunOptions, task: _Task, coordinator: Any, worker: str) -> None:
         super().__init__(spec, options)
         self.task = task
         self.worker = worker
         self.coordinator = coordinator
-        self.concurrency = concurrency
+        self.concurrency = task.concurrency
         self.source = Source(spec.input, self.keep, spec.endpoint.api, parts=task.shard.parts, index_base=task.shard.index_base)
         limits = spec.limits
         self.leased_limits = LeasedLimits(self._call, worker, limits.requests_per_minute, limits.tokens_per_minute,
@@ -227,20 +255,24 @@ class _ShardJob(_Job):
 
 
 class ShardWorker:
-    """A Ray actor that runs shards one after another (its HTTP sessions and imports are paid once)."""
+    """A Ray actor that scans shards for the pre-flight, then runs shards one after another: its process, its
+    imports and its HTTP setup are paid once per run, while the driver still plans and checks the input."""
 
-    def __init__(self, spec: JobSpec, options: RunOptions, coordinator: Any, worker: str, concurrency: int) -> None:
+    def __init__(self, spec: JobSpec, options: RunOptions, coordinator: Any, worker: str) -> None:
         self.spec = spec
         self.options = options
         self.coordinator = coordinator
         self.worker = worker
-        self.concurrency = concurrency
 
     def pid(self) -> int:
         return os.getpid()
 
+    def scan(self, shard: Shard) -> Scan:
+        keep = [c for c in self.spec.output.keep_columns if c != self.spec.input.id_source]
+        return Source(self.spec.input, keep, self.spec.endpoint.api, parts=shard.parts).scan()
+
     def run_shard(self, task: _Task) -> dict[str, Any]:
-        job = _ShardJob(self.spec, self.options, task, self.coordinator, self.worker, self.concurrency)
+        job = _ShardJob(self.spec, self.options, task, self.coordinator, self.worker)
         try:
             return self._run(job)
         finally:
@@ -248,14 +280,21 @@ class ShardWorker:
                 shutil.rmtree(job._scratch, ignore_errors=True)
 
     def _run(self, job: _ShardJob) -> dict[str, Any]:
-        # The loop a single-process run has (Ray's workers would otherwise pick uvloop when it is installed), so
-        # a shard behaves and measures as the same pipeline does in one process.
-        result: dict[str, Any] = anyio.run(job.run_shard, backend_options={"loop_factory": asyncio.SelectorEventLoop})
+        # The event loop a single-process run picks (uvloop when installed, unless --loop or $BATCHER_LOOP say
+        # otherwise), so that a shard behaves and measures as the same pipeline does in one process.
+        factory = _loop_factory(event_loop(self.options.loop))
+        cpu = time.process_time()
+        result: dict[str, Any] = anyio.run(job.run_shard, backend_options={"loop_factory": factory})
+        result["cpu_s"] = time.process_time() - cpu  # this process's CPU over the shard, Ray's threads included
         return result
 
 
-def _scan_shard(spec: JobSpec, keep: list[str], shard: Shard) -> Scan:
-    return Source(spec.input, keep, spec.endpoint.api, parts=shard.parts).scan()
+def _loop_factory(name: str) -> Any:
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.SelectorEventLoop
 
 
 # -- the driver ------------------------------------------------------------------------------------------------
@@ -277,6 +316,48 @@ class RayJob(_Job):
         self._interrupt = False
         self._budget = False
         self.workers = options.workers
+        self.coordinator: Any = None
+        self.actors: dict[int, Any] = {}  # worker slot -> its actor (a replaced actor gets the slot's next name)
+        self._worker_cls: Any = None
+        self._generation = 0
+
+    # -- the actors -----------------------------------------------------------------------------------------
+
+    def _start_actors(self, n: int) -> None:
+        """The coordinator and `n` workers, started before the pre-flight's scans (which they run): a worker's
+        start (a process, Ray's core worker, batcher's imports) is most of a run's fixed cost, and it is paid
+        once, while the driver plans, instead of once for the scans and again for the shards."""
+        limits = self.spec.limits
+        cpus = float(_resources().get("CPU", 1))
+        self._worker_cls = ray.remote(num_cpus=min(1.0, cpus / n), max_restarts=0)(ShardWorker)
+        self.coordinator = ray.remote(num_cpus=0)(_CoordinatorActor).remote(
+            requests_per_minute=limits.requests_per_minute,
+            tokens_per_minute=limits.tokens_per_minute,
+            max_cost_usd=limits.max_cost_usd,
+            expected=n,
+        )
+        self.actors = {i: self._start_worker(i) for i in range(n)}
+
+    def _start_worker(self, i: int) -> Any:
+        self._generation += 1
+        return self._worker_cls.remote(self.spec, _worker_options(self.options), self.coordinator,
+                                       f"w{i}.{self._generation}")
+
+    def _replace_worker(self, i: int) -> None:
+        """A fresh worker in slot i (the shard it ran resumes from its journal)."""
+        with contextlib.suppress(Exception):
+            ray.kill(self.actors[i])
+        self.actors[i] = self._start_worker(i)
+
+    def _stop_actors(self, keep: int = 0) -> None:
+        """Every worker from slot `keep` on; with keep=0, the coordinator too."""
+        for i in [i for i in self.actors if i >= keep]:
+            with contextlib.suppress(Exception):
+                ray.kill(self.actors.pop(i))
+        if not keep and self.coordinator is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(self.coordinator)
+            self.coordinator = None
 
     # -- pre-flight -----------------------------------------------------------------------------------------
 
@@ -285,17 +366,37 @@ class RayJob(_Job):
         cpus = int(_resources().get("CPU", 1))
         self.workers = max(1, self.options.workers or cpus)
         planned = plan_shards(self.source, min_shards=self.workers * 2)
-        scan_task = ray.remote(num_cpus=0)(_scan_shard)
-        refs = [scan_task.remote(self.spec, self.keep, s) for s in planned]
-        try:
-            scans: list[Scan] = ray.get(refs)
-        except ray.exceptions.RayTaskError as exc:
-            raise _unwrap(exc) from None
+        self._start_actors(max(1, min(self.workers, len(planned), self.spec.limits.concurrency)))
+        scans = self._scan(planned)
         self.shards = place(planned, scans)
         whole = Scan()
         for s in scans:
             whole.merge(s)
         return self.source.info(whole)
+
+    def _scan(self, planned: list[Shard]) -> list[Scan]:
+        """Every shard's pre-flight scan (row counts, ids), spread over the workers; a scan whose worker died is
+        asked again of a fresh worker, as a shard's run is."""
+        n = len(self.actors)
+        running = {self.actors[k % n].scan.remote(s): (k % n, k, self.actors[k % n]) for k, s in enumerate(planned)}
+        scans: dict[int, Scan] = {}
+        lost = 0
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                i, k, actor = running.pop(ref)
+                try:
+                    scans[k] = ray.get(ref)
+                except _LOST:
+                    lost += 1
+                    if lost >= MAX_SHARD_TRIES:
+                        raise BatcherError(f"the pre-flight lost its workers {MAX_SHARD_TRIES} times") from None
+                    if self.actors[i] is actor:  # not replaced yet for another of its scans
+                        self._replace_worker(i)
+                    running[self.actors[i].scan.remote(planned[k])] = (i, k, self.actors[i])
+                except ray.exceptions.RayTaskError as exc:
+                    raise _unwrap(exc) from None
+        return [scans[k] for k in range(len(planned))]
 
     def _resume(self, state_dir: Path, info: SourceInfo, changed: bool) -> PriorSpend:
         enforced = self.budget.enforced
@@ -349,6 +450,12 @@ class RayJob(_Job):
     # -- the run --------------------------------------------------------------------------------------------
 
     async def run(self) -> RunResult:
+        try:
+            return await self._drive()
+        finally:
+            self._stop_actors()  # also when the pre-flight fails or finds nothing to do
+
+    async def _drive(self) -> RunResult:
         t0 = time.perf_counter()
         info = self._preflight()
         await self._lock_job()
@@ -378,26 +485,13 @@ class RayJob(_Job):
         spec, opts = self.spec, self.options
         limit = opts.limit
         todo = [s for s in self.shards if limit is None or s.index_base < limit]
-        n = max(1, min(self.workers or 1, len(todo), spec.limits.concurrency))
+        n = max(1, min(len(self.actors), len(todo)))
+        self._stop_actors(keep=n)  # a --limit may leave fewer shards than the workers started for the scans
         shares = [spec.limits.concurrency // n + (1 if i < spec.limits.concurrency % n else 0) for i in range(n)]
-        cpus = float(_resources().get("CPU", 1))
-        per_worker_cpu = min(1.0, cpus / n)
-        coordinator: Any = ray.remote(num_cpus=0)(_CoordinatorActor).remote(
-            requests_per_minute=spec.limits.requests_per_minute,
-            tokens_per_minute=spec.limits.tokens_per_minute,
-            max_cost_usd=spec.limits.max_cost_usd,
-            spent_before=self.budget.spent_before,
-            expected=n,
-        )
-        worker_cls = ray.remote(num_cpus=per_worker_cpu, max_restarts=0)(ShardWorker)
-        worker_opts = _worker_options(opts)
-        generation = [0]
-
-        def start(i: int) -> Any:
-            generation[0] += 1
-            return worker_cls.remote(spec, worker_opts, coordinator, f"w{i}.{generation[0]}", shares[i])
-
-        actors: dict[int, Any] = {i: start(i) for i in range(n)}
+        actors, coordinator = self.actors, self.coordinator
+        # Before any shard is sent: a worker's first budget or lease call must find the spend of earlier runs.
+        ray.get(coordinator.begin.remote(self.budget.spent_before, n))
+        self.result.engine_stats.update(workers=n, shards=0, worker_cpu_s=0.0)
         idle = deque(range(n))
         pending = deque(todo)
         tries: dict[int, int] = {}
@@ -435,7 +529,7 @@ class RayJob(_Job):
                     i = idle.popleft()
                     shard = pending.popleft()
                     remote = None if self.mirror is None else f"{self.mirror.remote}/shards/{shard.number:05d}"
-                    task = _Task(shard, str(shard_dir(state_dir, shard.number)), info.id_type, remote)
+                    task = _Task(shard, str(shard_dir(state_dir, shard.number)), info.id_type, shares[i], remote)
                     running[actors[i].run_shard.remote(task)] = (i, shard)
                 if stopping:
                     pending.clear()
@@ -450,8 +544,7 @@ class RayJob(_Job):
                     i, shard = running.pop(ref)
                     try:
                         out = ray.get(ref)
-                    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                            ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError):
+                    except _LOST:
                         if stop_requests[0] > 1:
                             continue  # killed by the second Ctrl-C
                         tries[shard.number] = tries.get(shard.number, 0) + 1
@@ -460,9 +553,7 @@ class RayJob(_Job):
                             stop_requests[0] = max(stop_requests[0], 1)
                             coordinator.stop.remote()
                             continue
-                        with contextlib.suppress(Exception):
-                            ray.kill(actors[i])
-                        actors[i] = start(i)  # a fresh worker resumes the shard from its journal
+                        self._replace_worker(i)  # a fresh worker resumes the shard from its journal
                         pending.appendleft(shard)
                         idle.append(i)
                         continue
@@ -473,6 +564,8 @@ class RayJob(_Job):
                         continue
                     idle.append(i)
                     self._add(out["counts"])
+                    self.result.engine_stats["shards"] += 1
+                    self.result.engine_stats["worker_cpu_s"] += out["cpu_s"]
                     if out["fatal"] is not None and fatal is None:
                         fatal = (out["fatal"], out["fatal_status"] or 401)
                         coordinator.stop.remote()
@@ -483,17 +576,17 @@ class RayJob(_Job):
                         self._interrupt = True
                 shown = self._show(coordinator, shown)
             shown = self._show(coordinator, shown)
+            with contextlib.suppress(Exception):  # figures for benchmarks: not worth failing a run for
+                snap = ray.get(coordinator.snapshot.remote(), timeout=5)
+                self.result.engine_stats.update(coordinator_cpu_s=snap["cpu_s"], coordinator_calls=snap["calls"])
         except KeyboardInterrupt:
             self._interrupt = True
         finally:
             for signum, old in old_handlers.items():
                 signal.signal(signum, old)
             self.progress.close()
-            for a in actors.values():
-                with contextlib.suppress(Exception):
-                    ray.kill(a)
-            with contextlib.suppress(Exception):
-                ray.kill(coordinator)
+            # No worker may append to a shard's journal once the driver merges them
+            self._stop_actors()
         if self.result.signal is not None:
             self._interrupt = True
         if self._budget:
@@ -507,7 +600,7 @@ class RayJob(_Job):
             setattr(self.result, k, getattr(self.result, k) + v)
 
     def _show(self, coordinator: Any, shown: float) -> float:
-        if self.progress is None:
+        if self.progress is None or not self.progress.enabled:
             return shown
         try:
             snap = ray.get(coordinator.snapshot.remote(), timeout=5)

@@ -115,6 +115,9 @@ class RunResult:
     loop: str = ""  # the event loop the run used: "uvloop" or "asyncio"
     error_kinds: dict[str, int] = field(default_factory=dict)  # error rows by error_kind
     over_max_errors: bool = False  # finished, with more error rows than max_errors allows
+    # A --ray run's engine: workers, shards run, the workers' CPU seconds over their shards, the coordinator's
+    # calls and CPU seconds (all measured in those processes); empty for a local run
+    engine_stats: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def exit_code(self) -> int:

@@ -224,8 +224,14 @@ class _ShardJob(_Job):
             self._scratch = directory
             self.mirror = Mirror(directory, self.task.remote)
             self.mirror.pull_journal("", directory)
+            self.mirror.pull_spend("", directory)
+        if self.budget.enforced or (directory / SpendLog.NAME).exists():
+            # a retried shard's journal holds the error rows of the worker that died: what they cost is
+            # carried in the spend log before the compaction drops them
+            fold_spend(directory)
         ids = compact_journal(directory)
         if self.mirror is not None:
+            self.mirror.push_spend("", directory)
             self.mirror.push_base("", directory)
         self.result.skipped = len(ids)
         self.done_ids = pa.array(ids, type=self.task.id_type) if ids else None
@@ -408,16 +414,18 @@ class RayJob(_Job):
             if enforced:
                 prior = self._shard_spend(state_dir, prior)
                 prior = _plus(prior, fold_spend(state_dir))
-                _keep_shard_spend(state_dir)
-            fold_shards(state_dir)
+            fold_shards(state_dir)  # the shards' spend logs join the job's
             self._remap(state_dir, info, changed)
             self._prepare(state_dir)
             return prior
         job_log = enforced and (state_dir / SpendLog.NAME).exists()
         if job_log:
-            # the job's own spend.log (a single-process run's, or the cost of answers a remap dropped): folded
-            # while the job's journal is still whole, so what is left in it after the cut is what it carries
+            # the job's own spend.log (a single-process run's, a finished distributed run's, or the cost of
+            # answers a remap dropped): folded while the job's journal is still whole, so what is left in it
+            # after the cut is what it carries; then compacted, so the error rows it carried are not cut into
+            # the shards to be counted again
             fold_spend(state_dir)
+            compact_journal(state_dir)
         self._prepare(state_dir)
         if enforced:  # what every shard's journal and spend log say was spent
             prior = self._shard_spend(state_dir, prior)
@@ -429,13 +437,21 @@ class RayJob(_Job):
         root = state_dir / SHARDS
         dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         for d in dirs:
+            # each fold followed by its compaction: the error rows now carried in the log leave the journal,
+            # so the worker's own fold does not count them again
             prior = _plus(prior, fold_spend(d))
+            compact_journal(d)
+            if self.mirror is not None:
+                self.mirror.push_spend(f"{SHARDS}/{d.name}", d)
+                self.mirror.push_base(f"{SHARDS}/{d.name}", d)
         return prior
 
     def _prepare(self, state_dir: Path) -> None:
         prepare_journals(state_dir, self.shards)
         if self.mirror is not None:
             self.mirror.push_shards()
+            self.mirror.push_spend("", state_dir)
+            self.mirror.push_dropped(state_dir)
             self.mirror.push_base("", state_dir)
 
     def _interrupted(self) -> bool:
@@ -467,11 +483,13 @@ class RayJob(_Job):
         res = self.result
         res.rows = res.skipped + res.ok + res.errors
         res.wall_s = time.perf_counter() - t0
-        if self.mirror is not None:  # what the workers journaled on the store
+        if self.mirror is not None:  # what the workers journaled on the store, and the calls they sent
             for name in self.mirror.shard_dirs():
                 self.mirror.pull_journal(f"shards/{name}", state_dir / "shards" / name)
+                self.mirror.pull_spend(f"shards/{name}", state_dir / "shards" / name)
         merge_journals(state_dir)
         if self.mirror is not None:
+            self.mirror.push_spend("", state_dir)
             self.mirror.push_base("", state_dir)
             self.mirror.drop_tree("shards")
         if isinstance(error, BaseException) and not isinstance(error, FatalRequestError):
@@ -623,17 +641,3 @@ def _worker_options(opts: RunOptions) -> RunOptions:
 
 def _plus(a: PriorSpend, b: PriorSpend) -> PriorSpend:
     return PriorSpend(a.spent + b.spent, a.unconfirmed + b.unconfirmed)
-
-
-def _keep_shard_spend(state_dir: Path) -> None:
-    """The shards' spend logs (each one `carried` line once folded) appended to the job's, before the shards'
-    folders are merged away: what error rows and unrecorded calls cost keeps counting."""
-    root = state_dir / SHARDS
-    logs = sorted(p / SpendLog.NAME for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    data = b"".join(p.read_bytes() for p in logs if p.exists())
-    if not data:
-        return
-    with open(state_dir / SpendLog.NAME, "ab") as f:
-        f.write(data if data.endswith(b"\n") else data + b"\n")
-        f.flush()
-        os.fsync(f.fileno())

@@ -38,7 +38,7 @@ from .call import Caller, Records, Work
 from .client import Endpoint, WorkerClient, check_api_key
 from .errors import FatalRequestError, OutputError, ResumeError, SpecError
 from .limits import RateLimits, limiter_tokens
-from .mirror import Mirror, MirroredJournal, staging_dir
+from .mirror import Mirror, MirroredJournal, MirroredSpendLog, staging_dir
 from .pool import Pool, WorkSender
 from .prices import Price, PriceTable, usd
 from .progress import Progress
@@ -554,6 +554,15 @@ class _Job:
     def _open_journal(self, directory: Path) -> Journal:
         return Journal(directory) if self.mirror is None else MirroredJournal(directory, self.mirror, "")
 
+    def _open_spend_log(self, directory: Path) -> SpendLog:
+        return SpendLog(directory) if self.mirror is None else MirroredSpendLog(directory, self.mirror, "")
+
+    async def _upload_spend_log(self, spend_log: MirroredSpendLog) -> None:
+        try:
+            await spend_log.upload_periodically(SYNC_INTERVAL_S)
+        except OutputError as exc:
+            self.pool.fail(exc)
+
     def _start_helpers(self, tg: anyio.abc.TaskGroup) -> None:
         """Tasks that run beside the pool (a distributed shard's heartbeat); none for a local run."""
 
@@ -582,8 +591,9 @@ class _Job:
                     self.cache = None
             self.journal = self._open_journal(journal_dir)
             stack.callback(self.journal.close)
+            spend_log: SpendLog | None = None
             if self.budget.enforced:
-                spend_log = SpendLog(journal_dir)
+                spend_log = self._open_spend_log(journal_dir)
                 stack.callback(spend_log.close)
                 self.caller.spend_log = spend_log
             self.progress = Progress(todo, enabled=_progress_enabled(opts), job=spec.job_name)
@@ -606,6 +616,8 @@ class _Job:
                 if opts.handle_signals:
                     tg.start_soon(self._watch_signals)
                 tg.start_soon(self._sync_journal)
+                if isinstance(spend_log, MirroredSpendLog):
+                    tg.start_soon(self._upload_spend_log, spend_log)
                 self._start_helpers(tg)
                 try:
                     await self.pool.run()
@@ -774,6 +786,9 @@ class _Job:
             prior = fold_spend(state_dir)
         ids = self._remap(state_dir, info, changed)
         if self.mirror is not None:
+            # what was folded and carried first: the journal put next no longer holds what they count
+            self.mirror.push_spend("", state_dir)
+            self.mirror.push_dropped(state_dir)
             self.mirror.push_base("", state_dir)
         self.result.skipped = len(ids) - self.result.dropped
         if ids:

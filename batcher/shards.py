@@ -207,7 +207,7 @@ def _append(root: Path, number: int, lines: list[bytes], files: dict[int, object
 
 def merge_journals(state_dir: Path) -> None:
     """The shards' journals as the job's one `journal.jsonl` (which `finalize` writes the output from and any
-    later run resumes from); the shards are then removed."""
+    later run resumes from), and their spend logs added to the job's; the shards are then removed."""
     root = state_dir / SHARDS
     if not root.is_dir():
         return
@@ -215,7 +215,33 @@ def merge_journals(state_dir: Path) -> None:
     tmp = state_dir / "journal.merge.tmp"
     _fsync_write(tmp, (raw for j in journals for raw in _journal_lines(j)))
     os.replace(tmp, state_dir / "journal.jsonl")
+    _keep_spend(state_dir)
     shutil.rmtree(root)
+
+
+def _keep_spend(state_dir: Path) -> None:
+    """The shards' spend logs appended to the job's as they are (calls sent, cost carried), before the shards'
+    folders go: the next start folds them against the merged journal. A crash between this and the removal
+    counts them twice on that start: too much, never too little."""
+    from .budget import SpendLog
+
+    root = state_dir / SHARDS
+    out = None
+    try:
+        for log in sorted(p / SpendLog.NAME for p in root.iterdir() if p.is_dir()):
+            if not log.exists():
+                continue
+            data = log.read_bytes()
+            data = data[: data.rfind(b"\n") + 1]  # a line torn by a crash was not a call sent
+            if data:
+                out = out or open(state_dir / SpendLog.NAME, "ab")
+                out.write(data)
+        if out is not None:
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        if out is not None:
+            out.close()
 
 
 def fold_shards(state_dir: Path) -> None:

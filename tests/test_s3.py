@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import polars as pl
 import pyarrow.fs as pafs
@@ -140,3 +142,109 @@ def test_s3_with_ray_workers(make_spec, gateway: Gateway, s3, tmp_path: Path) ->
         ray.shutdown()
     assert res.status == "finished" and res.ok == 300, res.message
     assert _read(s3.fs, f"{b}/out/r.parquet").equals(pl.read_parquet(tmp_path / "local.parquet").drop(TIMING))
+
+
+def _put_jsonl(fs: pafs.FileSystem, path: str, rows: list[dict[str, str]]) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+
+
+def _read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        data: bytes = f.read()
+        return data
+
+
+def _jsonl(fs: pafs.FileSystem, path: str) -> list[dict[str, object]]:
+    with fs.open_input_stream(path) as f:
+        return [json.loads(line) for line in f.read().splitlines()]
+
+
+@pytest.fixture
+def ray_here(s3) -> Iterator[None]:
+    """A local Ray instance started after the S3 variables are set (its workers must see them)."""
+    ray = pytest.importorskip("ray")
+    from batcher.distributed import _connect
+
+    if ray.is_initialized():
+        ray.shutdown()
+    _connect("local")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_s3_resume_on_another_machine_keeps_the_jobs_spend_and_dropped_rows(make_spec, gateway: Gateway, s3,
+                                                                            tmp_path: Path, engine: str,
+                                                                            request: pytest.FixtureRequest,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Three machines (three staging folders), one job on S3. Answers for ids no longer in the input are dropped
+    # from the journal, so what they cost is only in spend.log, and the answers only in dropped.jsonl: both must
+    # reach the store for the third machine to keep counting them. The second machine runs on Ray or not: on
+    # Ray the calls its workers sent reach the job's spend.log on the store through the shards' logs.
+    b, fs = s3.bucket, s3.fs
+    src, out = f"{b}/in/ids.jsonl", f"{b}/out/o.jsonl"
+    state = f"{b}/out/.o.jsonl.batcher"
+
+    def spec(cap: float) -> Any:
+        return parse_spec(make_spec(input={"path": f"s3://{src}", "id_column": "k", "prompt": "{{t}}"},
+                                    output={"path": f"s3://{out}"}, limits={"max_cost_usd": cap},
+                                    prices={"openai/gpt-4o-mini": {"prompt": 1000, "completion": 1000}},
+                                    cache_dir=None))
+
+    def machine(name: str) -> None:
+        monkeypatch.setenv("BATCHER_STAGING", str(tmp_path / name))
+
+    machine("a")
+    _put_jsonl(fs, src, [{"k": f"k{i}", "t": f"text {i}"} for i in range(20)])
+    first = run_job(spec(100.0), options())
+    assert first.ok == 20
+    spent_first = sum(r["cost_usd"] for r in _jsonl(fs, out))  # type: ignore[misc]
+    machine("b")
+    _put_jsonl(fs, src, [{"k": f"k{i}", "t": f"text {i}"} for i in range(10, 20)]
+               + [{"k": f"n{i}", "t": f"new text {i}"} for i in range(10)])
+    if engine == "ray":
+        request.getfixturevalue("ray_here")
+    second = run_job(spec(100.0), options(**({"ray": "local", "workers": 2} if engine == "ray" else {})))
+    assert (second.ok, second.skipped, second.dropped) == (10, 10, 10), second.summary()
+    sent = b"".join(_read_bytes(fs, i.path) for i in fs.get_file_info(pafs.FileSelector(f"{state}/spend")))
+    assert all(f'["n{i}",'.encode() in sent for i in range(10)), "every call the second machine sent is on the store"
+    answered = sum(r["cost_usd"] for r in _jsonl(fs, out))  # type: ignore[misc]
+    job_spend = spent_first + second.cost_usd
+    assert answered < job_spend - 1e-9  # the dropped answers' cost is not in the journal's answers
+    assert sorted(r["id"] for r in _jsonl(fs, f"{state}/dropped.jsonl")) == sorted(f"k{i}" for i in range(10))
+    machine("c")
+    _put_jsonl(fs, src, [{"k": f"k{i}", "t": f"text {i}"} for i in range(10, 20)]
+               + [{"k": f"n{i}", "t": f"new text {i}"} for i in range(15)])
+    billed = gateway.stats.billed
+    third = run_job(spec((answered + job_spend) / 2), options())  # more than the journal shows, less than spent
+    assert third.status == "budget" and third.exit_code == 7, third.summary()
+    assert "no request made" in third.message
+    assert gateway.stats.billed == billed
+    staged = list((tmp_path / "c").rglob("dropped.jsonl"))
+    assert len(staged) == 1 and len(staged[0].read_bytes().splitlines()) == 10
+
+
+def test_s3_spend_log_lines_reach_the_store_and_a_longer_staging_copy_is_kept(s3, tmp_path: Path) -> None:
+    from batcher.budget import SpendLog
+    from batcher.mirror import Mirror, MirroredSpendLog
+
+    mirror = Mirror(tmp_path / "a", f"s3://{s3.bucket}/state")
+    log = MirroredSpendLog(tmp_path / "a", mirror, "")
+    log.sent("r1", 0.5)
+    log.upload()
+    log.sent("r2", 0.25)  # written here, not yet on the store: a kill -9 now
+    log.close()
+    (tmp_path / "a" / SpendLog.NAME).write_bytes(b'["r1",0.5]\n["r2",0.25]\n["r3",0.125]\n')
+    # the same machine: the staging copy holds the store's lines and more, and is kept
+    mirror.pull_spend("", tmp_path / "a")
+    assert (tmp_path / "a" / SpendLog.NAME).read_bytes().count(b"\n") == 3
+    # another machine: the store's lines (the close put r2's)
+    mirror.pull_spend("", tmp_path / "b")
+    assert (tmp_path / "b" / SpendLog.NAME).read_bytes() == b'["r1",0.5]\n["r2",0.25]\n'
+    # a staging copy that does not begin with the store's is stale: the store's wins
+    (tmp_path / "a" / SpendLog.NAME).write_bytes(b'{"carried":9.0}\n')
+    mirror.pull_spend("", tmp_path / "a")
+    assert (tmp_path / "a" / SpendLog.NAME).read_bytes() == b'["r1",0.5]\n["r2",0.25]\n'

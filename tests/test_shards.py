@@ -315,3 +315,22 @@ def test_ray_flag_without_ray_installed_is_a_usage_error(make_spec, tmp_path: Pa
     assert cli_main(["run", str(tmp_path / "job.json"), "--ray", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "batcher: error: --ray needs Ray, which is not installed: pip install 'batcher[ray]'"
+
+
+def test_merging_the_shards_keeps_the_calls_their_spend_logs_hold(tmp_path: Path) -> None:
+    # Calls in flight when a worker died have no record in its shard's journal, only a line in its spend.log:
+    # merging the shards into the job's journal at the end of a run must not lose that line.
+    from batcher.budget import fold_spend
+    from batcher.shards import merge_journals
+
+    ok = {"_i": 0, "id": "a", "status": "ok", "cost_usd": 0.25}
+    for n, (journal, log) in enumerate([(json.dumps(ok) + "\n", '["a",0.5]\n'),
+                                        ("", '["b",0.5]\n{"carried":0.125}\n["c",0.5')]):  # c: torn, never sent
+        d = tmp_path / "shards" / f"{n:05d}"
+        d.mkdir(parents=True)
+        (d / "journal.jsonl").write_text(journal)
+        (d / "spend.log").write_text(log)
+    merge_journals(tmp_path)
+    assert not (tmp_path / "shards").exists()
+    # a's answer (0.25), b's call in flight at its worst case (0.5), what the shard carried (0.125)
+    assert fold_spend(tmp_path).spent == pytest.approx(0.25 + 0.5 + 0.125)

@@ -22,6 +22,8 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -35,10 +37,10 @@ import ray
 
 from .budget import PriorSpend, SpendLog, fold_spend
 from .coordinator import PROGRESS_KEYS, Coordination, LeasedBudget, LeasedCooldown, LeasedLimits
-from .errors import BatcherError, FatalRequestError
+from .errors import BatcherError, FatalRequestError, SpecError
 from .mirror import Mirror, local_scratch
 from .progress import Progress
-from .runner import RunOptions, RunResult, _Job, _progress_enabled, _say, event_loop
+from .runner import RunOptions, RunResult, _Job, _progress_enabled, _say, _StopNow, event_loop
 from .shards import (
     SHARDS,
     Shard,
@@ -67,9 +69,74 @@ def _resources() -> dict[str, float]:
     return found
 
 
+CONNECT_TIMEOUT_S = 10.0  # an explicit address that accepts no connection this long is wrong, not slow
+WAIT_STEP_S = 0.25  # the driver never blocks in Ray longer than this without running its signal handlers
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal on the driver before any shard was sent (connecting, the pre-flight): nothing to drain, so the
+    run ends at once (the CLI prints one line and exits 128 + signum)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _probe(address: str) -> None:
+    """An explicit `HOST:PORT` (or `ray://HOST:PORT`) must parse and accept a TCP connection within
+    CONNECT_TIMEOUT_S: Ray's own connect retries an address where nothing listens forever, inside C++ where no
+    signal handler runs. A plain socket waits in Python, where Ctrl-C and SIGTERM are heard."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in hostport:
+        raise SpecError(f"--ray {address}: not a Ray address: use auto, HOST:PORT or ray://HOST:PORT "
+                        "(or --ray alone for a local instance)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except socket.gaierror as exc:
+        raise SpecError(f"--ray {address}: unknown host {host!r} ({exc.strerror or exc})") from None
+    except TimeoutError:
+        raise SpecError(f"--ray {address}: no answer within {CONNECT_TIMEOUT_S:g} s; is a Ray head there?") from None
+    except OSError as exc:
+        raise SpecError(f"--ray {address}: cannot connect ({exc.strerror or exc}); is a Ray head running there?") from None
+
+
 def _connect(address: str) -> None:
+    """Connect to Ray (`local`: a new instance of our own), or stop with one line naming the address (exit 2)."""
     if ray.is_initialized():
         return
+    if address not in ("local", "auto"):
+        _probe(address)
+        # Ray's own wait for the GCS (one try a second) is bounded by this, rather than by its default of ~20 s
+        # or, on some paths, not at all
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(int(CONNECT_TIMEOUT_S)))
+    try:
+        with _ray_keeps_off_sigterm():
+            _init(address)
+    except (ValueError, ConnectionError, RuntimeError, TimeoutError) as exc:
+        # a malformed address, a cluster that refuses us (token auth), one that is not there (auto)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SpecError(f"--ray {address}: cannot connect to Ray: {first}") from None
+
+
+@contextlib.contextmanager
+def _ray_keeps_off_sigterm() -> Any:
+    """`ray.init` replaces SIGTERM's handler twice (the driver: `sys.exit(15)`; a local head: exit 1 after a
+    crash dump) through one helper; while it runs, that helper leaves the driver's handler alone, so a SIGTERM
+    during Ray's start (~10 s on a busy machine) is handled as batcher's, like Ctrl-C."""
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    if utils is None or not hasattr(utils, "set_sigterm_handler"):
+        yield
+        return
+    before = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = before
+
+
+def _init(address: str) -> None:
     # The workers must import the very batcher the driver runs (a checkout, not only an installed package).
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join([root, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
@@ -326,6 +393,9 @@ class RayJob(_Job):
         self.actors: dict[int, Any] = {}  # worker slot -> its actor (a replaced actor gets the slot's next name)
         self._worker_cls: Any = None
         self._generation = 0
+        self._signals = options.handle_signals and threading.current_thread() is threading.main_thread()
+        self._phase = "start"  # then "shards" once the first shard is sent, "finish" once they are all done
+        self._stops = 0  # signals received
 
     # -- the actors -----------------------------------------------------------------------------------------
 
@@ -369,6 +439,7 @@ class RayJob(_Job):
 
     def _check_input(self) -> SourceInfo:
         _connect(self.options.ray or "local")
+        self._own_signals()  # ray.init put its own in their place
         cpus = int(_resources().get("CPU", 1))
         self.workers = max(1, self.options.workers or cpus)
         planned = plan_shards(self.source, min_shards=self.workers * 2)
@@ -388,7 +459,7 @@ class RayJob(_Job):
         scans: dict[int, Scan] = {}
         lost = 0
         while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_STEP_S)
             for ref in ready:
                 i, k, actor = running.pop(ref)
                 try:
@@ -466,10 +537,51 @@ class RayJob(_Job):
     # -- the run --------------------------------------------------------------------------------------------
 
     async def run(self) -> RunResult:
+        # The driver's own signal handling, from before Ray starts to the end: `ray.init` installs Ray's
+        # handlers (SIGTERM: a crash dump, exit 1) and asyncio's for SIGINT would only cancel a task that is
+        # blocked in Ray, so a signal in the first seconds was lost. Put back after ray.init (`_check_input`).
+        outer: dict[int, Any] = {}
+        if self.options.handle_signals and threading.current_thread() is threading.main_thread():
+            outer = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            self._own_signals()
         try:
             return await self._drive()
         finally:
             self._stop_actors()  # also when the pre-flight fails or finds nothing to do
+            for signum, previous in outer.items():
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(signum, previous)
+
+    def _own_signals(self) -> None:
+        if self._signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """Before any shard is sent: stop at once (nothing is in flight). While shards run: the first signal
+        stops sending on every worker and waits for the calls in flight, the second kills the workers. Once the
+        shards are done: the output's write finishes, unless a second signal comes."""
+        self._stops += 1
+        if self.result.signal is None:
+            self.result.signal = int(signum)
+        if self._phase == "start":
+            raise Interrupted(signum)
+        if self._phase == "finish":
+            self._interrupt = True
+            if self._stops > 1:
+                raise _StopNow(signum)
+            return
+        opts = self.options
+        if self._stops == 1:
+            _say(f"\nbatcher: stopping: no new calls on any worker; waiting up to {self.spec.limits.grace_seconds:g} s "
+                 "for the calls in flight (Ctrl-C again stops now)", opts.quiet)
+            if self.coordinator is not None:
+                self.coordinator.stop.remote()
+        else:
+            _say("batcher: stopping now", opts.quiet)
+            for a in list(self.actors.values()):
+                with contextlib.suppress(Exception):
+                    ray.kill(a)
 
     async def _drive(self) -> RunResult:
         t0 = time.perf_counter()
@@ -508,7 +620,7 @@ class RayJob(_Job):
         shares = [spec.limits.concurrency // n + (1 if i < spec.limits.concurrency % n else 0) for i in range(n)]
         actors, coordinator = self.actors, self.coordinator
         # Before any shard is sent: a worker's first budget or lease call must find the spend of earlier runs.
-        ray.get(coordinator.begin.remote(self.budget.spent_before, n))
+        _get(coordinator.begin.remote(self.budget.spent_before, n))
         self.result.engine_stats.update(workers=n, shards=0, worker_cpu_s=0.0)
         idle = deque(range(n))
         pending = deque(todo)
@@ -517,32 +629,13 @@ class RayJob(_Job):
         total = sum(s.rows for s in todo) if limit is None else min(limit, info.rows)
         self.progress = Progress(total, enabled=_progress_enabled(opts), job=spec.job_name)
         shown = 0.0
-        stop_requests = [0]
         error: BaseException | None = None
         fatal: tuple[str, int] | None = None
-
-        def on_signal(signum: int, frame: Any) -> None:
-            stop_requests[0] += 1
-            if self.result.signal is None:
-                self.result.signal = int(signum)
-            if stop_requests[0] == 1:
-                _say(f"\nbatcher: stopping: no new calls on any worker; waiting up to {spec.limits.grace_seconds:g} s "
-                     "for the calls in flight (Ctrl-C again stops now)", opts.quiet)
-                coordinator.stop.remote()
-            else:
-                _say("batcher: stopping now", opts.quiet)
-                for a in actors.values():
-                    ray.kill(a)
-
-        old_handlers: dict[int, Any] = {}
-        if opts.handle_signals:
-            with contextlib.suppress(ValueError):  # not the main thread
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    old_handlers[sig] = signal.signal(sig, on_signal)
+        self._phase = "shards"
         expected = n
         try:
             while pending or running:
-                stopping = stop_requests[0] > 0 or fatal is not None or self._budget
+                stopping = self._stops > 0 or fatal is not None or self._budget
                 while pending and idle and not stopping:
                     i = idle.popleft()
                     shard = pending.popleft()
@@ -563,12 +656,12 @@ class RayJob(_Job):
                     try:
                         out = ray.get(ref)
                     except _LOST:
-                        if stop_requests[0] > 1:
+                        if self._stops > 1:
                             continue  # killed by the second Ctrl-C
                         tries[shard.number] = tries.get(shard.number, 0) + 1
                         if tries[shard.number] >= MAX_SHARD_TRIES:
                             error = BatcherError(f"shard {shard.number} lost its worker {MAX_SHARD_TRIES} times")
-                            stop_requests[0] = max(stop_requests[0], 1)
+                            self._stops = max(self._stops, 1)
                             coordinator.stop.remote()
                             continue
                         self._replace_worker(i)  # a fresh worker resumes the shard from its journal
@@ -577,7 +670,7 @@ class RayJob(_Job):
                         continue
                     except ray.exceptions.RayTaskError as exc:
                         error = _unwrap(exc)
-                        stop_requests[0] = max(stop_requests[0], 1)
+                        self._stops = max(self._stops, 1)
                         coordinator.stop.remote()
                         continue
                     idle.append(i)
@@ -600,8 +693,7 @@ class RayJob(_Job):
         except KeyboardInterrupt:
             self._interrupt = True
         finally:
-            for signum, old in old_handlers.items():
-                signal.signal(signum, old)
+            self._phase = "finish"
             self.progress.close()
             # No worker may append to a shard's journal once the driver merges them
             self._stop_actors()
@@ -631,6 +723,13 @@ class RayJob(_Job):
                                      errors=int(t["errors"]), cost_usd=t["cost_usd"])
             self.progress.advance(int(rows - shown), totals)
         return max(shown, rows)
+
+
+def _get(ref: Any) -> Any:
+    """`ray.get` in steps, so that the driver's signal handlers run while it waits."""
+    while not ray.wait([ref], timeout=WAIT_STEP_S)[0]:
+        pass
+    return ray.get(ref)
 
 
 def _worker_options(opts: RunOptions) -> RunOptions:

@@ -233,6 +233,33 @@ def test_ray_ctrl_c_on_the_driver_stops_every_worker_and_writes_what_was_answere
         assert again.status == "finished" and again.skipped == df.height and again.ok == 400 - df.height
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_ray_starts_is_one_line_and_128_plus_signum(signum: int, make_spec, tmp_path: Path) -> None:
+    # ray.init puts its own SIGTERM handlers in (exit 1 or 15, a crash dump) and asyncio's SIGINT handler only
+    # cancelled a task blocked in Ray: a signal in a --ray run's first seconds was lost (finding 15)
+    import subprocess
+    import sys
+
+    import yaml
+
+    with serve_in_thread(GatewayConfig(latency_s=0.05)) as gw:
+        spec = make_spec(endpoint={"base_url": gw.base_url}, cache_dir=None)
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        proc = subprocess.Popen([sys.executable, "-m", "batcher", "run", str(tmp_path / "job.yaml"), "--ray"],
+                                env=env, stderr=subprocess.PIPE, text=True)
+        driver = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and not driver.children():
+            time.sleep(0.02)  # Ray's first process: the driver is inside ray.init
+        time.sleep(0.5)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        ours = [line for line in err.splitlines() if line.startswith("batcher") or "Traceback" in line]
+        assert proc.returncode == 128 + signum and ours == ["batcher: interrupted"], err
+        assert gw.stats.billed == 0
+
+
 def test_ray_folder_output_has_a_part_per_shard_read_as_one_dataset(make_spec, tmp_path: Path) -> None:
     one = parse_spec(make_spec(output={"path": str(tmp_path / "one.parquet")}))
     spec = parse_spec(make_spec(output={"path": str(tmp_path / "ds") + "/"}))

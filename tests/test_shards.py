@@ -334,3 +334,41 @@ def test_merging_the_shards_keeps_the_calls_their_spend_logs_hold(tmp_path: Path
     assert not (tmp_path / "shards").exists()
     # a's answer (0.25), b's call in flight at its worst case (0.5), what the shard carried (0.125)
     assert fold_spend(tmp_path).spent == pytest.approx(0.25 + 0.5 + 0.125)
+
+
+@pytest.mark.parametrize("address", ["bogus-address", "127.0.0.1:notaport", "FREE_PORT", "ray://FREE_PORT"])
+def test_a_ray_address_that_is_malformed_or_where_nothing_listens_is_one_line_exit_2(
+        address: str, make_spec, tmp_path: Path, capsys) -> None:
+    # Ray itself raises a traceback for the first and retries the others forever, deaf to Ctrl-C (findings 7, 9)
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = f"127.0.0.1:{s.getsockname()[1]}"
+    address = address.replace("FREE_PORT", free)
+    (tmp_path / "job.json").write_text(json.dumps(make_spec()))
+    assert cli_main(["run", str(tmp_path / "job.json"), "--ray", address, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"batcher: error: --ray {address}: ") and "\n" not in err, err
+    assert not (tmp_path / "out" / ".t.parquet.batcher").exists()
+
+
+def test_ray_start_up_leaves_the_drivers_sigterm_handler_in_force() -> None:
+    # ray.init sets SIGTERM's handler (sys.exit(15), or a local head's crash dump and exit 1) through one helper:
+    # while batcher connects, the helper must leave batcher's handler alone (finding 15)
+    ray = pytest.importorskip("ray")
+    import signal
+
+    from batcher.distributed import _ray_keeps_off_sigterm
+
+    def ours(signum: int, frame: object) -> None:
+        pass
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        with _ray_keeps_off_sigterm():
+            ray._private.utils.set_sigterm_handler(lambda signum, frame: None)
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)

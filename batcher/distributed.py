@@ -71,7 +71,8 @@ def _connect(address: str) -> None:
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join([root, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
     env = {"PYTHONPATH": path}
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "STORAGE_EMULATOR_HOST"):
         if os.environ.get(name):
             env[name] = os.environ[name]
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": False,

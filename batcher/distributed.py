@@ -143,7 +143,8 @@ def _init(address: str) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False, "configure_logging": False}
     if address != "local":
         env = {"PYTHONPATH": path}
-        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                     "STORAGE_EMULATOR_HOST"):
             if os.environ.get(name):
                 env[name] = os.environ[name]
         ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)

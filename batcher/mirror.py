@@ -182,7 +182,13 @@ class Mirror:
             self.fs.delete_dir_contents(self._path(rel), missing_dir_ok=True)
 
     def shard_dirs(self) -> list[str]:
-        return sorted(i.base_name for i in self._list("shards") if i.type == pafs.FileType.Directory)
+        """The shards' folders, from the objects under them: a store has no folders, and a listing of one level
+        shows them only where the filesystem makes them up from the names (pyarrow's GCS does not: a
+        distributed run on gs:// merged no shard and wrote an empty output)."""
+        root = self._path("shards") + "/"
+        names = {i.path[len(root):].partition("/")[0] for i in self._list("shards", recursive=True)
+                 if i.type == pafs.FileType.File and i.path.startswith(root) and "/" in i.path[len(root):]}
+        return sorted(names)
 
     # -- the whole state ------------------------------------------------------------------------------------
 

@@ -79,6 +79,24 @@ def test_ray_jsonl_byte_ranges_keep_positions_and_line_numbers(make_spec, tmp_pa
     assert _table(tmp_path / "one.parquet").equals(df)
 
 
+def test_ray_csv_is_cut_where_records_start_and_is_the_single_process_output(make_spec, tmp_path: Path) -> None:
+    from .test_shards import _tricky_csv
+
+    src = _tricky_csv(tmp_path / "in.csv", n=600)  # values spanning lines, malformed and blank lines, a BOM
+    inp = {"path": str(src), "id_column": None, "prompt": "{{text}}"}
+    keep = {"keep_columns": ["rating"]}
+    one = parse_spec(make_spec(input=inp, output={"path": str(tmp_path / "one.parquet"), **keep}))
+    many = parse_spec(make_spec(input=inp, output={"path": str(tmp_path / "many.parquet"), **keep}))
+    run_job(one, options())
+    res = run_job(many, options(ray="local", workers=3))
+    assert res.status == "finished" and res.rows == 600, res.message
+    df = _table(tmp_path / "many.parquet")
+    assert df["id"].to_list() == list(range(600))
+    errors = df.filter(pl.col("status") == "error")["error"].to_list()
+    assert errors and all(e.startswith("line ") for e in errors)
+    assert _table(tmp_path / "one.parquet").equals(df)
+
+
 def test_ray_rate_limit_holds_job_wide_with_four_workers(make_spec, gateway: Gateway, tmp_path: Path) -> None:
     rpm = 1500  # 25/s: ~16 s for 400 rows, so 10-second windows can be checked
     path = _big_input(tmp_path, 400, 40)

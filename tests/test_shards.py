@@ -372,3 +372,48 @@ def test_ray_start_up_leaves_the_drivers_sigterm_handler_in_force() -> None:
         assert signal.getsignal(signal.SIGTERM) is ours
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def _tricky_csv(path: Path, n: int = 400) -> Path:
+    """A CSV a newline cannot cut: values spanning lines (many), commas and quotes inside values, blank lines,
+    malformed records, CRLF endings, non-ASCII text and a BOM."""
+    out = ["id,text,rating"]
+    for i in range(n):
+        if i % 3 == 0:
+            out.append(f'k{i},"review {i} says:\nline two, with a comma\n""quoted"" line three",{i % 5}')
+        elif i % 37 == 5:
+            out.append(f"k{i},too,many,fields")
+        elif i % 41 == 7:
+            out.append("")
+            out.append(f"k{i},café ünïcode {i},2\r")
+        elif i % 53 == 11:
+            out.append(f"k{i}")
+        else:
+            out.append(f"k{i},plain text {i},{i % 5}")
+    path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(out) + "\n").encode())
+    return path
+
+
+@pytest.mark.parametrize("ids", ["id", None])
+def test_csv_shards_cut_where_records_start_and_read_as_the_whole_file(make_spec, tmp_path: Path,
+                                                                        ids: str | None) -> None:
+    src = _tricky_csv(tmp_path / "r.csv")
+    spec = parse_spec(make_spec(input={"path": str(src), "id_column": ids, "prompt": "{{text}}"}))
+    whole = Source(spec.input, [])
+    expected = [r for b in whole.batches() for r in b]
+    shards = plan_shards(Source(spec.input, []), min_shards=7)
+    assert len(shards) >= 5
+    data = src.read_bytes()
+    # where a newline after each target offset would have cut: inside a quoted value, for some
+    naive = [data.index(b"\n", s.parts[0].start + 1) + 1 for s in shards[:-1]]
+    assert set(naive) != {s.parts[0].start for s in shards[1:]}
+    scans = [Source(spec.input, [], parts=s.parts).scan() for s in shards]
+    placed = place(shards, scans)
+    got = [r for s in placed for b in Source(spec.input, [], parts=s.parts, index_base=s.index_base).batches()
+           for r in b]
+    assert [(r.index, r.id, r.prompt, r.error) for r in got] == [(r.index, r.id, r.prompt, r.error) for r in expected]
+    assert any(r.error and r.error.startswith("line ") for r in got)
+    assert sum(s.rows for s in placed) == whole.check().rows == len(expected)
+    if ids:  # the ids each shard read, in order, are the file's
+        assert pa.concat_arrays([i for s in scans for i in s.ids]).to_pylist() == \
+            Source(spec.input, []).ids(pa.string()).drop_null().to_pylist()

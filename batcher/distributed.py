@@ -27,6 +27,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -40,7 +41,7 @@ from .coordinator import PROGRESS_KEYS, Coordination, LeasedBudget, LeasedCooldo
 from .errors import BatcherError, FatalRequestError, SpecError
 from .mirror import Mirror, local_scratch
 from .progress import Progress
-from .runner import RunOptions, RunResult, _Job, _progress_enabled, _say, _StopNow, event_loop
+from .runner import RunOptions, RunResult, _Job, _progress_enabled, _say, _StopNow, count_records, event_loop
 from .shards import (
     SHARDS,
     Shard,
@@ -51,7 +52,7 @@ from .shards import (
     prepare_journals,
     shard_dir,
 )
-from .sinks import compact_journal
+from .sinks import compact_journal, read_journal
 from .sources import Scan, Source, SourceInfo
 from .spec import JobSpec
 
@@ -183,6 +184,9 @@ class _CoordinatorActor:
     def budget(self, worker: str, want: float, give_back: float, spent: float) -> float:
         return self.c.budget(worker, want, give_back, spent)
 
+    def earlier(self, shard: int, journaled: int) -> int:
+        return self.c.earlier(shard, journaled)
+
     def heartbeat(self, worker: str, progress: dict[str, float], pause_until: float) -> tuple[float, bool]:
         return self.c.heartbeat(worker, progress, pause_until)
 
@@ -301,7 +305,14 @@ class _ShardJob(_Job):
         if self.mirror is not None:
             self.mirror.push_spend("", directory)
             self.mirror.push_base("", directory)
-        self.result.skipped = len(ids)
+        # Rows answered by earlier runs are "done earlier"; those a first attempt of this run answered before its
+        # worker died are this run's, and their tokens, cost and calls count in its summary (the sums over the
+        # output file). The compaction keeps the journal's order, so the earlier runs' rows come first.
+        earlier = min(len(ids), await self._call("earlier", self.task.shard.number, len(ids)))
+        if len(ids) > earlier:
+            count_records(self.result, islice(read_journal(directory / "journal.jsonl"), earlier, None))
+        self.result.skipped = earlier
+        self._delta()  # what the first attempt's heartbeats already sent to the progress bar
         self.done_ids = pa.array(ids, type=self.task.id_type) if ids else None
         shard = self.task.shard
         limit = self.options.limit
@@ -318,6 +329,7 @@ class _ShardJob(_Job):
         r = self.result
         return {
             "counts": {k: getattr(r, k) for k in PROGRESS_KEYS if k != "rows"},
+            "error_kinds": dict(r.error_kinds),
             "fatal": str(error) if error is not None else None,
             "fatal_status": error.status if isinstance(error, FatalRequestError) else None,
             "budget_hit": self.caller.budget_hit,
@@ -675,7 +687,7 @@ class RayJob(_Job):
                         coordinator.stop.remote()
                         continue
                     idle.append(i)
-                    self._add(out["counts"])
+                    self._add(out)
                     self.result.engine_stats["shards"] += 1
                     self.result.engine_stats["worker_cpu_s"] += out["cpu_s"]
                     if out["fatal"] is not None and fatal is None:
@@ -706,9 +718,13 @@ class RayJob(_Job):
             return FatalRequestError(fatal[0], fatal[1])
         return error
 
-    def _add(self, counts: dict[str, Any]) -> None:
-        for k, v in counts.items():
-            setattr(self.result, k, getattr(self.result, k) + v)
+    def _add(self, out: dict[str, Any]) -> None:
+        """A finished shard's counts into the job's summary."""
+        res = self.result
+        for k, v in out["counts"].items():
+            setattr(res, k, getattr(res, k) + v)
+        for kind, n in out.get("error_kinds", {}).items():
+            res.error_kinds[kind] = res.error_kinds.get(kind, 0) + n
 
     def _show(self, coordinator: Any, shown: float) -> float:
         if self.progress is None or not self.progress.enabled:

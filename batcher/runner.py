@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +152,28 @@ class RunResult:
         where = storage.uri_of(self.output) or self.output
         dropped = f"; {self.dropped} answers for ids no longer in the input were dropped" if self.dropped else ""
         return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {where}{dropped}"
+
+
+def count_records(res: RunResult, records: Iterable[dict[str, Any]]) -> None:
+    """Journal records (answers and error rows) into a run's counts and totals."""
+    for r in records:
+        # Tokens and cost of billed calls only, as in `batcher report`: an error row's billed answers too
+        # (a broken or refused answer was paid for), so the totals are the sums over the output file.
+        if not r.get("cached"):
+            res.prompt_tokens += r.get("prompt_tokens") or 0
+            res.completion_tokens += r.get("completion_tokens") or 0
+            if r.get("cost_usd") is None and (r["status"] == "ok" or r.get("completion_tokens") is not None):
+                res.unpriced += 1
+        res.cost_usd += r.get("cost_usd") or 0.0
+        if r["status"] == "ok":
+            res.ok += 1
+            if r.get("cached"):
+                res.cached += 1
+        else:
+            res.errors += 1
+            kind = r.get("error_kind") or "unknown"
+            res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
+        res.attempts += r.get("attempts") or 0
 
 
 # A run that finished with more error rows than --max-errors / limits.max_errors allow (default: none): a
@@ -451,24 +473,7 @@ class _Job:
             items = [(k, c, ttl) for k, c in to_cache]
             if items:
                 await anyio.to_thread.run_sync(self.cache.put_many, items)
-        for r in records:
-            # Tokens and cost of billed calls only, as in `batcher report`: an error row's billed answers too
-            # (a broken or refused answer was paid for), so the totals are the sums over the output file.
-            if not r.get("cached"):
-                res.prompt_tokens += r.get("prompt_tokens") or 0
-                res.completion_tokens += r.get("completion_tokens") or 0
-                if r.get("cost_usd") is None and (r["status"] == "ok" or r.get("completion_tokens") is not None):
-                    res.unpriced += 1
-            res.cost_usd += r.get("cost_usd") or 0.0
-            if r["status"] == "ok":
-                res.ok += 1
-                if r.get("cached"):
-                    res.cached += 1
-            else:
-                res.errors += 1
-                kind = r.get("error_kind") or "unknown"
-                res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
-            res.attempts += r.get("attempts") or 0
+        count_records(res, records)
         if self.progress is not None:
             self.progress.advance(len(records) + cached, res)
 

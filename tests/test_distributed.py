@@ -171,6 +171,11 @@ def test_ray_worker_killed_with_sigkill_loses_and_duplicates_nothing(make_spec, 
         assert res.status == "finished", res.message
         df = pl.read_parquet(out)
         assert df.height == 400 and df["review_id"].n_unique() == 400 and (df["status"] == "ok").all()
+        # the replaced worker's rows are this run's, not "done earlier": the summary's totals are the file's sums
+        assert (res.ok, res.skipped, res.rows) == (400, 0, 400), res.summary()
+        for key in ("prompt_tokens", "completion_tokens", "attempts"):
+            assert getattr(res, key) == df[key].sum(), (key, res.summary())
+        assert res.cost_usd == pytest.approx(df["cost_usd"].sum()), res.summary()
         # re-asked: at most what was in flight or answered but not yet journaled on the killed worker
         assert gw.stats.billed - 400 <= 2 * 4, gw.stats.billed
 

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import anyio
 import polars as pl
@@ -417,3 +418,80 @@ def test_csv_shards_cut_where_records_start_and_read_as_the_whole_file(make_spec
     if ids:  # the ids each shard read, in order, are the file's
         assert pa.concat_arrays([i for s in scans for i in s.ids]).to_pylist() == \
             Source(spec.input, []).ids(pa.string()).drop_null().to_pylist()
+
+
+class _InProcess:
+    """A coordinator actor's handle, in this process: `await handle.method.remote(*args)` calls `Coordination`."""
+
+    def __init__(self, coordination: Coordination) -> None:
+        self.c = coordination
+
+    def __getattr__(self, name: str) -> SimpleNamespace:
+        method = getattr(self.c, name)
+
+        async def remote(*args: object) -> object:
+            return method(*args)
+
+        return SimpleNamespace(remote=remote)
+
+
+def test_a_shard_resumed_within_the_run_counts_its_first_attempts_rows_as_this_runs(make_spec, tmp_path: Path) -> None:
+    # A worker killed mid-run is replaced and its shard resumes from its journal: the rows its first attempt
+    # answered are this run's (tokens, cost, calls in the summary), only an earlier run's are "done earlier".
+    pytest.importorskip("ray")
+    from batcher.distributed import RayJob, _ShardJob, _Task
+    from batcher.runner import RunResult
+    from batcher.sinks import read_journal
+
+    spec = parse_spec(make_spec(cache_dir=None))
+    source = Source(spec.input, [], spec.endpoint.api)
+    planned = plan_shards(source)
+    scans = [Source(spec.input, [], spec.endpoint.api, parts=s.parts).scan() for s in planned]
+    shard = place(planned, scans)[0]
+    assert shard.rows == 300
+    directory = tmp_path / "shard"
+    directory.mkdir()
+
+    def attempt(run: Coordination, limit: int | None) -> dict[str, object]:
+        task = _Task(shard, str(directory), pa.string(), 4)
+        job = _ShardJob(spec, options(limit=limit), task, _InProcess(run), "w0")
+        out: dict[str, object] = anyio.run(job.run_shard)
+        return out
+
+    attempt(Coordination(None, None, None), 100)  # an earlier run
+    this_run = Coordination(None, None, None)
+    attempt(this_run, 200)  # this run's first attempt, whose worker dies before the driver hears from it
+    res = RunResult(output=tmp_path / "o.parquet", status="finished")
+    RayJob._add(SimpleNamespace(result=res), attempt(this_run, None))  # type: ignore[arg-type]
+
+    mine = list(read_journal(directory / "journal.jsonl"))[100:]  # the earlier run's rows come first
+    assert (res.skipped, res.ok + res.errors) == (100, 200) == (100, len(mine))
+    assert res.ok == sum(r["status"] == "ok" for r in mine)
+    for key in ("prompt_tokens", "completion_tokens", "attempts"):
+        assert getattr(res, key) == sum(r.get(key) or 0 for r in mine), key
+    assert res.cost_usd == pytest.approx(sum(r.get("cost_usd") or 0.0 for r in mine))
+    assert "100 done earlier" in res.summary()
+
+
+def test_a_ray_summary_counts_the_errors_by_kind_as_one_process_does(make_spec, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from batcher.distributed import RayJob, _ShardJob, _Task
+    from batcher.runner import RunResult
+
+    rows = [{"rid": f"r{i}", "text": None if i in (3, 7) else f"text {i}"} for i in range(12)]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    spec = parse_spec(make_spec(input={"path": str(data), "id_column": "rid", "prompt": "Classify: {{text}}"},
+                                output={"path": str(tmp_path / "one.parquet")}, cache_dir=None))
+    single = run_job(spec, options())
+    source = Source(spec.input, [], spec.endpoint.api)
+    planned = plan_shards(source, min_shards=2, target_rows=6)
+    scans = [Source(spec.input, [], spec.endpoint.api, parts=s.parts).scan() for s in planned]
+    run = Coordination(None, None, None)
+    res = RunResult(output=tmp_path / "one.parquet", status="finished")
+    for shard in place(planned, scans):
+        directory = tmp_path / f"shard{shard.number}"
+        directory.mkdir()
+        job = _ShardJob(spec, options(), _Task(shard, str(directory), pa.string(), 4), _InProcess(run), "w0")
+        RayJob._add(SimpleNamespace(result=res), anyio.run(job.run_shard))  # type: ignore[arg-type]
+    assert len(planned) == 2 and single.error_kinds == {"input": 2}
+    assert res.summary().split(";")[0] == single.summary().split(";")[0] == "10 ok, 2 error (2 input), 0 cached"

@@ -41,7 +41,7 @@ from .lease import S3Lease, s3_lease
 from .limits import RateLimits, limiter_tokens
 from .mirror import Mirror, MirroredJournal, MirroredSpendLog, staging_dir
 from .pool import Pool, WorkSender
-from .prices import Price, PriceTable
+from .prices import Price, PriceTable, usd
 from .progress import Progress
 from .routing import Backoff, RoutePlan, plan_for
 from .shapes import Shape, shape_of_job
@@ -72,6 +72,7 @@ __all__ = ["ERRORS_EXIT_CODE", "RunOptions", "RunResult", "arun_job", "run_job"]
 @dataclass(frozen=True)
 class RunOptions:
     output: Path | None = None
+    output_folder: bool = False  # `--output DIR/`: a folder of Parquet parts, as an output.path ending with "/"
     limit: int | None = None
     quiet: bool = False
     fresh: bool = False
@@ -141,9 +142,9 @@ class RunResult:
         if self.skipped:
             parts.append(f"{self.skipped} done earlier")
         tokens = f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens"
-        cost = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
+        cost = f", {usd(self.cost_usd)}" if self.cost_usd else ""
         if self.unconfirmed_usd:
-            cost += f" + ≤ ${self.unconfirmed_usd:.4f} unconfirmed (calls cut off or dropped after sending: may have been billed)"
+            cost += f" + ≤ {usd(self.unconfirmed_usd)} unconfirmed (calls cut off or dropped after sending: may have been billed)"
         if self.unpriced:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
         where = storage.uri_of(self.output) or self.output
@@ -159,9 +160,21 @@ ERRORS_EXIT_CODE = 9
 # fdatasync's time): they are asked again on resume. A kill -9 costs none of them (see `sinks.Journal`).
 SYNC_INTERVAL_S = 0.1
 
-# What the writer receives: a worker's row (None when the row was not sent: budget, fatal stop, signal), or a
-# list of rows the feeder settled without a call.
-_Result = dict[str, Any] | list[dict[str, Any]] | None
+
+@dataclass(slots=True)
+class Settled:
+    """Rows of one input batch settled without a call (cache hits, input errors), journaled with one write:
+    their lines are encoded in the feeder's thread along with the reading, rendering and lookups that found
+    them, so the writer only hands them to the journal and counts them."""
+
+    lines: bytes
+    errors: list[dict[str, Any]]  # the error rows' records (their kinds are counted)
+    cached: int  # rows answered from the cache (ok, no tokens billed, no cost)
+
+
+# What the writer receives: a worker's row (None when the row was not sent: budget, fatal stop, signal), or the
+# rows the feeder settled without a call.
+_Result = dict[str, Any] | Settled | None
 
 
 def _api_key(spec: JobSpec, base_url: str) -> str | None:
@@ -280,7 +293,10 @@ class _Job:
         self.mirror: Mirror | None = None
         if self.remote_output is not None:
             self.output = staging_dir(self.remote_output) / self.remote_output.rpartition("/")[2]
-        self.fmt = spec.output.resolved_format if options.output is None else _fmt_of(options.output, spec)
+        if options.output is None:
+            self.fmt = spec.output.resolved_format
+        else:
+            self.fmt = "parquet_dataset" if options.output_folder else _fmt_of(options.output, spec)
         # Kept columns other than the input's id column (that one is the output's id already)
         self.keep = [c for c in spec.output.keep_columns if c != spec.input.id_source]
         self.source = Source(spec.input, self.keep, spec.endpoint.api)
@@ -340,7 +356,7 @@ class _Job:
 
     # -- the pipeline ---------------------------------------------------------------------------------------
 
-    def _next_batch(self, batches: Iterator[list[SourceRow]]) -> tuple[list[Work], list[dict[str, Any]]] | None:
+    def _next_batch(self, batches: Iterator[list[SourceRow]]) -> tuple[list[Work], Settled | None] | None:
         """Read, render and look up one input batch (in a worker thread: it is the bulk of the per-row
         Python work before the call, and would otherwise stall the event loop for a whole batch).
         Returns the rows that need a call, and those settled without one (cache hits, input errors)."""
@@ -351,31 +367,39 @@ class _Job:
         if batch is None:
             return None
         prepared = [self.prepare(r) for r in batch]
-        hits: dict[str, dict[str, Any]] = {}
+        hits: dict[str, str] = {}
         if self.cache is not None:
-            hits = self.cache.get_many([p.key for p in prepared if isinstance(p, Work) and p.key is not None])
+            hits = self.cache.get_many_text([p.key for p in prepared if isinstance(p, Work) and p.key is not None])
         work: list[Work] = []
-        done: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        lines: list[bytes] = []
         for p in prepared:
             if isinstance(p, dict):
-                done.append(p)
+                errors.append(p)
+                lines.append(encode_lines((p,)))
             elif p.key is not None and p.key in hits:
-                done.append(self.records.ok(p.row, hits[p.key], cached=True, attempts=0, latency_ms=0.0,
-                                            asked_model=p.body["model"]))
+                text = hits[p.key]
+                line = self.records.cached_line(p.row, text)
+                if line is None:
+                    line = encode_lines((self.records.ok(p.row, json.loads(text), cached=True, attempts=0,
+                                                         latency_ms=0.0, asked_model=p.body["model"]),))
+                lines.append(line)
             else:
                 work.append(p)
-        return work, done
+        if not lines:
+            return work, None
+        return work, Settled(b"".join(lines), errors, len(lines) - len(errors))
 
     async def feed(self, work: WorkSender[Work], results: ObjectSendStream[_Result]) -> None:
         batches = iter(self.source.batches(self.done_ids))
         while (step := await anyio.to_thread.run_sync(self._next_batch, batches)) is not None:
-            to_send, done = step
+            to_send, settled = step
             del step
-            # Settled rows go to the writer as one list: the result buffer is kept small for answers that
+            # Settled rows go to the writer as one item: the result buffer is kept small for answers that
             # were paid for, and these must not queue one by one behind it.
-            if done:
-                await results.send(done)
-            del done
+            if settled is not None:
+                await results.send(settled)
+            del settled
             # The batch is the look-ahead (at most input.batch_bytes): each item leaves it as it is handed
             # over, so a row whose call is over is not kept alive here until the whole batch is sent.
             to_send.reverse()
@@ -402,18 +426,23 @@ class _Job:
     async def write(self, batch: list[_Result]) -> None:
         """Counts, progress and the cache, for results in groups. Answers are journaled already (`record`);
         rows settled without a call (cache hits, input errors: a crash costs nothing to redo) are journaled
-        here, encoded in a thread since they come a whole input batch at a time."""
+        here, as the lines the feeder encoded (`Settled`)."""
         records: list[dict[str, Any]] = []
-        settled: list[dict[str, Any]] = []
+        cached = 0
         for r in batch:
-            if isinstance(r, list):
-                settled.extend(r)
+            if isinstance(r, Settled):
+                self.journal.write(r.lines)
+                records.extend(r.errors)
+                cached += r.cached
             elif r is not None:
                 records.append(r)
-        if settled:
-            self.journal.write(await anyio.to_thread.run_sync(encode_lines, settled))
-            records.extend(settled)
+        res = self.result
+        if cached:
+            res.ok += cached
+            res.cached += cached
         if not records:
+            if cached and self.progress is not None:
+                self.progress.advance(cached, res)
             return
         to_cache = [c for c in (r.pop("_cache", None) for r in records) if c is not None]
         if self.cache is not None and self.cache_ttl is not None:
@@ -421,7 +450,6 @@ class _Job:
             items = [(k, c, ttl) for k, c in to_cache]
             if items:
                 await anyio.to_thread.run_sync(self.cache.put_many, items)
-        res = self.result
         for r in records:
             # Tokens and cost of billed calls only, as in `batcher report`: an error row's billed answers too
             # (a broken or refused answer was paid for), so the totals are the sums over the output file.
@@ -441,7 +469,7 @@ class _Job:
                 res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
             res.attempts += r.get("attempts") or 0
         if self.progress is not None:
-            self.progress.advance(len(records), res)
+            self.progress.advance(len(records) + cached, res)
 
     async def _watch_signals(self) -> None:
         """First SIGINT/SIGTERM: no new calls, in-flight calls get the grace period. Second: stop now."""
@@ -630,10 +658,10 @@ class _Job:
         elif self._budget_hit() and self.budget.cap is not None:
             res.status = "budget"
             BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent, self.caller.needed)
-            earlier = f" (${self.budget.spent_before:.4f} of it by earlier runs)" if self.budget.spent_before else ""
+            earlier = f" ({usd(self.budget.spent_before)} of it by earlier runs)" if self.budget.spent_before else ""
             res.message = (
                 f"stopped before passing limits.max_cost_usd (${self.budget.cap:g}): the job has spent "
-                f"${self.budget.spent:.4f}{earlier} and the next row may cost up to ${self.caller.needed:.4f}; raise limits.max_cost_usd and rerun the same command to "
+                f"{usd(self.budget.spent)}{earlier} and the next row may cost up to {usd(self.caller.needed)}; raise limits.max_cost_usd and rerun the same command to "
                 "finish the rest"
             )
         else:
@@ -826,11 +854,11 @@ class _Job:
         needed = stop.needed()
         if before >= cap or (needed is not None and before + needed > cap):
             self.result.status = "budget"
-            unconfirmed = f" (≤ ${prior.unconfirmed:.4f} of it unconfirmed)" if prior.unconfirmed else ""
-            nxt = f", and its next row may cost up to ${needed:.4f}" if needed is not None else ""
+            unconfirmed = f" (≤ {usd(prior.unconfirmed)} of it unconfirmed)" if prior.unconfirmed else ""
+            nxt = f", and its next row may cost up to {usd(needed)}" if needed is not None else ""
             self.result.message = (
                 f"limits.max_cost_usd (${cap:g}) is already reached for this job: earlier runs spent "
-                f"${before:.4f}{unconfirmed}{nxt}; no request made. Raise "
+                f"{usd(before)}{unconfirmed}{nxt}; no request made. Raise "
                 "limits.max_cost_usd and rerun the same command to finish the rest"
             )
             raise _BudgetReached()
@@ -839,7 +867,8 @@ class _Job:
         spec = self.spec
         keep_from = None
         if self.keep and self.source.format == "parquet" and self.fmt != "openai_batch":
-            keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column, spec.input.batch_bytes)
+            keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column, spec.input.batch_bytes,
+                                     types=info.keep_types)
             self.result.kept_stats = keep_from
 
         def write(journal: Path, output: Path, fmt: str) -> int:
@@ -934,6 +963,8 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
     if options.ray is not None:
+        if importlib.util.find_spec("ray") is None:
+            raise SpecError("--ray needs Ray, which is not installed: pip install 'batcher[ray]'")
         from .distributed import RayJob  # imports Ray: only a --ray run pays for it
 
         job: _Job = RayJob(spec, options)

@@ -683,6 +683,10 @@ class RayJob(_Job):
         expected = n
         try:
             while pending or running:
+                if self.lease is not None and self.lease.lost is not None and error is None:
+                    error = self.lease.lost_error()  # another run owns the job now: stop, write no output
+                    self._stops = max(self._stops, 1)
+                    coordinator.stop.remote()
                 stopping = self._stops > 0 or fatal is not None or self._budget
                 while pending and idle and not stopping:
                     i = idle.popleft()

@@ -25,6 +25,10 @@ class Progress:
 
             self._bar = tqdm(total=total, desc=job, unit="row", file=sys.stderr, dynamic_ncols=True, mininterval=0.2)
 
+    @property
+    def enabled(self) -> bool:
+        return self._bar is not None
+
     def advance(self, n: int, totals: Any) -> None:
         if self._bar is None:
             return

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,10 @@ from .budget import Budget, BudgetStop, PriorSpend, SpendLog, fold_spend, unpric
 from .cache import ResponseCache
 from .call import Caller, Records, Work
 from .client import Endpoint, WorkerClient, check_api_key
-from .errors import FatalRequestError, OutputError, ResumeError, SpecError
+from .errors import FatalRequestError, JobLockedError, OutputError, ResumeError, SpecError
+from .lease import S3Lease, s3_lease
 from .limits import RateLimits, limiter_tokens
-from .mirror import Mirror, MirroredJournal, staging_dir
+from .mirror import Mirror, MirroredJournal, MirroredSpendLog, staging_dir
 from .pool import Pool, WorkSender
 from .prices import Price, PriceTable, usd
 from .progress import Progress
@@ -115,6 +116,9 @@ class RunResult:
     loop: str = ""  # the event loop the run used: "uvloop" or "asyncio"
     error_kinds: dict[str, int] = field(default_factory=dict)  # error rows by error_kind
     over_max_errors: bool = False  # finished, with more error rows than max_errors allows
+    # A --ray run's engine: workers, shards run, the workers' CPU seconds over their shards, the coordinator's
+    # calls and CPU seconds (all measured in those processes); empty for a local run
+    engine_stats: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def exit_code(self) -> int:
@@ -149,6 +153,28 @@ class RunResult:
         where = storage.uri_of(self.output) or self.output
         dropped = f"; {self.dropped} answers for ids no longer in the input were dropped" if self.dropped else ""
         return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {where}{dropped}"
+
+
+def count_records(res: RunResult, records: Iterable[dict[str, Any]]) -> None:
+    """Journal records (answers and error rows) into a run's counts and totals."""
+    for r in records:
+        # Tokens and cost of billed calls only, as in `batcher report`: an error row's billed answers too
+        # (a broken or refused answer was paid for), so the totals are the sums over the output file.
+        if not r.get("cached"):
+            res.prompt_tokens += r.get("prompt_tokens") or 0
+            res.completion_tokens += r.get("completion_tokens") or 0
+            if r.get("cost_usd") is None and (r["status"] == "ok" or r.get("completion_tokens") is not None):
+                res.unpriced += 1
+        res.cost_usd += r.get("cost_usd") or 0.0
+        if r["status"] == "ok":
+            res.ok += 1
+            if r.get("cached"):
+                res.cached += 1
+        else:
+            res.errors += 1
+            kind = r.get("error_kind") or "unknown"
+            res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
+        res.attempts += r.get("attempts") or 0
 
 
 # A run that finished with more error rows than --max-errors / limits.max_errors allow (default: none): a
@@ -338,6 +364,7 @@ class _Job:
         self.endpoint_id = ""
         self.progress: Progress | None = None
         self.lock: JobLock | None = None
+        self.lease: S3Lease | None = None  # the job's lease on the store, for an s3:// output (lease.py)
 
     def prepare(self, row: SourceRow) -> Work | dict[str, Any]:
         """A row becomes work for a worker, or directly a result (an error row)."""
@@ -448,24 +475,7 @@ class _Job:
             items = [(k, c, ttl) for k, c in to_cache]
             if items:
                 await anyio.to_thread.run_sync(self.cache.put_many, items)
-        for r in records:
-            # Tokens and cost of billed calls only, as in `batcher report`: an error row's billed answers too
-            # (a broken or refused answer was paid for), so the totals are the sums over the output file.
-            if not r.get("cached"):
-                res.prompt_tokens += r.get("prompt_tokens") or 0
-                res.completion_tokens += r.get("completion_tokens") or 0
-                if r.get("cost_usd") is None and (r["status"] == "ok" or r.get("completion_tokens") is not None):
-                    res.unpriced += 1
-            res.cost_usd += r.get("cost_usd") or 0.0
-            if r["status"] == "ok":
-                res.ok += 1
-                if r.get("cached"):
-                    res.cached += 1
-            else:
-                res.errors += 1
-                kind = r.get("error_kind") or "unknown"
-                res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
-            res.attempts += r.get("attempts") or 0
+        count_records(res, records)
         if self.progress is not None:
             self.progress.advance(len(records) + cached, res)
 
@@ -551,6 +561,15 @@ class _Job:
     def _open_journal(self, directory: Path) -> Journal:
         return Journal(directory) if self.mirror is None else MirroredJournal(directory, self.mirror, "")
 
+    def _open_spend_log(self, directory: Path) -> SpendLog:
+        return SpendLog(directory) if self.mirror is None else MirroredSpendLog(directory, self.mirror, "")
+
+    async def _upload_spend_log(self, spend_log: MirroredSpendLog) -> None:
+        try:
+            await spend_log.upload_periodically(SYNC_INTERVAL_S)
+        except OutputError as exc:
+            self.pool.fail(exc)
+
     def _start_helpers(self, tg: anyio.abc.TaskGroup) -> None:
         """Tasks that run beside the pool (a distributed shard's heartbeat); none for a local run."""
 
@@ -579,8 +598,9 @@ class _Job:
                     self.cache = None
             self.journal = self._open_journal(journal_dir)
             stack.callback(self.journal.close)
+            spend_log: SpendLog | None = None
             if self.budget.enforced:
-                spend_log = SpendLog(journal_dir)
+                spend_log = self._open_spend_log(journal_dir)
                 stack.callback(spend_log.close)
                 self.caller.spend_log = spend_log
             self.progress = Progress(todo, enabled=_progress_enabled(opts), job=spec.job_name)
@@ -603,10 +623,14 @@ class _Job:
                 if opts.handle_signals:
                     tg.start_soon(self._watch_signals)
                 tg.start_soon(self._sync_journal)
+                if isinstance(spend_log, MirroredSpendLog):
+                    tg.start_soon(self._upload_spend_log, spend_log)
+                if self.lease is not None:
+                    tg.start_soon(self._watch_lease)
                 self._start_helpers(tg)
                 try:
                     await self.pool.run()
-                except (FatalRequestError, OutputError) as exc:
+                except (FatalRequestError, OutputError, JobLockedError) as exc:
                     error = exc
                 finally:
                     tg.cancel_scope.cancel()
@@ -615,9 +639,10 @@ class _Job:
         return error
 
     def _conclude(self, info: SourceInfo, error: BaseException | None) -> RunResult:
-        if isinstance(error, OutputError):
+        if isinstance(error, OutputError | JobLockedError):
             # Nothing more is written: run.json already says the run is unfinished, and on a full disk a state
-            # write here would fail too and hide the error that matters.
+            # write here would fail too and hide the error that matters (a lost lease: the job is another
+            # run's now).
             raise error
         # Whatever stopped the run, the output shows everything answered so far; the state stays resumable.
         # The pool's sessions, tasks and streams are garbage now: free them before the final write's peak.
@@ -689,23 +714,50 @@ class _Job:
         journal the first one is appending to. The wait polls, with an await between tries, so that Ctrl-C
         (which asyncio turns into a cancellation) stops it at once."""
         self.lock = JobLock(state_dir_for(self.output))
-        if self.lock.try_acquire():
+        if not self.lock.try_acquire():
+            if not self.options.wait:
+                raise self.lock.refusal()
+            _say(f"batcher: waiting for the other run of this job to end ({self.lock.holder()})", False)
+            while not self.lock.try_acquire():  # noqa: ASYNC110 - a lock of another process sets no Event of ours
+                await anyio.sleep(0.2)
+        if self.remote_output is None:
+            return
+        # Another machine shares only the store: a lease there, where the store can hold one (lease.py)
+        self.lease = s3_lease(self._state_uri(), self.lock.path)
+        if self.lease is None:
+            return
+        if await anyio.to_thread.run_sync(self.lease.try_acquire):
             return
         if not self.options.wait:
-            raise self.lock.refusal()
-        _say(f"batcher: waiting for the other run of this job to end ({self.lock.holder()})", False)
-        while not self.lock.try_acquire():  # noqa: ASYNC110 - a lock of another process sets no Event of ours
-            await anyio.sleep(0.2)
+            raise self.lease.refusal()
+        _say(f"batcher: waiting for the other run of this job to end ({self.lease.holder()})", False)
+        while not await anyio.to_thread.run_sync(self.lease.try_acquire):  # noqa: ASYNC110 - another machine's
+            await anyio.sleep(1.0)
+
+    def _state_uri(self) -> str:
+        assert self.remote_output is not None
+        parent, _, name = self.remote_output.rpartition("/")
+        return f"{parent}/.{name}.batcher"
+
+    def _check_lease(self) -> None:
+        if self.lease is not None and self.lease.lost is not None:
+            raise self.lease.lost_error()
+
+    async def _watch_lease(self) -> None:
+        """A lease lost mid-run (not renewed for its TTL, or taken over): no more calls, no output."""
+        assert self.lease is not None
+        while self.lease.lost is None:  # noqa: ASYNC110 - set by the renewing thread, outside the event loop
+            await anyio.sleep(0.5)
+        self.pool.fail(self.lease.lost_error())
 
     def _resume_state(self, info: SourceInfo) -> None:
         spec, opts = self.spec, self.options
         fp = run_fingerprint(spec)
         state_dir = state_dir_for(self.output)
         if self.remote_output is not None:
-            parent, _, name = self.remote_output.rpartition("/")
-            self.mirror = Mirror(state_dir, f"{parent}/.{name}.batcher")
+            self.mirror = Mirror(state_dir, self._state_uri())
             if opts.fresh:
-                self.mirror.drop_tree("")
+                self.mirror.drop_state()
             self.mirror.pull()
         state = RunState.load(state_dir)
         self.done_ids: pa.Array | None = None
@@ -771,6 +823,9 @@ class _Job:
             prior = fold_spend(state_dir)
         ids = self._remap(state_dir, info, changed)
         if self.mirror is not None:
+            # what was folded and carried first: the journal put next no longer holds what they count
+            self.mirror.push_spend("", state_dir)
+            self.mirror.push_dropped(state_dir)
             self.mirror.push_base("", state_dir)
         self.result.skipped = len(ids) - self.result.dropped
         if ids:
@@ -835,6 +890,7 @@ class _Job:
         else:
             written = write(journal, self.output, self.fmt)
         if self.remote_output is not None:
+            self._check_lease()  # another run owns the job now: its output, not ours
             storage.upload(self.output, self.remote_output)
         all_ok = written == info.rows and self.result.errors == 0 and self.result.skipped + self.result.ok == info.rows
         # "finished" makes the next rerun a no-op; anything else (error rows, a --limit run) resumes.
@@ -931,6 +987,8 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
         job.result.rows = job.result.skipped
         return job.result
     finally:
+        if job.lease is not None:
+            await anyio.to_thread.run_sync(job.lease.release)
         if job.lock is not None:
             job.lock.release()
 

@@ -24,6 +24,7 @@ import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -89,14 +90,18 @@ class SourceInfo:
 
 @dataclass(frozen=True, slots=True)
 class InputPart:
-    """A piece of the input: a whole file, some row groups of a Parquet file, or the lines that begin in a byte
-    range of a JSONL file. `line_base`: the file's lines before the part (error rows name the file's line)."""
+    """A piece of the input: a whole file, some row groups of a Parquet file, the lines that begin in a byte
+    range of a JSONL file, or the records between two record starts of a CSV file. `line_base`: the file's lines
+    before the part (error rows name the file's line). CSV only: `header`, the bytes of the header record, read
+    before a part that starts past them; `longest`, the longest record's bytes, which sizes Arrow's blocks."""
 
     path: str
     row_groups: tuple[int, ...] | None = None
     start: int = 0
     end: int | None = None
     line_base: int = 0
+    header: int = 0
+    longest: int = 0
 
 
 @dataclass(slots=True)
@@ -329,18 +334,28 @@ class Source:
         return cols
 
     def check(self) -> SourceInfo:
-        if self.format in ("csv", "tsv"):  # one local file, read whole (csv_input.py)
-            if not self.path.exists():
-                raise InputError(f"input file {self.path} does not exist")
-            if not self.path.is_file():
-                raise InputError(f"input path {self.path} is not a file")
-            try:
-                with open(self.path, "rb"):
-                    pass
-            except OSError as exc:
-                raise InputError(f"cannot read input file {self.path}: {exc.strerror or exc}") from None
-            return self._check_csv()
+        if self.format in ("csv", "tsv"):  # one local file (csv_input.py)
+            self.check_csv_text()
         return self.info(self.scan())
+
+    def check_csv_text(self, every: int | None = None) -> list[tuple[int, int]]:
+        """The CSV pre-flight pass over the whole file (UTF-8, quotes closed, the longest record), before any
+        request; with `every`, where records start past each further `every` bytes, to cut shards at."""
+        if not self.path.exists():
+            raise InputError(f"input file {self.path} does not exist")
+        if not self.path.is_file():
+            raise InputError(f"input path {self.path} is not a file")
+        try:
+            with open(self.path, "rb"):
+                pass
+        except OSError as exc:
+            raise InputError(f"cannot read input file {self.path}: {exc.strerror or exc}") from None
+        csv_file = self._csv()
+        try:
+            csv_file.check(every)
+        except CsvError as exc:
+            raise InputError(f"cannot read {self.path} as {self.format.upper()}: {exc}") from None
+        return csv_file.cuts
 
     @property
     def files(self) -> list[str]:
@@ -367,6 +382,8 @@ class Source:
             for part in self.parts:
                 scan.merge(self._scan_parquet(part))
             return scan
+        if self.format in ("csv", "tsv"):
+            return self._scan_csv()
         return self._scan_jsonl()
 
     def info(self, scan: Scan) -> SourceInfo:
@@ -376,6 +393,8 @@ class Source:
             if self.spec.id_column:
                 self._check_ids(pa.chunked_array(scan.ids, type=scan.id_type))
             return SourceInfo(rows=scan.rows, id_type=scan.id_type, keep_types=scan.keep_types)
+        if self.format in ("csv", "tsv"):
+            return self._csv_info(scan)
         return self._jsonl_info(scan)
 
     def _parquet_file(self, part: InputPart, buffer_size: int = 0) -> pq.ParquetFile:
@@ -531,16 +550,17 @@ class Source:
     # -- CSV / TSV (every column read as text: csv_input.py says why) -------------------------------------
 
     def _csv(self) -> CsvFile:
+        """The CSV file this source reads: the whole file, or a shard's records (one part: `plan_shards`)."""
         if self._csv_file is None:
-            self._csv_file = CsvFile(self.path, delimiter_for(self.format))
+            part = self.parts[0]
+            self._csv_file = CsvFile(self.path if self.whole else Path(part.path), delimiter_for(self.format),
+                                     start=part.start, end=part.end, header=part.header, index_base=self.index_base,
+                                     line_base=part.line_base, longest=part.longest or None)
         return self._csv_file
 
-    def _check_csv(self) -> SourceInfo:
+    def _scan_csv(self) -> Scan:
+        """Rows counted and ids read by Arrow (the rows a run reads), over this source's records."""
         csv_file = self._csv()
-        try:
-            csv_file.check()
-        except CsvError as exc:
-            raise InputError(f"cannot read {self.path} as {self.format.upper()}: {exc}") from None
         names = csv_file.header()
         missing = [c for c in self._needed() if c not in names]
         if missing:
@@ -560,15 +580,21 @@ class Source:
                     chunks.append(part.column(0))
         except (OSError, pa.ArrowException) as exc:
             raise InputError(f"cannot read {self.path} as {self.format.upper()}: {exc}") from None
-        id_type: pa.DataType = pa.int64()
+        id_type = pa.string() if self.spec.id_column else pa.int64()
+        ids = [pa.chunked_array(chunks, type=id_type).combine_chunks()] if self.spec.id_column else []
+        # lines: a CSV part's line base comes from the pre-flight pass (`place` keeps it)
+        return Scan(rows=rows, lines=[0] * len(self.parts), ids=ids, id_type=id_type,
+                    keep_types={c: pa.string() for c in self.keep_columns})
+
+    def _csv_info(self, scan: Scan) -> SourceInfo:
+        id_type = scan.id_type or pa.int64()
         if self.spec.id_column:
-            id_type = pa.string()
-            ids = pa.chunked_array(chunks, type=id_type)
+            ids = pa.chunked_array(scan.ids, type=id_type)
             empty = pc.sum(pc.equal(pc.utf8_length(ids), 0)).as_py() if len(ids) else 0
             if empty:
                 raise InputError(f"{self.path}: {empty} row(s) have an empty id {self.spec.id_column!r}")
             self._check_ids(ids)
-        return SourceInfo(rows=rows, id_type=id_type, keep_types={c: pa.string() for c in self.keep_columns})
+        return SourceInfo(rows=scan.rows, id_type=id_type, keep_types={c: pa.string() for c in self.keep_columns})
 
     def _csv_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
         columns = self._needed()

@@ -6,7 +6,8 @@ resolved here, at the edge, and nowhere else.
 
 S3: the endpoint comes from `AWS_ENDPOINT_URL` (an S3-compatible server) and the credentials from the AWS
 SDK's usual chain (variables, `~/.aws/credentials`, profiles, instance roles); this module never reads,
-stores or prints a secret, and errors name only the bucket and key.
+stores or prints a secret, and errors name only the bucket and key. GCS: Google's default credentials, or
+with `STORAGE_EMULATOR_HOST` set (as for Google's SDKs) that emulator, anonymously.
 
     fs, path = filesystem("s3://bucket/data/*.parquet")
     for line, offset in iter_lines("s3://bucket/x.jsonl", start=0, end=1 << 20): ...
@@ -82,11 +83,23 @@ def filesystem(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
         fs = _s3(os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
                  os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
         return fs, rest
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator:
+        return _gcs_emulator(emulator), rest
     try:
         fs, inner = pafs.FileSystem.from_uri(f"gs://{rest}")
     except (pa.ArrowException, ValueError) as exc:
         raise InputError(f"cannot open {uri}: {_clean(exc)}") from None
     return fs, inner
+
+
+@functools.lru_cache(maxsize=4)
+def _gcs_emulator(host: str) -> pafs.FileSystem:
+    """A GCS emulator (`STORAGE_EMULATOR_HOST`, as Google's SDKs read it: `http://127.0.0.1:9023`): no
+    credentials, plain HTTP unless the address says https."""
+    scheme = "https" if host.startswith("https://") else "http"
+    address = host.split("://", 1)[-1].rstrip("/")
+    return pafs.GcsFileSystem(endpoint_override=address, scheme=scheme, anonymous=True)
 
 
 def _clean(exc: BaseException) -> str:

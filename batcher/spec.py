@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import storage
 from .errors import SpecError
 from .paths import expand_path
 
@@ -367,13 +368,20 @@ def format_of(path: Path, section: str) -> str:
         return "jsonl"
     if section == "input" and suffix in (".csv", ".tsv"):
         return suffix[1:]
-    if section == "input" and path.is_dir():  # a directory of inputs: the format its files share
-        found = {format_of(p, section) for p in path.iterdir()
-                 if p.is_file() and p.suffix.lower() in (".parquet", ".jsonl", ".ndjson", ".csv", ".tsv")}
+    known = (".parquet", ".jsonl", ".ndjson", ".csv", ".tsv")
+    if section == "input":  # a directory of inputs (or a prefix on a store): the format its files share
+        uri = storage.uri_of(path)
+        if uri is not None:
+            suffixes = storage.folder_suffixes(uri)
+        elif path.is_dir():
+            suffixes = frozenset(p.suffix.lower() for p in path.iterdir() if p.is_file())
+        else:
+            suffixes = frozenset()
+        found = {format_of(Path(f"x{s}"), section) for s in suffixes if s in known}
         if len(found) == 1:
             return found.pop()
     kinds = ".parquet, .jsonl, .csv or .tsv" if section == "input" else ".parquet or .jsonl"
-    raise ValueError(f"cannot tell the format of {str(path)!r}: use {kinds}, or set {section}.format")
+    raise ValueError(f"cannot tell the format of {storage.shown(path)!r}: use {kinds}, or set {section}.format")
 
 
 def _expand(v: Any) -> Any:

@@ -454,6 +454,18 @@ class InputSpec(_Model):
             MessagesTemplate(self.messages, "input.messages")
         return self
 
+    @model_validator(mode="after")
+    def _csv_is_one_file(self) -> InputSpec:
+        # A CSV's header and its record starts are found by one pass over one local file (csv_input.py), and
+        # positions, error lines and Ray's shard cuts all come from it: a folder, a glob or an object is refused
+        # here, before any request, rather than failing later as a missing file.
+        if self.resolved_format in ("csv", "tsv") and (
+            storage.is_remote(self.path) or self.path.is_dir() or re.search(r"[*?\[]", self.path.name)
+        ):
+            raise ValueError(f"{storage.shown(self.path)}: a CSV input is one local file; folders, globs and "
+                             f"s3:// or gs:// objects are for Parquet and JSONL files")
+        return self
+
     @property
     def is_chat(self) -> bool:
         """Whether the rows are messages (the chat shape): `messages`, `messages_column`, or an OpenAI batch

@@ -3,7 +3,9 @@
     coordinator (one, on the driver's side)            worker × W (each runs one shard's pipeline at a time)
       rate leases: a share of rpm/tpm for `lease_s`  ◀──  LeasedLimits: paces calls locally at its share
       budget: dollars in chunks                      ◀──  LeasedBudget: reserves locally from its chunk
-      heartbeat: progress in; 429 pause, stop out    ◀─▶  every `heartbeat_s`
+      heartbeat: progress in; 429 pause, stop out    ◀─▶  a long poll: answered when the pause or the stop
+                                                           flag changes, else after a second; a worker's own
+                                                           429 is sent at once
 
 Why leases and not a permit per call: a round trip per call would put the coordinator on every call's path
 (a Ray actor call costs ~0.3 ms of CPU on each side), and its throughput would cap the job's. A rate lease is a
@@ -13,7 +15,9 @@ rate holds however the calls are spread, and a worker asks again only every `lea
 died or ran out of work) expires and its share goes back. Budget chunks work the same way for dollars: the
 chunks granted never add up to more than the cap minus what earlier runs spent, and a worker spends only from
 its chunk, so the cap holds without a round trip per call; what is left of a chunk is given back when the
-shard ends.
+shard ends. The 429 pause and the stop flag reach the workers the same way without polling: each worker's
+heartbeat waits at the coordinator until one of them changes (`version`), so they arrive within a round trip,
+and a worker costs one call a second when there is none (the Ray actor holds the waiting calls).
 
 `Coordination` is plain Python (the tests drive it with a fake clock); the Ray engine wraps it in an actor.
 The worker-side classes take `call(method, *args)`, an async function that reaches it, so they do not know Ray.
@@ -70,6 +74,7 @@ class Coordination:
     spent_usd: float = 0.0  # reported by workers; informational (the cap is held by the chunks)
     pause_until: float = 0.0  # wall clock: no worker sends before this (a 429's Retry-After)
     stopping: bool = False
+    version: int = 0  # bumped when the pause grows or the job stops: what a waiting heartbeat waits for
     budget_exhausted: bool = False
     totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PROGRESS_KEYS, 0.0))
     lease_calls: int = 0
@@ -125,17 +130,21 @@ class Coordination:
     # -- heartbeat ----------------------------------------------------------------------------------------
 
     def heartbeat(self, worker: str, progress: dict[str, float] | None = None, pause_until: float = 0.0
-                  ) -> tuple[float, bool]:
-        """Progress from a worker; the job's pause and stop flag back."""
+                  ) -> tuple[float, bool, int]:
+        """Progress and a pause from a worker; the job's pause, stop flag and version back."""
         self.heartbeats += 1
         if progress:
             for k, v in progress.items():
                 self.totals[k] = self.totals.get(k, 0.0) + v
-        self.pause_until = max(self.pause_until, pause_until)
-        return self.pause_until, self.stopping
+        if pause_until > self.pause_until:
+            self.pause_until = pause_until
+            self.version += 1
+        return self.pause_until, self.stopping, self.version
 
     def stop(self) -> None:
-        self.stopping = True
+        if not self.stopping:
+            self.stopping = True
+            self.version += 1
 
     def snapshot(self) -> dict[str, Any]:
         return {"totals": dict(self.totals), "lease_calls": self.lease_calls, "budget_calls": self.budget_calls,

@@ -58,7 +58,9 @@ from .spec import JobSpec
 
 __all__ = ["RayJob"]
 
-HEARTBEAT_S = 0.2
+# A worker's heartbeat waits at the coordinator for the job's pause or stop flag to change, at most this long:
+# its progress counts ride along, so this is also how often the driver's bar hears from it.
+WATCH_S = 1.0
 MAX_SHARD_TRIES = 4  # a shard whose worker died this many times fails the run (a poisoned shard, not bad luck)
 # What a worker that died (SIGKILL, a lost node) raises in the driver
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
@@ -170,36 +172,59 @@ def _init(address: str) -> None:
 
 
 class _CoordinatorActor:
+    """`Coordination` in an async actor: its methods run one at a time on the actor's event loop (each is quick
+    and never awaits but the heartbeat's wait), so a heartbeat can wait there for news without holding up the
+    leases and budget calls of the other workers."""
+
     def __init__(self, **kwargs: Any) -> None:
         self.c = Coordination(**kwargs)
+        self._changed = asyncio.Event()  # set (and replaced) when c.version moves
         self._cpu = time.process_time()
         self._snapshots = 0
 
-    def lease(self, worker: str) -> Any:
+    def _announce(self, before: int) -> None:
+        if self.c.version != before:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+    async def lease(self, worker: str) -> Any:
         return self.c.lease(worker)
 
-    def release(self, worker: str) -> None:
+    async def release(self, worker: str) -> None:
         self.c.release(worker)
 
-    def budget(self, worker: str, want: float, give_back: float, spent: float) -> float:
+    async def budget(self, worker: str, want: float, give_back: float, spent: float) -> float:
         return self.c.budget(worker, want, give_back, spent)
 
-    def heartbeat(self, worker: str, progress: dict[str, float], pause_until: float) -> tuple[float, bool]:
-        return self.c.heartbeat(worker, progress, pause_until)
+    async def heartbeat(self, worker: str, progress: dict[str, float], pause_until: float, seen: int = -1,
+                        wait_s: float = 0.0) -> tuple[float, bool, int]:
+        """Progress and a pause in; the job's pause, stop flag and version out: at once if the version is not
+        `seen`, else when it moves or after `wait_s` (a long poll)."""
+        before = self.c.version
+        pause, stop, version = self.c.heartbeat(worker, progress, pause_until)
+        self._announce(before)
+        if version == seen and wait_s > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await self._changed.wait()
+            pause, stop, version = self.c.pause_until, self.c.stopping, self.c.version
+        return pause, stop, version
 
-    def set_expected(self, n: int) -> None:
+    async def set_expected(self, n: int) -> None:
         self.c.set_expected(n)
 
-    def begin(self, spent_before: float, expected: int) -> None:
+    async def begin(self, spent_before: float, expected: int) -> None:
         """What earlier runs spent and the workers that will hold shares: known to the driver only after the
         pre-flight, which the actors are started for."""
         self.c.spent_before = spent_before
         self.c.set_expected(expected)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        before = self.c.version
         self.c.stop()
+        self._announce(before)
 
-    def snapshot(self) -> dict[str, Any]:
+    async def snapshot(self) -> dict[str, Any]:
         """The job's totals, and what the coordinator cost: its calls and its process's CPU since it started."""
         self._snapshots += 1
         snap = self.c.snapshot()
@@ -243,6 +268,7 @@ class _ShardJob(_Job):
         self.leased_budget = LeasedBudget(self._call, worker, cap, chunk)
         self.budget = self.caller.budget = self.leased_budget
         self._sent: dict[str, float] = dict.fromkeys(PROGRESS_KEYS, 0.0)
+        self._seen = -1  # the coordinator's version this worker has acted on
         self._stopped = False
         self._scratch: Path | None = None
 
@@ -262,8 +288,10 @@ class _ShardJob(_Job):
         self._sent = {k: float(v) for k, v in now.items()}
         return {k: v for k, v in delta.items() if v}
 
-    async def _beat(self) -> None:
-        pause, stop = await self._call("heartbeat", self.worker, self._delta(), self._pause_wall)
+    async def _beat(self, wait_s: float = 0.0) -> None:
+        pause, stop, version = await self._call("heartbeat", self.worker, self._delta(), self._pause_wall,
+                                                self._seen, wait_s)
+        self._seen = max(self._seen, version)
         cooldown = self.caller.cooldown
         assert isinstance(cooldown, LeasedCooldown)
         cooldown.pause_until_wall(pause)
@@ -275,15 +303,21 @@ class _ShardJob(_Job):
             self._grace_tg.start_soon(self._grace, self.spec.limits.grace_seconds)
 
     async def _heartbeat(self) -> None:
+        """The long poll: the job's pause and stop flag come back as soon as they change."""
         while True:
-            with anyio.move_on_after(HEARTBEAT_S):
-                await self._wake.wait()
+            await self._beat(WATCH_S)
+
+    async def _tell_pause(self) -> None:
+        """This worker's own 429, to the coordinator at once: it answers the others' waiting heartbeats."""
+        while True:
+            await self._wake.wait()
             self._wake = anyio.Event()
             await self._beat()
 
     def _start_helpers(self, tg: anyio.abc.TaskGroup) -> None:
         self._grace_tg = tg
         tg.start_soon(self._heartbeat)
+        tg.start_soon(self._tell_pause)
 
     async def run_shard(self) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -419,7 +453,8 @@ class RayJob(_Job):
         limits = self.spec.limits
         cpus = float(_resources().get("CPU", 1))
         self._worker_cls = ray.remote(num_cpus=min(1.0, cpus / n), max_restarts=0)(ShardWorker)
-        self.coordinator = ray.remote(num_cpus=0)(_CoordinatorActor).remote(
+        # an async actor: every worker may have a heartbeat waiting there, beside a lease and a budget call
+        self.coordinator = ray.remote(num_cpus=0, max_concurrency=max(1000, 8 * n))(_CoordinatorActor).remote(
             requests_per_minute=limits.requests_per_minute,
             tokens_per_minute=limits.tokens_per_minute,
             max_cost_usd=limits.max_cost_usd,
@@ -648,6 +683,10 @@ class RayJob(_Job):
         expected = n
         try:
             while pending or running:
+                if self.lease is not None and self.lease.lost is not None and error is None:
+                    error = self.lease.lost_error()  # another run owns the job now: stop, write no output
+                    self._stops = max(self._stops, 1)
+                    coordinator.stop.remote()
                 stopping = self._stops > 0 or fatal is not None or self._budget
                 while pending and idle and not stopping:
                     i = idle.popleft()
@@ -682,7 +721,7 @@ class RayJob(_Job):
                         idle.append(i)
                         continue
                     except ray.exceptions.RayTaskError as exc:
-                        error = _unwrap(exc)
+                        error = _worker_input_error(_unwrap(exc))
                         self._stops = max(self._stops, 1)
                         coordinator.stop.remote()
                         continue

@@ -181,6 +181,16 @@ class Mirror:
         with contextlib.suppress(OSError, pa.ArrowException):
             self.fs.delete_dir_contents(self._path(rel), missing_dir_ok=True)
 
+    def drop_state(self) -> None:
+        """The whole state (`--fresh`), but for the job's lease, which this run holds (`lease.py`)."""
+        from .lease import NAME
+
+        lease = self._path(NAME)
+        for info in self._list("", recursive=True):
+            if info.type == pafs.FileType.File and info.path != lease:
+                with contextlib.suppress(OSError, pa.ArrowException):
+                    self.fs.delete_file(info.path)
+
     def shard_dirs(self) -> list[str]:
         """The shards' folders, from the objects under them: a store has no folders, and a listing of one level
         shows them only where the filesystem makes them up from the names (pyarrow's GCS does not: a

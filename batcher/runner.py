@@ -36,7 +36,8 @@ from .budget import Budget, BudgetStop, PriorSpend, SpendLog, fold_spend, unpric
 from .cache import ResponseCache
 from .call import Caller, Records, Work
 from .client import Endpoint, WorkerClient, check_api_key
-from .errors import FatalRequestError, OutputError, ResumeError, SpecError
+from .errors import FatalRequestError, JobLockedError, OutputError, ResumeError, SpecError
+from .lease import S3Lease, s3_lease
 from .limits import RateLimits, limiter_tokens
 from .mirror import Mirror, MirroredJournal, MirroredSpendLog, staging_dir
 from .pool import Pool, WorkSender
@@ -341,6 +342,7 @@ class _Job:
         self.endpoint_id = ""
         self.progress: Progress | None = None
         self.lock: JobLock | None = None
+        self.lease: S3Lease | None = None  # the job's lease on the store, for an s3:// output (lease.py)
 
     def prepare(self, row: SourceRow) -> Work | dict[str, Any]:
         """A row becomes work for a worker, or directly a result (an error row)."""
@@ -618,10 +620,12 @@ class _Job:
                 tg.start_soon(self._sync_journal)
                 if isinstance(spend_log, MirroredSpendLog):
                     tg.start_soon(self._upload_spend_log, spend_log)
+                if self.lease is not None:
+                    tg.start_soon(self._watch_lease)
                 self._start_helpers(tg)
                 try:
                     await self.pool.run()
-                except (FatalRequestError, OutputError) as exc:
+                except (FatalRequestError, OutputError, JobLockedError) as exc:
                     error = exc
                 finally:
                     tg.cancel_scope.cancel()
@@ -630,9 +634,10 @@ class _Job:
         return error
 
     def _conclude(self, info: SourceInfo, error: BaseException | None) -> RunResult:
-        if isinstance(error, OutputError):
+        if isinstance(error, OutputError | JobLockedError):
             # Nothing more is written: run.json already says the run is unfinished, and on a full disk a state
-            # write here would fail too and hide the error that matters.
+            # write here would fail too and hide the error that matters (a lost lease: the job is another
+            # run's now).
             raise error
         # Whatever stopped the run, the output shows everything answered so far; the state stays resumable.
         # The pool's sessions, tasks and streams are garbage now: free them before the final write's peak.
@@ -704,23 +709,50 @@ class _Job:
         journal the first one is appending to. The wait polls, with an await between tries, so that Ctrl-C
         (which asyncio turns into a cancellation) stops it at once."""
         self.lock = JobLock(state_dir_for(self.output))
-        if self.lock.try_acquire():
+        if not self.lock.try_acquire():
+            if not self.options.wait:
+                raise self.lock.refusal()
+            _say(f"batcher: waiting for the other run of this job to end ({self.lock.holder()})", False)
+            while not self.lock.try_acquire():  # noqa: ASYNC110 - a lock of another process sets no Event of ours
+                await anyio.sleep(0.2)
+        if self.remote_output is None:
+            return
+        # Another machine shares only the store: a lease there, where the store can hold one (lease.py)
+        self.lease = s3_lease(self._state_uri(), self.lock.path)
+        if self.lease is None:
+            return
+        if await anyio.to_thread.run_sync(self.lease.try_acquire):
             return
         if not self.options.wait:
-            raise self.lock.refusal()
-        _say(f"batcher: waiting for the other run of this job to end ({self.lock.holder()})", False)
-        while not self.lock.try_acquire():  # noqa: ASYNC110 - a lock of another process sets no Event of ours
-            await anyio.sleep(0.2)
+            raise self.lease.refusal()
+        _say(f"batcher: waiting for the other run of this job to end ({self.lease.holder()})", False)
+        while not await anyio.to_thread.run_sync(self.lease.try_acquire):  # noqa: ASYNC110 - another machine's
+            await anyio.sleep(1.0)
+
+    def _state_uri(self) -> str:
+        assert self.remote_output is not None
+        parent, _, name = self.remote_output.rpartition("/")
+        return f"{parent}/.{name}.batcher"
+
+    def _check_lease(self) -> None:
+        if self.lease is not None and self.lease.lost is not None:
+            raise self.lease.lost_error()
+
+    async def _watch_lease(self) -> None:
+        """A lease lost mid-run (not renewed for its TTL, or taken over): no more calls, no output."""
+        assert self.lease is not None
+        while self.lease.lost is None:  # noqa: ASYNC110 - set by the renewing thread, outside the event loop
+            await anyio.sleep(0.5)
+        self.pool.fail(self.lease.lost_error())
 
     def _resume_state(self, info: SourceInfo) -> None:
         spec, opts = self.spec, self.options
         fp = run_fingerprint(spec)
         state_dir = state_dir_for(self.output)
         if self.remote_output is not None:
-            parent, _, name = self.remote_output.rpartition("/")
-            self.mirror = Mirror(state_dir, f"{parent}/.{name}.batcher")
+            self.mirror = Mirror(state_dir, self._state_uri())
             if opts.fresh:
-                self.mirror.drop_tree("")
+                self.mirror.drop_state()
             self.mirror.pull()
         state = RunState.load(state_dir)
         self.done_ids: pa.Array | None = None
@@ -853,6 +885,7 @@ class _Job:
         else:
             written = write(journal, self.output, self.fmt)
         if self.remote_output is not None:
+            self._check_lease()  # another run owns the job now: its output, not ours
             storage.upload(self.output, self.remote_output)
         all_ok = written == info.rows and self.result.errors == 0 and self.result.skipped + self.result.ok == info.rows
         # "finished" makes the next rerun a no-op; anything else (error rows, a --limit run) resumes.
@@ -949,6 +982,8 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
         job.result.rows = job.result.skipped
         return job.result
     finally:
+        if job.lease is not None:
+            await anyio.to_thread.run_sync(job.lease.release)
         if job.lock is not None:
             job.lock.release()
 

@@ -343,3 +343,25 @@ def test_ray_chat_structured_demo_is_the_single_process_output(tmp_path: Path) -
         outs.append(_table(tmp_path / f"{name}.parquet"))
     assert {"sentiment", "confidence", "topics", "product"} <= set(outs[1].columns)
     assert outs[0].equals(outs[1])
+
+
+def test_ray_a_429_pauses_every_worker_at_once(make_spec, tmp_path: Path) -> None:
+    """One 429 (Retry-After: 2) on one worker: no worker sends until the pause is over, but for the calls that
+    were on their way when it came. The other worker learns it from its heartbeat waiting at the coordinator."""
+    rows = [{"review_id": f"r{i:04d}", "text": "[pause] me" if i == 60 else f"review {i}"} for i in range(600)]
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=50)
+    fault = {"kind": "status", "status": 429, "retry_after": "2", "prompt_contains": "[pause]", "first": 1}
+    with serve_in_thread(GatewayConfig(latency_s=0.02, faults=[fault])) as gw:
+        spec = parse_spec(make_spec(input={"path": str(path)}, output={"path": str(tmp_path / "o.parquet")},
+                                    endpoint={"base_url": gw.base_url}, limits={"concurrency": 4}, cache_dir=None))
+        res = run_job(spec, options(ray="local", workers=2))
+        arrivals, bodies = list(gw.stats.arrivals), list(gw.stats.bodies)
+    assert res.status == "finished" and res.ok == 600, res.message
+    paused = [k for k, b in enumerate(bodies) if "[pause]" in json.dumps(b["body"])]
+    assert len(paused) == 2  # the 429, then the same row asked again after the pause
+    t = arrivals[paused[0]]
+    assert arrivals[paused[1]] >= t + 1.9
+    # both workers were sending around it (each holds 2 of the 4 calls in flight at 20 ms: ~100 calls/s)
+    assert sum(1 for a in arrivals if t - 0.3 < a < t) > 20
+    assert [a - t for a in arrivals if t + 0.3 < a < t + 1.9] == []

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -269,3 +270,126 @@ def test_s3_spend_log_lines_reach_the_store_and_a_longer_staging_copy_is_kept(s3
     (tmp_path / "a" / SpendLog.NAME).write_bytes(b'{"carried":9.0}\n')
     mirror.pull_spend("", tmp_path / "a")
     assert (tmp_path / "a" / SpendLog.NAME).read_bytes() == b'["r1",0.5]\n["r2",0.25]\n'
+
+
+# -- one run of a job at a time across machines: the lease on the store (lease.py) ----------------------------
+
+
+def _lease_spec(make_spec: Any, b: str) -> Any:
+    return parse_spec(make_spec(input={"path": f"s3://{b}/in/reviews.parquet"},
+                                output={"path": f"s3://{b}/out/l.parquet"}, cache_dir=None))
+
+
+def test_s3_a_run_on_another_machine_is_refused_by_the_lease_then_runs_once_it_is_released(
+        make_spec, gateway: Gateway, s3, tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from batcher.lease import S3Lease
+
+    b = s3.bucket
+    state = f"s3://{b}/out/.l.parquet.batcher"
+    other = S3Lease(f"{state}/lease.json", tmp_path / "machine-a" / "lock")  # machine A, running the job
+    assert other.try_acquire()
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(make_spec(
+        input={"path": f"s3://{b}/in/reviews.parquet"}, output={"path": f"s3://{b}/out/l.parquet"})))
+    assert main(["run", str(tmp_path / "job.yaml"), "--quiet"]) == 8  # machine B (its own staging folder)
+    err = capsys.readouterr().err
+    assert f"pid {os.getpid()} on {socket.gethostname()}" in err and "lease.json" in err
+    assert gateway.stats.total == 0
+    other.release()
+    assert main(["run", str(tmp_path / "job.yaml"), "--quiet"]) == 0
+    assert gateway.stats.billed == 300
+    assert s3.fs.get_file_info(f"{b}/out/.l.parquet.batcher/lease.json").type == pafs.FileType.NotFound
+
+
+def test_s3_a_stale_lease_is_taken_over_and_its_holder_learns_it_lost(make_spec, s3, tmp_path: Path) -> None:
+    from batcher.lease import S3Lease
+
+    uri = f"s3://{s3.bucket}/out/.l.parquet.batcher/lease.json"
+    dead = S3Lease(uri, tmp_path / "a" / "lock", ttl=1.0, renew=0.2)
+    assert dead.try_acquire()
+    dead._stop.set()  # it stops renewing: its process is frozen, or its machine gone
+    dead._thread.join()  # type: ignore[union-attr]
+    dead._stop.clear()
+    late = S3Lease(uri, tmp_path / "b" / "lock")
+    assert not late.try_acquire()  # not stale yet
+    time.sleep(2.5)  # past its TTL by the store's clock (Last-Modified is in whole seconds)
+    assert late.try_acquire()
+    # the frozen holder wakes up: its next renewal finds the lease replaced, and it stops
+    dead._hold(str(dead.etag))
+    deadline = time.monotonic() + 10
+    while dead.lost is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert dead.lost and "taken over" in dead.lost
+    dead.release()
+    late.release()
+
+
+def test_s3_a_lease_left_by_a_run_killed_on_this_machine_is_taken_at_once(s3, tmp_path: Path) -> None:
+    from batcher.lease import S3Lease
+
+    uri = f"s3://{s3.bucket}/out/.l.parquet.batcher/lease.json"
+    killed = S3Lease(uri, tmp_path / "lock")
+    assert killed.try_acquire()
+    killed._stop.set()  # kill -9: no renewal, no release; the flock it held died with it
+    # the same host and local lock, which the next run now holds: the holder is gone
+    assert S3Lease(uri, tmp_path / "lock").try_acquire()
+    # another machine (another local lock) must wait out the TTL
+    assert not S3Lease(uri, tmp_path / "elsewhere" / "lock").try_acquire()
+
+
+def test_s3_two_machines_racing_for_the_lease_one_wins(s3, tmp_path: Path) -> None:
+    import threading
+
+    from batcher.lease import S3Lease
+
+    for attempt in range(5):
+        uri = f"s3://{s3.bucket}/race{attempt}/lease.json"
+        leases = [S3Lease(uri, tmp_path / f"m{i}" / "lock") for i in range(4)]
+        won: list[bool] = [False] * 4
+        go = threading.Barrier(4)
+
+        def take(i: int, go: threading.Barrier, leases: list[S3Lease], won: list[bool]) -> None:
+            go.wait()
+            won[i] = leases[i].try_acquire()
+
+        threads = [threading.Thread(target=take, args=(i, go, leases, won)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(won) == 1, won
+        for lease in leases:
+            lease.release()
+
+
+def test_s3_a_run_whose_lease_is_taken_over_stops_without_writing_the_output(make_spec, s3, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from batcher.errors import JobLockedError
+    from batcher.gateway import GatewayConfig, serve_in_thread
+
+    monkeypatch.setattr("batcher.lease.RENEW_S", 0.2)
+    b = s3.bucket
+    with serve_in_thread(GatewayConfig(latency_s=0.1)) as slow:
+        spec = parse_spec(make_spec(input={"path": f"s3://{b}/in/reviews.parquet"},
+                                    output={"path": f"s3://{b}/out/l.parquet"},
+                                    endpoint={"base_url": slow.base_url}, limits={"concurrency": 2}, cache_dir=None))
+        lease = f"{b}/out/.l.parquet.batcher/lease.json"
+
+        def take_over() -> None:  # another machine that judged the lease stale
+            while slow.stats.total < 10:
+                time.sleep(0.02)
+            with s3.fs.open_output_stream(lease) as f:
+                f.write(json.dumps({"pid": 1, "host": "elsewhere", "started": "now", "ttl_s": 60}).encode())
+
+        thief = threading.Thread(target=take_over)
+        thief.start()
+        with pytest.raises(JobLockedError, match="taken over"):
+            run_job(spec, options())
+        thief.join()
+        assert slow.stats.total < 300
+    assert s3.fs.get_file_info(f"{b}/out/l.parquet").type == pafs.FileType.NotFound
+    with s3.fs.open_input_stream(lease) as f:
+        assert json.loads(f.read())["host"] == "elsewhere"  # its lease is not deleted by the run that lost it

@@ -76,13 +76,14 @@ def _max_errors(value: str) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from . import storage
+    from .runner import check_output_columns
     from .spec import load_spec
 
     spec = load_spec(args.spec)
-    from .runner import check_output_columns
-
     check_output_columns(spec)
-    print(f"{args.spec}: valid job spec {spec.job_name!r} ({spec.input.path} -> {spec.output.path})")
+    where = f"{storage.shown(spec.input.path)} -> {storage.shown(spec.output.path)}"
+    print(f"{args.spec}: valid job spec {spec.job_name!r} ({where})")
     return 0
 
 

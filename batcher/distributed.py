@@ -36,9 +36,10 @@ import anyio
 import pyarrow as pa
 import ray
 
+from . import storage
 from .budget import PriorSpend, SpendLog, fold_spend
 from .coordinator import PROGRESS_KEYS, Coordination, LeasedBudget, LeasedCooldown, LeasedLimits
-from .errors import BatcherError, FatalRequestError, SpecError
+from .errors import BatcherError, FatalRequestError, InputError, SpecError
 from .mirror import Mirror, local_scratch
 from .progress import Progress
 from .runner import RunOptions, RunResult, _Job, _progress_enabled, _say, _StopNow, count_records, event_loop
@@ -426,6 +427,17 @@ def _unwrap(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
+def _worker_input_error(exc: BaseException) -> BaseException:
+    """An error a worker's pre-flight scan raised, as the driver reports it: batcher's own as it is, except that
+    a store's refusal says whose credentials those were (a node's own environment: the driver passes on the
+    endpoint and region, never a secret); a store's failure that escaped as an SDK error, as one line (exit 3)."""
+    if isinstance(exc, InputError) and "credentials in this process's environment" in str(exc):
+        return InputError(f"{exc}; this is a Ray worker: each Ray node needs the credentials in its own environment")
+    if isinstance(exc, (OSError, pa.ArrowException)):
+        return _worker_input_error(InputError(f"a Ray worker cannot read the input: {storage._clean(exc)}"))
+    return exc
+
+
 class RayJob(_Job):
     """The driver of a distributed run: the pre-flight and the output are the single-process run's; the
     pipeline runs on the workers, shard by shard."""
@@ -520,7 +532,7 @@ class RayJob(_Job):
                         self._replace_worker(i)
                     running[self.actors[i].scan.remote(planned[k])] = (i, k, self.actors[i])
                 except ray.exceptions.RayTaskError as exc:
-                    raise _unwrap(exc) from None
+                    raise _worker_input_error(_unwrap(exc)) from None
         return [scans[k] for k in range(len(planned))]
 
     def _resume(self, state_dir: Path, info: SourceInfo, changed: bool) -> PriorSpend:
@@ -721,7 +733,7 @@ class RayJob(_Job):
                         idle.append(i)
                         continue
                     except ray.exceptions.RayTaskError as exc:
-                        error = _unwrap(exc)
+                        error = _worker_input_error(_unwrap(exc))
                         self._stops = max(self._stops, 1)
                         coordinator.stop.remote()
                         continue

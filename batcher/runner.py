@@ -777,7 +777,7 @@ class _Job:
         changed = state is not None and state.input != identity
         if changed and positional:
             raise ResumeError(
-                f"the input {spec.input.path} changed since the run in {state_dir} (size, modification time or "
+                f"the input {storage.shown(spec.input.path)} changed since the run in {state_dir} (size, modification time or "
                 "content), and its rows are known by position (no input.id_column): resuming would put answers "
                 "on the wrong rows. Restore the file, or rerun with --fresh to start over (with an id_column, "
                 "rows may be edited or appended between runs)"

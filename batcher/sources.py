@@ -342,20 +342,24 @@ class Source:
         """The CSV pre-flight pass over the whole file (UTF-8, quotes closed, the longest record), before any
         request; with `every`, where records start past each further `every` bytes, to cut shards at."""
         if not self.path.exists():
-            raise InputError(f"input file {self.path} does not exist")
+            raise InputError(f"input file {self.shown} does not exist")
         if not self.path.is_file():
-            raise InputError(f"input path {self.path} is not a file")
+            raise InputError(f"input path {self.shown} is not a file")
         try:
             with open(self.path, "rb"):
                 pass
         except OSError as exc:
-            raise InputError(f"cannot read input file {self.path}: {exc.strerror or exc}") from None
+            raise InputError(f"cannot read input file {self.shown}: {exc.strerror or exc}") from None
         csv_file = self._csv()
         try:
             csv_file.check(every)
         except CsvError as exc:
-            raise InputError(f"cannot read {self.path} as {self.format.upper()}: {exc}") from None
+            raise InputError(f"cannot read {self.shown} as {self.format.upper()}: {exc}") from None
         return csv_file.cuts
+
+    @property
+    def shown(self) -> str:
+        return storage.shown(self.path)
 
     @property
     def files(self) -> list[str]:
@@ -403,10 +407,11 @@ class Source:
                 return pq.ParquetFile(storage.open_input(part.path), pre_buffer=False, buffer_size=buffer_size)
             return pq.ParquetFile(part.path, pre_buffer=False, buffer_size=buffer_size)
         except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"cannot read {self._name(part)} as Parquet: {exc}") from None
+            why = storage._clean(exc) if storage.is_remote(part.path) else str(exc)
+            raise InputError(f"cannot read {self._name(part)} as Parquet: {why}") from None
 
     def _name(self, part: InputPart) -> str:
-        return str(self.path) if part.path == str(self.path) else (storage.uri_of(part.path) or part.path)
+        return storage.shown(self.path if part.path == str(self.path) else part.path)
 
     def _scan_parquet(self, part: InputPart) -> Scan:
         pf = self._parquet_file(part)
@@ -456,15 +461,15 @@ class Source:
 
     def _check_ids(self, ids: pa.ChunkedArray | pa.Array) -> None:
         if ids.null_count:
-            raise InputError(f"{self.path}: id column {self.id_name!r} has {ids.null_count} null value(s)")
+            raise InputError(f"{self.shown}: id column {self.id_name!r} has {ids.null_count} null value(s)")
         if len(ids) > 1 and _has_duplicates(ids):
             if self.format == "openai_batch":
                 raise InputError(
-                    f"{self.path}: duplicate custom_id values, e.g. {_dup_examples(ids)}; an OpenAI batch file "
+                    f"{self.shown}: duplicate custom_id values, e.g. {_dup_examples(ids)}; an OpenAI batch file "
                     "needs a unique custom_id on every line (its results are matched to requests by it)"
                 )
             raise InputError(
-                f"{self.path}: id column {self.id_name!r} has duplicate ids, e.g. {_dup_examples(ids)}; "
+                f"{self.shown}: id column {self.id_name!r} has duplicate ids, e.g. {_dup_examples(ids)}; "
                 "ids must be unique (or drop id_column to use row positions)"
             )
 
@@ -477,7 +482,7 @@ class Source:
         id_col = self.id_name if (self.spec.id_column or self.format == "openai_batch") else None
         self._raw_lines: list[int] = []
         for _lineno, obj, suspect, _size, where in self._lines():
-            at = where or f"{self.path}: "
+            at = where or f"{self.shown}: "
             rows += 1
             if not isinstance(obj, dict):
                 continue  # becomes an error row
@@ -518,7 +523,7 @@ class Source:
         if self.format != "openai_batch":
             never = [c for c in self._needed() if c not in seen_keys and c != self.spec.id_column]
             if never and rows:
-                raise InputError(f"{self.path}: no row has a column {never[0]!r}; the columns seen are {sorted(seen_keys)}")
+                raise InputError(f"{self.shown}: no row has a column {never[0]!r}; the columns seen are {sorted(seen_keys)}")
         id_type: pa.DataType = pa.int64()
         if id_col is not None:
             present = [v for v in ids if v is not None]
@@ -526,13 +531,13 @@ class Source:
                 lines = ", ".join(str(n) for n in no_id[:5]) + (", ..." if len(no_id) > 5 else "")
                 if self.format == "openai_batch":
                     raise InputError(
-                        f"{self.path}: {len(no_id)} line(s) have no custom_id (line {lines}); an OpenAI batch "
+                        f"{self.shown}: {len(no_id)} line(s) have no custom_id (line {lines}); an OpenAI batch "
                         "file needs a unique custom_id on every line (its results are matched to requests by it)"
                     )
-                raise InputError(f"{self.path}: {len(no_id)} row(s) have no id {id_col!r} (line {lines})")
+                raise InputError(f"{self.shown}: {len(no_id)} row(s) have no id {id_col!r} (line {lines})")
             kinds = {type(v) for v in present}
             if len(kinds) > 1:
-                raise InputError(f"{self.path}: ids in {id_col!r} mix strings and integers")
+                raise InputError(f"{self.shown}: ids in {id_col!r} mix strings and integers")
             id_type = pa.string() if kinds == {str} else pa.int64()
             arr = pa.array(present, type=id_type)
             self._check_ids(arr)
@@ -566,7 +571,7 @@ class Source:
         if missing:
             what = [f"template variable {{{{{c}}}}}" if self.template and c in self.template.variables else repr(c)
                     for c in missing]
-            raise InputError(f"{self.path}: no column {', '.join(what)}; the columns are {names}")
+            raise InputError(f"{self.shown}: no column {', '.join(what)}; the columns are {names}")
         count_by = self.spec.id_column or (self._needed() or names)[0]
         rows = 0
         chunks: list[pa.Array] = []
@@ -579,7 +584,7 @@ class Source:
                 if self.spec.id_column:
                     chunks.append(part.column(0))
         except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"cannot read {self.path} as {self.format.upper()}: {exc}") from None
+            raise InputError(f"cannot read {self.shown} as {self.format.upper()}: {exc}") from None
         id_type = pa.string() if self.spec.id_column else pa.int64()
         ids = [pa.chunked_array(chunks, type=id_type).combine_chunks()] if self.spec.id_column else []
         # lines: a CSV part's line base comes from the pre-flight pass (`place` keeps it)
@@ -592,7 +597,7 @@ class Source:
             ids = pa.chunked_array(scan.ids, type=id_type)
             empty = pc.sum(pc.equal(pc.utf8_length(ids), 0)).as_py() if len(ids) else 0
             if empty:
-                raise InputError(f"{self.path}: {empty} row(s) have an empty id {self.spec.id_column!r}")
+                raise InputError(f"{self.shown}: {empty} row(s) have an empty id {self.spec.id_column!r}")
             self._check_ids(ids)
         return SourceInfo(rows=scan.rows, id_type=id_type, keep_types={c: pa.string() for c in self.keep_columns})
 

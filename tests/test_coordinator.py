@@ -12,7 +12,7 @@ import pytest
 from batcher.coordinator import Coordination
 
 pytest.importorskip("ray")
-from batcher.distributed import _CoordinatorActor  # noqa: E402
+from batcher.distributed import _CoordinatorActor
 
 
 def test_the_version_moves_with_a_longer_pause_and_the_stop_flag_only() -> None:

@@ -122,6 +122,27 @@ def test_s3_credentials_appear_in_no_output_file_or_message(make_spec, s3, tmp_p
                 assert SECRET.encode() not in f.read(), info.path
 
 
+@pytest.mark.parametrize("slash", ["/", ""])
+def test_s3_folder_input_without_format_as_the_readmes_example(make_spec, gateway: Gateway, s3, tmp_path: Path,
+                                                               capsys, slash: str) -> None:
+    """Finding 8: `path: s3://bucket/reviews/` takes its format from its files, and messages show `s3://`."""
+    import yaml
+
+    b = s3.bucket
+    with open(SAMPLES / "reviews.parquet", "rb") as src, s3.fs.open_output_stream(f"{b}/pq/a.parquet") as dst:
+        dst.write(src.read())
+    spec = make_spec(input={"path": f"s3://{b}/pq{slash}"}, output={"path": str(tmp_path / "o.parquet")})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["validate", str(tmp_path / "job.yaml")]) == 0
+    assert f"(s3://{b}/pq -> " in capsys.readouterr().out
+    assert main(["run", str(tmp_path / "job.yaml"), "--limit", "3"]) == 0
+    spec["input"]["prompt"] = "{{nope}}"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["run", str(tmp_path / "job.yaml")]) == 3
+    err = capsys.readouterr().err
+    assert f"s3://{b}/pq/a.parquet: no column template variable" in err and "s3:/" + b not in err, err
+
+
 def test_s3_with_ray_workers(make_spec, gateway: Gateway, s3, tmp_path: Path) -> None:
     pytest.importorskip("ray")
     import ray

@@ -1,5 +1,6 @@
 """Scale-out: one process against Ray with 1 and 2 workers (and the job-wide rate limit with 2 and 4 workers),
-against the gateway in its own process.
+against the gateway in its own process. One process also runs at half the concurrency, what each of 2 workers
+runs: a process's CPU per row grows as its concurrency falls, and that is not the engine's cost.
 
     python benchmarks/scaleout.py [--quick] [--rows 20000] [--repeat 1] [--latency-ms 20] [-c 32] [--rpm 2400]
 
@@ -72,7 +73,7 @@ if ray:
 res = run_job(spec, RunOptions(quiet=True, handle_signals=False, fresh=True, ray=ray, workers=workers))
 done = time.monotonic()
 print(json.dumps({"ok": res.ok, "status": res.status, "t0": t0, "ready": ready, "done": done,
-                  "engine": getattr(res, "engine_stats", {})}), flush=True)
+                  "engine": getattr(res, "engine_stats", {}), "batcher": sys.modules["batcher"].__file__}), flush=True)
 """
 
 ROLES = ("driver", "workers", "coordinator", "ray")
@@ -185,7 +186,9 @@ def run_one(spec_path: Path, gw: Gateway, *, ray: str | None, workers: int | Non
     spawned = time.monotonic()
     # the pipeline at the niceness Ray gives its workers, in every setup
     nice = None if ray else (lambda: os.nice(NICENESS) and None)
-    proc = subprocess.Popen([h.PY, "-c", DRIVER, str(spec_path), ray or "", str(workers or 0)], cwd=h.ROOT,
+    # run from the work dir: `python -c` puts the current directory first on sys.path, and batcher must come
+    # from $PYTHONPATH or the install (to measure another checkout), never from wherever this script lives
+    proc = subprocess.Popen([h.PY, "-c", DRIVER, str(spec_path), ray or "", str(workers or 0)], cwd=spec_path.parent,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=nice)
     tree = Tree(proc)
     try:
@@ -200,7 +203,7 @@ def run_one(spec_path: Path, gw: Gateway, *, ray: str | None, workers: int | Non
     info = json.loads(out.decode().strip().splitlines()[-1])
     arrivals = sorted(gw.stats().get("arrivals", []))
     rows = info["ok"]
-    r: dict[str, Any] = {"rows": rows, "status": info["status"], "wall_s": ended - spawned,
+    r: dict[str, Any] = {"rows": rows, "status": info["status"], "batcher": info["batcher"], "wall_s": ended - spawned,
                          "rows_per_s": rows / (info["done"] - spawned)}
     r["first_request_s"] = arrivals[0] - spawned if arrivals else float("nan")
     r["ray_init_s"] = info["ready"] - info["t0"]
@@ -230,6 +233,15 @@ def run_one(spec_path: Path, gw: Gateway, *, ray: str | None, workers: int | Non
     return r
 
 
+def _which() -> str:
+    """The batcher the drivers import (another checkout's, with PYTHONPATH), and its commit."""
+    code = "import batcher, os; print(os.path.dirname(os.path.dirname(batcher.__file__)))"
+    root = subprocess.run([h.PY, "-c", code], capture_output=True, text=True, cwd="/").stdout.strip()
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    return f"batcher from {root}" + (f" at {commit}" if commit else "")
+
+
 def _median(runs: list[dict[str, Any]], key: str, role: str | None = None) -> float:
     values = [(r[key][role] if role else r[key]) for r in runs if key in r]
     return statistics.median(values) if values else float("nan")
@@ -249,27 +261,32 @@ def main(argv: list[str] | None = None) -> int:
     rows = 2000 if a.quick else a.rows
     repeat = 1 if a.quick else max(1, a.repeat)
     limited_rows = 300 if a.quick else max(1, int(a.rpm / 60 * 25))  # ~25 s under the limit
-    setups: list[tuple[str, str, str | None, int | None, bool]] = [
-        ("one process", "one", None, None, False), ("Ray, 1 worker", "ray1", "local", 1, False),
-        ("Ray, 2 workers", "ray2", "local", 2, False)]
+    c, half = a.concurrency, a.concurrency // 2
+    # (name, spec, engine, workers, limited, concurrency): one process at C/2 is what each of 2 workers runs
+    setups: list[tuple[str, str, str | None, int | None, bool, int]] = [
+        ("one process", "one", None, None, False, c), (f"one process, C={half}", "half", None, None, False, half),
+        ("Ray, 1 worker", "ray1", "local", 1, False, c), ("Ray, 2 workers", "ray2", "local", 2, False, c)]
     if not a.no_limited:
-        setups += [("one process, limited", "one-lim", None, None, True),
-                   ("Ray, 2 workers, limited", "ray2-lim", "local", 2, True),
-                   ("Ray, 4 workers, limited", "ray4-lim", "local", 4, True)]
+        setups += [("one process, limited", "one-lim", None, None, True, c),
+                   ("Ray, 2 workers, limited", "ray2-lim", "local", 2, True, c),
+                   ("Ray, 4 workers, limited", "ray4-lim", "local", 4, True, c)]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, *_ in setups}
     with h.workdir() as d, Gateway(a.latency_ms) as gw:
         data = h.make_parquet(d / "in.parquet", rows, row_group_size=max(1, rows // 16))
         limited = h.make_parquet(d / "lim.parquet", limited_rows, row_group_size=max(1, limited_rows // 16))
 
-        def spec(name: str, inp: Path, rpm: float | None = None) -> Path:
+        def spec(name: str, inp: Path, concurrency: int, rpm: float | None = None) -> Path:
             return h.write_spec(d / f"{name}.json", input_path=inp, output=d / f"{name}.parquet", base_url=gw.base_url,
-                                concurrency=a.concurrency, cache_dir=d / "cache", rpm=rpm)
+                                concurrency=concurrency, cache_dir=d / "cache", rpm=rpm)
 
-        h.header(f"scale-out: {rows} rows, C={a.concurrency}, L={a.latency_ms:g} ms; limit {a.rpm:g}/min on "
+        h.header(f"scale-out: {rows} rows, C={c} in all, L={a.latency_ms:g} ms; limit {a.rpm:g}/min on "
                  f"{limited_rows} rows; {repeat} round(s)")
+        print(f"  ({_which()})")
         for _ in range(repeat):
-            for name, key, ray, workers, lim in setups:
-                r = run_one(spec(key, limited if lim else data, a.rpm if lim else None), gw, ray=ray, workers=workers)
+            for name, key, ray, workers, lim, conc in setups:
+                r = run_one(spec(key, limited if lim else data, conc, a.rpm if lim else None), gw, ray=ray,
+                            workers=workers)
+                r["concurrency_per_process"] = conc // (workers or 1)
                 runs[name].append(r)
                 print(f"  {name}: {r['rows']} rows, {r['rows_per_s']:.0f} rows/s end to end, "
                       f"{r.get('steady_ms_per_row', float('nan')):.3f} CPU ms/row steady", flush=True)
@@ -282,22 +299,28 @@ def main(argv: list[str] | None = None) -> int:
 def _report(runs: dict[str, list[dict[str, Any]]], rpm: float) -> None:
     one = runs["one process"]
     base_rate, base_cpu = _median(one, "steady_rows_per_s"), _median(one, "steady_ms_per_row")
+    # steady CPU per row of one process by its concurrency: a worker is compared with one process running the
+    # same number of calls at once (CPU per row grows as a process's concurrency falls)
+    by_c = {rs[0]["concurrency_per_process"]: _median(rs, "steady_ms_per_row")
+            for name, rs in runs.items() if rs and name.startswith("one process") and "limited" not in name}
     head = ["setup", "rows/s end to end", "rows/s steady", "first request s (ray.init)", "start-up CPU s",
-            "fixed CPU s", "steady CPU ms/row", "x one process", "driver", "workers", "coordinator", "Ray's others",
-            "worker RSS MB"]
+            "fixed CPU s", "steady CPU ms/row", "x one process", "x one process at the same C per process",
+            "driver", "workers", "coordinator", "Ray's others", "RSS MB: driver; workers"]
     table = []
     for name, rs in runs.items():
-        if "limited" in name:
+        if "limited" in name or not rs:
             continue
         init = _median(rs, "ray_init_s")
+        same_c = by_c.get(rs[0]["concurrency_per_process"], float("nan"))
         table.append([
             name, f"{_median(rs, 'rows_per_s'):.0f}",
             f"{_median(rs, 'steady_rows_per_s'):.0f} ({_median(rs, 'steady_rows_per_s') / base_rate:.2f}x)",
             f"{_median(rs, 'first_request_s'):.1f}" + (f" ({init:.1f})" if init > 0.01 else ""),
             f"{_median(rs, 'startup_cpu_s'):.1f}", f"{_median(rs, 'fixed_cpu_s'):.1f}",
             f"{_median(rs, 'steady_ms_per_row'):.3f}", f"{_median(rs, 'steady_ms_per_row') / base_cpu:.2f}",
+            f"{_median(rs, 'steady_ms_per_row') / same_c:.2f}",
             *[f"{_median(rs, 'steady_ms', role):.3f}" for role in ROLES],
-            ",".join(map(str, rs[-1]["worker_rss_mb"])) or f"(driver {rs[-1]['driver_rss_mb']})"])
+            "; ".join([str(rs[-1]["driver_rss_mb"]), *(",".join(map(str, rs[-1]["worker_rss_mb"])),)]).rstrip("; ")])
     print(h.table(head, table))
     inside = [[name, f"{_median(rs, 'in_worker_ms_per_row'):.3f}", f"{_median(rs, 'coordinator_cpu_s'):.2f}",
                f"{_median(rs, 'coordinator_calls'):.0f}"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -367,6 +368,9 @@ def test_ray_a_429_pauses_every_worker_at_once(make_spec, tmp_path: Path) -> Non
     assert len(paused) == 2  # the 429, then the same row asked again after the pause
     t = arrivals[paused[0]]
     assert arrivals[paused[1]] >= t + 1.9
-    # both workers were sending around it (each holds 2 of the 4 calls in flight at 20 ms: ~100 calls/s)
-    assert sum(1 for a in arrivals if t - 0.3 < a < t) > 20
-    assert [a - t for a in arrivals if t + 0.3 < a < t + 1.9] == []
+    # the other worker (shard 1: rows 150-299) was sending up to it: 2 calls in flight at 20 ms, ~100 a second
+    rows_of = [int(m.group(1)) if (m := re.search(r"review (\d+)", json.dumps(b["body"]))) else -1 for b in bodies]
+    assert sum(1 for a, r in zip(arrivals, rows_of, strict=True) if t - 0.3 < a < t and 150 <= r < 300) > 10
+    # and stopped within a round trip: it sent its last calls within ~40 ms here (with a 1 s poll instead of the
+    # long poll's answer, it would have gone on sending for up to 1 s)
+    assert [a - t for a in arrivals if t + 0.2 < a < t + 1.9] == []

@@ -40,7 +40,7 @@ from .errors import FatalRequestError, OutputError, ResumeError, SpecError
 from .limits import RateLimits, limiter_tokens
 from .mirror import Mirror, MirroredJournal, staging_dir
 from .pool import Pool, WorkSender
-from .prices import Price, PriceTable
+from .prices import Price, PriceTable, usd
 from .progress import Progress
 from .routing import Backoff, RoutePlan, plan_for
 from .shapes import Shape, shape_of_job
@@ -71,6 +71,7 @@ __all__ = ["ERRORS_EXIT_CODE", "RunOptions", "RunResult", "arun_job", "run_job"]
 @dataclass(frozen=True)
 class RunOptions:
     output: Path | None = None
+    output_folder: bool = False  # `--output DIR/`: a folder of Parquet parts, as an output.path ending with "/"
     limit: int | None = None
     quiet: bool = False
     fresh: bool = False
@@ -140,9 +141,9 @@ class RunResult:
         if self.skipped:
             parts.append(f"{self.skipped} done earlier")
         tokens = f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens"
-        cost = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
+        cost = f", {usd(self.cost_usd)}" if self.cost_usd else ""
         if self.unconfirmed_usd:
-            cost += f" + ≤ ${self.unconfirmed_usd:.4f} unconfirmed (calls cut off or dropped after sending: may have been billed)"
+            cost += f" + ≤ {usd(self.unconfirmed_usd)} unconfirmed (calls cut off or dropped after sending: may have been billed)"
         if self.unpriced:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
         where = storage.uri_of(self.output) or self.output
@@ -291,7 +292,10 @@ class _Job:
         self.mirror: Mirror | None = None
         if self.remote_output is not None:
             self.output = staging_dir(self.remote_output) / self.remote_output.rpartition("/")[2]
-        self.fmt = spec.output.resolved_format if options.output is None else _fmt_of(options.output, spec)
+        if options.output is None:
+            self.fmt = spec.output.resolved_format
+        else:
+            self.fmt = "parquet_dataset" if options.output_folder else _fmt_of(options.output, spec)
         # Kept columns other than the input's id column (that one is the output's id already)
         self.keep = [c for c in spec.output.keep_columns if c != spec.input.id_source]
         self.source = Source(spec.input, self.keep, spec.endpoint.api)
@@ -637,10 +641,10 @@ class _Job:
         elif self._budget_hit() and self.budget.cap is not None:
             res.status = "budget"
             BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent, self.caller.needed)
-            earlier = f" (${self.budget.spent_before:.4f} of it by earlier runs)" if self.budget.spent_before else ""
+            earlier = f" ({usd(self.budget.spent_before)} of it by earlier runs)" if self.budget.spent_before else ""
             res.message = (
                 f"stopped before passing limits.max_cost_usd (${self.budget.cap:g}): the job has spent "
-                f"${self.budget.spent:.4f}{earlier} and the next row may cost up to ${self.caller.needed:.4f}; raise limits.max_cost_usd and rerun the same command to "
+                f"{usd(self.budget.spent)}{earlier} and the next row may cost up to {usd(self.caller.needed)}; raise limits.max_cost_usd and rerun the same command to "
                 "finish the rest"
             )
         else:
@@ -803,11 +807,11 @@ class _Job:
         needed = stop.needed()
         if before >= cap or (needed is not None and before + needed > cap):
             self.result.status = "budget"
-            unconfirmed = f" (≤ ${prior.unconfirmed:.4f} of it unconfirmed)" if prior.unconfirmed else ""
-            nxt = f", and its next row may cost up to ${needed:.4f}" if needed is not None else ""
+            unconfirmed = f" (≤ {usd(prior.unconfirmed)} of it unconfirmed)" if prior.unconfirmed else ""
+            nxt = f", and its next row may cost up to {usd(needed)}" if needed is not None else ""
             self.result.message = (
                 f"limits.max_cost_usd (${cap:g}) is already reached for this job: earlier runs spent "
-                f"${before:.4f}{unconfirmed}{nxt}; no request made. Raise "
+                f"{usd(before)}{unconfirmed}{nxt}; no request made. Raise "
                 "limits.max_cost_usd and rerun the same command to finish the rest"
             )
             raise _BudgetReached()
@@ -816,7 +820,8 @@ class _Job:
         spec = self.spec
         keep_from = None
         if self.keep and self.source.format == "parquet" and self.fmt != "openai_batch":
-            keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column, spec.input.batch_bytes)
+            keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column, spec.input.batch_bytes,
+                                     types=info.keep_types)
             self.result.kept_stats = keep_from
 
         def write(journal: Path, output: Path, fmt: str) -> int:
@@ -910,6 +915,8 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
     if options.ray is not None:
+        if importlib.util.find_spec("ray") is None:
+            raise SpecError("--ray needs Ray, which is not installed: pip install 'batcher[ray]'")
         from .distributed import RayJob  # imports Ray: only a --ray run pays for it
 
         job: _Job = RayJob(spec, options)

@@ -656,7 +656,7 @@ class InputColumns:
     """
 
     def __init__(self, path: Path | list[str], columns: list[str], id_column: str | None,
-                 max_bytes: int = 4 << 20) -> None:
+                 max_bytes: int = 4 << 20, types: dict[str, pa.DataType] | None = None) -> None:
         # several files (a directory or glob input): positions run on from one file to the next
         self.paths = [str(path)] if isinstance(path, Path) else list(path)
         self.columns = columns
@@ -665,7 +665,9 @@ class InputColumns:
         self._read = list(dict.fromkeys([*columns, *([id_column] if id_column else [])]))
         first = self._file(self.paths[0])
         arrow = first.schema_arrow
-        self._schema = pa.schema([arrow.field(c) for c in self._read])
+        # `types`: the kept columns' types over all the files (`sources.Scan.merge`)
+        self._schema = pa.schema([arrow.field(c).with_type((types or {}).get(c, arrow.field(c).type))
+                                  for c in self._read])
         self._all_ids: pa.Array | None = None
         wanted = set(self._read)
         # (file, row group, uncompressed bytes of the kept columns, rows) for every row group of every file
@@ -733,6 +735,7 @@ class InputColumns:
         if batch is None:
             self._exhausted = True
             return
+        # (cast to the schema's types: a file whose own type differs, int64 where another has double)
         self._batch = pa.record_batch([batch.column(c) for c in self._read], schema=self._schema)
         self._start, self._end = self._end, self._end + batch.num_rows
 

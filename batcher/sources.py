@@ -108,11 +108,12 @@ class Scan:
     lines: list[int] = field(default_factory=list)  # per part: the raw lines it holds (blank ones too)
     ids: list[pa.Array] = field(default_factory=list)
     id_values: list[Any] = field(default_factory=list)  # JSONL: the ids as read (typed by `Source.info`)
-    no_id: list[int] = field(default_factory=list)  # JSONL: line numbers of object lines without an id
+    no_id: list[str] = field(default_factory=list)  # JSONL: the lines of objects without an id ("3", "a.jsonl:3")
     seen_keys: set[str] = field(default_factory=set)
     keep_kinds: dict[str, set[str]] = field(default_factory=dict)
     id_type: pa.DataType | None = None  # Parquet
     keep_types: dict[str, pa.DataType] = field(default_factory=dict)  # Parquet
+    keep_files: dict[str, str] = field(default_factory=dict)  # Parquet: the file each kept type was read from
 
     def merge(self, other: Scan) -> None:
         self.rows += other.rows
@@ -127,7 +128,33 @@ class Scan:
             self.id_type = other.id_type
         elif other.id_type is not None and other.id_type != self.id_type:
             raise InputError(f"the input files' id columns differ in type: {self.id_type} and {other.id_type}")
-        self.keep_types = self.keep_types or other.keep_types
+        for c, t in other.keep_types.items():
+            mine = self.keep_types.get(c)
+            if mine is None or mine == t:
+                self.keep_types.setdefault(c, t)
+                self.keep_files.setdefault(c, other.keep_files.get(c, "?"))
+                continue
+            # Files written apart often differ (pandas writes an int column with a null as double): the output
+            # column takes the type both fit in, or the run stops here, before any request.
+            common = _common_type(mine, t)
+            if common is None:
+                raise InputError(
+                    f"kept column {c!r} is {mine} in {self.keep_files.get(c, '?')} but {t} in "
+                    f"{other.keep_files.get(c, '?')}: the input files must agree on a type the output column can hold"
+                )
+            self.keep_types[c] = common
+
+
+def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type that values of `a` and of `b` both fit in without loss of meaning (int64 and double: double),
+    as Arrow's permissive schema merge finds it; None if there is none (string and int64)."""
+    for x, y in ((a, b), (_decoded(a), _decoded(b))):
+        try:
+            return pa.unify_schemas([pa.schema([("c", x)]), pa.schema([("c", y)])], promote_options="permissive") \
+                .field("c").type
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            continue
+    return None
 
 
 _INT64 = (-(2**63), 2**63 - 1)
@@ -268,6 +295,8 @@ class Source:
             files = storage.expand_inputs(spec.path, _SUFFIXES[self.format])
             parts = [InputPart(str(spec.path))] if files is None else [InputPart(f) for f in files]
         self.parts = list(parts)
+        # A folder or glob input (a shard of one too): errors that name a line name its file as well
+        self.name_files = any(p.path != str(spec.path) for p in self.parts)
         self.index_base = index_base
         self.keep_columns = keep_columns
         # A Parquet input's kept columns are not read here: the sink takes them from the file itself when it
@@ -403,6 +432,7 @@ class Source:
             scan.ids = [pa.chunked_array(chunks, type=id_type).combine_chunks()]
         scan.id_type = id_type
         scan.keep_types = {c: schema.field(c).type for c in self.keep_columns}
+        scan.keep_files = dict.fromkeys(self.keep_columns, name)
         return scan
 
     def _check_ids(self, ids: pa.ChunkedArray | pa.Array) -> None:
@@ -422,12 +452,13 @@ class Source:
     def _scan_jsonl(self) -> Scan:
         rows = 0
         ids: list[Any] = []
-        no_id: list[int] = []  # line numbers of object lines without an id
+        no_id: list[str] = []  # the lines of objects without an id
         seen_keys: set[str] = set()
         keep_types: dict[str, set[str]] = {c: set() for c in self.keep_columns}
         id_col = self.id_name if (self.spec.id_column or self.format == "openai_batch") else None
         self._raw_lines: list[int] = []
-        for _lineno, obj, suspect, _size in self._lines():
+        for _lineno, obj, suspect, _size, where in self._lines():
+            at = where or f"{self.path}: "
             rows += 1
             if not isinstance(obj, dict):
                 continue  # becomes an error row
@@ -438,19 +469,19 @@ class Source:
             if id_col is not None:
                 v = obj.get(id_col)
                 if v is not None and not (isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))):
-                    raise InputError(f"{self.path}: line {_lineno}: id {id_col!r} is {v!r}; ids must be strings or integers")
+                    raise InputError(f"{at}line {_lineno}: id {id_col!r} is {v!r}; ids must be strings or integers")
                 if isinstance(v, int) and not _INT64[0] <= v <= _INT64[1]:
                     raise InputError(
-                        f"{self.path}: line {_lineno}: id {id_col!r} is {v}, beyond 64-bit integers; "
+                        f"{at}line {_lineno}: id {id_col!r} is {v}, beyond 64-bit integers; "
                         "write such ids as strings"
                     )
                 if suspect and _unsendable(v):
                     raise InputError(
-                        f"{self.path}: line {_lineno}: id {id_col!r} holds a lone UTF-16 surrogate escape "
+                        f"{at}line {_lineno}: id {id_col!r} holds a lone UTF-16 surrogate escape "
                         "(like \\ud83d), which is not valid Unicode text"
                     )
                 if v is None:
-                    no_id.append(_lineno)
+                    no_id.append(f"{where[:-2]}:{_lineno}" if where else str(_lineno))
                 ids.append(v)
             for c in self.keep_columns:
                 v = obj.get(c)
@@ -572,16 +603,16 @@ class Source:
         if (last := out.flush()) is not None:
             yield last
 
-    def _lines(self) -> Iterator[tuple[int, Any, bool, int]]:
-        """(line number, parsed object or a `_BadLine`, whether it may hold a lone surrogate, the line's bytes) per
-        non-blank line. Line numbers are the file's; with several files, the message names the file too."""
+    def _lines(self) -> Iterator[tuple[int, Any, bool, int, str]]:
+        """(line number, parsed object or a `_BadLine`, whether it may hold a lone surrogate, the line's bytes,
+        where) per non-blank line. Line numbers are the file's: `where` is "" for a one-file input, and the file
+        ("part-1.jsonl: ") when the input is a folder or a glob, for every error that names a line."""
         search = _ESCAPED_SURROGATE.search
         counts: list[int] = []
         self._raw_lines = counts
-        several = len(self.files) > 1
         for part in self.parts:
             counts.append(0)
-            where = f"{part.path}: " if several else ""
+            where = f"{self._name(part)}: " if self.name_files else ""
             if self.whole and part.start == 0 and part.end is None and not storage.is_remote(part.path):
                 f: Any = open(part.path, "rb")
                 lines: Any = f
@@ -596,10 +627,10 @@ class Source:
                     if not raw.strip():
                         continue
                     try:
-                        yield lineno, json.loads(raw), search(raw) is not None, len(raw)
+                        yield lineno, json.loads(raw), search(raw) is not None, len(raw), where
                     except (ValueError, UnicodeDecodeError) as exc:
-                        yield (lineno, _BadLine(f"{where}line {lineno}: not valid JSON ({str(exc)[:80]})"), False,
-                               len(raw))
+                        yield (lineno, _BadLine(f"line {lineno}: not valid JSON ({str(exc)[:80]})"), False,
+                               len(raw), where)
             finally:
                 if f is not None:
                     f.close()
@@ -622,7 +653,7 @@ class Source:
                 parts.append(pa.nulls(1, id_type) if isinstance(part, str)
                              else part.column(self.spec.id_column).cast(id_type))
             return pa.chunked_array(parts, type=id_type).combine_chunks()
-        values = [obj.get(self.id_name) if isinstance(obj, dict) else None for _, obj, _, _ in self._lines()]
+        values = [obj.get(self.id_name) if isinstance(obj, dict) else None for _, obj, *_ in self._lines()]
         return pa.array(values, type=id_type)
 
     # -- rows ---------------------------------------------------------------------------------------------
@@ -707,11 +738,13 @@ class Source:
     def _jsonl_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
         done = set(done_ids.to_pylist()) if done_ids is not None and len(done_ids) else None
         out = _Batcher(self.spec.batch_size, self.spec.batch_bytes, self.stats)
-        for index, (lineno, obj, suspect, size) in enumerate(self._lines(), start=self.index_base):
+        for index, (lineno, obj, suspect, size, where) in enumerate(self._lines(), start=self.index_base):
             self.stats.read(size)
             row = self._json_row(index, lineno, obj)
             if suspect and row.error is None:
                 row = self._unsendable_row(row, lineno)
+            if where and row.error is not None:
+                row.error = where + row.error  # "line N: ..." of which file
             row.nbytes = self._held(row, size)
             if done is not None and row.id in done:
                 continue

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from batcher.sinks import encode_lines
 from batcher.sources import SourceRow
 from batcher.wire import cache_key
 
-from .conftest import options, write_jsonl
+from .conftest import ROOT, options, write_jsonl
 
 CACHE = {"type": "exact_match", "ttl": 3600}
 BASE = {"model": "m", "prompt": "p", "max_tokens": 16}
@@ -233,3 +235,24 @@ def test_cache_never_holds_the_key(make_spec, tmp_path: Path, monkeypatch) -> No
     run_job(spec, options(limit=10))
     for f in (tmp_path / "cache").iterdir():
         assert b"sk-canary-cache" not in f.read_bytes()
+
+
+def test_a_rerun_answered_from_the_cache_loads_no_http_client(make_spec, gateway: Gateway, tmp_path: Path) -> None:
+    # Start-up is a good share of a cached rerun: aiohttp (and jsonschema, for a job without a schema) is
+    # imported on the first call, and a rerun answered from the cache makes none.
+    spec_dict = make_spec(request={"cache": CACHE})
+    run_job(parse_spec(spec_dict), options(limit=30))
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(spec_dict))
+    code = f"""
+import sys
+from batcher.cli import main
+rc = main(["run", {str(spec_file)!r}, "--fresh", "--limit", "30", "--quiet"])
+print(rc, sorted(m for m in ("aiohttp", "jsonschema") if m in sys.modules))
+"""
+    calls = gateway.stats.total
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "[]"]
+    assert gateway.stats.total == calls
+    assert pl.read_parquet(spec_dict["output"]["path"])["cached"].all()

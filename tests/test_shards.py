@@ -15,7 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from batcher import parse_spec, run_job
+from batcher.cli import main as cli_main
 from batcher.coordinator import Coordination, LeasedBudget, Pacer
+from batcher.errors import InputError
 from batcher.plan import make_plan
 from batcher.shards import place, plan_shards
 from batcher.sources import Source
@@ -67,6 +69,31 @@ def test_directory_of_parquet_files_is_one_input(make_spec, tmp_path: Path) -> N
     _same(tmp_path / "one.parquet", tmp_path / "many.parquet")
 
 
+def test_files_that_differ_in_a_kept_columns_type(make_spec, gateway, tmp_path: Path) -> None:
+    # pandas writes an int column with a null as double: the output column takes the type both fit in. Types
+    # with none in common (int64 and string) stop the run before any request, naming both files.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"review_id": ["a", "b"], "text": ["good", "bad"], "stars": pa.array([1, 2])}),
+                   folder / "a.parquet")
+    pq.write_table(pa.table({"review_id": ["c", "d"], "text": ["fine", "meh"], "stars": pa.array([0.5, None])}),
+                   folder / "b.parquet")
+    out = tmp_path / "o.parquet"
+    spec = parse_spec(make_spec(input={"path": str(folder)}, output={"path": str(out), "keep_columns": ["stars"]}))
+    assert run_job(spec, options()).ok == 4
+    df = pl.read_parquet(out)
+    assert df.schema["stars"] == pl.Float64 and df["stars"].to_list() == [1.0, 2.0, 0.5, None]
+
+    pq.write_table(pa.table({"review_id": ["c", "d"], "text": ["fine", "meh"], "stars": ["x", "y"]}),
+                   folder / "b.parquet")
+    calls = gateway.stats.total
+    bad = parse_spec(make_spec(input={"path": str(folder)},
+                               output={"path": str(tmp_path / "o2.parquet"), "keep_columns": ["stars"]}))
+    with pytest.raises(InputError, match=r"'stars' is int64 in .*a\.parquet but string in .*b\.parquet"):
+        run_job(bad, options())
+    assert gateway.stats.total == calls
+
+
 def test_a_folder_holding_one_file(make_spec, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
@@ -98,10 +125,18 @@ def test_duplicate_ids_across_files_are_refused(make_spec, tmp_path: Path) -> No
         run_job(spec, options())
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "jsonl glob"])
 def test_shard_scans_add_up_to_the_whole_input(make_spec, tmp_path: Path, fmt: str) -> None:
     if fmt == "parquet":
         spec = parse_spec(make_spec())
+    elif fmt == "jsonl glob":
+        # errors name the file and its line, in a shard as in the whole input (a shard reads one file's part)
+        text = (SAMPLES / "reviews.jsonl").read_text().splitlines()
+        text[40] = "this is not json"
+        text[170] = json.dumps({**json.loads(text[170]), "text": None})
+        for k, (a, b) in enumerate(((0, 100), (100, 200), (200, 300))):
+            (tmp_path / f"part-{k}.jsonl").write_text("\n".join(text[a:b]) + "\n")
+        spec = parse_spec(make_spec(input={"path": str(tmp_path / "part-*.jsonl"), "id_column": None}))
     else:
         text = (SAMPLES / "reviews.jsonl").read_text().splitlines()
         text.insert(37, "")  # a blank line and a bad one shift line numbers but not positions
@@ -118,6 +153,11 @@ def test_shard_scans_add_up_to_the_whole_input(make_spec, tmp_path: Path, fmt: s
            for r in b]
     assert [(r.index, r.id, r.prompt, r.error) for r in got] == [(r.index, r.id, r.prompt, r.error) for r in expected]
     assert sum(s.rows for s in placed) == whole.check().rows
+    if fmt == "jsonl glob":
+        errors = [r.error for r in got if r.error]
+        assert len(errors) == 2
+        assert errors[0].startswith(f"{tmp_path / 'part-0.jsonl'}: line 41: not valid JSON")
+        assert errors[1].startswith(f"{tmp_path / 'part-1.jsonl'}: line 71: ") and "{{text}}" in errors[1]
 
 
 def test_import_batcher_and_a_local_run_never_import_ray(tmp_path: Path) -> None:
@@ -224,6 +264,14 @@ def test_output_path_ending_with_a_slash_is_a_folder_of_parquet_parts(make_spec,
     assert ds.equals(pl.read_parquet(tmp_path / "one.parquet").drop(TIMING))
 
 
+def test_output_flag_ending_with_a_slash_is_a_folder_of_parquet_parts(make_spec, tmp_path: Path) -> None:
+    spec = make_spec()
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    assert cli_main(["run", str(tmp_path / "job.json"), "--quiet", "--output", str(tmp_path / "ds") + "/"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["part-00000.parquet"]
+    assert pq.read_table(tmp_path / "ds").num_rows == 300
+
+
 @pytest.mark.parametrize("kind", ["folder", "glob"])
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_an_edited_folder_or_glob_input_resumes_by_id(make_spec, tmp_path: Path, kind: str, fmt: str) -> None:
@@ -259,3 +307,11 @@ def test_an_edited_folder_or_glob_input_resumes_by_id(make_spec, tmp_path: Path,
     write("p-3", [("k5", "f"), ("k6", "g")])
     with pytest.raises(Exception, match="changed since the run"):
         run_job(positional, options())
+
+
+def test_ray_flag_without_ray_installed_is_a_usage_error(make_spec, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: importing it raises ImportError
+    (tmp_path / "job.json").write_text(json.dumps(make_spec()))
+    assert cli_main(["run", str(tmp_path / "job.json"), "--ray", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "batcher: error: --ray needs Ray, which is not installed: pip install 'batcher[ray]'"

@@ -89,8 +89,6 @@ class Records:
     def record(row: SourceRow, **fields: Any) -> dict[str, Any]:
         # `_i` first: the sink sorts the journal into input order by it without parsing whole lines
         rec: dict[str, Any] = {"_i": row.index, "id": row.id}
-        if row.keep:
-            rec["keep"] = row.keep
         rec.update(fields)
         return rec
 
@@ -120,8 +118,8 @@ class Records:
         """The journal line of `row` answered from the cache, whose record is the JSON `text`: the line
         `ok(row, json.loads(text), cached=True, attempts=0, latency_ms=0.0, ...)` would encode, spliced from the
         text instead of decoded and encoded again (that was most of a cached rerun's CPU). None for a text
-        that `for_cache` did not write (an older cache's) or a row with kept values: those take the long way."""
-        if row.keep or not (text.startswith('{"model":"') and text.endswith("}")):
+        that `for_cache` did not write (an older cache's): that takes the long way."""
+        if not (text.startswith('{"model":"') and text.endswith("}")):
             return None
         try:
             ident = str(row.id) if type(row.id) is int else json.dumps(row.id, ensure_ascii=False)

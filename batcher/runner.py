@@ -51,6 +51,7 @@ from .sinks import (
     InputColumns,
     JobLock,
     Journal,
+    KeptValues,
     RunState,
     WriteStats,
     compact_journal,
@@ -112,7 +113,8 @@ class RunResult:
     signal: int | None = None
     input_stats: ReadStats | None = field(default=None, repr=False)  # the reader's counters (byte budget)
     write_stats: WriteStats | None = field(default=None, repr=False)  # the final write's counters (byte budget)
-    kept_stats: InputColumns | None = field(default=None, repr=False)  # kept Parquet columns' reads (byte budget)
+    # the reads of kept columns back from the input at the end (byte budget): `reads`, `max_read_bytes`
+    kept_stats: InputColumns | KeptValues | None = field(default=None, repr=False)
     loop: str = ""  # the event loop the run used: "uvloop" or "asyncio"
     error_kinds: dict[str, int] = field(default_factory=dict)  # error rows by error_kind
     over_max_errors: bool = False  # finished, with more error rows than max_errors allows
@@ -873,10 +875,17 @@ class _Job:
 
     def _finish(self, info: SourceInfo) -> None:
         spec = self.spec
-        keep_from = None
-        if self.keep and self.source.format == "parquet" and self.fmt != "openai_batch":
-            keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column, spec.input.batch_bytes,
-                                     types=info.keep_types)
+        keep_from: InputColumns | KeptValues | None = None
+        if self.keep and self.fmt != "openai_batch":
+            if self.source.format == "parquet":
+                keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column, spec.input.batch_bytes,
+                                         types=info.keep_types)
+            else:
+                source = self.source
+                by_id = spec.input.id_column is not None or source.format == "openai_batch"
+                keep_from = KeptValues(lambda: source.kept_rows(self.keep), self.keep, info.keep_types,
+                                       all_ids=(lambda: source.ids(info.id_type)) if by_id else None,
+                                       max_row_bytes=info.max_row_bytes)
             self.result.kept_stats = keep_from
 
         def write(journal: Path, output: Path, fmt: str) -> int:

@@ -51,7 +51,6 @@ class SourceRow:
     id: Any
     prompt: str | list[dict[str, Any]] | None  # a prompt string, or a chat job's rendered messages
     inputs: dict[str, Any] | None = None
-    keep: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     body: dict[str, Any] | None = None  # an OpenAI batch line's request body
     model: str | None = None  # the body's model, when the line names one
@@ -86,6 +85,9 @@ class SourceInfo:
     rows: int
     id_type: pa.DataType
     keep_types: dict[str, pa.DataType]
+    # JSONL and CSV: the bytes of the longest line or record, which bound what one row's kept values take when
+    # the sink reads them back (`kept_rows`); 0 for Parquet, whose footer says it per row group
+    max_row_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +121,7 @@ class Scan:
     id_type: pa.DataType | None = None  # Parquet
     keep_types: dict[str, pa.DataType] = field(default_factory=dict)  # Parquet
     keep_files: dict[str, str] = field(default_factory=dict)  # Parquet: the file each kept type was read from
+    longest: int = 0  # JSONL: the bytes of the longest line
 
     def merge(self, other: Scan) -> None:
         self.rows += other.rows
@@ -126,6 +129,7 @@ class Scan:
         self.ids += other.ids
         self.id_values += other.id_values
         self.no_id += other.no_id
+        self.longest = max(self.longest, other.longest)
         self.seen_keys |= other.seen_keys
         for c, kinds in other.keep_kinds.items():
             self.keep_kinds.setdefault(c, set()).update(kinds)
@@ -304,9 +308,9 @@ class Source:
         self.name_files = any(p.path != str(spec.path) for p in self.parts)
         self.index_base = index_base
         self.keep_columns = keep_columns
-        # A Parquet input's kept columns are not read here: the sink takes them from the file itself when it
-        # writes the output (any Arrow type, untouched); a JSONL input's kept values travel in the journal.
-        self._row_keep = [] if self.format == "parquet" else keep_columns
+        # Kept columns are not read with the rows: the sink reads them back from the input when it writes the
+        # output (`kept_rows`; a Parquet input's in its own Arrow types), so no call in flight, answer or
+        # journal line holds them (long documents kept beside their summaries would, C calls at a time).
         self.template = Template(spec.prompt, "input.prompt") if spec.prompt is not None else None
         self.attachments = Attachments.for_input(spec.path, spec.max_attachment_bytes)
         self.messages = (MessagesTemplate(spec.messages, "input.messages", self.attachments)
@@ -481,9 +485,11 @@ class Source:
         keep_types: dict[str, set[str]] = {c: set() for c in self.keep_columns}
         id_col = self.id_name if (self.spec.id_column or self.format == "openai_batch") else None
         self._raw_lines: list[int] = []
-        for _lineno, obj, suspect, _size, where in self._lines():
+        longest = 0
+        for _lineno, obj, suspect, size, where in self._lines():
             at = where or f"{self.shown}: "
             rows += 1
+            longest = max(longest, size)
             if not isinstance(obj, dict):
                 continue  # becomes an error row
             if self.format == "openai_batch":
@@ -514,7 +520,7 @@ class Source:
                     big = type(v) is int and not -(2**63) <= v < 2**63
                     keep_types[c].add("bigint" if big else type(v).__name__)
         return Scan(rows=rows, lines=self._raw_lines, id_values=ids, seen_keys=seen_keys, keep_kinds=keep_types,
-                    no_id=no_id)
+                    no_id=no_id, longest=longest)
 
     def _jsonl_info(self, scan: Scan) -> SourceInfo:
         rows, ids, seen_keys, no_id = scan.rows, scan.id_values, scan.seen_keys, scan.no_id
@@ -550,7 +556,7 @@ class Source:
                 types[c] = py_to_arrow[next(iter(kinds_))]
             else:
                 types[c] = pa.string()  # nested or mixed values are kept as JSON text
-        return SourceInfo(rows=rows, id_type=id_type, keep_types=types)
+        return SourceInfo(rows=rows, id_type=id_type, keep_types=types, max_row_bytes=scan.longest)
 
     # -- CSV / TSV (every column read as text: csv_input.py says why) -------------------------------------
 
@@ -589,7 +595,7 @@ class Source:
         ids = [pa.chunked_array(chunks, type=id_type).combine_chunks()] if self.spec.id_column else []
         # lines: a CSV part's line base comes from the pre-flight pass (`place` keeps it)
         return Scan(rows=rows, lines=[0] * len(self.parts), ids=ids, id_type=id_type,
-                    keep_types={c: pa.string() for c in self.keep_columns})
+                    keep_types={c: pa.string() for c in self.keep_columns}, longest=csv_file.longest or 0)
 
     def _csv_info(self, scan: Scan) -> SourceInfo:
         id_type = scan.id_type or pa.int64()
@@ -599,10 +605,11 @@ class Source:
             if empty:
                 raise InputError(f"{self.shown}: {empty} row(s) have an empty id {self.spec.id_column!r}")
             self._check_ids(ids)
-        return SourceInfo(rows=scan.rows, id_type=id_type, keep_types={c: pa.string() for c in self.keep_columns})
+        return SourceInfo(rows=scan.rows, id_type=id_type, keep_types={c: pa.string() for c in self.keep_columns},
+                          max_row_bytes=scan.longest)
 
     def _csv_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
-        columns = self._needed()
+        columns = self._needed(keep=False)
         out = _Batcher(self.spec.batch_size, self.spec.batch_bytes, self.stats)
         for index, part in self._csv().segments(columns):
             if isinstance(part, str):
@@ -686,6 +693,32 @@ class Source:
             return pa.chunked_array(parts, type=id_type).combine_chunks()
         values = [obj.get(self.id_name) if isinstance(obj, dict) else None for _, obj, *_ in self._lines()]
         return pa.array(values, type=id_type)
+
+    def kept_rows(self, columns: list[str]) -> Iterator[tuple[int, Any, list[Any] | None, int]]:
+        """(position, id, the values of `columns`, the bytes read for the row) of every row of a JSONL or CSV
+        input, in order and numbered as `batches` numbers them: what the sink reads kept values back from when it
+        writes the output (`sinks.KeptValues`). A JSONL value is as `json.loads` gives it, a CSV one its text;
+        a row that has none (a line that is not a JSON object, a malformed CSV record) has None."""
+        if self.format in ("csv", "tsv"):
+            id_col = self.spec.id_column
+            read = list(dict.fromkeys([*columns, *([id_col] if id_col else [])]))
+            for index, part in self._csv().segments(read):
+                if isinstance(part, str):
+                    yield index, None if id_col else index, None, 0
+                    continue
+                sizes = _row_bytes(part)
+                ids = part.column(id_col).to_pylist() if id_col else range(index, index + part.num_rows)
+                values = [part.column(c).to_pylist() for c in columns]
+                del part
+                for i, size in enumerate(sizes):
+                    yield index + i, ids[i], [v[i] for v in values], size
+            return
+        positional = not self.spec.id_column and self.format != "openai_batch"
+        for index, (_lineno, obj, _suspect, size, _where) in enumerate(self._lines(), start=self.index_base):
+            if isinstance(obj, dict):
+                yield index, index if positional else obj.get(self.id_name), [obj.get(c) for c in columns], size
+            else:
+                yield index, index if positional else None, None, size
 
     # -- rows ---------------------------------------------------------------------------------------------
 
@@ -838,9 +871,8 @@ class Source:
         invalid = _invalid_body(body, self.chat, self.api)
         if invalid:
             return SourceRow(index, row_id, None, error=f"{where}: {invalid}", body=body)
-        keep = {c: obj.get(c) for c in self.keep_columns}
         model = body.get("model") if isinstance(body.get("model"), str) else None
-        return SourceRow(index, row_id, prompt, keep=keep, body=body, model=model)
+        return SourceRow(index, row_id, prompt, body=body, model=model)
 
     def _unsendable_row(self, row: SourceRow, lineno: int) -> SourceRow:
         """An error row if a value bound for the request holds a lone surrogate; else the row. Kept columns are not
@@ -850,7 +882,7 @@ class Source:
         bad = [what for what, value in parts if value is not None and _unsendable(value)]
         if not bad:
             return row
-        return SourceRow(row.index, row.id, None, keep=row.keep, error=(
+        return SourceRow(row.index, row.id, None, error=(
             f"line {lineno}: {', '.join(bad)} holds a lone UTF-16 surrogate (an escape like \\ud83d without "
             "its pair, often from truncated text), which is not valid Unicode and cannot be sent"
         ))
@@ -868,7 +900,6 @@ class Source:
     def _rendered(self, index: int, row_id: Any, record: dict[str, Any]) -> SourceRow:
         if self.chat:
             return self._chat_row(index, row_id, record)
-        keep = {c: record.get(c) for c in self._row_keep}
         try:
             if self.template is not None:
                 prompt = self.template.render(record)
@@ -878,25 +909,24 @@ class Source:
                 if value is None:
                     raise MissingVariable(self.spec.prompt_column, "is null in this row")
                 if not isinstance(value, str):
-                    return SourceRow(index, row_id, None, keep=keep, error=f"prompt column {self.spec.prompt_column!r} is not a string in this row")
+                    return SourceRow(index, row_id, None, error=f"prompt column {self.spec.prompt_column!r} is not a string in this row")
                 prompt = value
         except MissingVariable as exc:
             what = f"prompt column {exc.name!r} {exc.why}" if self.template is None else str(exc)
-            return SourceRow(index, row_id, None, keep=keep, error=what)
+            return SourceRow(index, row_id, None, error=what)
         except TemplateError as exc:
-            return SourceRow(index, row_id, None, keep=keep, error=f"{exc} (row {row_id!r})")
+            return SourceRow(index, row_id, None, error=f"{exc} (row {row_id!r})")
         if not prompt.strip():
-            return SourceRow(index, row_id, None, keep=keep, error="prompt is empty")
+            return SourceRow(index, row_id, None, error="prompt is empty")
         if len(prompt) > self.spec.max_prompt_chars:
-            return SourceRow(index, row_id, None, keep=keep, error=self._too_long(len(prompt)))
+            return SourceRow(index, row_id, None, error=self._too_long(len(prompt)))
         # JSON-safe by the JSONL output's mapping (NaN -> null...): the body must be strict JSON.
         inputs = {c: json_safe(record.get(c)) for c in self.spec.inputs_columns} if self.spec.inputs_columns else None
-        return SourceRow(index, row_id, prompt, inputs=inputs, keep=keep)
+        return SourceRow(index, row_id, prompt, inputs=inputs)
 
 
     def _chat_row(self, index: int, row_id: Any, record: dict[str, Any]) -> SourceRow:
         """A chat job's row: its messages rendered from `input.messages`, or read from `messages_column`."""
-        keep = {c: record.get(c) for c in self._row_keep}
         try:
             if self.messages is not None:
                 messages = self.messages.render(record)
@@ -908,18 +938,18 @@ class Source:
                 messages = attach(messages_from_value(value), "messages column", self.attachments)
         except MissingVariable as exc:
             what = str(exc) if self.messages is not None else f"messages column {exc.name!r} {exc.why}"
-            return SourceRow(index, row_id, None, keep=keep, error=what)
+            return SourceRow(index, row_id, None, error=what)
         except TemplateError as exc:  # also: an image part naming a file that cannot be read
-            return SourceRow(index, row_id, None, keep=keep, error=f"{exc} (row {row_id!r})")
+            return SourceRow(index, row_id, None, error=f"{exc} (row {row_id!r})")
         except ValueError as exc:
-            return SourceRow(index, row_id, None, keep=keep, error=str(exc))
+            return SourceRow(index, row_id, None, error=str(exc))
         size = _text_size(messages)
         if size == 0 and not _has_media(messages):
-            return SourceRow(index, row_id, None, keep=keep, error="the messages have no text")
+            return SourceRow(index, row_id, None, error="the messages have no text")
         if size > self.spec.max_prompt_chars:
-            return SourceRow(index, row_id, None, keep=keep, error=self._too_long(size))
+            return SourceRow(index, row_id, None, error=self._too_long(size))
         inputs = {c: json_safe(record.get(c)) for c in self.spec.inputs_columns} if self.spec.inputs_columns else None
-        return SourceRow(index, row_id, messages, inputs=inputs, keep=keep)
+        return SourceRow(index, row_id, messages, inputs=inputs)
 
 
 def _text_size(messages: list[dict[str, Any]]) -> int:

@@ -44,7 +44,17 @@ class _Refusing:
 
 
 @pytest.fixture(params=[False, True], ids=["nothing", "listing"])
-def refusing_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+def refusing_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> bool:
+    # No credentials anywhere the AWS SDK looks (other tests may have left a key id in the environment), and an
+    # endpoint on this machine, so the lease's boto3 call can never leave it (it fails before connecting).
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                 "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     real = storage.filesystem
     listing: bool = request.param

@@ -241,7 +241,12 @@ class SpendLog:
     def sent(self, row_id: Any, worst: float) -> None:
         if self._fd is None:
             return
-        line = json.dumps([row_id, worst], separators=(",", ":"), default=str).encode() + b"\n"
+        self.write(json.dumps([row_id, worst], separators=(",", ":"), default=str).encode() + b"\n")
+
+    def write(self, line: bytes) -> None:
+        """One whole line, appended (`mirror.MirroredSpendLog` also puts it on the store)."""
+        if self._fd is None:
+            return
         try:
             os.write(self._fd, line)  # O_APPEND and one short write: whole or not at all in practice
         except OSError as exc:

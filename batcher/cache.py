@@ -72,14 +72,19 @@ class ResponseCache:
         self._db = None
 
     def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        return {k: json.loads(v) for k, v in self.get_many_text(keys).items()}
+
+    def get_many_text(self, keys: Sequence[str]) -> dict[str, str]:
+        """The stored records as their JSON text: a cached rerun splices it into journal lines undecoded
+        (`Records.cached_line`)."""
         with self._lock:
             return self._get_many(keys)
 
-    def _get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def _get_many(self, keys: Sequence[str]) -> dict[str, str]:
         if self._db is None or not keys:
             return {}
         now = self._clock()
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, str] = {}
         try:
             # SQLite's default limit on host parameters is 999 (older builds): query in slices below it.
             for start in range(0, len(keys), 900):
@@ -88,8 +93,7 @@ class ResponseCache:
                 rows = self._db.execute(
                     f"SELECT key, record FROM responses WHERE key IN ({marks}) AND expires > ?", (*part, now)
                 )
-                for key, record in rows:
-                    found[key] = json.loads(record)
+                found.update(rows)
         except sqlite3.Error as exc:
             self._disable(f"response cache read failed ({exc}); running without it")
             return {}

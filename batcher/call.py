@@ -20,6 +20,7 @@ calls `on_fatal` and every row still to send returns None too.
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 import time
@@ -74,6 +75,10 @@ class Work:
 PAID_TOKENS = ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "reasoning_tokens")
 
 
+# A cache hit's fields between its id and its answer's, as `Records.ok` sets them (in `cached_line`).
+_CACHED_FIELDS = '"status":"ok","cached":true,"attempts":0,"latency_ms":0.0,"http_status":null,"cost_usd":0.0,'
+
+
 class Records:
     """The journal records of a row: ok, error, or an answer from the cache."""
 
@@ -84,8 +89,6 @@ class Records:
     def record(row: SourceRow, **fields: Any) -> dict[str, Any]:
         # `_i` first: the sink sorts the journal into input order by it without parsing whole lines
         rec: dict[str, Any] = {"_i": row.index, "id": row.id}
-        if row.keep:
-            rec["keep"] = row.keep
         rec.update(fields)
         return rec
 
@@ -102,6 +105,27 @@ class Records:
             priced = asked_model
         return self.prices.cost(priced, comp.get("prompt_tokens"), comp.get("completion_tokens"),
                                 comp.get("cached_tokens"))
+
+    @staticmethod
+    def for_cache(answer: dict[str, Any], model: str) -> dict[str, Any]:
+        """What the cache keeps of an answer: its fields, led by the model that answered (the asked one when
+        the server named none), which `cached_line` relies on."""
+        stored: dict[str, Any] = {"model": model}
+        stored.update((k, v) for k, v in answer.items() if k != "model")
+        return stored
+
+    def cached_line(self, row: SourceRow, text: str) -> bytes | None:
+        """The journal line of `row` answered from the cache, whose record is the JSON `text`: the line
+        `ok(row, json.loads(text), cached=True, attempts=0, latency_ms=0.0, ...)` would encode, spliced from the
+        text instead of decoded and encoded again (that was most of a cached rerun's CPU). None for a text
+        that `for_cache` did not write (an older cache's): that takes the long way."""
+        if not (text.startswith('{"model":"') and text.endswith("}")):
+            return None
+        try:
+            ident = str(row.id) if type(row.id) is int else json.dumps(row.id, ensure_ascii=False)
+            return f'{{"_i":{row.index},"id":{ident},{_CACHED_FIELDS}{text[1:]}\n'.encode()
+        except (TypeError, ValueError, UnicodeEncodeError):  # an id JSON cannot hold as it is: the long way
+            return None
 
     def ok(self, row: SourceRow, comp: dict[str, Any], *, cached: bool, attempts: int, latency_ms: float,
            asked_model: str) -> dict[str, Any]:
@@ -393,7 +417,7 @@ class Caller:
                     rec["unconfirmed_usd"] = unconfirmed
                 if item.key is not None:
                     self._remember(item.key, answer)
-                    rec["_cache"] = (item.key, answer)
+                    rec["_cache"] = (item.key, self.records.for_cache(answer, rec["model"]))
                 return rec
         finally:
             if held:

@@ -40,6 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     options = RunOptions(
         output=Path(args.output) if args.output else None,
+        output_folder=bool(args.output) and args.output.endswith("/"),
         limit=args.limit,
         quiet=args.quiet,
         fresh=args.fresh,
@@ -75,13 +76,14 @@ def _max_errors(value: str) -> str:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from . import storage
+    from .runner import check_output_columns
     from .spec import load_spec
 
     spec = load_spec(args.spec)
-    from .runner import check_output_columns
-
     check_output_columns(spec)
-    print(f"{args.spec}: valid job spec {spec.job_name!r} ({spec.input.path} -> {spec.output.path})")
+    where = f"{storage.shown(spec.input.path)} -> {storage.shown(spec.output.path)}"
+    print(f"{args.spec}: valid job spec {spec.job_name!r} ({where})")
     return 0
 
 
@@ -151,7 +153,9 @@ def _expand_path_args(args: argparse.Namespace, parser: argparse.ArgumentParser)
         for name in _PATH_ARGS:
             value = getattr(args, name, None)
             if isinstance(value, str):
-                setattr(args, name, str(expand_path(value)))
+                # a trailing slash means something (`--output DIR/`: a folder of Parquet parts): it stays
+                slash = "/" if value.endswith("/") and value.strip("/") else ""
+                setattr(args, name, str(expand_path(value)) + slash)
             elif isinstance(value, list):
                 setattr(args, name, [str(expand_path(v)) for v in value])
     except ValueError as exc:

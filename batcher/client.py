@@ -22,11 +22,10 @@ import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import anyio
-from yarl import URL  # aiohttp's own URL type (a dependency of aiohttp): parsed once per client
 
 if TYPE_CHECKING:
+    import aiohttp
     from multidict import CIMultiDictProxy
 
 from .routing import Failure, parse_retry_after
@@ -162,10 +161,20 @@ class WorkerClient:
 
             shape = CompletionsShape(RequestSpec(), "orq" if endpoint.api == "orq" else "openai")
         self.shape = shape
-        self._url = URL(endpoint.url)  # parsed once, not on every request
         self._session: aiohttp.ClientSession | None = None
+        self._url: Any = None  # yarl.URL, made with the session
+        self._transport_errors: tuple[type[BaseException], ...] = (OSError,)
+        self._not_sent: tuple[type[BaseException], ...] = (ConnectionRefusedError,)
 
     def _open(self) -> aiohttp.ClientSession:
+        # Imported on the first call, not with the module: a run answered from the cache, `plan` and
+        # `validate` never pay its ~0.15 s.
+        import aiohttp
+        from yarl import URL  # aiohttp's own URL type (a dependency of aiohttp)
+
+        self._url = URL(self.endpoint.url)  # parsed once, not on every request
+        self._transport_errors = (aiohttp.ClientError, OSError)
+        self._not_sent = (aiohttp.ClientConnectorError, ConnectionRefusedError)
         connector = aiohttp.TCPConnector(
             limit=1,
             # For http:// the context is never used: skip loading a certificate bundle for nothing.
@@ -202,11 +211,11 @@ class WorkerClient:
             # Possibly billed: the server may have received the request (and may still answer it).
             raise AttemptFailed(Failure("timeout", f"no complete answer within {deadline_s:g} s",
                                         maybe_billed=True)) from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except self._transport_errors as exc:
             # ClientError covers refused and dropped connections, truncated bodies and unparseable responses.
             # Only a connection never made (refused, DNS, TLS) is known not to have reached the server.
             msg = self.endpoint.redact(f"{type(exc).__name__}: {exc}".rstrip(": "))
-            sent = not isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError)
+            sent = not isinstance(exc, self._not_sent)
             raise AttemptFailed(Failure("transport", msg, maybe_billed=sent)) from None
         except ContractError as exc:
             raise AttemptFailed(Failure("contract", self.endpoint.redact(f"bad response: {exc}"), status=200,

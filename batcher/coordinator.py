@@ -80,6 +80,7 @@ class Coordination:
     lease_calls: int = 0
     budget_calls: int = 0
     heartbeats: int = 0
+    earlier_rows: dict[int, int] = field(default_factory=dict)  # shard -> rows its journal held as this run began
 
     # -- rate ---------------------------------------------------------------------------------------------
 
@@ -126,6 +127,14 @@ class Coordination:
             return 0.0
         self.granted_usd[worker] += want
         return want
+
+    # -- shards ------------------------------------------------------------------------------------------
+
+    def earlier(self, shard: int, journaled: int) -> int:
+        """How many of a shard's journaled rows earlier runs answered: what its first attempt in this run found.
+        A shard whose worker died is resumed by another attempt that finds those rows and the first attempt's
+        too; only the coordinator, which lives as long as the run, can tell them apart."""
+        return self.earlier_rows.setdefault(shard, journaled)
 
     # -- heartbeat ----------------------------------------------------------------------------------------
 

@@ -19,12 +19,19 @@ What Arrow reads wrongly or not at all is found by `CsvFile.check()`, the pre-fl
 bytes that are not UTF-8 (Arrow fails only when it converts them, mid-run, and only in the columns it reads)
 and a quote never closed (Arrow reads the rest of the file into that value, silently). Both raise `CsvError`
 naming the line. A UTF-8 byte order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+
+Shards (`--ray`): a quoted value may hold newlines, so the next newline after a byte offset need not start a
+record. The same pass therefore records, every `every` bytes, where the next record starts and how many lines
+come before it (`cuts`), with the csv module that finds the records; a shard is then the bytes between two cuts,
+read after the header's bytes (`CsvFile(..., start=, end=, header=)`), and names its rows and lines by the
+file's positions (`index_base`, `line_base`). The file is read once, a record at a time, never held whole.
 """
 
 from __future__ import annotations
 
 import codecs
 import csv
+import io
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,12 +71,79 @@ def _breaks(text: str) -> int:
     return text.count("\n") + text.count("\r") - text.count("\r\n")
 
 
+_BOM = codecs.BOM_UTF8
+
+
+class _Range(io.RawIOBase):
+    """The file's first `header` bytes, then its bytes in [start, end): a shard of a CSV read as a file of its
+    own (its header first, as Arrow and the csv module expect)."""
+
+    def __init__(self, path: Path, header: int, start: int, end: int | None) -> None:
+        self._f = open(path, "rb")
+        self._head = self._f.read(header) if start > 0 else b""
+        self._f.seek(start)
+        self._left = None if end is None else max(0, end - start)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        if self._head:
+            n = min(len(view), len(self._head))
+            view[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        want = len(view) if self._left is None else min(len(view), self._left)
+        if want <= 0:
+            return 0
+        n = self._f.readinto(view[:want]) or 0
+        if self._left is not None:
+            self._left -= n
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
 class CsvFile:
-    def __init__(self, path: Path, delimiter: str) -> None:
+    """A CSV file, or the shard of one between byte offsets `start` and `end` (record starts found by `check`'s
+    `cuts`), read after the file's first `header` bytes; its rows are numbered from `index_base` and its lines
+    from `line_base` + 1, as in the whole file."""
+
+    def __init__(self, path: Path, delimiter: str, *, start: int = 0, end: int | None = None, header: int = 0,
+                 index_base: int = 0, line_base: int = 0, longest: int | None = None) -> None:
         self.path = path
         self.delimiter = delimiter
+        self.start = start
+        self.end = end
+        self.header_bytes = header  # bytes up to the end of the header record (BOM included), once known
+        self.index_base = index_base
+        self.line_base = line_base
         self._lines: dict[int, int] | None = None  # record number -> first line, for malformed records
-        self.longest: int | None = None  # bytes of the longest record (header included), once `check()` ran
+        self.longest: int | None = longest  # bytes of the longest record (header included), once `check()` ran
+        self.cuts: list[tuple[int, int]] = []  # (record start, lines before it), from `check(every=...)`
+        self.size = 0  # bytes in the file, once `check()` ran
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.end is None
+
+    def _binary(self) -> Any:
+        return open(self.path, "rb") if self.whole else io.BufferedReader(_Range(self.path, self.header_bytes,
+                                                                                 self.start, self.end))
+
+    def _text(self, errors: str = "strict") -> io.TextIOWrapper:
+        return io.TextIOWrapper(self._binary(), encoding="utf-8-sig", errors=errors, newline="")
+
+    def _prefix_lines(self) -> int:
+        """Line breaks in the header read before a shard's range (0 for a range that starts the file)."""
+        if self.start == 0:
+            return 0
+        with open(self.path, "rb") as f:
+            head = f.read(self.header_bytes)
+        return head.count(b"\n") + head.count(b"\r") - head.count(b"\r\n")
 
     @property
     def block_size(self) -> int:
@@ -85,13 +159,18 @@ class CsvFile:
                     return fields
         return []
 
-    def check(self) -> None:
+    def check(self, every: int | None = None) -> None:
         """Raises CsvError for a file Arrow would misread or fail on mid-run: bytes that are not UTF-8, or a
-        quote never closed (named by the line it opens on). Reads the file once more, with the csv module."""
+        quote never closed (named by the line it opens on). Reads the file once more, with the csv module.
+        `every`: also record in `cuts` where a record starts past each further `every` bytes (shards)."""
+        with open(self.path, "rb") as raw:
+            bom = len(_BOM) if raw.read(len(_BOM)) == _BOM else 0
         breaks = 0  # line breaks read so far
-        read = 0  # bytes read so far (UTF-8, as Arrow counts them)
+        read = bom  # bytes read so far (UTF-8, as Arrow counts them; the BOM the decoder drops included)
         limit = csv.field_size_limit()
         csv.field_size_limit(sys.maxsize)  # a long value is Arrow's to refuse (BLOCK_SIZE), not this pass's
+        cuts: list[tuple[int, int]] = []
+        header = 0
         try:
             with open(self.path, encoding="utf-8-sig", newline="") as f:
 
@@ -99,21 +178,30 @@ class CsvFile:
                     nonlocal breaks, read
                     for line in f:
                         read += len(line) if line.isascii() else len(line.encode("utf-8", "surrogatepass"))
-                        yield line
+                        # counted before the reader has the line: when it returns a record, `read` and `breaks`
+                        # are where the next record starts
                         breaks += line.endswith(("\n", "\r"))
+                        yield line
                     yield _EOF
 
                 # One record at a time (the csv module reads no further than the record it returns), measuring
                 # the longest: what sizes Arrow's blocks (`block_size`).
-                longest = end = 0
+                longest, end = 0, bom
                 last: list[str] = []
                 for record in csv.reader(lines(), delimiter=self.delimiter):
                     longest, end, last = max(longest, read - end), read, record
+                    if not header:
+                        header = read if record else 0  # blank lines before the header belong to it
+                    elif every and record != [_EOF] and read - (cuts[-1][0] if cuts else 0) >= every:
+                        cuts.append((read, breaks))
         except UnicodeDecodeError:
             raise CsvError(self._not_utf8()) from None
         finally:
             csv.field_size_limit(limit)
         self.longest = longest
+        self.size = read
+        self.header_bytes = header
+        self.cuts = [c for c in cuts if c[0] < read]  # a cut at the end would make an empty shard
         if last != [_EOF]:  # the last value swallowed the end of the file: its quote opens where it starts
             value = last[-1].removesuffix(_EOF)
             line = breaks + 1 - _breaks(value)
@@ -155,7 +243,7 @@ class CsvFile:
             return "skip"
 
         reader = pa_csv.open_csv(
-            self.path,
+            self.path if self.whole else self._binary(),
             read_options=pa_csv.ReadOptions(block_size=self.block_size, use_threads=False),
             parse_options=pa_csv.ParseOptions(delimiter=self.delimiter, newlines_in_values=True,
                                               invalid_row_handler=on_invalid),
@@ -163,21 +251,22 @@ class CsvFile:
                                                   include_columns=columns),
         )
         number = 2  # the next record's number
+        base = self.index_base - 2  # record 2 is the first row
         # Arrow calls the handler while it parses a block, before that block's rows come out (it may have
         # parsed the next block already: numbers tell where each malformed row goes).
         for batch in reader:
             i, n = 0, batch.num_rows
             while i < n:
                 while number in bad:
-                    yield number - 2, self._message(number, bad.pop(number))
+                    yield base + number, self._message(number, bad.pop(number))
                     number += 1
                 ahead = [b for b in bad if b > number]
                 take = n - i if not ahead else min(n - i, min(ahead) - number)
-                yield number - 2, batch.slice(i, take)
+                yield base + number, batch.slice(i, take)
                 i += take
                 number += take
         for b in sorted(bad):  # malformed rows after the last good one
-            yield b - 2, self._message(b, bad[b])
+            yield base + b, self._message(b, bad[b])
 
     def _message(self, number: int, fields: tuple[int, int]) -> str:
         expected, found = fields
@@ -193,10 +282,12 @@ class CsvFile:
     def _malformed_lines(self) -> dict[int, int]:
         """The first line of every record whose field count differs from the header's, by record number."""
         lines: dict[int, int] = {}
+        # a shard's lines are the file's: its own, less the header's read before it, after the lines before it
+        shift = self.line_base - self._prefix_lines()
         limit = csv.field_size_limit()
         csv.field_size_limit(sys.maxsize)  # Arrow read the values; this pass must not refuse a long one
         try:
-            with open(self.path, encoding="utf-8-sig", errors="replace", newline="") as f:
+            with self._text(errors="replace") as f:
                 reader = csv.reader(f, delimiter=self.delimiter)
                 width: int | None = None
                 number = 0
@@ -209,7 +300,7 @@ class CsvFile:
                     if width is None:
                         width = len(fields)
                     elif len(fields) != width:
-                        lines[number] = first_line
+                        lines[number] = first_line + shift
         except csv.Error:
             pass  # the lines found so far; the rest are named by record number
         finally:

@@ -23,10 +23,12 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,12 +37,13 @@ import anyio
 import pyarrow as pa
 import ray
 
+from . import storage
 from .budget import PriorSpend, SpendLog, fold_spend
 from .coordinator import PROGRESS_KEYS, Coordination, LeasedBudget, LeasedCooldown, LeasedLimits
-from .errors import BatcherError, FatalRequestError
+from .errors import BatcherError, FatalRequestError, InputError, SpecError
 from .mirror import Mirror, local_scratch
 from .progress import Progress
-from .runner import RunOptions, RunResult, _Job, _progress_enabled, _say, event_loop
+from .runner import RunOptions, RunResult, _Job, _progress_enabled, _say, _StopNow, count_records, event_loop
 from .shards import (
     SHARDS,
     Shard,
@@ -51,7 +54,7 @@ from .shards import (
     prepare_journals,
     shard_dir,
 )
-from .sinks import compact_journal
+from .sinks import compact_journal, read_journal
 from .sources import Scan, Source, SourceInfo
 from .spec import JobSpec
 
@@ -71,16 +74,82 @@ def _resources() -> dict[str, float]:
     return found
 
 
+CONNECT_TIMEOUT_S = 10.0  # an explicit address that accepts no connection this long is wrong, not slow
+WAIT_STEP_S = 0.25  # the driver never blocks in Ray longer than this without running its signal handlers
+
+
+class Interrupted(KeyboardInterrupt):
+    """A signal on the driver before any shard was sent (connecting, the pre-flight): nothing to drain, so the
+    run ends at once (the CLI prints one line and exits 128 + signum)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _probe(address: str) -> None:
+    """An explicit `HOST:PORT` (or `ray://HOST:PORT`) must parse and accept a TCP connection within
+    CONNECT_TIMEOUT_S: Ray's own connect retries an address where nothing listens forever, inside C++ where no
+    signal handler runs. A plain socket waits in Python, where Ctrl-C and SIGTERM are heard."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in hostport:
+        raise SpecError(f"--ray {address}: not a Ray address: use auto, HOST:PORT or ray://HOST:PORT "
+                        "(or --ray alone for a local instance)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except socket.gaierror as exc:
+        raise SpecError(f"--ray {address}: unknown host {host!r} ({exc.strerror or exc})") from None
+    except TimeoutError:
+        raise SpecError(f"--ray {address}: no answer within {CONNECT_TIMEOUT_S:g} s; is a Ray head there?") from None
+    except OSError as exc:
+        raise SpecError(f"--ray {address}: cannot connect ({exc.strerror or exc}); is a Ray head running there?") from None
+
+
 def _connect(address: str) -> None:
+    """Connect to Ray (`local`: a new instance of our own), or stop with one line naming the address (exit 2)."""
     if ray.is_initialized():
         return
+    if address not in ("local", "auto"):
+        _probe(address)
+        # Ray's own wait for the GCS (one try a second) is bounded by this, rather than by its default of ~20 s
+        # or, on some paths, not at all
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(int(CONNECT_TIMEOUT_S)))
+    try:
+        with _ray_keeps_off_sigterm():
+            _init(address)
+    except (ValueError, ConnectionError, RuntimeError, TimeoutError) as exc:
+        # a malformed address, a cluster that refuses us (token auth), one that is not there (auto)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SpecError(f"--ray {address}: cannot connect to Ray: {first}") from None
+
+
+@contextlib.contextmanager
+def _ray_keeps_off_sigterm() -> Any:
+    """`ray.init` replaces SIGTERM's handler twice (the driver: `sys.exit(15)`; a local head: exit 1 after a
+    crash dump) through one helper; while it runs, that helper leaves the driver's handler alone, so a SIGTERM
+    during Ray's start (~10 s on a busy machine) is handled as batcher's, like Ctrl-C."""
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    if utils is None or not hasattr(utils, "set_sigterm_handler"):
+        yield
+        return
+    before = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = before
+
+
+def _init(address: str) -> None:
     # The workers must import the very batcher the driver runs (a checkout, not only an installed package).
     root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join([root, *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])])
     kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False, "configure_logging": False}
     if address != "local":
         env = {"PYTHONPATH": path}
-        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                     "STORAGE_EMULATOR_HOST"):
             if os.environ.get(name):
                 env[name] = os.environ[name]
         ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
@@ -127,6 +196,10 @@ class _CoordinatorActor:
     def budget(self, worker: str, want: float, give_back: float, spent: float) -> float:
         with self._news:
             return self.c.budget(worker, want, give_back, spent)
+
+    def earlier(self, shard: int, journaled: int) -> int:
+        with self._news:
+            return self.c.earlier(shard, journaled)
 
     @ray.method(concurrency_group="watch")
     def heartbeat(self, worker: str, progress: dict[str, float], pause_until: float, seen: int = -1,
@@ -263,10 +336,23 @@ class _ShardJob(_Job):
             self._scratch = directory
             self.mirror = Mirror(directory, self.task.remote)
             self.mirror.pull_journal("", directory)
+            self.mirror.pull_spend("", directory)
+        if self.budget.enforced or (directory / SpendLog.NAME).exists():
+            # a retried shard's journal holds the error rows of the worker that died: what they cost is
+            # carried in the spend log before the compaction drops them
+            fold_spend(directory)
         ids = compact_journal(directory)
         if self.mirror is not None:
+            self.mirror.push_spend("", directory)
             self.mirror.push_base("", directory)
-        self.result.skipped = len(ids)
+        # Rows answered by earlier runs are "done earlier"; those a first attempt of this run answered before its
+        # worker died are this run's, and their tokens, cost and calls count in its summary (the sums over the
+        # output file). The compaction keeps the journal's order, so the earlier runs' rows come first.
+        earlier = min(len(ids), await self._call("earlier", self.task.shard.number, len(ids)))
+        if len(ids) > earlier:
+            count_records(self.result, islice(read_journal(directory / "journal.jsonl"), earlier, None))
+        self.result.skipped = earlier
+        self._delta()  # what the first attempt's heartbeats already sent to the progress bar
         self.done_ids = pa.array(ids, type=self.task.id_type) if ids else None
         shard = self.task.shard
         limit = self.options.limit
@@ -283,6 +369,7 @@ class _ShardJob(_Job):
         r = self.result
         return {
             "counts": {k: getattr(r, k) for k in PROGRESS_KEYS if k != "rows"},
+            "error_kinds": dict(r.error_kinds),
             "fatal": str(error) if error is not None else None,
             "fatal_status": error.status if isinstance(error, FatalRequestError) else None,
             "budget_hit": self.caller.budget_hit,
@@ -345,6 +432,17 @@ def _unwrap(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
+def _worker_input_error(exc: BaseException) -> BaseException:
+    """An error a worker's pre-flight scan raised, as the driver reports it: batcher's own as it is, except that
+    a store's refusal says whose credentials those were (a node's own environment: the driver passes on the
+    endpoint and region, never a secret); a store's failure that escaped as an SDK error, as one line (exit 3)."""
+    if isinstance(exc, InputError) and "credentials in this process's environment" in str(exc):
+        return InputError(f"{exc}; this is a Ray worker: each Ray node needs the credentials in its own environment")
+    if isinstance(exc, (OSError, pa.ArrowException)):
+        return _worker_input_error(InputError(f"a Ray worker cannot read the input: {storage._clean(exc)}"))
+    return exc
+
+
 class RayJob(_Job):
     """The driver of a distributed run: the pre-flight and the output are the single-process run's; the
     pipeline runs on the workers, shard by shard."""
@@ -359,6 +457,9 @@ class RayJob(_Job):
         self.actors: dict[int, Any] = {}  # worker slot -> its actor (a replaced actor gets the slot's next name)
         self._worker_cls: Any = None
         self._generation = 0
+        self._signals = options.handle_signals and threading.current_thread() is threading.main_thread()
+        self._phase = "start"  # then "shards" once the first shard is sent, "finish" once they are all done
+        self._stops = 0  # signals received
 
     # -- the actors -----------------------------------------------------------------------------------------
 
@@ -405,6 +506,7 @@ class RayJob(_Job):
 
     def _check_input(self) -> SourceInfo:
         _connect(self.options.ray or "local")
+        self._own_signals()  # ray.init put its own in their place
         cpus = int(_resources().get("CPU", 1))
         self.workers = max(1, self.options.workers or cpus)
         planned = plan_shards(self.source, min_shards=self.workers * 2)
@@ -424,7 +526,7 @@ class RayJob(_Job):
         scans: dict[int, Scan] = {}
         lost = 0
         while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_STEP_S)
             for ref in ready:
                 i, k, actor = running.pop(ref)
                 try:
@@ -437,7 +539,7 @@ class RayJob(_Job):
                         self._replace_worker(i)
                     running[self.actors[i].scan.remote(planned[k])] = (i, k, self.actors[i])
                 except ray.exceptions.RayTaskError as exc:
-                    raise _unwrap(exc) from None
+                    raise _worker_input_error(_unwrap(exc)) from None
         return [scans[k] for k in range(len(planned))]
 
     def _resume(self, state_dir: Path, info: SourceInfo, changed: bool) -> PriorSpend:
@@ -450,16 +552,18 @@ class RayJob(_Job):
             if enforced:
                 prior = self._shard_spend(state_dir, prior)
                 prior = _plus(prior, fold_spend(state_dir))
-                _keep_shard_spend(state_dir)
-            fold_shards(state_dir)
+            fold_shards(state_dir)  # the shards' spend logs join the job's
             self._remap(state_dir, info, changed)
             self._prepare(state_dir)
             return prior
         job_log = enforced and (state_dir / SpendLog.NAME).exists()
         if job_log:
-            # the job's own spend.log (a single-process run's, or the cost of answers a remap dropped): folded
-            # while the job's journal is still whole, so what is left in it after the cut is what it carries
+            # the job's own spend.log (a single-process run's, a finished distributed run's, or the cost of
+            # answers a remap dropped): folded while the job's journal is still whole, so what is left in it
+            # after the cut is what it carries; then compacted, so the error rows it carried are not cut into
+            # the shards to be counted again
             fold_spend(state_dir)
+            compact_journal(state_dir)
         self._prepare(state_dir)
         if enforced:  # what every shard's journal and spend log say was spent
             prior = self._shard_spend(state_dir, prior)
@@ -471,13 +575,21 @@ class RayJob(_Job):
         root = state_dir / SHARDS
         dirs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         for d in dirs:
+            # each fold followed by its compaction: the error rows now carried in the log leave the journal,
+            # so the worker's own fold does not count them again
             prior = _plus(prior, fold_spend(d))
+            compact_journal(d)
+            if self.mirror is not None:
+                self.mirror.push_spend(f"{SHARDS}/{d.name}", d)
+                self.mirror.push_base(f"{SHARDS}/{d.name}", d)
         return prior
 
     def _prepare(self, state_dir: Path) -> None:
         prepare_journals(state_dir, self.shards)
         if self.mirror is not None:
             self.mirror.push_shards()
+            self.mirror.push_spend("", state_dir)
+            self.mirror.push_dropped(state_dir)
             self.mirror.push_base("", state_dir)
 
     def _interrupted(self) -> bool:
@@ -492,10 +604,51 @@ class RayJob(_Job):
     # -- the run --------------------------------------------------------------------------------------------
 
     async def run(self) -> RunResult:
+        # The driver's own signal handling, from before Ray starts to the end: `ray.init` installs Ray's
+        # handlers (SIGTERM: a crash dump, exit 1) and asyncio's for SIGINT would only cancel a task that is
+        # blocked in Ray, so a signal in the first seconds was lost. Put back after ray.init (`_check_input`).
+        outer: dict[int, Any] = {}
+        if self.options.handle_signals and threading.current_thread() is threading.main_thread():
+            outer = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            self._own_signals()
         try:
             return await self._drive()
         finally:
             self._stop_actors()  # also when the pre-flight fails or finds nothing to do
+            for signum, previous in outer.items():
+                with contextlib.suppress(ValueError, TypeError):
+                    signal.signal(signum, previous)
+
+    def _own_signals(self) -> None:
+        if self._signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """Before any shard is sent: stop at once (nothing is in flight). While shards run: the first signal
+        stops sending on every worker and waits for the calls in flight, the second kills the workers. Once the
+        shards are done: the output's write finishes, unless a second signal comes."""
+        self._stops += 1
+        if self.result.signal is None:
+            self.result.signal = int(signum)
+        if self._phase == "start":
+            raise Interrupted(signum)
+        if self._phase == "finish":
+            self._interrupt = True
+            if self._stops > 1:
+                raise _StopNow(signum)
+            return
+        opts = self.options
+        if self._stops == 1:
+            _say(f"\nbatcher: stopping: no new calls on any worker; waiting up to {self.spec.limits.grace_seconds:g} s "
+                 "for the calls in flight (Ctrl-C again stops now)", opts.quiet)
+            if self.coordinator is not None:
+                self.coordinator.stop.remote()
+        else:
+            _say("batcher: stopping now", opts.quiet)
+            for a in list(self.actors.values()):
+                with contextlib.suppress(Exception):
+                    ray.kill(a)
 
     async def _drive(self) -> RunResult:
         t0 = time.perf_counter()
@@ -509,11 +662,13 @@ class RayJob(_Job):
         res = self.result
         res.rows = res.skipped + res.ok + res.errors
         res.wall_s = time.perf_counter() - t0
-        if self.mirror is not None:  # what the workers journaled on the store
+        if self.mirror is not None:  # what the workers journaled on the store, and the calls they sent
             for name in self.mirror.shard_dirs():
                 self.mirror.pull_journal(f"shards/{name}", state_dir / "shards" / name)
+                self.mirror.pull_spend(f"shards/{name}", state_dir / "shards" / name)
         merge_journals(state_dir)
         if self.mirror is not None:
+            self.mirror.push_spend("", state_dir)
             self.mirror.push_base("", state_dir)
             self.mirror.drop_tree("shards")
         if isinstance(error, BaseException) and not isinstance(error, FatalRequestError):
@@ -532,7 +687,7 @@ class RayJob(_Job):
         shares = [spec.limits.concurrency // n + (1 if i < spec.limits.concurrency % n else 0) for i in range(n)]
         actors, coordinator = self.actors, self.coordinator
         # Before any shard is sent: a worker's first budget or lease call must find the spend of earlier runs.
-        ray.get(coordinator.begin.remote(self.budget.spent_before, n))
+        _get(coordinator.begin.remote(self.budget.spent_before, n))
         self.result.engine_stats.update(workers=n, shards=0, worker_cpu_s=0.0)
         idle = deque(range(n))
         pending = deque(todo)
@@ -541,32 +696,17 @@ class RayJob(_Job):
         total = sum(s.rows for s in todo) if limit is None else min(limit, info.rows)
         self.progress = Progress(total, enabled=_progress_enabled(opts), job=spec.job_name)
         shown = 0.0
-        stop_requests = [0]
         error: BaseException | None = None
         fatal: tuple[str, int] | None = None
-
-        def on_signal(signum: int, frame: Any) -> None:
-            stop_requests[0] += 1
-            if self.result.signal is None:
-                self.result.signal = int(signum)
-            if stop_requests[0] == 1:
-                _say(f"\nbatcher: stopping: no new calls on any worker; waiting up to {spec.limits.grace_seconds:g} s "
-                     "for the calls in flight (Ctrl-C again stops now)", opts.quiet)
-                coordinator.stop.remote()
-            else:
-                _say("batcher: stopping now", opts.quiet)
-                for a in actors.values():
-                    ray.kill(a)
-
-        old_handlers: dict[int, Any] = {}
-        if opts.handle_signals:
-            with contextlib.suppress(ValueError):  # not the main thread
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    old_handlers[sig] = signal.signal(sig, on_signal)
+        self._phase = "shards"
         expected = n
         try:
             while pending or running:
-                stopping = stop_requests[0] > 0 or fatal is not None or self._budget
+                if self.lease is not None and self.lease.lost is not None and error is None:
+                    error = self.lease.lost_error()  # another run owns the job now: stop, write no output
+                    self._stops = max(self._stops, 1)
+                    coordinator.stop.remote()
+                stopping = self._stops > 0 or fatal is not None or self._budget
                 while pending and idle and not stopping:
                     i = idle.popleft()
                     shard = pending.popleft()
@@ -587,12 +727,12 @@ class RayJob(_Job):
                     try:
                         out = ray.get(ref)
                     except _LOST:
-                        if stop_requests[0] > 1:
+                        if self._stops > 1:
                             continue  # killed by the second Ctrl-C
                         tries[shard.number] = tries.get(shard.number, 0) + 1
                         if tries[shard.number] >= MAX_SHARD_TRIES:
                             error = BatcherError(f"shard {shard.number} lost its worker {MAX_SHARD_TRIES} times")
-                            stop_requests[0] = max(stop_requests[0], 1)
+                            self._stops = max(self._stops, 1)
                             coordinator.stop.remote()
                             continue
                         self._replace_worker(i)  # a fresh worker resumes the shard from its journal
@@ -600,12 +740,12 @@ class RayJob(_Job):
                         idle.append(i)
                         continue
                     except ray.exceptions.RayTaskError as exc:
-                        error = _unwrap(exc)
-                        stop_requests[0] = max(stop_requests[0], 1)
+                        error = _worker_input_error(_unwrap(exc))
+                        self._stops = max(self._stops, 1)
                         coordinator.stop.remote()
                         continue
                     idle.append(i)
-                    self._add(out["counts"])
+                    self._add(out)
                     self.result.engine_stats["shards"] += 1
                     self.result.engine_stats["worker_cpu_s"] += out["cpu_s"]
                     if out["fatal"] is not None and fatal is None:
@@ -624,8 +764,7 @@ class RayJob(_Job):
         except KeyboardInterrupt:
             self._interrupt = True
         finally:
-            for signum, old in old_handlers.items():
-                signal.signal(signum, old)
+            self._phase = "finish"
             self.progress.close()
             # No worker may append to a shard's journal once the driver merges them
             self._stop_actors()
@@ -637,9 +776,13 @@ class RayJob(_Job):
             return FatalRequestError(fatal[0], fatal[1])
         return error
 
-    def _add(self, counts: dict[str, Any]) -> None:
-        for k, v in counts.items():
-            setattr(self.result, k, getattr(self.result, k) + v)
+    def _add(self, out: dict[str, Any]) -> None:
+        """A finished shard's counts into the job's summary."""
+        res = self.result
+        for k, v in out["counts"].items():
+            setattr(res, k, getattr(res, k) + v)
+        for kind, n in out.get("error_kinds", {}).items():
+            res.error_kinds[kind] = res.error_kinds.get(kind, 0) + n
 
     def _show(self, coordinator: Any, shown: float) -> float:
         if self.progress is None or not self.progress.enabled:
@@ -657,6 +800,13 @@ class RayJob(_Job):
         return max(shown, rows)
 
 
+def _get(ref: Any) -> Any:
+    """`ray.get` in steps, so that the driver's signal handlers run while it waits."""
+    while not ray.wait([ref], timeout=WAIT_STEP_S)[0]:
+        pass
+    return ray.get(ref)
+
+
 def _worker_options(opts: RunOptions) -> RunOptions:
     from dataclasses import replace
 
@@ -665,17 +815,3 @@ def _worker_options(opts: RunOptions) -> RunOptions:
 
 def _plus(a: PriorSpend, b: PriorSpend) -> PriorSpend:
     return PriorSpend(a.spent + b.spent, a.unconfirmed + b.unconfirmed)
-
-
-def _keep_shard_spend(state_dir: Path) -> None:
-    """The shards' spend logs (each one `carried` line once folded) appended to the job's, before the shards'
-    folders are merged away: what error rows and unrecorded calls cost keeps counting."""
-    root = state_dir / SHARDS
-    logs = sorted(p / SpendLog.NAME for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    data = b"".join(p.read_bytes() for p in logs if p.exists())
-    if not data:
-        return
-    with open(state_dir / SpendLog.NAME, "ab") as f:
-        f.write(data if data.endswith(b"\n") else data + b"\n")
-        f.flush()
-        os.fsync(f.fileno())

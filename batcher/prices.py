@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Price", "PriceTable"]
+__all__ = ["Price", "PriceTable", "usd"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,3 +116,12 @@ class PriceTable:
         if price is None:
             return None
         return (prompt_tokens * price.prompt + completion_tokens * price.completion) / 1e6
+
+
+def usd(value: float) -> str:
+    """Dollars as messages print them: to four decimals, and an amount under a cent to two significant digits
+    ($0.000042), so that nothing that counts reads as "$0.0000"."""
+    if value == 0 or not 0 < abs(value) < 0.01:
+        return f"${value:,.4f}"
+    digits = min(12, 1 - int(f"{abs(value):e}".split("e")[1]))
+    return f"${value:.{max(4, digits)}f}"

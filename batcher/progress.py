@@ -10,6 +10,8 @@ import sys
 import time
 from typing import Any
 
+from .prices import usd
+
 __all__ = ["Progress"]
 
 
@@ -42,7 +44,7 @@ class Progress:
         tokens = totals.prompt_tokens + totals.completion_tokens
         postfix = f"tokens={tokens:,} errors={totals.errors}"
         if totals.cost_usd:
-            postfix += f" spent=${totals.cost_usd:.4f}"
+            postfix += f" spent={usd(totals.cost_usd)}"
         return postfix
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +36,12 @@ from .budget import Budget, BudgetStop, PriorSpend, SpendLog, fold_spend, unpric
 from .cache import ResponseCache
 from .call import Caller, Records, Work
 from .client import Endpoint, WorkerClient, check_api_key
-from .errors import FatalRequestError, OutputError, ResumeError, SpecError
+from .errors import FatalRequestError, JobLockedError, OutputError, ResumeError, SpecError
+from .lease import S3Lease, s3_lease
 from .limits import RateLimits, limiter_tokens
-from .mirror import Mirror, MirroredJournal, staging_dir
+from .mirror import Mirror, MirroredJournal, MirroredSpendLog, staging_dir
 from .pool import Pool, WorkSender
-from .prices import Price, PriceTable
+from .prices import Price, PriceTable, usd
 from .progress import Progress
 from .routing import Backoff, RoutePlan, plan_for
 from .shapes import Shape, shape_of_job
@@ -50,6 +51,7 @@ from .sinks import (
     InputColumns,
     JobLock,
     Journal,
+    KeptValues,
     RunState,
     WriteStats,
     compact_journal,
@@ -71,6 +73,7 @@ __all__ = ["ERRORS_EXIT_CODE", "RunOptions", "RunResult", "arun_job", "run_job"]
 @dataclass(frozen=True)
 class RunOptions:
     output: Path | None = None
+    output_folder: bool = False  # `--output DIR/`: a folder of Parquet parts, as an output.path ending with "/"
     limit: int | None = None
     quiet: bool = False
     fresh: bool = False
@@ -110,7 +113,8 @@ class RunResult:
     signal: int | None = None
     input_stats: ReadStats | None = field(default=None, repr=False)  # the reader's counters (byte budget)
     write_stats: WriteStats | None = field(default=None, repr=False)  # the final write's counters (byte budget)
-    kept_stats: InputColumns | None = field(default=None, repr=False)  # kept Parquet columns' reads (byte budget)
+    # the reads of kept columns back from the input at the end (byte budget): `reads`, `max_read_bytes`
+    kept_stats: InputColumns | KeptValues | None = field(default=None, repr=False)
     loop: str = ""  # the event loop the run used: "uvloop" or "asyncio"
     error_kinds: dict[str, int] = field(default_factory=dict)  # error rows by error_kind
     over_max_errors: bool = False  # finished, with more error rows than max_errors allows
@@ -143,14 +147,36 @@ class RunResult:
         if self.skipped:
             parts.append(f"{self.skipped} done earlier")
         tokens = f"{self.prompt_tokens:,} prompt + {self.completion_tokens:,} completion tokens"
-        cost = f", ${self.cost_usd:.4f}" if self.cost_usd else ""
+        cost = f", {usd(self.cost_usd)}" if self.cost_usd else ""
         if self.unconfirmed_usd:
-            cost += f" + ≤ ${self.unconfirmed_usd:.4f} unconfirmed (calls cut off or dropped after sending: may have been billed)"
+            cost += f" + ≤ {usd(self.unconfirmed_usd)} unconfirmed (calls cut off or dropped after sending: may have been billed)"
         if self.unpriced:
             cost += f" + {self.unpriced} unpriced row{'s' if self.unpriced > 1 else ''} (no price for the model that answered)"
         where = storage.uri_of(self.output) or self.output
         dropped = f"; {self.dropped} answers for ids no longer in the input were dropped" if self.dropped else ""
         return f"{', '.join(parts)}; {tokens}{cost}; {self.attempts} calls in {self.wall_s:.1f} s -> {where}{dropped}"
+
+
+def count_records(res: RunResult, records: Iterable[dict[str, Any]]) -> None:
+    """Journal records (answers and error rows) into a run's counts and totals."""
+    for r in records:
+        # Tokens and cost of billed calls only, as in `batcher report`: an error row's billed answers too
+        # (a broken or refused answer was paid for), so the totals are the sums over the output file.
+        if not r.get("cached"):
+            res.prompt_tokens += r.get("prompt_tokens") or 0
+            res.completion_tokens += r.get("completion_tokens") or 0
+            if r.get("cost_usd") is None and (r["status"] == "ok" or r.get("completion_tokens") is not None):
+                res.unpriced += 1
+        res.cost_usd += r.get("cost_usd") or 0.0
+        if r["status"] == "ok":
+            res.ok += 1
+            if r.get("cached"):
+                res.cached += 1
+        else:
+            res.errors += 1
+            kind = r.get("error_kind") or "unknown"
+            res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
+        res.attempts += r.get("attempts") or 0
 
 
 # A run that finished with more error rows than --max-errors / limits.max_errors allow (default: none): a
@@ -161,9 +187,21 @@ ERRORS_EXIT_CODE = 9
 # fdatasync's time): they are asked again on resume. A kill -9 costs none of them (see `sinks.Journal`).
 SYNC_INTERVAL_S = 0.1
 
-# What the writer receives: a worker's row (None when the row was not sent: budget, fatal stop, signal), or a
-# list of rows the feeder settled without a call.
-_Result = dict[str, Any] | list[dict[str, Any]] | None
+
+@dataclass(slots=True)
+class Settled:
+    """Rows of one input batch settled without a call (cache hits, input errors), journaled with one write:
+    their lines are encoded in the feeder's thread along with the reading, rendering and lookups that found
+    them, so the writer only hands them to the journal and counts them."""
+
+    lines: bytes
+    errors: list[dict[str, Any]]  # the error rows' records (their kinds are counted)
+    cached: int  # rows answered from the cache (ok, no tokens billed, no cost)
+
+
+# What the writer receives: a worker's row (None when the row was not sent: budget, fatal stop, signal), or the
+# rows the feeder settled without a call.
+_Result = dict[str, Any] | Settled | None
 
 
 def _api_key(spec: JobSpec, base_url: str) -> str | None:
@@ -282,7 +320,10 @@ class _Job:
         self.mirror: Mirror | None = None
         if self.remote_output is not None:
             self.output = staging_dir(self.remote_output) / self.remote_output.rpartition("/")[2]
-        self.fmt = spec.output.resolved_format if options.output is None else _fmt_of(options.output, spec)
+        if options.output is None:
+            self.fmt = spec.output.resolved_format
+        else:
+            self.fmt = "parquet_dataset" if options.output_folder else _fmt_of(options.output, spec)
         # Kept columns other than the input's id column (that one is the output's id already)
         self.keep = [c for c in spec.output.keep_columns if c != spec.input.id_source]
         self.source = Source(spec.input, self.keep, spec.endpoint.api)
@@ -325,6 +366,7 @@ class _Job:
         self.endpoint_id = ""
         self.progress: Progress | None = None
         self.lock: JobLock | None = None
+        self.lease: S3Lease | None = None  # the job's lease on the store, for an s3:// output (lease.py)
 
     def prepare(self, row: SourceRow) -> Work | dict[str, Any]:
         """A row becomes work for a worker, or directly a result (an error row)."""
@@ -341,7 +383,7 @@ class _Job:
 
     # -- the pipeline ---------------------------------------------------------------------------------------
 
-    def _next_batch(self, batches: Iterator[list[SourceRow]]) -> tuple[list[Work], list[dict[str, Any]]] | None:
+    def _next_batch(self, batches: Iterator[list[SourceRow]]) -> tuple[list[Work], Settled | None] | None:
         """Read, render and look up one input batch (in a worker thread: it is the bulk of the per-row
         Python work before the call, and would otherwise stall the event loop for a whole batch).
         Returns the rows that need a call, and those settled without one (cache hits, input errors)."""
@@ -352,31 +394,39 @@ class _Job:
         if batch is None:
             return None
         prepared = [self.prepare(r) for r in batch]
-        hits: dict[str, dict[str, Any]] = {}
+        hits: dict[str, str] = {}
         if self.cache is not None:
-            hits = self.cache.get_many([p.key for p in prepared if isinstance(p, Work) and p.key is not None])
+            hits = self.cache.get_many_text([p.key for p in prepared if isinstance(p, Work) and p.key is not None])
         work: list[Work] = []
-        done: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        lines: list[bytes] = []
         for p in prepared:
             if isinstance(p, dict):
-                done.append(p)
+                errors.append(p)
+                lines.append(encode_lines((p,)))
             elif p.key is not None and p.key in hits:
-                done.append(self.records.ok(p.row, hits[p.key], cached=True, attempts=0, latency_ms=0.0,
-                                            asked_model=p.body["model"]))
+                text = hits[p.key]
+                line = self.records.cached_line(p.row, text)
+                if line is None:
+                    line = encode_lines((self.records.ok(p.row, json.loads(text), cached=True, attempts=0,
+                                                         latency_ms=0.0, asked_model=p.body["model"]),))
+                lines.append(line)
             else:
                 work.append(p)
-        return work, done
+        if not lines:
+            return work, None
+        return work, Settled(b"".join(lines), errors, len(lines) - len(errors))
 
     async def feed(self, work: WorkSender[Work], results: ObjectSendStream[_Result]) -> None:
         batches = iter(self.source.batches(self.done_ids))
         while (step := await anyio.to_thread.run_sync(self._next_batch, batches)) is not None:
-            to_send, done = step
+            to_send, settled = step
             del step
-            # Settled rows go to the writer as one list: the result buffer is kept small for answers that
+            # Settled rows go to the writer as one item: the result buffer is kept small for answers that
             # were paid for, and these must not queue one by one behind it.
-            if done:
-                await results.send(done)
-            del done
+            if settled is not None:
+                await results.send(settled)
+            del settled
             # The batch is the look-ahead (at most input.batch_bytes): each item leaves it as it is handed
             # over, so a row whose call is over is not kept alive here until the whole batch is sent.
             to_send.reverse()
@@ -403,18 +453,23 @@ class _Job:
     async def write(self, batch: list[_Result]) -> None:
         """Counts, progress and the cache, for results in groups. Answers are journaled already (`record`);
         rows settled without a call (cache hits, input errors: a crash costs nothing to redo) are journaled
-        here, encoded in a thread since they come a whole input batch at a time."""
+        here, as the lines the feeder encoded (`Settled`)."""
         records: list[dict[str, Any]] = []
-        settled: list[dict[str, Any]] = []
+        cached = 0
         for r in batch:
-            if isinstance(r, list):
-                settled.extend(r)
+            if isinstance(r, Settled):
+                self.journal.write(r.lines)
+                records.extend(r.errors)
+                cached += r.cached
             elif r is not None:
                 records.append(r)
-        if settled:
-            self.journal.write(await anyio.to_thread.run_sync(encode_lines, settled))
-            records.extend(settled)
+        res = self.result
+        if cached:
+            res.ok += cached
+            res.cached += cached
         if not records:
+            if cached and self.progress is not None:
+                self.progress.advance(cached, res)
             return
         to_cache = [c for c in (r.pop("_cache", None) for r in records) if c is not None]
         if self.cache is not None and self.cache_ttl is not None:
@@ -422,27 +477,9 @@ class _Job:
             items = [(k, c, ttl) for k, c in to_cache]
             if items:
                 await anyio.to_thread.run_sync(self.cache.put_many, items)
-        res = self.result
-        for r in records:
-            # Tokens and cost of billed calls only, as in `batcher report`: an error row's billed answers too
-            # (a broken or refused answer was paid for), so the totals are the sums over the output file.
-            if not r.get("cached"):
-                res.prompt_tokens += r.get("prompt_tokens") or 0
-                res.completion_tokens += r.get("completion_tokens") or 0
-                if r.get("cost_usd") is None and (r["status"] == "ok" or r.get("completion_tokens") is not None):
-                    res.unpriced += 1
-            res.cost_usd += r.get("cost_usd") or 0.0
-            if r["status"] == "ok":
-                res.ok += 1
-                if r.get("cached"):
-                    res.cached += 1
-            else:
-                res.errors += 1
-                kind = r.get("error_kind") or "unknown"
-                res.error_kinds[kind] = res.error_kinds.get(kind, 0) + 1
-            res.attempts += r.get("attempts") or 0
+        count_records(res, records)
         if self.progress is not None:
-            self.progress.advance(len(records), res)
+            self.progress.advance(len(records) + cached, res)
 
     async def _watch_signals(self) -> None:
         """First SIGINT/SIGTERM: no new calls, in-flight calls get the grace period. Second: stop now."""
@@ -526,6 +563,15 @@ class _Job:
     def _open_journal(self, directory: Path) -> Journal:
         return Journal(directory) if self.mirror is None else MirroredJournal(directory, self.mirror, "")
 
+    def _open_spend_log(self, directory: Path) -> SpendLog:
+        return SpendLog(directory) if self.mirror is None else MirroredSpendLog(directory, self.mirror, "")
+
+    async def _upload_spend_log(self, spend_log: MirroredSpendLog) -> None:
+        try:
+            await spend_log.upload_periodically(SYNC_INTERVAL_S)
+        except OutputError as exc:
+            self.pool.fail(exc)
+
     def _start_helpers(self, tg: anyio.abc.TaskGroup) -> None:
         """Tasks that run beside the pool (a distributed shard's heartbeat); none for a local run."""
 
@@ -554,8 +600,9 @@ class _Job:
                     self.cache = None
             self.journal = self._open_journal(journal_dir)
             stack.callback(self.journal.close)
+            spend_log: SpendLog | None = None
             if self.budget.enforced:
-                spend_log = SpendLog(journal_dir)
+                spend_log = self._open_spend_log(journal_dir)
                 stack.callback(spend_log.close)
                 self.caller.spend_log = spend_log
             self.progress = Progress(todo, enabled=_progress_enabled(opts), job=spec.job_name)
@@ -578,10 +625,14 @@ class _Job:
                 if opts.handle_signals:
                     tg.start_soon(self._watch_signals)
                 tg.start_soon(self._sync_journal)
+                if isinstance(spend_log, MirroredSpendLog):
+                    tg.start_soon(self._upload_spend_log, spend_log)
+                if self.lease is not None:
+                    tg.start_soon(self._watch_lease)
                 self._start_helpers(tg)
                 try:
                     await self.pool.run()
-                except (FatalRequestError, OutputError) as exc:
+                except (FatalRequestError, OutputError, JobLockedError) as exc:
                     error = exc
                 finally:
                     tg.cancel_scope.cancel()
@@ -590,9 +641,10 @@ class _Job:
         return error
 
     def _conclude(self, info: SourceInfo, error: BaseException | None) -> RunResult:
-        if isinstance(error, OutputError):
+        if isinstance(error, OutputError | JobLockedError):
             # Nothing more is written: run.json already says the run is unfinished, and on a full disk a state
-            # write here would fail too and hide the error that matters.
+            # write here would fail too and hide the error that matters (a lost lease: the job is another
+            # run's now).
             raise error
         # Whatever stopped the run, the output shows everything answered so far; the state stays resumable.
         # The pool's sessions, tasks and streams are garbage now: free them before the final write's peak.
@@ -616,10 +668,10 @@ class _Job:
         elif self._budget_hit() and self.budget.cap is not None:
             res.status = "budget"
             BudgetStop(self.state.directory).record(self.budget.cap, self.budget.spent, self.caller.needed)
-            earlier = f" (${self.budget.spent_before:.4f} of it by earlier runs)" if self.budget.spent_before else ""
+            earlier = f" ({usd(self.budget.spent_before)} of it by earlier runs)" if self.budget.spent_before else ""
             res.message = (
                 f"stopped before passing limits.max_cost_usd (${self.budget.cap:g}): the job has spent "
-                f"${self.budget.spent:.4f}{earlier} and the next row may cost up to ${self.caller.needed:.4f}; raise limits.max_cost_usd and rerun the same command to "
+                f"{usd(self.budget.spent)}{earlier} and the next row may cost up to {usd(self.caller.needed)}; raise limits.max_cost_usd and rerun the same command to "
                 "finish the rest"
             )
         else:
@@ -664,23 +716,50 @@ class _Job:
         journal the first one is appending to. The wait polls, with an await between tries, so that Ctrl-C
         (which asyncio turns into a cancellation) stops it at once."""
         self.lock = JobLock(state_dir_for(self.output))
-        if self.lock.try_acquire():
+        if not self.lock.try_acquire():
+            if not self.options.wait:
+                raise self.lock.refusal()
+            _say(f"batcher: waiting for the other run of this job to end ({self.lock.holder()})", False)
+            while not self.lock.try_acquire():  # noqa: ASYNC110 - a lock of another process sets no Event of ours
+                await anyio.sleep(0.2)
+        if self.remote_output is None:
+            return
+        # Another machine shares only the store: a lease there, where the store can hold one (lease.py)
+        self.lease = s3_lease(self._state_uri(), self.lock.path)
+        if self.lease is None:
+            return
+        if await anyio.to_thread.run_sync(self.lease.try_acquire):
             return
         if not self.options.wait:
-            raise self.lock.refusal()
-        _say(f"batcher: waiting for the other run of this job to end ({self.lock.holder()})", False)
-        while not self.lock.try_acquire():  # noqa: ASYNC110 - a lock of another process sets no Event of ours
-            await anyio.sleep(0.2)
+            raise self.lease.refusal()
+        _say(f"batcher: waiting for the other run of this job to end ({self.lease.holder()})", False)
+        while not await anyio.to_thread.run_sync(self.lease.try_acquire):  # noqa: ASYNC110 - another machine's
+            await anyio.sleep(1.0)
+
+    def _state_uri(self) -> str:
+        assert self.remote_output is not None
+        parent, _, name = self.remote_output.rpartition("/")
+        return f"{parent}/.{name}.batcher"
+
+    def _check_lease(self) -> None:
+        if self.lease is not None and self.lease.lost is not None:
+            raise self.lease.lost_error()
+
+    async def _watch_lease(self) -> None:
+        """A lease lost mid-run (not renewed for its TTL, or taken over): no more calls, no output."""
+        assert self.lease is not None
+        while self.lease.lost is None:  # noqa: ASYNC110 - set by the renewing thread, outside the event loop
+            await anyio.sleep(0.5)
+        self.pool.fail(self.lease.lost_error())
 
     def _resume_state(self, info: SourceInfo) -> None:
         spec, opts = self.spec, self.options
         fp = run_fingerprint(spec)
         state_dir = state_dir_for(self.output)
         if self.remote_output is not None:
-            parent, _, name = self.remote_output.rpartition("/")
-            self.mirror = Mirror(state_dir, f"{parent}/.{name}.batcher")
+            self.mirror = Mirror(state_dir, self._state_uri())
             if opts.fresh:
-                self.mirror.drop_tree("")
+                self.mirror.drop_state()
             self.mirror.pull()
         state = RunState.load(state_dir)
         self.done_ids: pa.Array | None = None
@@ -700,7 +779,7 @@ class _Job:
         changed = state is not None and state.input != identity
         if changed and positional:
             raise ResumeError(
-                f"the input {spec.input.path} changed since the run in {state_dir} (size, modification time or "
+                f"the input {storage.shown(spec.input.path)} changed since the run in {state_dir} (size, modification time or "
                 "content), and its rows are known by position (no input.id_column): resuming would put answers "
                 "on the wrong rows. Restore the file, or rerun with --fresh to start over (with an id_column, "
                 "rows may be edited or appended between runs)"
@@ -746,6 +825,9 @@ class _Job:
             prior = fold_spend(state_dir)
         ids = self._remap(state_dir, info, changed)
         if self.mirror is not None:
+            # what was folded and carried first: the journal put next no longer holds what they count
+            self.mirror.push_spend("", state_dir)
+            self.mirror.push_dropped(state_dir)
             self.mirror.push_base("", state_dir)
         self.result.skipped = len(ids) - self.result.dropped
         if ids:
@@ -782,20 +864,28 @@ class _Job:
         needed = stop.needed()
         if before >= cap or (needed is not None and before + needed > cap):
             self.result.status = "budget"
-            unconfirmed = f" (≤ ${prior.unconfirmed:.4f} of it unconfirmed)" if prior.unconfirmed else ""
-            nxt = f", and its next row may cost up to ${needed:.4f}" if needed is not None else ""
+            unconfirmed = f" (≤ {usd(prior.unconfirmed)} of it unconfirmed)" if prior.unconfirmed else ""
+            nxt = f", and its next row may cost up to {usd(needed)}" if needed is not None else ""
             self.result.message = (
                 f"limits.max_cost_usd (${cap:g}) is already reached for this job: earlier runs spent "
-                f"${before:.4f}{unconfirmed}{nxt}; no request made. Raise "
+                f"{usd(before)}{unconfirmed}{nxt}; no request made. Raise "
                 "limits.max_cost_usd and rerun the same command to finish the rest"
             )
             raise _BudgetReached()
 
     def _finish(self, info: SourceInfo) -> None:
         spec = self.spec
-        keep_from = None
-        if self.keep and self.source.format == "parquet" and self.fmt != "openai_batch":
-            keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column, spec.input.batch_bytes)
+        keep_from: InputColumns | KeptValues | None = None
+        if self.keep and self.fmt != "openai_batch":
+            if self.source.format == "parquet":
+                keep_from = InputColumns(self.source.files, self.keep, spec.input.id_column, spec.input.batch_bytes,
+                                         types=info.keep_types)
+            else:
+                source = self.source
+                by_id = spec.input.id_column is not None or source.format == "openai_batch"
+                keep_from = KeptValues(lambda: source.kept_rows(self.keep), self.keep, info.keep_types,
+                                       all_ids=(lambda: source.ids(info.id_type)) if by_id else None,
+                                       max_row_bytes=info.max_row_bytes)
             self.result.kept_stats = keep_from
 
         def write(journal: Path, output: Path, fmt: str) -> int:
@@ -809,6 +899,7 @@ class _Job:
         else:
             written = write(journal, self.output, self.fmt)
         if self.remote_output is not None:
+            self._check_lease()  # another run owns the job now: its output, not ours
             storage.upload(self.output, self.remote_output)
         all_ok = written == info.rows and self.result.errors == 0 and self.result.skipped + self.result.ok == info.rows
         # "finished" makes the next rerun a no-op; anything else (error rows, a --limit run) resumes.
@@ -889,6 +980,8 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
     if not isinstance(spec, JobSpec):
         spec = load_spec(spec)
     if options.ray is not None:
+        if importlib.util.find_spec("ray") is None:
+            raise SpecError("--ray needs Ray, which is not installed: pip install 'batcher[ray]'")
         from .distributed import RayJob  # imports Ray: only a --ray run pays for it
 
         job: _Job = RayJob(spec, options)
@@ -903,6 +996,8 @@ async def arun_job(spec: JobSpec | str | Path, options: RunOptions | None = None
         job.result.rows = job.result.skipped
         return job.result
     finally:
+        if job.lease is not None:
+            await anyio.to_thread.run_sync(job.lease.release)
         if job.lock is not None:
             job.lock.release()
 

@@ -1,10 +1,12 @@
 """Shards: the input cut into pieces that run one at a time on a worker, each with its own journal.
 
 The cut is made on the driver from metadata only: Parquet files by row groups (their footers give the row
-counts), JSONL files by byte ranges that readers align to lines (`storage.iter_lines`). A JSONL shard's first
-row position is known only once the shards before it are counted, which the pre-flight scans do in parallel
-(`Source.scan`, one per shard); `place` then gives every shard its global position, so ids, `--limit`, the
-output's order and error rows' line numbers are those of a single-process run.
+counts), JSONL files by byte ranges that readers align to lines (`storage.iter_lines`). A CSV file is cut where
+records start, which the driver's pre-flight pass finds as it streams the file once (`CsvFile.check`: a quoted
+value may hold newlines). A JSONL or CSV shard's first row position is known only once the shards before it are
+counted, which the pre-flight scans do in parallel (`Source.scan`, one per shard); `place` then gives every
+shard its global position, so ids, `--limit`, the output's order and error rows' line numbers are those of a
+single-process run.
 
 A shard's journal is `STATE/shards/NNNNN/journal.jsonl`. At the end of a run the driver merges them into the
 job's `journal.jsonl` (the single-process journal, so either kind of run resumes the other), and
@@ -66,6 +68,8 @@ def plan_shards(source: Source, *, min_shards: int = 1, target_rows: int = 200_0
         return shards
     sizes = [storage.size_of(f) for f in files]
     target = max(1, min(target_bytes, math.ceil(sum(sizes) / max(1, min_shards))))
+    if source.format in ("csv", "tsv"):
+        return _csv_shards(source, target)
     for f, size in zip(files, sizes, strict=True):
         start = 0
         while True:
@@ -78,6 +82,19 @@ def plan_shards(source: Source, *, min_shards: int = 1, target_rows: int = 200_0
     return shards
 
 
+def _csv_shards(source: Source, target: int) -> list[Shard]:
+    """A CSV file cut where records start (a quoted value may hold newlines: the next newline past an offset
+    need not start one), found by the pre-flight pass on the driver, which streams the file once with the csv
+    module and checks it as it goes (`CsvFile.check`). Each shard reads the header's bytes, then its own."""
+    cuts = source.check_csv_text(every=target)
+    csv_file = source._csv()
+    path = source.files[0]
+    starts = [(0, 0), *cuts]
+    return [Shard(n, (InputPart(path, start=start, end=starts[n + 1][0] if n + 1 < len(starts) else None,
+                                line_base=lines, header=csv_file.header_bytes, longest=csv_file.longest or 0),))
+            for n, (start, lines) in enumerate(starts)]
+
+
 def place(shards: Sequence[Shard], scans: Sequence[Scan]) -> list[Shard]:
     """Shards with their global positions and (JSONL) the file line their first line has."""
     placed: list[Shard] = []
@@ -86,6 +103,9 @@ def place(shards: Sequence[Shard], scans: Sequence[Scan]) -> list[Shard]:
     for shard, scan in zip(shards, scans, strict=True):
         parts = []
         for part, lines in zip(shard.parts, scan.lines, strict=True):
+            if part.header:  # a CSV part: its line base is the pre-flight pass's (records may span lines)
+                parts.append(part)
+                continue
             parts.append(replace(part, line_base=lines_before.get(part.path, 0)))
             lines_before[part.path] = lines_before.get(part.path, 0) + lines
         placed.append(replace(shard, parts=tuple(parts), index_base=base, rows=scan.rows))
@@ -207,7 +227,7 @@ def _append(root: Path, number: int, lines: list[bytes], files: dict[int, object
 
 def merge_journals(state_dir: Path) -> None:
     """The shards' journals as the job's one `journal.jsonl` (which `finalize` writes the output from and any
-    later run resumes from); the shards are then removed."""
+    later run resumes from), and their spend logs added to the job's; the shards are then removed."""
     root = state_dir / SHARDS
     if not root.is_dir():
         return
@@ -215,7 +235,33 @@ def merge_journals(state_dir: Path) -> None:
     tmp = state_dir / "journal.merge.tmp"
     _fsync_write(tmp, (raw for j in journals for raw in _journal_lines(j)))
     os.replace(tmp, state_dir / "journal.jsonl")
+    _keep_spend(state_dir)
     shutil.rmtree(root)
+
+
+def _keep_spend(state_dir: Path) -> None:
+    """The shards' spend logs appended to the job's as they are (calls sent, cost carried), before the shards'
+    folders go: the next start folds them against the merged journal. A crash between this and the removal
+    counts them twice on that start: too much, never too little."""
+    from .budget import SpendLog
+
+    root = state_dir / SHARDS
+    out = None
+    try:
+        for log in sorted(p / SpendLog.NAME for p in root.iterdir() if p.is_dir()):
+            if not log.exists():
+                continue
+            data = log.read_bytes()
+            data = data[: data.rfind(b"\n") + 1]  # a line torn by a crash was not a call sent
+            if data:
+                out = out or open(state_dir / SpendLog.NAME, "ab")
+                out.write(data)
+        if out is not None:
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        if out is not None:
+            out.close()
 
 
 def fold_shards(state_dir: Path) -> None:

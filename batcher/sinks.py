@@ -48,6 +48,7 @@ __all__ = [
     "InputColumns",
     "JobLock",
     "Journal",
+    "KeptValues",
     "RunState",
     "WriteStats",
     "encode_lines",
@@ -572,34 +573,33 @@ def _json_text(value: Any) -> str:
     return json.dumps(_finite(value), separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
 
 
-def _table(records: list[dict[str, Any]], schema: pa.Schema, id_name: str, keep: list[str]) -> dict[str, Any]:
+def _table(records: list[dict[str, Any]], schema: pa.Schema, id_name: str) -> dict[str, Any]:
     """The Python path of `_table_from_lines`: records to the slice's columns, by output name."""
-    kept = [(c, kept_name(c, id_name)) for c in keep]
     results = result_names(schema)
-    columns: dict[str, list[Any]] = {id_name: [], **{name: [] for _, name in kept}, **{n: [] for n in results}}
+    columns: dict[str, list[Any]] = {id_name: [], **{n: [] for n in results}}
     positions: list[Any] = []
     for rec in records:
         positions.append(rec.get("_i"))
         columns[id_name].append(rec.get("id"))
-        k = rec.get("keep") or {}
-        for c, out_name in kept:
-            columns[out_name].append(k.get(c))
         for name in results:
             columns[name].append(rec.get(name))
     arrays: dict[str, Any] = {"_i": pa.array(positions, type=pa.int64())}
-    kept_names = {name for _, name in kept}
     for name, values in columns.items():
-        t = schema.field(name).type
-        try:
-            arrays[name] = pa.array(values, type=t)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeEncodeError):
-            if name not in kept_names or not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-                raise
-            # A JSONL column of mixed values (strings and an object, say) is typed string by the source: its
-            # strings stay as they are, anything else is kept as JSON text.
-            arrays[name] = pa.array([None if v is None else _utf8(v if isinstance(v, str) else _json_text(v))
-                                     for v in values], type=t)
+        arrays[name] = pa.array(values, type=schema.field(name).type)
     return arrays
+
+
+def _kept_array(values: list[Any], t: pa.DataType) -> pa.Array:
+    """A JSONL or CSV input's kept values (as given) as a column of the type the source gave it."""
+    try:
+        return pa.array(values, type=t)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeEncodeError):
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+            raise
+        # A JSONL column of mixed values (strings and an object, say) is typed string by the source: its
+        # strings stay as they are, anything else is kept as JSON text.
+        return pa.array([None if v is None else _utf8(v if isinstance(v, str) else _json_text(v)) for v in values],
+                        type=t)
 
 
 def _utf8(text: str) -> str:
@@ -612,34 +612,29 @@ def _utf8(text: str) -> str:
     return text
 
 
-def _journal_schema(schema: pa.Schema, id_name: str, keep: list[str]) -> pa.Schema:
+def _journal_schema(schema: pa.Schema, id_name: str) -> pa.Schema:
     fields = [pa.field("_i", pa.int64()), pa.field("id", schema.field(id_name).type)]
-    if keep:
-        fields.append(pa.field("keep", pa.struct([(c, schema.field(kept_name(c, id_name)).type) for c in keep])))
     fields += [schema.field(name) for name in result_names(schema)]
     return pa.schema(fields)
 
 
-def _table_from_lines(lines: list[bytes], schema: pa.Schema, id_name: str, keep: list[str]) -> dict[str, Any]:
+def _table_from_lines(lines: list[bytes], schema: pa.Schema, id_name: str) -> dict[str, Any]:
     """A slice of journal lines as columns by output name (plus `_i`, the rows' positions), parsed by Arrow's
-    JSON reader (C++, typed by the output schema); a slice whose kept values do not fit their column's type
-    goes through the slower Python path instead. `keep`: the kept columns the journal carries (JSONL inputs)."""
+    JSON reader (C++, typed by the output schema); a slice Arrow cannot read goes through the slower Python
+    path instead. A `keep` field (kept values, in a journal written before they were read back from the input)
+    is ignored."""
     buf = b"".join(lines)
     try:
         parsed = pa_json.read_json(
             io.BytesIO(buf),
             read_options=pa_json.ReadOptions(use_threads=False, block_size=len(buf) + 1),
             parse_options=pa_json.ParseOptions(
-                explicit_schema=_journal_schema(schema, id_name, keep), unexpected_field_behavior="ignore"
+                explicit_schema=_journal_schema(schema, id_name), unexpected_field_behavior="ignore"
             ),
         )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return _table([json.loads(x) for x in lines], schema, id_name, keep)
+        return _table([json.loads(x) for x in lines], schema, id_name)
     arrays: dict[str, Any] = {"_i": parsed.column("_i"), id_name: parsed.column("id")}
-    if keep:
-        keep_col = parsed.column("keep").combine_chunks()
-        for i, c in enumerate(keep):
-            arrays[kept_name(c, id_name)] = pc.struct_field(keep_col, [i])
     arrays.update((name, parsed.column(name)) for name in result_names(schema))
     return arrays
 
@@ -656,7 +651,7 @@ class InputColumns:
     """
 
     def __init__(self, path: Path | list[str], columns: list[str], id_column: str | None,
-                 max_bytes: int = 4 << 20) -> None:
+                 max_bytes: int = 4 << 20, types: dict[str, pa.DataType] | None = None) -> None:
         # several files (a directory or glob input): positions run on from one file to the next
         self.paths = [str(path)] if isinstance(path, Path) else list(path)
         self.columns = columns
@@ -665,7 +660,9 @@ class InputColumns:
         self._read = list(dict.fromkeys([*columns, *([id_column] if id_column else [])]))
         first = self._file(self.paths[0])
         arrow = first.schema_arrow
-        self._schema = pa.schema([arrow.field(c) for c in self._read])
+        # `types`: the kept columns' types over all the files (`sources.Scan.merge`)
+        self._schema = pa.schema([arrow.field(c).with_type((types or {}).get(c, arrow.field(c).type))
+                                  for c in self._read])
         self._all_ids: pa.Array | None = None
         wanted = set(self._read)
         # (file, row group, uncompressed bytes of the kept columns, rows) for every row group of every file
@@ -733,6 +730,7 @@ class InputColumns:
         if batch is None:
             self._exhausted = True
             return
+        # (cast to the schema's types: a file whose own type differs, int64 where another has double)
         self._batch = pa.record_batch([batch.column(c) for c in self._read], schema=self._schema)
         self._start, self._end = self._end, self._end + batch.num_rows
 
@@ -771,6 +769,11 @@ class InputColumns:
                 table = self._take_by_id(ids)
         return table.select(self.columns)
 
+    def values(self, positions: Any, ids: Any) -> dict[str, list[Any]]:
+        """`take` as Python values, by column, mapped as JSONL output writes them."""
+        table = self.take(positions, ids)
+        return {c: json_values(table.column(c)) for c in self.columns}
+
     def _take_by_id(self, ids: Any) -> pa.Table:
         assert self.id_column is not None
         if self._all_ids is None:
@@ -780,6 +783,104 @@ class InputColumns:
         order = pc.sort_indices(found)  # nulls (ids no longer in the input) last
         table = self._take_sorted(pc.take(found, order).to_pylist())
         return table.take(pc.sort_indices(order))
+
+
+class KeptValues:
+    """A JSONL or CSV input's kept columns, read back by row position when the output is written, as
+    `InputColumns` reads a Parquet input's: while the calls last, no row, answer or journal line holds them (500 KB
+    documents kept beside their summaries were C calls' worth of them, and the results waiting to be counted).
+
+    `rows()` starts a pass over the input (`Source.kept_rows`): (position, id, the kept values, bytes read) per
+    row, a row at a time, so what is held is the rows one slice of the output asks for; the sink sizes slices by
+    `bytes_per_row`, the longest line or record (`SourceInfo.max_row_bytes`). Rows are asked for in input order,
+    so one pass serves the whole output (it starts again when asked for an earlier row). With ids (`all_ids`:
+    every row's id, in order), the ids found at the journal's positions are checked against the journal's; if
+    the input was edited since (rows moved), the rows are found by id. Values come as given (`values`, for
+    JSONL output) or typed as the source typed the column (`take`, for Parquet output).
+    """
+
+    def __init__(
+        self,
+        rows: Callable[[], Iterator[tuple[int, Any, list[Any] | None, int]]],
+        columns: list[str],
+        types: Mapping[str, pa.DataType],
+        *,
+        all_ids: Callable[[], pa.Array] | None = None,
+        max_row_bytes: int = 0,
+    ) -> None:
+        self._rows = rows
+        self.columns = columns
+        self.types = {c: types[c] for c in columns}
+        self._all_ids_of = all_ids
+        self._all_ids: pa.Array | None = None
+        self._max_row_bytes = max_row_bytes
+        self._per_row_seen = 0
+        self.reads = 0  # rows read back
+        self.max_read_bytes = 0  # the most bytes one read (a row) held
+        self._restart()
+
+    @property
+    def bytes_per_row(self) -> float:
+        """The most bytes a row's kept values take, as far as is known (the longest line, then reads)."""
+        return float(max(self._max_row_bytes, self._per_row_seen, 1))
+
+    def _restart(self) -> None:
+        self._pass = self._rows()
+        self._next = 0  # the position after the last row read
+        self._exhausted = False
+
+    def _take_sorted(self, positions: list[int | None]) -> tuple[list[Any], list[list[Any]]]:
+        """(ids, values by column) of the rows at ascending `positions` (None, sorted last, or past the input's
+        end: a row of nulls, with a null id)."""
+        known = [p for p in positions if p is not None]
+        if known and known[0] < self._next:
+            self._restart()
+        ids: list[Any] = []
+        values: list[list[Any]] = [[] for _ in self.columns]
+        nulls = [None] * len(self.columns)
+        found: tuple[Any, list[Any] | None] = (None, None)
+        last: int | None = None
+        for p in positions:
+            if p is None or p != last:
+                found = (None, None)
+                while p is not None and p >= self._next and not self._exhausted:
+                    row = next(self._pass, None)
+                    if row is None:
+                        self._exhausted = True
+                        break
+                    index, row_id, row_values, size = row
+                    self._next = index + 1
+                    self.reads += 1
+                    self.max_read_bytes = max(self.max_read_bytes, size)
+                    self._per_row_seen = max(self._per_row_seen, size)
+                    if index == p:
+                        found = (row_id, row_values)
+                last = p
+            ids.append(found[0])
+            for column, value in zip(values, found[1] or nulls, strict=True):
+                column.append(value)
+        return ids, values
+
+    def _lookup(self, positions: Any, ids: Any) -> list[list[Any]]:
+        found, values = self._take_sorted(positions.to_pylist())
+        if self._all_ids_of is None or found == ids.to_pylist():
+            return values
+        if self._all_ids is None:
+            self._all_ids = self._all_ids_of()
+        at = pc.index_in(ids, value_set=self._all_ids)
+        order = pc.sort_indices(at)  # nulls (ids no longer in the input) last
+        _, values = self._take_sorted(pc.take(at, order).to_pylist())
+        back = pc.sort_indices(order).to_pylist()
+        return [[column[i] for i in back] for column in values]
+
+    def take(self, positions: Any, ids: Any) -> pa.Table:
+        """The kept columns of the rows at `positions` (the journal's `_i`), whose ids are `ids`, typed."""
+        values = self._lookup(positions, ids)
+        return pa.table({c: _kept_array(v, self.types[c]) for c, v in zip(self.columns, values, strict=True)})
+
+    def values(self, positions: Any, ids: Any) -> dict[str, list[Any]]:
+        """The same as Python values, as the input gave them (JSONL output writes them so)."""
+        return dict(zip(self.columns, self._lookup(positions, ids), strict=True))
 
 
 def _iso_duration(value: int, per_second: int) -> str:
@@ -985,7 +1086,7 @@ def finalize(
     keep: list[str],
     row_group_size: int,
     *,
-    keep_from: InputColumns | None = None,
+    keep_from: InputColumns | KeptValues | None = None,
     chat: bool = False,
     max_bytes: int = 4 << 20,
     stats: WriteStats | None = None,
@@ -994,8 +1095,9 @@ def finalize(
 
     `chat`: the job spoke chat, so an OpenAI Batch output's bodies are chat.completion objects.
 
-    `keep`: the kept input columns (not the input's id column), by input name. They come from the journal
-    (JSONL inputs: the values as given) or, with `keep_from`, from the Parquet input itself by row position.
+    `keep`: the kept input columns (not the input's id column), by input name, read back from the input by
+    row position (`keep_from`: `InputColumns` for Parquet, `KeptValues` for JSONL and CSV); an OpenAI Batch
+    output has none.
 
     `max_bytes` (the job's `input.batch_bytes`) bounds what is held at a time: slices of about a quarter of it
     (journal lines and the kept values they will take), and a row group closes at `row_group_size` rows or once
@@ -1007,16 +1109,17 @@ def finalize(
     def extra() -> float:
         return keep_from.bytes_per_row if keep_from is not None else 0.0
 
+    if keep and keep_from is None and fmt != "openai_batch":
+        raise ValueError("kept columns are read back from the input: finalize needs keep_from")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp{os.getpid()}")
-    journal_keep = [] if keep_from is not None else keep
     results = result_names(schema)
     rows = 0
     try:
         if fmt == "parquet":
 
             def table_of(lines: list[bytes]) -> pa.Table:
-                columns = _table_from_lines(lines, schema, id_name, journal_keep)
+                columns = _table_from_lines(lines, schema, id_name)
                 if keep_from is not None:
                     joined = keep_from.take(columns["_i"], columns[id_name])
                     columns.update((kept_name(c, id_name), joined.column(c)) for c in keep)
@@ -1072,19 +1175,15 @@ def finalize(
                         continue
                     kept: list[tuple[str, list[Any]]] = []
                     if keep_from is not None:
-                        joined = keep_from.take(
+                        joined = keep_from.values(
                             pa.array([r["_i"] for r in chunk], type=pa.int64()),
                             pa.array([r.get("id") for r in chunk], type=id_type),
                         )
-                        kept = [(kept_name(c, id_name), json_values(joined.column(c))) for c in keep]
+                        kept = [(kept_name(c, id_name), joined[c]) for c in keep]
                         del joined
                     for j, rec in enumerate(chunk):
                         out = {id_name: rec.get("id")}
-                        if keep_from is not None:
-                            out.update((name, values[j]) for name, values in kept)
-                        else:
-                            k = rec.get("keep") or {}
-                            out.update((kept_name(c, id_name), k.get(c)) for c in keep)
+                        out.update((name, values[j]) for name, values in kept)
                         out.update((name, rec.get(name)) for name in results)
                         out_lines.append(_dumps_output(out))
                     rows += len(chunk)

@@ -24,6 +24,7 @@ import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -50,7 +51,6 @@ class SourceRow:
     id: Any
     prompt: str | list[dict[str, Any]] | None  # a prompt string, or a chat job's rendered messages
     inputs: dict[str, Any] | None = None
-    keep: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     body: dict[str, Any] | None = None  # an OpenAI batch line's request body
     model: str | None = None  # the body's model, when the line names one
@@ -85,18 +85,25 @@ class SourceInfo:
     rows: int
     id_type: pa.DataType
     keep_types: dict[str, pa.DataType]
+    # JSONL and CSV: the bytes of the longest line or record, which bound what one row's kept values take when
+    # the sink reads them back (`kept_rows`); 0 for Parquet, whose footer says it per row group
+    max_row_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class InputPart:
-    """A piece of the input: a whole file, some row groups of a Parquet file, or the lines that begin in a byte
-    range of a JSONL file. `line_base`: the file's lines before the part (error rows name the file's line)."""
+    """A piece of the input: a whole file, some row groups of a Parquet file, the lines that begin in a byte
+    range of a JSONL file, or the records between two record starts of a CSV file. `line_base`: the file's lines
+    before the part (error rows name the file's line). CSV only: `header`, the bytes of the header record, read
+    before a part that starts past them; `longest`, the longest record's bytes, which sizes Arrow's blocks."""
 
     path: str
     row_groups: tuple[int, ...] | None = None
     start: int = 0
     end: int | None = None
     line_base: int = 0
+    header: int = 0
+    longest: int = 0
 
 
 @dataclass(slots=True)
@@ -108,11 +115,13 @@ class Scan:
     lines: list[int] = field(default_factory=list)  # per part: the raw lines it holds (blank ones too)
     ids: list[pa.Array] = field(default_factory=list)
     id_values: list[Any] = field(default_factory=list)  # JSONL: the ids as read (typed by `Source.info`)
-    no_id: list[int] = field(default_factory=list)  # JSONL: line numbers of object lines without an id
+    no_id: list[str] = field(default_factory=list)  # JSONL: the lines of objects without an id ("3", "a.jsonl:3")
     seen_keys: set[str] = field(default_factory=set)
     keep_kinds: dict[str, set[str]] = field(default_factory=dict)
     id_type: pa.DataType | None = None  # Parquet
     keep_types: dict[str, pa.DataType] = field(default_factory=dict)  # Parquet
+    keep_files: dict[str, str] = field(default_factory=dict)  # Parquet: the file each kept type was read from
+    longest: int = 0  # JSONL: the bytes of the longest line
 
     def merge(self, other: Scan) -> None:
         self.rows += other.rows
@@ -120,6 +129,7 @@ class Scan:
         self.ids += other.ids
         self.id_values += other.id_values
         self.no_id += other.no_id
+        self.longest = max(self.longest, other.longest)
         self.seen_keys |= other.seen_keys
         for c, kinds in other.keep_kinds.items():
             self.keep_kinds.setdefault(c, set()).update(kinds)
@@ -127,7 +137,33 @@ class Scan:
             self.id_type = other.id_type
         elif other.id_type is not None and other.id_type != self.id_type:
             raise InputError(f"the input files' id columns differ in type: {self.id_type} and {other.id_type}")
-        self.keep_types = self.keep_types or other.keep_types
+        for c, t in other.keep_types.items():
+            mine = self.keep_types.get(c)
+            if mine is None or mine == t:
+                self.keep_types.setdefault(c, t)
+                self.keep_files.setdefault(c, other.keep_files.get(c, "?"))
+                continue
+            # Files written apart often differ (pandas writes an int column with a null as double): the output
+            # column takes the type both fit in, or the run stops here, before any request.
+            common = _common_type(mine, t)
+            if common is None:
+                raise InputError(
+                    f"kept column {c!r} is {mine} in {self.keep_files.get(c, '?')} but {t} in "
+                    f"{other.keep_files.get(c, '?')}: the input files must agree on a type the output column can hold"
+                )
+            self.keep_types[c] = common
+
+
+def _common_type(a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type that values of `a` and of `b` both fit in without loss of meaning (int64 and double: double),
+    as Arrow's permissive schema merge finds it; None if there is none (string and int64)."""
+    for x, y in ((a, b), (_decoded(a), _decoded(b))):
+        try:
+            return pa.unify_schemas([pa.schema([("c", x)]), pa.schema([("c", y)])], promote_options="permissive") \
+                .field("c").type
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            continue
+    return None
 
 
 _INT64 = (-(2**63), 2**63 - 1)
@@ -268,11 +304,13 @@ class Source:
             files = storage.expand_inputs(spec.path, _SUFFIXES[self.format])
             parts = [InputPart(str(spec.path))] if files is None else [InputPart(f) for f in files]
         self.parts = list(parts)
+        # A folder or glob input (a shard of one too): errors that name a line name its file as well
+        self.name_files = any(p.path != str(spec.path) for p in self.parts)
         self.index_base = index_base
         self.keep_columns = keep_columns
-        # A Parquet input's kept columns are not read here: the sink takes them from the file itself when it
-        # writes the output (any Arrow type, untouched); a JSONL input's kept values travel in the journal.
-        self._row_keep = [] if self.format == "parquet" else keep_columns
+        # Kept columns are not read with the rows: the sink reads them back from the input when it writes the
+        # output (`kept_rows`; a Parquet input's in its own Arrow types), so no call in flight, answer or
+        # journal line holds them (long documents kept beside their summaries would, C calls at a time).
         self.template = Template(spec.prompt, "input.prompt") if spec.prompt is not None else None
         self.attachments = Attachments.for_input(spec.path, spec.max_attachment_bytes)
         self.messages = (MessagesTemplate(spec.messages, "input.messages", self.attachments)
@@ -300,18 +338,32 @@ class Source:
         return cols
 
     def check(self) -> SourceInfo:
-        if self.format in ("csv", "tsv"):  # one local file, read whole (csv_input.py)
-            if not self.path.exists():
-                raise InputError(f"input file {self.path} does not exist")
-            if not self.path.is_file():
-                raise InputError(f"input path {self.path} is not a file")
-            try:
-                with open(self.path, "rb"):
-                    pass
-            except OSError as exc:
-                raise InputError(f"cannot read input file {self.path}: {exc.strerror or exc}") from None
-            return self._check_csv()
+        if self.format in ("csv", "tsv"):  # one local file (csv_input.py)
+            self.check_csv_text()
         return self.info(self.scan())
+
+    def check_csv_text(self, every: int | None = None) -> list[tuple[int, int]]:
+        """The CSV pre-flight pass over the whole file (UTF-8, quotes closed, the longest record), before any
+        request; with `every`, where records start past each further `every` bytes, to cut shards at."""
+        if not self.path.exists():
+            raise InputError(f"input file {self.shown} does not exist")
+        if not self.path.is_file():
+            raise InputError(f"input path {self.shown} is not a file")
+        try:
+            with open(self.path, "rb"):
+                pass
+        except OSError as exc:
+            raise InputError(f"cannot read input file {self.shown}: {exc.strerror or exc}") from None
+        csv_file = self._csv()
+        try:
+            csv_file.check(every)
+        except CsvError as exc:
+            raise InputError(f"cannot read {self.shown} as {self.format.upper()}: {exc}") from None
+        return csv_file.cuts
+
+    @property
+    def shown(self) -> str:
+        return storage.shown(self.path)
 
     @property
     def files(self) -> list[str]:
@@ -338,6 +390,8 @@ class Source:
             for part in self.parts:
                 scan.merge(self._scan_parquet(part))
             return scan
+        if self.format in ("csv", "tsv"):
+            return self._scan_csv()
         return self._scan_jsonl()
 
     def info(self, scan: Scan) -> SourceInfo:
@@ -347,6 +401,8 @@ class Source:
             if self.spec.id_column:
                 self._check_ids(pa.chunked_array(scan.ids, type=scan.id_type))
             return SourceInfo(rows=scan.rows, id_type=scan.id_type, keep_types=scan.keep_types)
+        if self.format in ("csv", "tsv"):
+            return self._csv_info(scan)
         return self._jsonl_info(scan)
 
     def _parquet_file(self, part: InputPart, buffer_size: int = 0) -> pq.ParquetFile:
@@ -355,10 +411,11 @@ class Source:
                 return pq.ParquetFile(storage.open_input(part.path), pre_buffer=False, buffer_size=buffer_size)
             return pq.ParquetFile(part.path, pre_buffer=False, buffer_size=buffer_size)
         except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"cannot read {self._name(part)} as Parquet: {exc}") from None
+            why = storage._clean(exc) if storage.is_remote(part.path) else str(exc)
+            raise InputError(f"cannot read {self._name(part)} as Parquet: {why}") from None
 
     def _name(self, part: InputPart) -> str:
-        return str(self.path) if part.path == str(self.path) else (storage.uri_of(part.path) or part.path)
+        return storage.shown(self.path if part.path == str(self.path) else part.path)
 
     def _scan_parquet(self, part: InputPart) -> Scan:
         pf = self._parquet_file(part)
@@ -403,32 +460,36 @@ class Source:
             scan.ids = [pa.chunked_array(chunks, type=id_type).combine_chunks()]
         scan.id_type = id_type
         scan.keep_types = {c: schema.field(c).type for c in self.keep_columns}
+        scan.keep_files = dict.fromkeys(self.keep_columns, name)
         return scan
 
     def _check_ids(self, ids: pa.ChunkedArray | pa.Array) -> None:
         if ids.null_count:
-            raise InputError(f"{self.path}: id column {self.id_name!r} has {ids.null_count} null value(s)")
+            raise InputError(f"{self.shown}: id column {self.id_name!r} has {ids.null_count} null value(s)")
         if len(ids) > 1 and _has_duplicates(ids):
             if self.format == "openai_batch":
                 raise InputError(
-                    f"{self.path}: duplicate custom_id values, e.g. {_dup_examples(ids)}; an OpenAI batch file "
+                    f"{self.shown}: duplicate custom_id values, e.g. {_dup_examples(ids)}; an OpenAI batch file "
                     "needs a unique custom_id on every line (its results are matched to requests by it)"
                 )
             raise InputError(
-                f"{self.path}: id column {self.id_name!r} has duplicate ids, e.g. {_dup_examples(ids)}; "
+                f"{self.shown}: id column {self.id_name!r} has duplicate ids, e.g. {_dup_examples(ids)}; "
                 "ids must be unique (or drop id_column to use row positions)"
             )
 
     def _scan_jsonl(self) -> Scan:
         rows = 0
         ids: list[Any] = []
-        no_id: list[int] = []  # line numbers of object lines without an id
+        no_id: list[str] = []  # the lines of objects without an id
         seen_keys: set[str] = set()
         keep_types: dict[str, set[str]] = {c: set() for c in self.keep_columns}
         id_col = self.id_name if (self.spec.id_column or self.format == "openai_batch") else None
         self._raw_lines: list[int] = []
-        for _lineno, obj, suspect, _size in self._lines():
+        longest = 0
+        for _lineno, obj, suspect, size, where in self._lines():
+            at = where or f"{self.shown}: "
             rows += 1
+            longest = max(longest, size)
             if not isinstance(obj, dict):
                 continue  # becomes an error row
             if self.format == "openai_batch":
@@ -438,19 +499,19 @@ class Source:
             if id_col is not None:
                 v = obj.get(id_col)
                 if v is not None and not (isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))):
-                    raise InputError(f"{self.path}: line {_lineno}: id {id_col!r} is {v!r}; ids must be strings or integers")
+                    raise InputError(f"{at}line {_lineno}: id {id_col!r} is {v!r}; ids must be strings or integers")
                 if isinstance(v, int) and not _INT64[0] <= v <= _INT64[1]:
                     raise InputError(
-                        f"{self.path}: line {_lineno}: id {id_col!r} is {v}, beyond 64-bit integers; "
+                        f"{at}line {_lineno}: id {id_col!r} is {v}, beyond 64-bit integers; "
                         "write such ids as strings"
                     )
                 if suspect and _unsendable(v):
                     raise InputError(
-                        f"{self.path}: line {_lineno}: id {id_col!r} holds a lone UTF-16 surrogate escape "
+                        f"{at}line {_lineno}: id {id_col!r} holds a lone UTF-16 surrogate escape "
                         "(like \\ud83d), which is not valid Unicode text"
                     )
                 if v is None:
-                    no_id.append(_lineno)
+                    no_id.append(f"{where[:-2]}:{_lineno}" if where else str(_lineno))
                 ids.append(v)
             for c in self.keep_columns:
                 v = obj.get(c)
@@ -459,7 +520,7 @@ class Source:
                     big = type(v) is int and not -(2**63) <= v < 2**63
                     keep_types[c].add("bigint" if big else type(v).__name__)
         return Scan(rows=rows, lines=self._raw_lines, id_values=ids, seen_keys=seen_keys, keep_kinds=keep_types,
-                    no_id=no_id)
+                    no_id=no_id, longest=longest)
 
     def _jsonl_info(self, scan: Scan) -> SourceInfo:
         rows, ids, seen_keys, no_id = scan.rows, scan.id_values, scan.seen_keys, scan.no_id
@@ -468,7 +529,7 @@ class Source:
         if self.format != "openai_batch":
             never = [c for c in self._needed() if c not in seen_keys and c != self.spec.id_column]
             if never and rows:
-                raise InputError(f"{self.path}: no row has a column {never[0]!r}; the columns seen are {sorted(seen_keys)}")
+                raise InputError(f"{self.shown}: no row has a column {never[0]!r}; the columns seen are {sorted(seen_keys)}")
         id_type: pa.DataType = pa.int64()
         if id_col is not None:
             present = [v for v in ids if v is not None]
@@ -476,13 +537,13 @@ class Source:
                 lines = ", ".join(str(n) for n in no_id[:5]) + (", ..." if len(no_id) > 5 else "")
                 if self.format == "openai_batch":
                     raise InputError(
-                        f"{self.path}: {len(no_id)} line(s) have no custom_id (line {lines}); an OpenAI batch "
+                        f"{self.shown}: {len(no_id)} line(s) have no custom_id (line {lines}); an OpenAI batch "
                         "file needs a unique custom_id on every line (its results are matched to requests by it)"
                     )
-                raise InputError(f"{self.path}: {len(no_id)} row(s) have no id {id_col!r} (line {lines})")
+                raise InputError(f"{self.shown}: {len(no_id)} row(s) have no id {id_col!r} (line {lines})")
             kinds = {type(v) for v in present}
             if len(kinds) > 1:
-                raise InputError(f"{self.path}: ids in {id_col!r} mix strings and integers")
+                raise InputError(f"{self.shown}: ids in {id_col!r} mix strings and integers")
             id_type = pa.string() if kinds == {str} else pa.int64()
             arr = pa.array(present, type=id_type)
             self._check_ids(arr)
@@ -495,27 +556,28 @@ class Source:
                 types[c] = py_to_arrow[next(iter(kinds_))]
             else:
                 types[c] = pa.string()  # nested or mixed values are kept as JSON text
-        return SourceInfo(rows=rows, id_type=id_type, keep_types=types)
+        return SourceInfo(rows=rows, id_type=id_type, keep_types=types, max_row_bytes=scan.longest)
 
     # -- CSV / TSV (every column read as text: csv_input.py says why) -------------------------------------
 
     def _csv(self) -> CsvFile:
+        """The CSV file this source reads: the whole file, or a shard's records (one part: `plan_shards`)."""
         if self._csv_file is None:
-            self._csv_file = CsvFile(self.path, delimiter_for(self.format))
+            part = self.parts[0]
+            self._csv_file = CsvFile(self.path if self.whole else Path(part.path), delimiter_for(self.format),
+                                     start=part.start, end=part.end, header=part.header, index_base=self.index_base,
+                                     line_base=part.line_base, longest=part.longest or None)
         return self._csv_file
 
-    def _check_csv(self) -> SourceInfo:
+    def _scan_csv(self) -> Scan:
+        """Rows counted and ids read by Arrow (the rows a run reads), over this source's records."""
         csv_file = self._csv()
-        try:
-            csv_file.check()
-        except CsvError as exc:
-            raise InputError(f"cannot read {self.path} as {self.format.upper()}: {exc}") from None
         names = csv_file.header()
         missing = [c for c in self._needed() if c not in names]
         if missing:
             what = [f"template variable {{{{{c}}}}}" if self.template and c in self.template.variables else repr(c)
                     for c in missing]
-            raise InputError(f"{self.path}: no column {', '.join(what)}; the columns are {names}")
+            raise InputError(f"{self.shown}: no column {', '.join(what)}; the columns are {names}")
         count_by = self.spec.id_column or (self._needed() or names)[0]
         rows = 0
         chunks: list[pa.Array] = []
@@ -528,19 +590,26 @@ class Source:
                 if self.spec.id_column:
                     chunks.append(part.column(0))
         except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"cannot read {self.path} as {self.format.upper()}: {exc}") from None
-        id_type: pa.DataType = pa.int64()
+            raise InputError(f"cannot read {self.shown} as {self.format.upper()}: {exc}") from None
+        id_type = pa.string() if self.spec.id_column else pa.int64()
+        ids = [pa.chunked_array(chunks, type=id_type).combine_chunks()] if self.spec.id_column else []
+        # lines: a CSV part's line base comes from the pre-flight pass (`place` keeps it)
+        return Scan(rows=rows, lines=[0] * len(self.parts), ids=ids, id_type=id_type,
+                    keep_types={c: pa.string() for c in self.keep_columns}, longest=csv_file.longest or 0)
+
+    def _csv_info(self, scan: Scan) -> SourceInfo:
+        id_type = scan.id_type or pa.int64()
         if self.spec.id_column:
-            id_type = pa.string()
-            ids = pa.chunked_array(chunks, type=id_type)
+            ids = pa.chunked_array(scan.ids, type=id_type)
             empty = pc.sum(pc.equal(pc.utf8_length(ids), 0)).as_py() if len(ids) else 0
             if empty:
-                raise InputError(f"{self.path}: {empty} row(s) have an empty id {self.spec.id_column!r}")
+                raise InputError(f"{self.shown}: {empty} row(s) have an empty id {self.spec.id_column!r}")
             self._check_ids(ids)
-        return SourceInfo(rows=rows, id_type=id_type, keep_types={c: pa.string() for c in self.keep_columns})
+        return SourceInfo(rows=scan.rows, id_type=id_type, keep_types={c: pa.string() for c in self.keep_columns},
+                          max_row_bytes=scan.longest)
 
     def _csv_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
-        columns = self._needed()
+        columns = self._needed(keep=False)
         out = _Batcher(self.spec.batch_size, self.spec.batch_bytes, self.stats)
         for index, part in self._csv().segments(columns):
             if isinstance(part, str):
@@ -572,16 +641,16 @@ class Source:
         if (last := out.flush()) is not None:
             yield last
 
-    def _lines(self) -> Iterator[tuple[int, Any, bool, int]]:
-        """(line number, parsed object or a `_BadLine`, whether it may hold a lone surrogate, the line's bytes) per
-        non-blank line. Line numbers are the file's; with several files, the message names the file too."""
+    def _lines(self) -> Iterator[tuple[int, Any, bool, int, str]]:
+        """(line number, parsed object or a `_BadLine`, whether it may hold a lone surrogate, the line's bytes,
+        where) per non-blank line. Line numbers are the file's: `where` is "" for a one-file input, and the file
+        ("part-1.jsonl: ") when the input is a folder or a glob, for every error that names a line."""
         search = _ESCAPED_SURROGATE.search
         counts: list[int] = []
         self._raw_lines = counts
-        several = len(self.files) > 1
         for part in self.parts:
             counts.append(0)
-            where = f"{part.path}: " if several else ""
+            where = f"{self._name(part)}: " if self.name_files else ""
             if self.whole and part.start == 0 and part.end is None and not storage.is_remote(part.path):
                 f: Any = open(part.path, "rb")
                 lines: Any = f
@@ -596,10 +665,10 @@ class Source:
                     if not raw.strip():
                         continue
                     try:
-                        yield lineno, json.loads(raw), search(raw) is not None, len(raw)
+                        yield lineno, json.loads(raw), search(raw) is not None, len(raw), where
                     except (ValueError, UnicodeDecodeError) as exc:
-                        yield (lineno, _BadLine(f"{where}line {lineno}: not valid JSON ({str(exc)[:80]})"), False,
-                               len(raw))
+                        yield (lineno, _BadLine(f"line {lineno}: not valid JSON ({str(exc)[:80]})"), False,
+                               len(raw), where)
             finally:
                 if f is not None:
                     f.close()
@@ -622,8 +691,34 @@ class Source:
                 parts.append(pa.nulls(1, id_type) if isinstance(part, str)
                              else part.column(self.spec.id_column).cast(id_type))
             return pa.chunked_array(parts, type=id_type).combine_chunks()
-        values = [obj.get(self.id_name) if isinstance(obj, dict) else None for _, obj, _, _ in self._lines()]
+        values = [obj.get(self.id_name) if isinstance(obj, dict) else None for _, obj, *_ in self._lines()]
         return pa.array(values, type=id_type)
+
+    def kept_rows(self, columns: list[str]) -> Iterator[tuple[int, Any, list[Any] | None, int]]:
+        """(position, id, the values of `columns`, the bytes read for the row) of every row of a JSONL or CSV
+        input, in order and numbered as `batches` numbers them: what the sink reads kept values back from when it
+        writes the output (`sinks.KeptValues`). A JSONL value is as `json.loads` gives it, a CSV one its text;
+        a row that has none (a line that is not a JSON object, a malformed CSV record) has None."""
+        if self.format in ("csv", "tsv"):
+            id_col = self.spec.id_column
+            read = list(dict.fromkeys([*columns, *([id_col] if id_col else [])]))
+            for index, part in self._csv().segments(read):
+                if isinstance(part, str):
+                    yield index, None if id_col else index, None, 0
+                    continue
+                sizes = _row_bytes(part)
+                ids = part.column(id_col).to_pylist() if id_col else range(index, index + part.num_rows)
+                values = [part.column(c).to_pylist() for c in columns]
+                del part
+                for i, size in enumerate(sizes):
+                    yield index + i, ids[i], [v[i] for v in values], size
+            return
+        positional = not self.spec.id_column and self.format != "openai_batch"
+        for index, (_lineno, obj, _suspect, size, _where) in enumerate(self._lines(), start=self.index_base):
+            if isinstance(obj, dict):
+                yield index, index if positional else obj.get(self.id_name), [obj.get(c) for c in columns], size
+            else:
+                yield index, index if positional else None, None, size
 
     # -- rows ---------------------------------------------------------------------------------------------
 
@@ -707,11 +802,13 @@ class Source:
     def _jsonl_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
         done = set(done_ids.to_pylist()) if done_ids is not None and len(done_ids) else None
         out = _Batcher(self.spec.batch_size, self.spec.batch_bytes, self.stats)
-        for index, (lineno, obj, suspect, size) in enumerate(self._lines(), start=self.index_base):
+        for index, (lineno, obj, suspect, size, where) in enumerate(self._lines(), start=self.index_base):
             self.stats.read(size)
             row = self._json_row(index, lineno, obj)
             if suspect and row.error is None:
                 row = self._unsendable_row(row, lineno)
+            if where and row.error is not None:
+                row.error = where + row.error  # "line N: ..." of which file
             row.nbytes = self._held(row, size)
             if done is not None and row.id in done:
                 continue
@@ -774,9 +871,8 @@ class Source:
         invalid = _invalid_body(body, self.chat, self.api)
         if invalid:
             return SourceRow(index, row_id, None, error=f"{where}: {invalid}", body=body)
-        keep = {c: obj.get(c) for c in self.keep_columns}
         model = body.get("model") if isinstance(body.get("model"), str) else None
-        return SourceRow(index, row_id, prompt, keep=keep, body=body, model=model)
+        return SourceRow(index, row_id, prompt, body=body, model=model)
 
     def _unsendable_row(self, row: SourceRow, lineno: int) -> SourceRow:
         """An error row if a value bound for the request holds a lone surrogate; else the row. Kept columns are not
@@ -786,7 +882,7 @@ class Source:
         bad = [what for what, value in parts if value is not None and _unsendable(value)]
         if not bad:
             return row
-        return SourceRow(row.index, row.id, None, keep=row.keep, error=(
+        return SourceRow(row.index, row.id, None, error=(
             f"line {lineno}: {', '.join(bad)} holds a lone UTF-16 surrogate (an escape like \\ud83d without "
             "its pair, often from truncated text), which is not valid Unicode and cannot be sent"
         ))
@@ -804,7 +900,6 @@ class Source:
     def _rendered(self, index: int, row_id: Any, record: dict[str, Any]) -> SourceRow:
         if self.chat:
             return self._chat_row(index, row_id, record)
-        keep = {c: record.get(c) for c in self._row_keep}
         try:
             if self.template is not None:
                 prompt = self.template.render(record)
@@ -814,25 +909,24 @@ class Source:
                 if value is None:
                     raise MissingVariable(self.spec.prompt_column, "is null in this row")
                 if not isinstance(value, str):
-                    return SourceRow(index, row_id, None, keep=keep, error=f"prompt column {self.spec.prompt_column!r} is not a string in this row")
+                    return SourceRow(index, row_id, None, error=f"prompt column {self.spec.prompt_column!r} is not a string in this row")
                 prompt = value
         except MissingVariable as exc:
             what = f"prompt column {exc.name!r} {exc.why}" if self.template is None else str(exc)
-            return SourceRow(index, row_id, None, keep=keep, error=what)
+            return SourceRow(index, row_id, None, error=what)
         except TemplateError as exc:
-            return SourceRow(index, row_id, None, keep=keep, error=f"{exc} (row {row_id!r})")
+            return SourceRow(index, row_id, None, error=f"{exc} (row {row_id!r})")
         if not prompt.strip():
-            return SourceRow(index, row_id, None, keep=keep, error="prompt is empty")
+            return SourceRow(index, row_id, None, error="prompt is empty")
         if len(prompt) > self.spec.max_prompt_chars:
-            return SourceRow(index, row_id, None, keep=keep, error=self._too_long(len(prompt)))
+            return SourceRow(index, row_id, None, error=self._too_long(len(prompt)))
         # JSON-safe by the JSONL output's mapping (NaN -> null...): the body must be strict JSON.
         inputs = {c: json_safe(record.get(c)) for c in self.spec.inputs_columns} if self.spec.inputs_columns else None
-        return SourceRow(index, row_id, prompt, inputs=inputs, keep=keep)
+        return SourceRow(index, row_id, prompt, inputs=inputs)
 
 
     def _chat_row(self, index: int, row_id: Any, record: dict[str, Any]) -> SourceRow:
         """A chat job's row: its messages rendered from `input.messages`, or read from `messages_column`."""
-        keep = {c: record.get(c) for c in self._row_keep}
         try:
             if self.messages is not None:
                 messages = self.messages.render(record)
@@ -844,18 +938,18 @@ class Source:
                 messages = attach(messages_from_value(value), "messages column", self.attachments)
         except MissingVariable as exc:
             what = str(exc) if self.messages is not None else f"messages column {exc.name!r} {exc.why}"
-            return SourceRow(index, row_id, None, keep=keep, error=what)
+            return SourceRow(index, row_id, None, error=what)
         except TemplateError as exc:  # also: an image part naming a file that cannot be read
-            return SourceRow(index, row_id, None, keep=keep, error=f"{exc} (row {row_id!r})")
+            return SourceRow(index, row_id, None, error=f"{exc} (row {row_id!r})")
         except ValueError as exc:
-            return SourceRow(index, row_id, None, keep=keep, error=str(exc))
+            return SourceRow(index, row_id, None, error=str(exc))
         size = _text_size(messages)
         if size == 0 and not _has_media(messages):
-            return SourceRow(index, row_id, None, keep=keep, error="the messages have no text")
+            return SourceRow(index, row_id, None, error="the messages have no text")
         if size > self.spec.max_prompt_chars:
-            return SourceRow(index, row_id, None, keep=keep, error=self._too_long(size))
+            return SourceRow(index, row_id, None, error=self._too_long(size))
         inputs = {c: json_safe(record.get(c)) for c in self.spec.inputs_columns} if self.spec.inputs_columns else None
-        return SourceRow(index, row_id, messages, inputs=inputs, keep=keep)
+        return SourceRow(index, row_id, messages, inputs=inputs)
 
 
 def _text_size(messages: list[dict[str, Any]]) -> int:

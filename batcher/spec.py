@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import storage
 from .errors import SpecError
 from .paths import expand_path
 
@@ -367,13 +368,20 @@ def format_of(path: Path, section: str) -> str:
         return "jsonl"
     if section == "input" and suffix in (".csv", ".tsv"):
         return suffix[1:]
-    if section == "input" and path.is_dir():  # a directory of inputs: the format its files share
-        found = {format_of(p, section) for p in path.iterdir()
-                 if p.is_file() and p.suffix.lower() in (".parquet", ".jsonl", ".ndjson", ".csv", ".tsv")}
+    known = (".parquet", ".jsonl", ".ndjson", ".csv", ".tsv")
+    if section == "input":  # a directory of inputs (or a prefix on a store): the format its files share
+        uri = storage.uri_of(path)
+        if uri is not None:
+            suffixes = storage.folder_suffixes(uri)
+        elif path.is_dir():
+            suffixes = frozenset(p.suffix.lower() for p in path.iterdir() if p.is_file())
+        else:
+            suffixes = frozenset()
+        found = {format_of(Path(f"x{s}"), section) for s in suffixes if s in known}
         if len(found) == 1:
             return found.pop()
     kinds = ".parquet, .jsonl, .csv or .tsv" if section == "input" else ".parquet or .jsonl"
-    raise ValueError(f"cannot tell the format of {str(path)!r}: use {kinds}, or set {section}.format")
+    raise ValueError(f"cannot tell the format of {storage.shown(path)!r}: use {kinds}, or set {section}.format")
 
 
 def _expand(v: Any) -> Any:
@@ -444,6 +452,18 @@ class InputSpec(_Model):
             from .shapes.chat import MessagesTemplate
 
             MessagesTemplate(self.messages, "input.messages")
+        return self
+
+    @model_validator(mode="after")
+    def _csv_is_one_file(self) -> InputSpec:
+        # A CSV's header and its record starts are found by one pass over one local file (csv_input.py), and
+        # positions, error lines and Ray's shard cuts all come from it: a folder, a glob or an object is refused
+        # here, before any request, rather than failing later as a missing file.
+        if self.resolved_format in ("csv", "tsv") and (
+            storage.is_remote(self.path) or self.path.is_dir() or re.search(r"[*?\[]", self.path.name)
+        ):
+            raise ValueError(f"{storage.shown(self.path)}: a CSV input is one local file; folders, globs and "
+                             f"s3:// or gs:// objects are for Parquet and JSONL files")
         return self
 
     @property

@@ -6,7 +6,8 @@ resolved here, at the edge, and nowhere else.
 
 S3: the endpoint comes from `AWS_ENDPOINT_URL` (an S3-compatible server) and the credentials from the AWS
 SDK's usual chain (variables, `~/.aws/credentials`, profiles, instance roles); this module never reads,
-stores or prints a secret, and errors name only the bucket and key.
+stores or prints a secret, and errors name only the bucket and key. GCS: Google's default credentials, or
+with `STORAGE_EMULATOR_HOST` set (as for Google's SDKs) that emulator, anonymously.
 
     fs, path = filesystem("s3://bucket/data/*.parquet")
     for line, offset in iter_lines("s3://bucket/x.jsonl", start=0, end=1 << 20): ...
@@ -31,11 +32,13 @@ from .errors import InputError
 __all__ = [
     "expand_inputs",
     "filesystem",
+    "folder_suffixes",
     "identity",
     "is_remote",
     "iter_lines",
     "location",
     "open_input",
+    "shown",
     "upload",
     "uri_of",
 ]
@@ -49,6 +52,11 @@ def uri_of(path: str | os.PathLike[str]) -> str | None:
     """The URI a spec path stands for (`s3:/b/k` and `s3://b/k` alike), or None for a local path."""
     m = _FOLDED.match(os.fspath(path))
     return f"{m.group(1)}://{m.group(2)}" if m else None
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """A location as a message shows it: the URI with its `//` (one that can be copied), or the local path."""
+    return uri_of(path) or os.fspath(path)
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:
@@ -82,6 +90,9 @@ def filesystem(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
         fs = _s3(os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
                  os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
         return fs, rest
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    if emulator:
+        return _gcs_emulator(emulator), rest
     try:
         fs, inner = pafs.FileSystem.from_uri(f"gs://{rest}")
     except (pa.ArrowException, ValueError) as exc:
@@ -89,14 +100,52 @@ def filesystem(path: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
     return fs, inner
 
 
+@functools.lru_cache(maxsize=4)
+def _gcs_emulator(host: str) -> pafs.FileSystem:
+    """A GCS emulator (`STORAGE_EMULATOR_HOST`, as Google's SDKs read it: `http://127.0.0.1:9023`): no
+    credentials, plain HTTP unless the address says https."""
+    scheme = "https" if host.startswith("https://") else "http"
+    address = host.split("://", 1)[-1].rstrip("/")
+    return pafs.GcsFileSystem(endpoint_override=address, scheme=scheme, anonymous=True)
+
+
+# What a store's refusal means, from the SDKs' error texts (pyarrow passes the AWS SDK's and Google's on).
+_DENIED = re.compile(r"ACCESS_DENIED|AccessDenied|HTTP status 403|PERMISSION_DENIED|Forbidden", re.I)
+_REFUSED = re.compile(r"INVALID_ACCESS_KEY_ID|InvalidAccessKeyId|SIGNATURE_DOES_NOT_MATCH|SignatureDoesNotMatch|"
+                      r"EXPIRED_TOKEN|ExpiredToken|UNAUTHENTICATED|HTTP status 401", re.I)
+_NO_CREDENTIALS = re.compile(r"no (valid )?credentials|credentials? (were )?not found|unable to locate credentials|"
+                             r"could not (create|load).*credentials|default credentials", re.I)
+_UNREACHABLE = re.compile(r"NETWORK_CONNECTION|curlCode|Couldn't connect|Could not resolve|Connection refused", re.I)
+
+
 def _clean(exc: BaseException) -> str:
-    """An SDK error's text without anything that looks like a credential."""
+    """What went wrong, in words, without anything that looks like a credential: an access refusal says so
+    (and where the credentials come from), else the SDK's first line."""
     text = str(exc)
     for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN"):
         value = os.environ.get(name)
         if value:
             text = text.replace(value, "***")
-    return text.splitlines()[0] if text else type(exc).__name__
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if _NO_CREDENTIALS.search(text):
+        return f"no usable credentials in this process's environment ({first})"
+    if _REFUSED.search(text):
+        return f"the store refused the credentials in this process's environment ({first})"
+    if _DENIED.search(text):
+        return (f"access denied: the credentials in this process's environment are missing or not allowed "
+                f"to do this ({first})")
+    if _UNREACHABLE.search(text):
+        return f"the store cannot be reached ({first})"
+    return first
+
+
+@contextlib.contextmanager
+def _reading(uri: str) -> Iterator[None]:
+    """An object store's failure while reading the input, as one line naming the URI (exit 3)."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as exc:
+        raise InputError(f"cannot read {uri}: {_clean(exc)}") from None
 
 
 def open_input(path: str | os.PathLike[str]) -> Any:
@@ -105,10 +154,8 @@ def open_input(path: str | os.PathLike[str]) -> Any:
     if uri is None:
         return open(path, "rb")
     fs, inner = filesystem(uri)
-    try:
+    with _reading(uri):
         return fs.open_input_file(inner)
-    except (OSError, pa.ArrowException) as exc:
-        raise InputError(f"cannot read {uri}: {_clean(exc)}") from None
 
 
 def upload(local: Path, uri: str) -> None:
@@ -142,7 +189,8 @@ def identity(path: str) -> dict[str, Any]:
 
         return {"path": path, **_file_identity(Path(path))}
     fs, inner = filesystem(uri)
-    info = fs.get_file_info(inner)
+    with _reading(uri):
+        info = fs.get_file_info(inner)
     return {"path": uri, "size": info.size, "mtime_ns": info.mtime_ns}
 
 
@@ -151,7 +199,8 @@ def size_of(path: str | os.PathLike[str]) -> int:
     if uri is None:
         return os.path.getsize(path)
     fs, inner = filesystem(uri)
-    info = fs.get_file_info(inner)
+    with _reading(uri):
+        info = fs.get_file_info(inner)
     if info.type != pafs.FileType.File:
         raise InputError(f"input {uri} does not exist")
     return int(info.size)
@@ -196,11 +245,22 @@ def expand_inputs(path: str | os.PathLike[str], suffixes: tuple[str, ...]) -> li
             keep = [i for i in infos if i.type == pafs.FileType.File
                     and not i.base_name.startswith(".") and os.path.splitext(i.base_name)[1].lower() in suffixes]
     except (OSError, pa.ArrowException) as exc:
-        raise InputError(f"cannot list {uri}: {_clean(exc)}") from None
+        raise InputError(f"cannot read {uri}: {_clean(exc)}") from None
     found = sorted(f"{scheme}://{i.path}" for i in keep)
     if not found:
         raise InputError(f"input.path {uri} matches no file")
     return found
+
+
+@functools.lru_cache(maxsize=16)
+def folder_suffixes(uri: str) -> frozenset[str]:
+    """The suffixes (lower case) of the files directly in a folder on a store: a prefix with objects under it,
+    as `s3://bucket/reviews/` is; empty when there is none. A store's failure is the input's (exit 3)."""
+    fs, inner = filesystem(uri)
+    with _reading(uri):
+        infos = fs.get_file_info(pafs.FileSelector(inner.rstrip("/"), allow_not_found=True))
+    return frozenset(os.path.splitext(i.base_name)[1].lower() for i in infos
+                     if i.type == pafs.FileType.File and not i.base_name.startswith("."))
 
 
 def iter_lines(path: str | os.PathLike[str], start: int = 0, end: int | None = None,

@@ -27,8 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from jsonschema import validators
-from jsonschema.exceptions import SchemaError, best_match
 
 from ._fastcheck import compile_check
 from .errors import ContractError
@@ -68,6 +66,10 @@ def load_schema(value: Mapping[str, Any] | str | Path, base_dir: Path | None = N
             raise ValueError(f"the schema file {str(path)!r} is not JSON: {exc}") from None
         if not isinstance(schema, dict):
             raise ValueError(f"the schema file {str(path)!r} holds a {type(schema).__name__}, not a JSON object")
+    # jsonschema (and what it imports: ~0.1 s) only for jobs with a schema
+    from jsonschema import validators
+    from jsonschema.exceptions import SchemaError
+
     cls = validators.validator_for(schema)
     try:
         cls.check_schema(schema)
@@ -158,6 +160,8 @@ class StructuredOutput:
             spec.append(_column(out, prop, sub))
         self.spec: tuple[Column, ...] = tuple(spec)
         self.columns: dict[str, pa.DataType] = {c.name: c.type for c in spec}
+        from jsonschema import validators
+
         self._validator = validators.validator_for(self.schema)(self.schema)
         self._is_valid = compile_check(self.schema) or self._validator.is_valid
 
@@ -184,6 +188,8 @@ class StructuredOutput:
             raise SchemaViolation(f"the answer is not JSON ({exc}): {text[:80]!r}") from None
         # The fast yes/no first: the common case is valid; jsonschema words the message when it is not.
         if not self._is_valid(value):
+            from jsonschema.exceptions import best_match
+
             error = best_match(self._validator.iter_errors(value))
             where = "/".join(str(p) for p in error.absolute_path) if error is not None else ""
             message = error.message if error is not None else "invalid"

@@ -106,6 +106,20 @@ def make_long_parquet(path: Path, rows: int, chars: int) -> Path:
     return path
 
 
+def make_long_jsonl(path: Path, rows: int, chars: int) -> Path:
+    """The same documents as `make_long_parquet`, as JSONL lines `{"id": i, "text": ...}`, written a line at a
+    time."""
+    if path.exists() and sum(1 for _ in path.open("rb")) == rows:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in range(rows):
+            f.write(json.dumps({"id": i, "text": long_text(i, chars)}) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def bodies_for(n: int) -> Iterator[dict[str, Any]]:
     """The request bodies batcher sends for the generated inputs (for the bare client loops)."""
     for i in range(n):
@@ -123,6 +137,7 @@ def write_spec(
     cache: bool = False,
     rpm: float | None = None,
     batch_size: int | None = None,
+    keep_columns: Sequence[str] = (),
 ) -> Path:
     request: dict[str, Any] = {"model": MODEL, "max_tokens": MAX_TOKENS, "temperature": 0}
     if cache:
@@ -134,16 +149,19 @@ def write_spec(
     if rpm is not None:
         limits["requests_per_minute"] = rpm
     return write_spec_file(path, inp=inp, output=output, base_url=base_url, request=request, limits=limits,
-                           cache_dir=str(cache_dir))
+                           cache_dir=str(cache_dir), keep_columns=keep_columns)
 
 
 def write_spec_file(path: Path, *, inp: dict[str, Any], output: Path, base_url: str, request: dict[str, Any],
-                    limits: dict[str, Any], **extra: Any) -> Path:
+                    limits: dict[str, Any], keep_columns: Sequence[str] = (), **extra: Any) -> Path:
     """A job spec (JSON) against the gateway at `base_url` with no API key; `extra` adds top-level fields."""
+    out: dict[str, Any] = {"path": str(output)}
+    if keep_columns:
+        out["keep_columns"] = list(keep_columns)
     spec = {
         "name": path.stem,
         "input": inp,
-        "output": {"path": str(output)},
+        "output": out,
         "endpoint": {"base_url": base_url, "api": "orq", "api_key_env": None},
         "request": request,
         "limits": limits,

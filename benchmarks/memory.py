@@ -1,13 +1,18 @@
-"""Memory: batcher's peak RSS and its growth over a long run, against the gateway at latency 0.
+"""Memory: batcher's peak RSS and its growth over a long run, against the gateway (latency 0 for short prompts,
+20 ms for long ones).
 
-    python benchmarks/memory.py [--quick] [-n 1000000] [-c 64] [--only short|long]
+    python benchmarks/memory.py [--quick] [-n 1000000] [-c 64] [--only short|long|kept]
 
 Runs, each in its own child process: a 10,000-row job, then an N-row job (default 1,000,000 rows; 100,000
 with --quick) from two generated Parquet layouts, row groups of 10,000 rows and one row group holding every
 row; then long prompts (documents to summarise): 10,000 rows of ~50 KB and 1,000 rows of ~500 KB, each file one
 row group (as pandas or pyarrow write fewer than a million rows), at the default `input.batch_size` of 1,000
-(the byte budget, `input.batch_bytes`, is what bounds them). A poller samples the child's RSS and the size of its journal (the share of rows already answered);
-the figures:
+(the byte budget, `input.batch_bytes`, is what bounds them); then the same documents kept in the output
+(`keep_columns: [text]`): 1,000 rows of ~500 KB from Parquet (read back from the input at the end), and both
+sizes from JSONL; `--only kept` runs those three. The long runs' gateway answers in 20 ms (`--long-latency-ms`):
+a server takes its time over a long document, so every worker has a call in flight, each holding its prompt and
+body; at latency 0 a client that is busy with its CPU has fewer in flight and holds less. A poller samples the
+child's RSS and the size of its journal (the share of rows already answered); the figures:
 
 - peak RSS: the kernel's ru_maxrss for the whole process, the final write of the output included;
 - RSS at 10%: when the journal reached a tenth of its final size; max 10-100%: the highest RSS sampled
@@ -26,10 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h
 
 
-def measure(gw: h.GatewayProcess, d: Path, name: str, inp: Path, n: int, c: int) -> dict[str, float]:
+def measure(gw: h.GatewayProcess, d: Path, name: str, inp: Path, n: int, c: int,
+            keep: tuple[str, ...] = ()) -> dict[str, float]:
     out = d / "out" / f"{name}.parquet"
     spec = h.write_spec(d / f"{name}.json", input_path=inp, output=out, base_url=gw.base_url, concurrency=c,
-                        cache_dir=d / "cache")
+                        cache_dir=d / "cache", keep_columns=keep)
     journal = out.parent / f".{out.name}.batcher" / "journal.jsonl"
     gw.reset()
     run = h.run_child(h.batcher_argv(spec, gw.base_url, "--fresh"), timeout_s=120 + n / 200, gateway=gw,
@@ -57,32 +63,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", type=int, default=None, help="rows of the big runs (default 1,000,000; 100,000 with --quick)")
     p.add_argument("-c", "--concurrency", type=int, default=64)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", choices=["short", "long"], help="only the short-prompt or the long-prompt runs")
+    p.add_argument("--only", choices=["short", "long", "kept"],
+                   help="only the short-prompt runs, the long-prompt runs, or the long runs with kept values")
+    p.add_argument("--long-latency-ms", type=float, default=20.0, help="the gateway's latency for long prompts")
     p.add_argument("--keep", action="store_true", help="keep the temp dir")
     args = p.parse_args(argv)
     n = args.n or (100_000 if args.quick else 1_000_000)
     c = args.concurrency
     runs: list[tuple[str, dict[str, float]]] = []
-    h.header(f"memory: latency 0, C={c}")
-    with h.workdir(args.keep) as d, h.GatewayProcess(latency_ms=0) as gw:
+    h.header(f"memory: latency 0 (long prompts: {args.long_latency_ms:g} ms), C={c}")
+    with (h.workdir(args.keep) as d, h.GatewayProcess(latency_ms=0) as gw,
+          h.GatewayProcess(latency_ms=args.long_latency_ms) as slow):
         short = [
             ("10,000 rows", d / "in-10k.parquet", 10_000, 10_000),
             (f"{n:,} rows, row groups of 10,000", d / f"in-{n}-small-groups.parquet", n, 10_000),
             (f"{n:,} rows, one row group", d / f"in-{n}-one-group.parquet", n, n),
         ]
         long_rows = [(10_000, 50_000), (1_000, 500_000)] if not args.quick else [(2_000, 50_000), (200, 500_000)]
-        long = [(f"{rows:,} rows of {chars // 1000} KB", d / f"in-{rows}-{chars}.parquet", rows, chars)
+        # (label, input, rows, chars, kept columns)
+        long = [(f"{rows:,} rows of {chars // 1000} KB", d / f"in-{rows}-{chars}.parquet", rows, chars, ())
                 for rows, chars in long_rows]
-        for i, (label, path, rows, group) in enumerate(short if args.only != "long" else []):
+        rows, chars = long_rows[1]
+        long.append((f"{rows:,} rows of {chars // 1000} KB, kept", d / f"in-{rows}-{chars}.parquet", rows, chars,
+                     ("text",)))
+        long += [(f"JSONL {rows:,} rows of {chars // 1000} KB, kept", d / f"in-{rows}-{chars}.jsonl", rows, chars,
+                  ("text",)) for rows, chars in long_rows]
+        if args.only == "kept":
+            long = [case for case in long if case[4]]
+        for i, (label, path, rows, group) in enumerate(short if args.only is None or args.only == "short" else []):
             h.say(f"  generating {label} ...")
             h.make_parquet(path, rows, row_group_size=group)
             m = measure(gw, d, f"m{i}", path, rows, c)
             runs.append((label, m))
             h.say(f"  {label}: peak {m['peak']:.0f} MB, growth {100 * m['growth']:+.1f}%, {m['rows_s']:,.0f} rows/s")
-        for i, (label, path, rows, chars) in enumerate(long if args.only != "short" else []):
+        for i, (label, path, rows, chars, keep) in enumerate(long if args.only != "short" else []):
             h.say(f"  generating {label} ...")
-            h.make_long_parquet(path, rows, chars)
-            m = measure(gw, d, f"long{i}", path, rows, c)
+            if path.suffix == ".jsonl":
+                h.make_long_jsonl(path, rows, chars)
+            else:
+                h.make_long_parquet(path, rows, chars)
+            m = measure(slow, d, f"long{i}", path, rows, c, keep)
             runs.append((label, m))
             h.say(f"  {label}: peak {m['peak']:.0f} MB, growth {100 * m['growth']:+.1f}%, {m['rows_s']:,.0f} rows/s")
     h.header("memory figures")
@@ -97,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         peaks = [by[label]["peak"] for label, *_ in long]
         h.say(f"targets: long prompts <= 200 MB: {h.verdict(max(peaks) <= 200)} "
               f"({', '.join(f'{p:.0f}' for p in peaks)} MB)")
-    if args.only == "long":
+    if args.only in ("long", "kept"):
         return 0
     small, huge = runs[1][1], runs[2][1]
     h.say(f"targets: 10,000 rows <= 120 MB: {h.verdict(runs[0][1]['peak'] <= 120)} ({runs[0][1]['peak']:.0f} MB); "

@@ -4,6 +4,7 @@ orq answers with, a cap for the job across reruns, unpriced answers, a checked -
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import polars as pl
@@ -13,7 +14,7 @@ from batcher import SpecError, parse_spec, run_job
 from batcher.budget import Budget, BudgetStop, completion_bound, recorded_spend, unpriced, worst_case
 from batcher.cli import main as cli_main
 from batcher.gateway import Fault, Gateway, GatewayConfig, serve_in_thread
-from batcher.prices import Price, PriceTable
+from batcher.prices import Price, PriceTable, usd
 from batcher.sinks import state_dir_for
 
 from .conftest import options
@@ -290,3 +291,14 @@ def test_fold_spend_counts_unanswered_calls_and_unconfirmed_attempts_once(tmp_pa
     again = fold_spend(tmp_path)
     assert again == prior
     assert recorded_spend(tmp_path / "journal.jsonl") == pytest.approx(0.45)
+
+
+def test_amounts_under_a_cent_never_print_as_zero(make_spec, gateway: Gateway, tmp_path: Path, capsys) -> None:
+    # A cap of a few thousandths of a dollar: the stop names what the next row may cost, not "$0.0000".
+    assert [usd(v) for v in (0, 0.0000423, 0.00123, 1.5, 1234.5)] == \
+        ["$0.0000", "$0.000042", "$0.0012", "$1.5000", "$1,234.5000"]
+    spec = make_spec(prices={"openai/gpt-4o-mini": {"prompt": 0.15, "completion": 0.6}},
+                     limits={"max_cost_usd": 0.0005, "concurrency": 2})
+    assert cli_main(["run", _spec_file(tmp_path, spec), "--quiet"]) == 7
+    err = capsys.readouterr().err
+    assert re.search(r"may cost up to \$0\.0000[1-9]", err), err

@@ -252,17 +252,35 @@ def test_kept_parquet_columns_are_read_back_and_written_within_the_byte_budget(
         assert [x[KEPT] for x in lines] == [_text(i, 20_000) for i in range(60)]
 
 
-def test_kept_jsonl_values_are_written_within_the_byte_budget(make_spec, gateway: Gateway, tmp_path: Path) -> None:
-    inp = tmp_path / "docs.jsonl"
-    inp.write_text("".join(json.dumps({"id": i, "text": _text(i, 20_000)}) + "\n" for i in range(60)))
-    result, out = _kept_run(make_spec, tmp_path, inp, "out.parquet")
-    written = result.write_stats
-    assert written is not None and result.kept_stats is None
-    assert written.max_group_bytes <= BUDGET
-    assert written.max_slice_bytes <= BUDGET
-    meta = pq.ParquetFile(out).metadata
-    assert meta.num_row_groups >= 60 * 20_000 // BUDGET
-    assert pq.read_table(out).column(KEPT).to_pylist() == [_text(i, 20_000) for i in range(60)]
+def _docs_input(path: Path, rows: int = 60, chars: int = 20_000) -> Path:
+    if path.suffix == ".csv":
+        path.write_text("id,text\n" + "".join(f"{i},{_text(i, chars)}\n" for i in range(rows)))
+    else:
+        path.write_text("".join(json.dumps({"id": i, "text": _text(i, chars)}) + "\n" for i in range(rows)))
+    return path
+
+
+@pytest.mark.parametrize(("inp", "out"), [("jsonl", "parquet"), ("jsonl", "jsonl"), ("csv", "parquet")])
+def test_kept_jsonl_and_csv_values_are_read_back_at_the_end_not_carried_by_the_calls(
+    make_spec, gateway: Gateway, tmp_path: Path, inp: str, out: str
+) -> None:
+    # 60 documents of 20 KB kept beside their answers. While the calls last nothing holds them: not the rows in
+    # flight, not the answers waiting for the writer (a record is its journal line). At the end they are read
+    # back from the input a row at a time, and written within the byte budget.
+    result, path = _kept_run(make_spec, tmp_path, _docs_input(tmp_path / f"docs.{inp}"), f"out.{out}")
+    journal = path.parent / f".{path.name}.batcher" / "journal.jsonl"
+    assert max(len(line) for line in journal.read_bytes().splitlines()) < 2_000  # was 20 KB and more
+    kept, written = result.kept_stats, result.write_stats
+    assert kept is not None and written is not None
+    assert kept.reads == 60 and kept.max_read_bytes <= 20_100  # one row at a time
+    assert written.slices >= 60 * 20_000 // BUDGET
+    if out == "parquet":
+        assert written.max_group_bytes <= BUDGET and written.max_slice_bytes <= BUDGET
+        assert pq.ParquetFile(path).metadata.num_row_groups >= 60 * 20_000 // BUDGET
+        values = pq.read_table(path).column(KEPT).to_pylist()
+    else:
+        values = [json.loads(x)[KEPT] for x in path.read_text().splitlines()]
+    assert values == [_text(i, 20_000) for i in range(60)]
 
 
 # -- CSV: Arrow reads up to 32 blocks ahead, so the block is sized from the longest record ------------------------

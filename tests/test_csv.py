@@ -170,3 +170,22 @@ def test_a_csv_run_resumes(make_spec: Any, gateway: Gateway, tmp_path: Path) -> 
 def test_a_csv_output_path_is_refused(make_spec: Any) -> None:
     with pytest.raises(Exception, match=r"\.parquet or \.jsonl"):
         parse_spec(make_spec(output={"path": "out.csv"}))
+
+
+@pytest.mark.parametrize("given", ["folder/*.csv", "folder", "folder/", "s3://bucket/in/a.csv"])
+@pytest.mark.parametrize("args", [[], ["--ray", "local"]], ids=["one process", "ray"])
+def test_a_csv_folder_glob_or_object_is_refused_in_one_line_before_any_request(
+        make_spec: Any, gateway: Gateway, tmp_path: Path, capsys: Any, given: str, args: list[str]) -> None:
+    """Finding 12: not "input file folder/*.csv does not exist", nor under --ray "no row has a column"."""
+    (tmp_path / "folder").mkdir()
+    for name in ("a.csv", "b.csv"):
+        _csv(tmp_path / "folder" / name, _rows(3))
+    path = given if given.startswith("s3:") else str(tmp_path / given)
+    spec = make_spec(input={"path": path, "id_column": "id", "prompt": "{{text}}"})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    for command in (["validate"], ["run", *args]):
+        assert cli_main([*command, str(tmp_path / "job.yaml")]) == 2
+        err = capsys.readouterr().err
+        assert "a CSV input is one local file; folders, globs and s3:// or gs:// objects are for Parquet and JSONL" \
+            in err, err
+    assert gateway.stats.billed == 0

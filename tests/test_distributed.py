@@ -80,6 +80,24 @@ def test_ray_jsonl_byte_ranges_keep_positions_and_line_numbers(make_spec, tmp_pa
     assert _table(tmp_path / "one.parquet").equals(df)
 
 
+def test_ray_csv_is_cut_where_records_start_and_is_the_single_process_output(make_spec, tmp_path: Path) -> None:
+    from .test_shards import _tricky_csv
+
+    src = _tricky_csv(tmp_path / "in.csv", n=600)  # values spanning lines, malformed and blank lines, a BOM
+    inp = {"path": str(src), "id_column": None, "prompt": "{{text}}"}
+    keep = {"keep_columns": ["rating"]}
+    one = parse_spec(make_spec(input=inp, output={"path": str(tmp_path / "one.parquet"), **keep}))
+    many = parse_spec(make_spec(input=inp, output={"path": str(tmp_path / "many.parquet"), **keep}))
+    run_job(one, options())
+    res = run_job(many, options(ray="local", workers=3))
+    assert res.status == "finished" and res.rows == 600, res.message
+    df = _table(tmp_path / "many.parquet")
+    assert df["id"].to_list() == list(range(600))
+    errors = df.filter(pl.col("status") == "error")["error"].to_list()
+    assert errors and all(e.startswith("line ") for e in errors)
+    assert _table(tmp_path / "one.parquet").equals(df)
+
+
 def test_ray_rate_limit_holds_job_wide_with_four_workers(make_spec, gateway: Gateway, tmp_path: Path) -> None:
     rpm = 1500  # 25/s: ~16 s for 400 rows, so 10-second windows can be checked
     path = _big_input(tmp_path, 400, 40)
@@ -154,6 +172,11 @@ def test_ray_worker_killed_with_sigkill_loses_and_duplicates_nothing(make_spec, 
         assert res.status == "finished", res.message
         df = pl.read_parquet(out)
         assert df.height == 400 and df["review_id"].n_unique() == 400 and (df["status"] == "ok").all()
+        # the replaced worker's rows are this run's, not "done earlier": the summary's totals are the file's sums
+        assert (res.ok, res.skipped, res.rows) == (400, 0, 400), res.summary()
+        for key in ("prompt_tokens", "completion_tokens", "attempts"):
+            assert getattr(res, key) == df[key].sum(), (key, res.summary())
+        assert res.cost_usd == pytest.approx(df["cost_usd"].sum()), res.summary()
         # re-asked: at most what was in flight or answered but not yet journaled on the killed worker
         assert gw.stats.billed - 400 <= 2 * 4, gw.stats.billed
 
@@ -232,6 +255,33 @@ def test_ray_ctrl_c_on_the_driver_stops_every_worker_and_writes_what_was_answere
         assert "rerun the same command" in err
         again = run_job(parse_spec(spec), options(ray="local", workers=2))
         assert again.status == "finished" and again.skipped == df.height and again.ok == 400 - df.height
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_ray_starts_is_one_line_and_128_plus_signum(signum: int, make_spec, tmp_path: Path) -> None:
+    # ray.init puts its own SIGTERM handlers in (exit 1 or 15, a crash dump) and asyncio's SIGINT handler only
+    # cancelled a task blocked in Ray: a signal in a --ray run's first seconds was lost (finding 15)
+    import subprocess
+    import sys
+
+    import yaml
+
+    with serve_in_thread(GatewayConfig(latency_s=0.05)) as gw:
+        spec = make_spec(endpoint={"base_url": gw.base_url}, cache_dir=None)
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+        proc = subprocess.Popen([sys.executable, "-m", "batcher", "run", str(tmp_path / "job.yaml"), "--ray"],
+                                env=env, stderr=subprocess.PIPE, text=True)
+        driver = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None and not driver.children():
+            time.sleep(0.02)  # Ray's first process: the driver is inside ray.init
+        time.sleep(0.5)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+        ours = [line for line in err.splitlines() if line.startswith("batcher") or "Traceback" in line]
+        assert proc.returncode == 128 + signum and ours == ["batcher: interrupted"], err
+        assert gw.stats.billed == 0
 
 
 def test_ray_folder_output_has_a_part_per_shard_read_as_one_dataset(make_spec, tmp_path: Path) -> None:

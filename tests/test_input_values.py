@@ -288,6 +288,7 @@ def test_a_resumed_run_follows_the_edited_inputs_order_and_drops_gone_ids(make_s
     assert gateway.stats.total - sent_before == 3  # k9, k3, k5: k1 keeps its earlier answer (ids name rows)
     df = pl.read_parquet(out) if fmt == "parquet" else pl.read_ndjson(out)
     assert df["k"].to_list() == ["k9", "k0", "k1", "k3", "k5"]  # the input's order as it is now
+    assert df["t"].to_list() == ["new", "text 0", "edited", "text 3", "text 5"]  # kept: the input's values now
     assert (df["status"] == "ok").all()
     # and again: a finished job on an unchanged input is a no-op, in the same order
     assert run_job(spec, options()).status == "nothing_to_do"

@@ -408,6 +408,30 @@ def test_kept_columns_are_found_by_id_when_the_input_moved(tmp_path: Path) -> No
     assert positional.take(pa.array([0]), None).column("v").to_pylist() == [b"\x00"]  # back to the start
 
 
+def test_kept_jsonl_values_are_found_by_id_when_the_input_moved(tmp_path: Path) -> None:
+    """The same for a JSONL input's kept values, read back a line at a time (`KeptValues`), as given: a line
+    that is not an object, or is not JSON, has none."""
+    from batcher.sources import Source
+    from batcher.spec import InputSpec
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"rid": "new", "v": 0}\n\n{"rid": "a", "v": {"x": [1]}}\nnot json\n{"rid": "b", "v": "B"}\n'
+                   '[1, 2]\n{"rid": "c", "v": null}\n')
+    source = Source(InputSpec(path=src, id_column="rid", prompt="{{v}}"), ["v"])
+    cols = batcher.sinks.KeptValues(lambda: source.kept_rows(["v"]), ["v"], {"v": pa.string()},
+                                    all_ids=lambda: source.ids(pa.string()))
+    # positions as they were before "new" was prepended; "gone" was deleted since
+    assert cols.values(pa.array([0, 2, 4]), pa.array(["a", "b", "c"])) == {"v": [{"x": [1]}, "B", None]}
+    got = cols.take(pa.array([0, 1, 2, 3]), pa.array(["a", "b", "c", "gone"]))
+    assert got.column("v").to_pylist() == ['{"x":[1]}', "B", None, None]  # typed: mixed values as JSON text
+    # in step again: by position (a blank line is no row), and past the input's end as nulls
+    assert cols.values(pa.array([1, 3, 9]), pa.array(["a", "b", "x"])) == {"v": [{"x": [1]}, "B", None]}
+    positional = batcher.sinks.KeptValues(lambda: source.kept_rows(["v"]), ["v"], {"v": pa.string()})
+    assert positional.values(pa.array([2, 4]), None) == {"v": [None, None]}  # not JSON; not an object
+    assert positional.values(pa.array([0]), None) == {"v": [0]}  # back to the start
+    assert positional.reads == 5 + 1
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_jsonl_integer_beyond_int64_is_kept(make_spec, tmp_path: Path, fmt: str) -> None:
     big = 2**70

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import anyio
 import polars as pl
@@ -15,7 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from batcher import parse_spec, run_job
+from batcher.cli import main as cli_main
 from batcher.coordinator import Coordination, LeasedBudget, Pacer
+from batcher.errors import InputError
 from batcher.plan import make_plan
 from batcher.shards import place, plan_shards
 from batcher.sources import Source
@@ -67,6 +70,31 @@ def test_directory_of_parquet_files_is_one_input(make_spec, tmp_path: Path) -> N
     _same(tmp_path / "one.parquet", tmp_path / "many.parquet")
 
 
+def test_files_that_differ_in_a_kept_columns_type(make_spec, gateway, tmp_path: Path) -> None:
+    # pandas writes an int column with a null as double: the output column takes the type both fit in. Types
+    # with none in common (int64 and string) stop the run before any request, naming both files.
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"review_id": ["a", "b"], "text": ["good", "bad"], "stars": pa.array([1, 2])}),
+                   folder / "a.parquet")
+    pq.write_table(pa.table({"review_id": ["c", "d"], "text": ["fine", "meh"], "stars": pa.array([0.5, None])}),
+                   folder / "b.parquet")
+    out = tmp_path / "o.parquet"
+    spec = parse_spec(make_spec(input={"path": str(folder)}, output={"path": str(out), "keep_columns": ["stars"]}))
+    assert run_job(spec, options()).ok == 4
+    df = pl.read_parquet(out)
+    assert df.schema["stars"] == pl.Float64 and df["stars"].to_list() == [1.0, 2.0, 0.5, None]
+
+    pq.write_table(pa.table({"review_id": ["c", "d"], "text": ["fine", "meh"], "stars": ["x", "y"]}),
+                   folder / "b.parquet")
+    calls = gateway.stats.total
+    bad = parse_spec(make_spec(input={"path": str(folder)},
+                               output={"path": str(tmp_path / "o2.parquet"), "keep_columns": ["stars"]}))
+    with pytest.raises(InputError, match=r"'stars' is int64 in .*a\.parquet but string in .*b\.parquet"):
+        run_job(bad, options())
+    assert gateway.stats.total == calls
+
+
 def test_a_folder_holding_one_file(make_spec, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
@@ -98,10 +126,18 @@ def test_duplicate_ids_across_files_are_refused(make_spec, tmp_path: Path) -> No
         run_job(spec, options())
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "jsonl glob"])
 def test_shard_scans_add_up_to_the_whole_input(make_spec, tmp_path: Path, fmt: str) -> None:
     if fmt == "parquet":
         spec = parse_spec(make_spec())
+    elif fmt == "jsonl glob":
+        # errors name the file and its line, in a shard as in the whole input (a shard reads one file's part)
+        text = (SAMPLES / "reviews.jsonl").read_text().splitlines()
+        text[40] = "this is not json"
+        text[170] = json.dumps({**json.loads(text[170]), "text": None})
+        for k, (a, b) in enumerate(((0, 100), (100, 200), (200, 300))):
+            (tmp_path / f"part-{k}.jsonl").write_text("\n".join(text[a:b]) + "\n")
+        spec = parse_spec(make_spec(input={"path": str(tmp_path / "part-*.jsonl"), "id_column": None}))
     else:
         text = (SAMPLES / "reviews.jsonl").read_text().splitlines()
         text.insert(37, "")  # a blank line and a bad one shift line numbers but not positions
@@ -118,6 +154,11 @@ def test_shard_scans_add_up_to_the_whole_input(make_spec, tmp_path: Path, fmt: s
            for r in b]
     assert [(r.index, r.id, r.prompt, r.error) for r in got] == [(r.index, r.id, r.prompt, r.error) for r in expected]
     assert sum(s.rows for s in placed) == whole.check().rows
+    if fmt == "jsonl glob":
+        errors = [r.error for r in got if r.error]
+        assert len(errors) == 2
+        assert errors[0].startswith(f"{tmp_path / 'part-0.jsonl'}: line 41: not valid JSON")
+        assert errors[1].startswith(f"{tmp_path / 'part-1.jsonl'}: line 71: ") and "{{text}}" in errors[1]
 
 
 def test_import_batcher_and_a_local_run_never_import_ray(tmp_path: Path) -> None:
@@ -224,6 +265,14 @@ def test_output_path_ending_with_a_slash_is_a_folder_of_parquet_parts(make_spec,
     assert ds.equals(pl.read_parquet(tmp_path / "one.parquet").drop(TIMING))
 
 
+def test_output_flag_ending_with_a_slash_is_a_folder_of_parquet_parts(make_spec, tmp_path: Path) -> None:
+    spec = make_spec()
+    (tmp_path / "job.json").write_text(json.dumps(spec))
+    assert cli_main(["run", str(tmp_path / "job.json"), "--quiet", "--output", str(tmp_path / "ds") + "/"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["part-00000.parquet"]
+    assert pq.read_table(tmp_path / "ds").num_rows == 300
+
+
 @pytest.mark.parametrize("kind", ["folder", "glob"])
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_an_edited_folder_or_glob_input_resumes_by_id(make_spec, tmp_path: Path, kind: str, fmt: str) -> None:
@@ -259,3 +308,194 @@ def test_an_edited_folder_or_glob_input_resumes_by_id(make_spec, tmp_path: Path,
     write("p-3", [("k5", "f"), ("k6", "g")])
     with pytest.raises(Exception, match="changed since the run"):
         run_job(positional, options())
+
+
+def test_ray_flag_without_ray_installed_is_a_usage_error(make_spec, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: importing it raises ImportError
+    (tmp_path / "job.json").write_text(json.dumps(make_spec()))
+    assert cli_main(["run", str(tmp_path / "job.json"), "--ray", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "batcher: error: --ray needs Ray, which is not installed: pip install 'batcher[ray]'"
+
+
+def test_merging_the_shards_keeps_the_calls_their_spend_logs_hold(tmp_path: Path) -> None:
+    # Calls in flight when a worker died have no record in its shard's journal, only a line in its spend.log:
+    # merging the shards into the job's journal at the end of a run must not lose that line.
+    from batcher.budget import fold_spend
+    from batcher.shards import merge_journals
+
+    ok = {"_i": 0, "id": "a", "status": "ok", "cost_usd": 0.25}
+    for n, (journal, log) in enumerate([(json.dumps(ok) + "\n", '["a",0.5]\n'),
+                                        ("", '["b",0.5]\n{"carried":0.125}\n["c",0.5')]):  # c: torn, never sent
+        d = tmp_path / "shards" / f"{n:05d}"
+        d.mkdir(parents=True)
+        (d / "journal.jsonl").write_text(journal)
+        (d / "spend.log").write_text(log)
+    merge_journals(tmp_path)
+    assert not (tmp_path / "shards").exists()
+    # a's answer (0.25), b's call in flight at its worst case (0.5), what the shard carried (0.125)
+    assert fold_spend(tmp_path).spent == pytest.approx(0.25 + 0.5 + 0.125)
+
+
+@pytest.mark.parametrize("address", ["bogus-address", "127.0.0.1:notaport", "FREE_PORT", "ray://FREE_PORT"])
+def test_a_ray_address_that_is_malformed_or_where_nothing_listens_is_one_line_exit_2(
+        address: str, make_spec, tmp_path: Path, capsys) -> None:
+    # Ray itself raises a traceback for the first and retries the others forever, deaf to Ctrl-C (findings 7, 9)
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = f"127.0.0.1:{s.getsockname()[1]}"
+    address = address.replace("FREE_PORT", free)
+    (tmp_path / "job.json").write_text(json.dumps(make_spec()))
+    assert cli_main(["run", str(tmp_path / "job.json"), "--ray", address, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"batcher: error: --ray {address}: ") and "\n" not in err, err
+    assert not (tmp_path / "out" / ".t.parquet.batcher").exists()
+
+
+def test_ray_start_up_leaves_the_drivers_sigterm_handler_in_force() -> None:
+    # ray.init sets SIGTERM's handler (sys.exit(15), or a local head's crash dump and exit 1) through one helper:
+    # while batcher connects, the helper must leave batcher's handler alone (finding 15)
+    ray = pytest.importorskip("ray")
+    import signal
+
+    from batcher.distributed import _ray_keeps_off_sigterm
+
+    def ours(signum: int, frame: object) -> None:
+        pass
+
+    before = signal.signal(signal.SIGTERM, ours)
+    try:
+        with _ray_keeps_off_sigterm():
+            ray._private.utils.set_sigterm_handler(lambda signum, frame: None)
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _tricky_csv(path: Path, n: int = 400) -> Path:
+    """A CSV a newline cannot cut: values spanning lines (many), commas and quotes inside values, blank lines,
+    malformed records, CRLF endings, non-ASCII text and a BOM."""
+    out = ["id,text,rating"]
+    for i in range(n):
+        if i % 3 == 0:
+            out.append(f'k{i},"review {i} says:\nline two, with a comma\n""quoted"" line three",{i % 5}')
+        elif i % 37 == 5:
+            out.append(f"k{i},too,many,fields")
+        elif i % 41 == 7:
+            out.append("")
+            out.append(f"k{i},café ünïcode {i},2\r")
+        elif i % 53 == 11:
+            out.append(f"k{i}")
+        else:
+            out.append(f"k{i},plain text {i},{i % 5}")
+    path.write_bytes(b"\xef\xbb\xbf" + ("\n".join(out) + "\n").encode())
+    return path
+
+
+@pytest.mark.parametrize("ids", ["id", None])
+def test_csv_shards_cut_where_records_start_and_read_as_the_whole_file(make_spec, tmp_path: Path,
+                                                                        ids: str | None) -> None:
+    src = _tricky_csv(tmp_path / "r.csv")
+    spec = parse_spec(make_spec(input={"path": str(src), "id_column": ids, "prompt": "{{text}}"}))
+    whole = Source(spec.input, [])
+    expected = [r for b in whole.batches() for r in b]
+    shards = plan_shards(Source(spec.input, []), min_shards=7)
+    assert len(shards) >= 5
+    data = src.read_bytes()
+    # where a newline after each target offset would have cut: inside a quoted value, for some
+    naive = [data.index(b"\n", s.parts[0].start + 1) + 1 for s in shards[:-1]]
+    assert set(naive) != {s.parts[0].start for s in shards[1:]}
+    scans = [Source(spec.input, [], parts=s.parts).scan() for s in shards]
+    placed = place(shards, scans)
+    got = [r for s in placed for b in Source(spec.input, [], parts=s.parts, index_base=s.index_base).batches()
+           for r in b]
+    assert [(r.index, r.id, r.prompt, r.error) for r in got] == [(r.index, r.id, r.prompt, r.error) for r in expected]
+    assert any(r.error and r.error.startswith("line ") for r in got)
+    assert sum(s.rows for s in placed) == whole.check().rows == len(expected)
+    if ids:  # the ids each shard read, in order, are the file's
+        assert pa.concat_arrays([i for s in scans for i in s.ids]).to_pylist() == \
+            Source(spec.input, []).ids(pa.string()).drop_null().to_pylist()
+
+
+class _InProcess:
+    """A coordinator actor's handle, in this process: `await handle.method.remote(*args)` calls `Coordination`."""
+
+    def __init__(self, coordination: Coordination) -> None:
+        self.c = coordination
+
+    def __getattr__(self, name: str) -> SimpleNamespace:
+        method = getattr(self.c, name)
+
+        async def remote(*args: object) -> object:
+            if name == "heartbeat":  # the actor's long poll (`seen`, `wait_s`), cut short
+                wait_s = args[4] if len(args) > 4 else 0.0
+                await anyio.sleep(min(float(wait_s), 0.05))  # type: ignore[arg-type]
+                return method(*args[:3])
+            return method(*args)
+
+        return SimpleNamespace(remote=remote)
+
+
+def test_a_shard_resumed_within_the_run_counts_its_first_attempts_rows_as_this_runs(make_spec, tmp_path: Path) -> None:
+    # A worker killed mid-run is replaced and its shard resumes from its journal: the rows its first attempt
+    # answered are this run's (tokens, cost, calls in the summary), only an earlier run's are "done earlier".
+    pytest.importorskip("ray")
+    from batcher.distributed import RayJob, _ShardJob, _Task
+    from batcher.runner import RunResult
+    from batcher.sinks import read_journal
+
+    spec = parse_spec(make_spec(cache_dir=None))
+    source = Source(spec.input, [], spec.endpoint.api)
+    planned = plan_shards(source)
+    scans = [Source(spec.input, [], spec.endpoint.api, parts=s.parts).scan() for s in planned]
+    shard = place(planned, scans)[0]
+    assert shard.rows == 300
+    directory = tmp_path / "shard"
+    directory.mkdir()
+
+    def attempt(run: Coordination, limit: int | None) -> dict[str, object]:
+        task = _Task(shard, str(directory), pa.string(), 4)
+        job = _ShardJob(spec, options(limit=limit), task, _InProcess(run), "w0")
+        out: dict[str, object] = anyio.run(job.run_shard)
+        return out
+
+    attempt(Coordination(None, None, None), 100)  # an earlier run
+    this_run = Coordination(None, None, None)
+    attempt(this_run, 200)  # this run's first attempt, whose worker dies before the driver hears from it
+    res = RunResult(output=tmp_path / "o.parquet", status="finished")
+    RayJob._add(SimpleNamespace(result=res), attempt(this_run, None))  # type: ignore[arg-type]
+
+    mine = list(read_journal(directory / "journal.jsonl"))[100:]  # the earlier run's rows come first
+    assert (res.skipped, res.ok + res.errors) == (100, 200) == (100, len(mine))
+    assert res.ok == sum(r["status"] == "ok" for r in mine)
+    for key in ("prompt_tokens", "completion_tokens", "attempts"):
+        assert getattr(res, key) == sum(r.get(key) or 0 for r in mine), key
+    assert res.cost_usd == pytest.approx(sum(r.get("cost_usd") or 0.0 for r in mine))
+    assert "100 done earlier" in res.summary()
+
+
+def test_a_ray_summary_counts_the_errors_by_kind_as_one_process_does(make_spec, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    from batcher.distributed import RayJob, _ShardJob, _Task
+    from batcher.runner import RunResult
+
+    rows = [{"rid": f"r{i}", "text": None if i in (3, 7) else f"text {i}"} for i in range(12)]
+    data = write_jsonl(tmp_path / "in.jsonl", rows)
+    spec = parse_spec(make_spec(input={"path": str(data), "id_column": "rid", "prompt": "Classify: {{text}}"},
+                                output={"path": str(tmp_path / "one.parquet")}, cache_dir=None))
+    single = run_job(spec, options())
+    source = Source(spec.input, [], spec.endpoint.api)
+    planned = plan_shards(source, min_shards=2, target_rows=6)
+    scans = [Source(spec.input, [], spec.endpoint.api, parts=s.parts).scan() for s in planned]
+    run = Coordination(None, None, None)
+    res = RunResult(output=tmp_path / "one.parquet", status="finished")
+    for shard in place(planned, scans):
+        directory = tmp_path / f"shard{shard.number}"
+        directory.mkdir()
+        job = _ShardJob(spec, options(), _Task(shard, str(directory), pa.string(), 4), _InProcess(run), "w0")
+        RayJob._add(SimpleNamespace(result=res), anyio.run(job.run_shard))  # type: ignore[arg-type]
+    assert len(planned) == 2 and single.error_kinds == {"input": 2}
+    assert res.summary().split(";")[0] == single.summary().split(";")[0] == "10 ok, 2 error (2 input), 0 cached"

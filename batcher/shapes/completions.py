@@ -12,6 +12,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring  # json.dumps(str, ensure_ascii=False), without the call around it
 from typing import Any
 
 import pyarrow as pa
@@ -155,7 +156,7 @@ def cache_key(endpoint: str, body: dict[str, Any]) -> str:
     """A canonical hash of everything in `body` that determines the output (model, prompt, every sampling
     parameter, stop, n, seed, and orq's prompt/inputs/knowledge bases), plus the endpoint. Parameters at their
     default hash like omitted ones. Headers are not part of it, so neither is the API key."""
-    material: dict[str, Any] = {"endpoint": endpoint, "model": body.get("model"), "prompt": body.get("prompt")}
+    material: dict[str, Any] = {"endpoint": endpoint, "model": body.get("model")}
     for k in _KEY_FIELDS:
         if k in body:
             v = _normalised(k, body[k])
@@ -166,8 +167,42 @@ def cache_key(endpoint: str, body: dict[str, Any]) -> str:
         for k in ("prompt", "inputs", "knowledge_bases"):
             if orq.get(k) is not None:
                 material["orq." + k] = orq[k]
-    blob = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    prompt = body.get("prompt")
+    if type(prompt) is str:
+        # The rows of a job mostly differ in their prompt alone: the text around it is made once per distinct
+        # rest (with the values' types: 0 and 0.0 are equal but print differently). Same text, same key.
+        try:
+            frame_key = tuple((k, type(v), v) for k, v in material.items())
+            frame = _FRAMES.get(frame_key)
+        except TypeError:  # an unhashable value (a stop list, orq inputs): the whole text each time
+            pass
+        else:
+            if frame is None:
+                if len(_FRAMES) >= 256:
+                    _FRAMES.clear()
+                frame = _FRAMES[frame_key] = _frame(material)
+            return _digest(frame[0] + encode_basestring(prompt) + frame[1])
+    material["prompt"] = prompt
+    return _digest(_canonical(material))
+
+
+def _canonical(material: dict[str, Any]) -> str:
+    return json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def _digest(blob: str) -> str:
     return hashlib.blake2b(blob.encode(), digest_size=20).hexdigest()
+
+
+def _frame(material: dict[str, Any]) -> tuple[str, str]:
+    """The canonical text of `material` with a prompt, split where the prompt's JSON string goes (keys sort:
+    the ones before "prompt", then it, then the rest)."""
+    before = _canonical({k: v for k, v in material.items() if k < "prompt"})
+    after = {k: v for k, v in material.items() if k > "prompt"}
+    return before[:-1] + ',"prompt":', "," + _canonical(after)[1:] if after else "}"
+
+
+_FRAMES: dict[tuple[Any, ...], tuple[str, str]] = {}
 
 
 def _int(v: Any) -> int | None:

@@ -2,15 +2,16 @@
 coordinator actor holds the job-wide limits.
 
     driver (RayJob)                         coordinator actor          worker actors × W (ShardWorker)
-      pre-flight: plan shards, scan them ──▶ (Ray tasks, one per shard: ids, counts)
+      pre-flight: start the actors, plan ─────────────────────────▶  scan shards (ids, counts)
       dispatch shards to free workers ─────────────────────────────▶  _ShardJob: Source(shard) → Pool →
       progress bar ◀── snapshot ◀───────── heartbeats, leases ◀────▶    Journal (STATE/shards/N/journal.jsonl)
       merge the shards' journals, write the output once (sinks.finalize), as a single-process run does
 
 Only what must be job-wide crosses a process boundary, through the coordinator (`coordinator.py`): the rate
-limits and the budget in leases, the 429 pause and the stop flag in heartbeats, the progress counts. A worker
-that dies (SIGKILL, a lost node) is replaced and its shard resumes from its journal; so does every shard when
-the whole command is run again after the driver stopped. `limits.concurrency` is split between the workers.
+limits and the budget in leases, the 429 pause and the stop flag in heartbeats (a long poll: they arrive when
+they change), the progress counts. A worker that dies (SIGKILL, a lost node) is replaced and its shard resumes
+from its journal; so does every shard when the whole command is run again after the driver stopped.
+`limits.concurrency` is split between the workers.
 
 Imported only for a `--ray` run: `import batcher` and a local run never import Ray.
 """

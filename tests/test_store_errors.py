@@ -56,6 +56,12 @@ def refusing_store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    try:  # boto3's default session keeps the credentials it found first (an S3 test's, earlier in the run)
+        import boto3
+
+        monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
+    except ImportError:
+        pass
     real = storage.filesystem
     listing: bool = request.param
 

@@ -884,8 +884,7 @@ class _Job:
                 source = self.source
                 by_id = spec.input.id_column is not None or source.format == "openai_batch"
                 keep_from = KeptValues(lambda: source.kept_rows(self.keep), self.keep, info.keep_types,
-                                       all_ids=(lambda: source.ids(info.id_type)) if by_id else None,
-                                       max_row_bytes=info.max_row_bytes)
+                                       all_ids=(lambda: source.ids(info.id_type)) if by_id else None)
             self.result.kept_stats = keep_from
 
         def write(journal: Path, output: Path, fmt: str) -> int:

@@ -769,6 +769,10 @@ class InputColumns:
                 table = self._take_by_id(ids)
         return table.select(self.columns)
 
+    def row_bytes(self, position: int) -> float:
+        """What the kept values of the row at `position` are expected to take (`bytes_per_row`)."""
+        return self.bytes_per_row
+
     def values(self, positions: Any, ids: Any) -> dict[str, list[Any]]:
         """`take` as Python values, by column, mapped as JSONL output writes them."""
         table = self.take(positions, ids)
@@ -788,15 +792,16 @@ class InputColumns:
 class KeptValues:
     """A JSONL or CSV input's kept columns, read back by row position when the output is written, as
     `InputColumns` reads a Parquet input's: while the calls last, no row, answer or journal line holds them (500 KB
-    documents kept beside their summaries were C calls' worth of them, and the results waiting to be counted).
+    documents kept beside their summaries were C calls' worth of them, and the answers waiting to be counted).
 
     `rows()` starts a pass over the input (`Source.kept_rows`): (position, id, the kept values, bytes read) per
-    row, a row at a time, so what is held is the rows one slice of the output asks for; the sink sizes slices by
-    `bytes_per_row`, the longest line or record (`SourceInfo.max_row_bytes`). Rows are asked for in input order,
-    so one pass serves the whole output (it starts again when asked for an earlier row). With ids (`all_ids`:
-    every row's id, in order), the ids found at the journal's positions are checked against the journal's; if
-    the input was edited since (rows moved), the rows are found by id. Values come as given (`values`, for
-    JSONL output) or typed as the source typed the column (`take`, for Parquet output).
+    row, a row at a time. The sink asks for each row's size (`row_bytes`) as it builds a slice of the output, in
+    input order, so slices close by what their rows hold (one long document among short ones makes one short
+    slice, not short slices everywhere); those rows are held until `take` or `values` hands them over. One pass
+    serves the whole output (it starts again when asked for an earlier row). With ids (`all_ids`: every row's
+    id, in order), the ids found at the journal's positions are checked against the journal's; if the input was
+    edited since (rows moved), the rows are found by id. Values come as given (`values`, for JSONL output) or
+    typed as the source typed the column (`take`, for Parquet output).
     """
 
     def __init__(
@@ -806,72 +811,65 @@ class KeptValues:
         types: Mapping[str, pa.DataType],
         *,
         all_ids: Callable[[], pa.Array] | None = None,
-        max_row_bytes: int = 0,
     ) -> None:
         self._rows = rows
         self.columns = columns
         self.types = {c: types[c] for c in columns}
         self._all_ids_of = all_ids
         self._all_ids: pa.Array | None = None
-        self._max_row_bytes = max_row_bytes
-        self._per_row_seen = 0
+        self._ahead: dict[int, tuple[Any, list[Any] | None, int]] = {}  # rows sized, not yet taken
         self.reads = 0  # rows read back
         self.max_read_bytes = 0  # the most bytes one read (a row) held
         self._restart()
-
-    @property
-    def bytes_per_row(self) -> float:
-        """The most bytes a row's kept values take, as far as is known (the longest line, then reads)."""
-        return float(max(self._max_row_bytes, self._per_row_seen, 1))
 
     def _restart(self) -> None:
         self._pass = self._rows()
         self._next = 0  # the position after the last row read
         self._exhausted = False
 
-    def _take_sorted(self, positions: list[int | None]) -> tuple[list[Any], list[list[Any]]]:
-        """(ids, values by column) of the rows at ascending `positions` (None, sorted last, or past the input's
-        end: a row of nulls, with a null id)."""
-        known = [p for p in positions if p is not None]
-        if known and known[0] < self._next:
+    def _read_to(self, position: int) -> tuple[Any, list[Any] | None, int]:
+        """(id, values, bytes) of the row at `position`; (None, None, 0) past the input's end."""
+        if position < self._next:
             self._restart()
-        ids: list[Any] = []
-        values: list[list[Any]] = [[] for _ in self.columns]
-        nulls = [None] * len(self.columns)
-        found: tuple[Any, list[Any] | None] = (None, None)
-        last: int | None = None
-        for p in positions:
-            if p is None or p != last:
-                found = (None, None)
-                while p is not None and p >= self._next and not self._exhausted:
-                    row = next(self._pass, None)
-                    if row is None:
-                        self._exhausted = True
-                        break
-                    index, row_id, row_values, size = row
-                    self._next = index + 1
-                    self.reads += 1
-                    self.max_read_bytes = max(self.max_read_bytes, size)
-                    self._per_row_seen = max(self._per_row_seen, size)
-                    if index == p:
-                        found = (row_id, row_values)
-                last = p
-            ids.append(found[0])
-            for column, value in zip(values, found[1] or nulls, strict=True):
-                column.append(value)
-        return ids, values
+        while not self._exhausted and self._next <= position:
+            row = next(self._pass, None)
+            if row is None:
+                self._exhausted = True
+                break
+            index, row_id, values, size = row
+            self._next = index + 1
+            self.reads += 1
+            self.max_read_bytes = max(self.max_read_bytes, size)
+            if index == position:
+                return row_id, values, size
+        return None, None, 0
+
+    def _row(self, position: int | None) -> tuple[Any, list[Any] | None, int]:
+        if position is None:
+            return None, None, 0
+        got = self._ahead.get(position)
+        if got is None:
+            got = self._ahead[position] = self._read_to(position)
+        return got
+
+    def row_bytes(self, position: int) -> float:
+        """The bytes read for the row at `position` (its line or record: what its kept values take, at most),
+        read now and held for `take`."""
+        return float(self._row(position)[2])
 
     def _lookup(self, positions: Any, ids: Any) -> list[list[Any]]:
-        found, values = self._take_sorted(positions.to_pylist())
-        if self._all_ids_of is None or found == ids.to_pylist():
-            return values
-        if self._all_ids is None:
-            self._all_ids = self._all_ids_of()
-        at = pc.index_in(ids, value_set=self._all_ids)
-        order = pc.sort_indices(at)  # nulls (ids no longer in the input) last
-        _, values = self._take_sorted(pc.take(at, order).to_pylist())
-        back = pc.sort_indices(order).to_pylist()
-        return [[column[i] for i in back] for column in values]
+        rows = [self._row(p) for p in positions.to_pylist()]
+        if self._all_ids_of is not None and [r[0] for r in rows] != ids.to_pylist():
+            if self._all_ids is None:
+                self._all_ids = self._all_ids_of()
+            at = pc.index_in(ids, value_set=self._all_ids)
+            order = pc.sort_indices(at)  # nulls (ids no longer in the input) last: in input order, one pass
+            found = [self._row(p) for p in pc.take(at, order).to_pylist()]
+            rows = [found[i] for i in pc.sort_indices(order).to_pylist()]
+        self._ahead.clear()  # handed over: the slice holds them now
+        nulls = [None] * len(self.columns)
+        return [list(column) for column in zip(*((r[1] or nulls) for r in rows), strict=True)] if rows \
+            else [[] for _ in self.columns]
 
     def take(self, positions: Any, ids: Any) -> pa.Table:
         """The kept columns of the rows at `positions` (the journal's `_i`), whose ids are `ids`, typed."""
@@ -1051,15 +1049,20 @@ def written_by_batcher(output: Path) -> bool:
     return OUTPUT_MARKER in metadata
 
 
+def _position(line: bytes) -> int:
+    """A journal line's row position: it starts with `{"_i":N,` (see `ordered_lines`)."""
+    return int(line[6 : line.index(b",", 6)])
+
+
 def _slices(lines: Iterable[bytes], max_rows: int, max_bytes: float,
-            extra: Callable[[], float]) -> Iterator[list[bytes]]:
+            extra: Callable[[bytes], float]) -> Iterator[list[bytes]]:
     """Journal lines in slices of at most `max_rows` lines and about `max_bytes`: a line counts its own bytes
-    plus `extra()`, what its row's kept values read back from the input are expected to take."""
+    plus `extra(line)`, what its row's kept values read back from the input take (or are expected to)."""
     chunk: list[bytes] = []
     held = 0.0
     for line in lines:
         chunk.append(line)
-        held += len(line) + extra()
+        held += len(line) + extra(line)
         if len(chunk) >= max_rows or held >= max_bytes:
             yield chunk
             chunk, held = [], 0.0
@@ -1106,8 +1109,8 @@ def finalize(
     stats = stats if stats is not None else WriteStats()
     share = max_bytes / 4
 
-    def extra() -> float:
-        return keep_from.bytes_per_row if keep_from is not None else 0.0
+    def extra(line: bytes) -> float:
+        return keep_from.row_bytes(_position(line)) if keep_from is not None else 0.0
 
     if keep and keep_from is None and fmt != "openai_batch":
         raise ValueError("kept columns are read back from the input: finalize needs keep_from")

@@ -85,9 +85,6 @@ class SourceInfo:
     rows: int
     id_type: pa.DataType
     keep_types: dict[str, pa.DataType]
-    # JSONL and CSV: the bytes of the longest line or record, which bound what one row's kept values take when
-    # the sink reads them back (`kept_rows`); 0 for Parquet, whose footer says it per row group
-    max_row_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +118,6 @@ class Scan:
     id_type: pa.DataType | None = None  # Parquet
     keep_types: dict[str, pa.DataType] = field(default_factory=dict)  # Parquet
     keep_files: dict[str, str] = field(default_factory=dict)  # Parquet: the file each kept type was read from
-    longest: int = 0  # JSONL: the bytes of the longest line
 
     def merge(self, other: Scan) -> None:
         self.rows += other.rows
@@ -129,7 +125,6 @@ class Scan:
         self.ids += other.ids
         self.id_values += other.id_values
         self.no_id += other.no_id
-        self.longest = max(self.longest, other.longest)
         self.seen_keys |= other.seen_keys
         for c, kinds in other.keep_kinds.items():
             self.keep_kinds.setdefault(c, set()).update(kinds)
@@ -485,11 +480,9 @@ class Source:
         keep_types: dict[str, set[str]] = {c: set() for c in self.keep_columns}
         id_col = self.id_name if (self.spec.id_column or self.format == "openai_batch") else None
         self._raw_lines: list[int] = []
-        longest = 0
-        for _lineno, obj, suspect, size, where in self._lines():
+        for _lineno, obj, suspect, _size, where in self._lines():
             at = where or f"{self.shown}: "
             rows += 1
-            longest = max(longest, size)
             if not isinstance(obj, dict):
                 continue  # becomes an error row
             if self.format == "openai_batch":
@@ -520,7 +513,7 @@ class Source:
                     big = type(v) is int and not -(2**63) <= v < 2**63
                     keep_types[c].add("bigint" if big else type(v).__name__)
         return Scan(rows=rows, lines=self._raw_lines, id_values=ids, seen_keys=seen_keys, keep_kinds=keep_types,
-                    no_id=no_id, longest=longest)
+                    no_id=no_id)
 
     def _jsonl_info(self, scan: Scan) -> SourceInfo:
         rows, ids, seen_keys, no_id = scan.rows, scan.id_values, scan.seen_keys, scan.no_id
@@ -556,7 +549,7 @@ class Source:
                 types[c] = py_to_arrow[next(iter(kinds_))]
             else:
                 types[c] = pa.string()  # nested or mixed values are kept as JSON text
-        return SourceInfo(rows=rows, id_type=id_type, keep_types=types, max_row_bytes=scan.longest)
+        return SourceInfo(rows=rows, id_type=id_type, keep_types=types)
 
     # -- CSV / TSV (every column read as text: csv_input.py says why) -------------------------------------
 
@@ -595,7 +588,7 @@ class Source:
         ids = [pa.chunked_array(chunks, type=id_type).combine_chunks()] if self.spec.id_column else []
         # lines: a CSV part's line base comes from the pre-flight pass (`place` keeps it)
         return Scan(rows=rows, lines=[0] * len(self.parts), ids=ids, id_type=id_type,
-                    keep_types={c: pa.string() for c in self.keep_columns}, longest=csv_file.longest or 0)
+                    keep_types={c: pa.string() for c in self.keep_columns})
 
     def _csv_info(self, scan: Scan) -> SourceInfo:
         id_type = scan.id_type or pa.int64()
@@ -605,8 +598,7 @@ class Source:
             if empty:
                 raise InputError(f"{self.shown}: {empty} row(s) have an empty id {self.spec.id_column!r}")
             self._check_ids(ids)
-        return SourceInfo(rows=scan.rows, id_type=id_type, keep_types={c: pa.string() for c in self.keep_columns},
-                          max_row_bytes=scan.longest)
+        return SourceInfo(rows=scan.rows, id_type=id_type, keep_types={c: pa.string() for c in self.keep_columns})
 
     def _csv_batches(self, done_ids: pa.Array | None) -> Iterator[list[SourceRow]]:
         columns = self._needed(keep=False)

@@ -106,16 +106,19 @@ def make_long_parquet(path: Path, rows: int, chars: int) -> Path:
     return path
 
 
-def make_long_jsonl(path: Path, rows: int, chars: int) -> Path:
-    """The same documents as `make_long_parquet`, as JSONL lines `{"id": i, "text": ...}`, written a line at a
-    time."""
-    if path.exists() and sum(1 for _ in path.open("rb")) == rows:
+def make_long_lines(path: Path, rows: int, chars: int) -> Path:
+    """The same documents as `make_long_parquet`, as JSONL lines `{"id": i, "text": ...}` or CSV records
+    `i,text` (by the path's suffix), written a row at a time."""
+    if path.exists() and sum(1 for _ in path.open("rb")) == rows + (path.suffix == ".csv"):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
+        if path.suffix == ".csv":
+            f.write("id,text\n")  # the documents hold no comma, quote or newline
         for i in range(rows):
-            f.write(json.dumps({"id": i, "text": long_text(i, chars)}) + "\n")
+            text = long_text(i, chars)
+            f.write(f"{i},{text}\n" if path.suffix == ".csv" else json.dumps({"id": i, "text": text}) + "\n")
     tmp.replace(path)
     return path
 

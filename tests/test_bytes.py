@@ -283,6 +283,27 @@ def test_kept_jsonl_and_csv_values_are_read_back_at_the_end_not_carried_by_the_c
     assert values == [_text(i, 20_000) for i in range(60)]
 
 
+def test_one_long_kept_value_makes_one_short_slice_not_short_slices_everywhere(
+    make_spec, gateway: Gateway, tmp_path: Path
+) -> None:
+    # 2,000 short rows and one 200 KB document: slices close by what their rows' kept values take, read ahead as
+    # the slice is built, so the long row goes alone and the short rows still come ~16 KB at a time.
+    inp = tmp_path / "docs.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "text": _text(i, 200_000 if i == 700 else 40)}) + "\n"
+                           for i in range(2_000)))
+    out = tmp_path / "out" / "out.parquet"
+    spec = parse_spec(make_spec(
+        input={"path": str(inp), "id_column": "id", "prompt": "Summarise:\n\n{{text}}", "batch_bytes": BUDGET},
+        output={"path": str(out), "keep_columns": ["text"]},
+    ))
+    result = run_job(spec, options())
+    assert result.status == "finished" and result.ok == 2_000
+    written = result.write_stats
+    assert written is not None and written.max_group_bytes <= BUDGET + 200_100  # the long row's group
+    assert written.slices < 100  # ~2,000 x 500 bytes / 16 KB, and the long row's own; sized by the longest: 2,000
+    assert pq.read_table(out).column(KEPT).to_pylist() == [_text(i, 200_000 if i == 700 else 40) for i in range(2_000)]
+
+
 # -- CSV: Arrow reads up to 32 blocks ahead, so the block is sized from the longest record ------------------------
 
 

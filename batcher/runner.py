@@ -897,6 +897,16 @@ class _Job:
             written = write_parts(journal, self.output, self._part_starts(), lambda j, o: write(j, o, "parquet"))
         else:
             written = write(journal, self.output, self.fmt)
+        answered = self.result.skipped + self.result.ok + self.result.errors
+        if written < answered:
+            # The journal holds rows the output lacks (a merge or a read that missed some): never call that
+            # finished, or the rerun would be a no-op over an incomplete file. The journal stays as it is.
+            self.state.status = "partial"
+            self.state.save()
+            raise OutputError(
+                f"wrote {written} rows to {storage.shown(self.remote_output or str(self.output))} but {answered} are answered in the journal: the output "
+                f"is incomplete; the journal in {self.state.directory} keeps every answer: rerun the same command "
+                "to write it again")
         if self.remote_output is not None:
             self._check_lease()  # another run owns the job now: its output, not ours
             storage.upload(self.output, self.remote_output)

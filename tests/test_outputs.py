@@ -19,6 +19,7 @@ import yaml
 
 import batcher.sinks
 from batcher import SpecError, parse_spec, run_job
+from batcher.errors import OutputError
 from batcher.cli import main
 from batcher.gateway import Gateway, GatewayConfig, serve_in_thread
 from batcher.sinks import RESULT_COLUMNS
@@ -460,3 +461,28 @@ def test_jsonl_kept_lone_surrogate(make_spec, tmp_path: Path, fmt: str) -> None:
         assert pq.read_table(out).column("s").to_pylist() == ["ok\ufffd", '{"e":"\ufffd"}']
     else:
         assert [_strict(x)["s"] for x in out.read_text().splitlines()] == ["ok\ud83d", {"e": "\ud83d"}]
+
+
+def test_an_output_short_of_the_journal_is_not_finished(make_spec, gateway: Gateway, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard behind every final write: fewer rows written than answered is exit 4, never "finished" (which
+    would make the rerun a no-op over an incomplete file). The loss is injected by a final write that reads a
+    journal missing its last line, as a merge that missed a shard would; the rerun writes everything, no call."""
+    import batcher.runner as runner_mod
+
+    real = runner_mod.finalize
+
+    def lossy(journal: Path, output: Path, *a: object, **kw: object) -> int:
+        short = journal.with_name("short.jsonl")
+        short.write_bytes(b"".join(journal.read_bytes().splitlines(keepends=True)[:-1]))
+        return real(short, output, *a, **kw)
+
+    spec = parse_spec(make_spec())
+    monkeypatch.setattr(runner_mod, "finalize", lossy)
+    with pytest.raises(OutputError, match=r"wrote 299 rows .* but 300 are answered"):
+        run_job(spec, options())
+    monkeypatch.setattr(runner_mod, "finalize", real)
+    again = run_job(spec, options())
+    assert again.status == "finished" and again.skipped == 300 and again.ok == 0
+    assert pq.read_metadata(spec.output.path).num_rows == 300
+    assert gateway.stats.total == 300

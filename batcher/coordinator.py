@@ -15,7 +15,10 @@ rate holds however the calls are spread, and a worker asks again only every `lea
 died or ran out of work) expires and its share goes back. Budget chunks work the same way for dollars: the
 chunks granted never add up to more than the cap minus what earlier runs spent, and a worker spends only from
 its chunk, so the cap holds without a round trip per call; what is left of a chunk is given back when the
-shard ends. The 429 pause and the stop flag reach the workers the same way without polling: each worker's
+shard ends, or when the worker's next row does not fit it (the ask for more carries it). A worker whose row does
+not fit what is left of the cap, with nothing in flight, is *starved*: it asks again every `STARVED_POLL_S`, and
+the job's budget is reached only once every worker with work is starved and none of their rows fits, which is
+where one process stops (no dollars stranded in another worker's chunk). The 429 pause and the stop flag reach the workers the same way without polling: each worker's
 heartbeat waits at the coordinator until one of them changes (`version`), so they arrive within a round trip,
 and a worker costs one call a second when there is none (the Ray actor holds the waiting calls).
 

@@ -312,9 +312,12 @@ def test_dollars_a_call_frees_while_its_worker_asks_go_back_before_it_starves() 
         assert await b.areserve(0.45)
         b.settle(0.45, 0.45, answered=True)
         ends: dict[str, bool] = {}
+        b_done = anyio.Event()
         async with anyio.create_task_group() as tg:
             async def row(name: str, budget: LeasedBudget, worst: float) -> None:
                 ends[name] = await budget.areserve(worst)
+                if name == "b":
+                    b_done.set()
 
             tg.start_soon(row, "b", b, 0.2)  # 0.05 left: b is starved while a's call is in flight
             await anyio.sleep(0.05)
@@ -324,8 +327,7 @@ def test_dollars_a_call_frees_while_its_worker_asks_go_back_before_it_starves() 
             a.settle(0.45, 0.2, answered=True)  # 0.25 freed at a
             tg.start_soon(row, "a2", a, 0.3)  # a's next row does not fit 0.25: a gives it back and waits
             with anyio.fail_after(5):
-                while "b" not in ends:
-                    await anyio.sleep(0.01)
+                await b_done.wait()
             assert ends["b"] and not c.budget_exhausted  # ... and b's row fitted what a gave back
             b.settle(0.2, 0.2, answered=True)
             tg.start_soon(row, "b2", b, 0.3)  # 0.05 left, neither row fits: both starved, the budget's end

@@ -15,7 +15,10 @@ rate holds however the calls are spread, and a worker asks again only every `lea
 died or ran out of work) expires and its share goes back. Budget chunks work the same way for dollars: the
 chunks granted never add up to more than the cap minus what earlier runs spent, and a worker spends only from
 its chunk, so the cap holds without a round trip per call; what is left of a chunk is given back when the
-shard ends. The 429 pause and the stop flag reach the workers the same way without polling: each worker's
+shard ends, or when the worker's next row does not fit it (the ask for more carries it). A worker whose row does
+not fit what is left of the cap, with nothing in flight, is *starved*: it asks again every `STARVED_POLL_S`, and
+the job's budget is reached only once every worker with work is starved and none of their rows fits, which is
+where one process stops (no dollars stranded in another worker's chunk). The 429 pause and the stop flag reach the workers the same way without polling: each worker's
 heartbeat waits at the coordinator until one of them changes (`version`), so they arrive within a round trip,
 and a worker costs one call a second when there is none (the Ray actor holds the waiting calls).
 
@@ -40,6 +43,9 @@ __all__ = ["Coordination", "LeasedBudget", "LeasedCooldown", "LeasedLimits", "Pa
 
 Call = Callable[..., Awaitable[Any]]
 
+# A starved worker asks again this often; one that has not asked for this long is gone (killed, replaced)
+STARVED_POLL_S = 0.1
+STARVED_FRESH_S = 2.0
 PROGRESS_KEYS = ("rows", "ok", "errors", "cached", "skipped", "attempts", "prompt_tokens", "completion_tokens",
                  "cost_usd", "unpriced")
 
@@ -71,6 +77,7 @@ class Coordination:
     clock: Callable[[], float] = time.time
     leases: dict[str, _Held] = field(default_factory=dict)
     granted_usd: dict[str, float] = field(default_factory=dict)
+    starving: dict[str, tuple[float, float]] = field(default_factory=dict)  # worker -> (its row's need, when)
     spent_usd: float = 0.0  # reported by workers; informational (the cap is held by the chunks)
     pause_until: float = 0.0  # wall clock: no worker sends before this (a 429's Retry-After)
     stopping: bool = False
@@ -111,22 +118,50 @@ class Coordination:
 
     # -- budget -------------------------------------------------------------------------------------------
 
-    def budget(self, worker: str, want: float, give_back: float = 0.0, spent: float = 0.0) -> float:
-        """Grant up to `want` dollars (0 when the cap's remainder is smaller than `want`: the worker stops)."""
+    def budget(self, worker: str, want: float, give_back: float = 0.0, spent: float = 0.0, need: float = 0.0
+               ) -> float:
+        """Take back `give_back`, then grant up to `want` dollars and at least `need` (the worst case of the row
+        that asks), or nothing when less than `need` is left: the worker then waits for its own calls in flight,
+        or, with none, says it is `starved`. A grant is never refused for want of a whole chunk: what is left
+        of the cap may be less, and a row that fits it is sent, as one process sends it."""
         self.budget_calls += 1
         self.spent_usd += spent
         mine = self.granted_usd.get(worker, 0.0) - give_back
         self.granted_usd[worker] = max(0.0, mine)
         if self.max_cost_usd is None:
             return math.inf
-        room = self.max_cost_usd - self.spent_before - sum(self.granted_usd.values())
         if want <= 0:
+            self.starving.pop(worker, None)  # done with its shard
             return 0.0
-        if room + 1e-12 < want:
+        room = self._room()
+        if room + 1e-12 < min(need if need > 0 else want, want):
+            return 0.0
+        got = max(0.0, min(want, room))
+        self.granted_usd[worker] += got
+        self.starving.pop(worker, None)
+        return got
+
+    def starved(self, worker: str, need: float) -> bool:
+        """A worker with nothing in flight and no dollars of its own left, whose next row (worst case `need`)
+        does not fit what is left of the cap. True once the job's budget is reached: every worker that still
+        has work is starved (so none holds dollars a row could use: each gave its rest back before asking) and
+        no starved row fits what is left. Until then the worker asks again, as one process waits for its calls
+        in flight: another worker may give dollars back."""
+        now = self.clock()
+        self.starving[worker] = (need, now)
+        for w in [w for w, (_, t) in self.starving.items() if now - t > STARVED_FRESH_S]:
+            del self.starving[w]  # a worker that stopped asking (killed, replaced)
+        if self.max_cost_usd is None:
+            return False
+        room = self._room()
+        if (not self.budget_exhausted and len(self.starving) >= self.expected
+                and all(room + 1e-12 < n for n, _ in self.starving.values())):
             self.budget_exhausted = True
-            return 0.0
-        self.granted_usd[worker] += want
-        return want
+        return self.budget_exhausted
+
+    def _room(self) -> float:
+        assert self.max_cost_usd is not None
+        return self.max_cost_usd - self.spent_before - sum(self.granted_usd.values())
 
     # -- shards ------------------------------------------------------------------------------------------
 
@@ -288,6 +323,8 @@ class LeasedBudget(Budget):
         self.used = 0.0  # reserved + spent from them
         self._unreported = 0.0
         self._lock = anyio.Lock()
+        # True once the worker stops sending (a stop, a refused key): a row waiting for dollars gives up
+        self.give_up: Callable[[], bool] = lambda: False
 
     def reserve(self, worst: float) -> bool:
         if self.cap is None:
@@ -300,15 +337,33 @@ class LeasedBudget(Budget):
         return True
 
     async def areserve(self, worst: float) -> bool:
+        """Reserve `worst`, from this worker's dollars or new ones. False while this worker's own calls in flight
+        may free enough (the caller waits for them), or once the job's budget is reached. With nothing in flight
+        here it waits for the other workers instead: a row that fits the job's cap is not refused because
+        another worker holds the dollars (that one gives them back when its own next row does not fit)."""
         if self.cap is None:
             return True
         async with self._lock:
-            if self.reserve(worst):
-                return True
-            want = max(self.chunk, worst - (self.granted - self.used))
-            got: float = await self._call("budget", self._worker, want, 0.0, self._take_unreported())
-            self.granted += got
-            return self.reserve(worst)
+            while not self.reserve(worst):
+                # what is left here goes back with the ask: kept, it could strand a row another worker can send
+                free = max(0.0, self.granted - self.used)
+                self.granted -= free
+                got: float = await self._call("budget", self._worker, max(self.chunk, worst), free,
+                                              self._take_unreported(), worst)
+                self.granted += got
+                if got:
+                    continue
+                if self.in_flight or self.give_up():
+                    return False
+                if self.granted - self.used > 1e-12:
+                    # a call settled while we asked and left dollars here: they fit this row, or go back first
+                    # (a starved worker holding dollars would stop the job while a row still fits)
+                    continue
+                if await self._call("starved", self._worker, worst):
+                    return False
+                with anyio.move_on_after(STARVED_POLL_S):
+                    await self.changed()
+            return True
 
     def settle(self, worst: float, actual: float | None, *, answered: bool) -> None:
         if self.cap is None:

@@ -193,9 +193,13 @@ class _CoordinatorActor:
         with self._news:
             self.c.release(worker)
 
-    def budget(self, worker: str, want: float, give_back: float, spent: float) -> float:
+    def budget(self, worker: str, want: float, give_back: float, spent: float, need: float = 0.0) -> float:
         with self._news:
-            return self.c.budget(worker, want, give_back, spent)
+            return self.c.budget(worker, want, give_back, spent, need)
+
+    def starved(self, worker: str, need: float) -> bool:
+        with self._news:
+            return self.c.starved(worker, need)
 
     def earlier(self, shard: int, journaled: int) -> int:
         with self._news:
@@ -275,6 +279,7 @@ class _ShardJob(_Job):
         # a chunk: a few dozen calls' worth at the worst case is unknown here; a small share of the cap is not
         chunk = 0.0 if cap is None else cap / 64
         self.leased_budget = LeasedBudget(self._call, worker, cap, chunk)
+        self.leased_budget.give_up = lambda: self.caller.halted or self.caller.budget_hit
         self.budget = self.caller.budget = self.leased_budget
         self._sent: dict[str, float] = dict.fromkeys(PROGRESS_KEYS, 0.0)
         self._seen = -1  # the coordinator's version this worker has acted on
@@ -753,7 +758,10 @@ class RayJob(_Job):
                         coordinator.stop.remote()
                     if out["budget_hit"]:
                         self._budget = True
-                        self.caller.needed = max(self.caller.needed or 0.0, out["needed"] or 0.0)
+                        # the cheapest row that did not fit (every worker with work was starved: none fitted):
+                        # a rerun under the same cap refuses at once, no request, while even that one does not
+                        needed = [x for x in (self.caller.needed, out["needed"]) if x]
+                        self.caller.needed = min(needed) if needed else 0.0
                     if out["interrupted"]:
                         self._interrupt = True
                 shown = self._show(coordinator, shown)

@@ -116,21 +116,38 @@ def test_ray_rate_limit_holds_job_wide_with_four_workers(make_spec, gateway: Gat
     assert worst <= 1.05 * rpm / 6, worst
 
 
-def test_ray_budget_cap_is_never_passed(make_spec, tmp_path: Path) -> None:
+def test_ray_budget_cap_is_never_passed(make_spec, gateway: Gateway, tmp_path: Path) -> None:
     cap = 0.002  # about half of what the 300 rows cost
-    spec = parse_spec(make_spec(output={"path": str(tmp_path / "o.parquet")}, limits={"concurrency": 8,
-                                                                                        "max_cost_usd": cap}))
+    limits = {"concurrency": 8, "max_cost_usd": cap}
+    one = parse_spec(make_spec(output={"path": str(tmp_path / "one.parquet")}, limits=limits, cache_dir=None))
+    spec = parse_spec(make_spec(output={"path": str(tmp_path / "o.parquet")}, limits=limits, cache_dir=None))
+    alone = run_job(one, options())
+    assert alone.status == "budget", alone.message
+    # the worst case of every row one process sent (its spend.log, not folded until a rerun) and of the one
+    # that did not fit: how far apart two stops at "the next row does not fit" may be
+    state = tmp_path / ".one.parquet.batcher"
+    worst = max([json.loads(line)[1] for line in (state / "spend.log").read_text().splitlines()]
+                + [json.loads((state / "budget.json").read_text())["needed"]])
+    spent_alone = pl.read_parquet(tmp_path / "one.parquet")["cost_usd"].fill_null(0).sum()
+
     res = run_job(spec, options(ray="local", workers=4))
     assert res.status == "budget" and res.exit_code == 7, res.message
     df = pl.read_parquet(tmp_path / "o.parquet")
     spent = df["cost_usd"].fill_null(0).sum()
     assert 0 < spent <= cap
     assert 0 < df.height < 300
-    # a rerun under the same cap sends at most the rows that still fit (what the workers' unspent chunks left),
-    # and the job's spend stays under the cap
+    # the run stopped only when no worker's next row fitted what was left of the cap (finding 4: dollars
+    # stranded in other workers' chunks stopped it early): the cheapest row that did not fit does not fit
+    needed = json.loads((tmp_path / ".o.parquet.batcher" / "budget.json").read_text())["needed"]
+    assert spent + needed > cap, (spent, needed, cap)
+    # ... so it spent what one process spends on the same input and cap, to within one row's worst case
+    assert abs(spent - spent_alone) <= worst, (spent, spent_alone, worst)
+    # a rerun under the same cap stops at once, as one process's does: exit 7, no request
+    gateway.stats.reset()
     again = run_job(spec, options(ray="local", workers=4))
-    assert again.status == "budget", again.message
-    assert 0 < pl.read_parquet(tmp_path / "o.parquet")["cost_usd"].fill_null(0).sum() <= cap
+    assert again.status == "budget" and again.exit_code == 7, again.message
+    assert "no request made" in again.message and gateway.stats.total == 0
+    assert pl.read_parquet(tmp_path / "o.parquet")["cost_usd"].fill_null(0).sum() == pytest.approx(spent)
 
 
 def _shard_workers() -> list[Any]:

@@ -206,7 +206,8 @@ def test_rate_shares_never_add_up_past_the_limit() -> None:
 def test_budget_chunks_never_pass_the_cap() -> None:
     c = Coordination(None, None, 1.0, spent_before=0.25)
     granted = [c.budget(f"w{i % 3}", 0.1) for i in range(20)]
-    assert sum(granted) <= 0.75 + 1e-9 and granted.count(0.0) > 0 and c.budget_exhausted
+    assert sum(granted) <= 0.75 + 1e-9 and granted.count(0.0) > 0
+    assert not c.budget_exhausted  # a refused grant alone is not the job's budget: the worker may be starved
     c.budget("w0", 0.0, give_back=0.1)
     assert c.budget("w1", 0.1) == 0.1
 
@@ -225,6 +226,113 @@ def test_leased_budget_reserves_from_its_chunk() -> None:
         await b.close()
         assert abs(c.granted_usd["w"] - 0.05) < 1e-9  # what it spent stays counted; the rest went back
         assert not await b.areserve(2.0)
+
+    anyio.run(main)
+
+
+def test_the_job_budget_is_reached_only_when_every_worker_is_starved() -> None:
+    # finding 4: a worker that could not fit its row stopped the run while others held unused chunks
+    clock = Clock()
+    c = Coordination(None, None, 1.0, expected=2, clock=clock)
+    assert c.budget("w0", 0.5) == 0.5 and c.budget("w1", 0.45) == 0.45  # 0.05 left
+    assert c.budget("w1", 0.1, need=0.04) == pytest.approx(0.05)  # less than a chunk, still the row's need
+    assert c.budget("w1", 0.1, need=0.1) == 0.0 and not c.starved("w1", 0.1)  # w0 still holds 0.5
+    c.budget("w0", 0.1, give_back=0.4, need=0.2)  # w0's row does not fit its chunk: its rest goes back
+    assert c.budget("w1", 0.1, need=0.1) == 0.1  # ... and fits w1's row
+    assert not c.starved("w1", 0.35)  # w0 has not said it is starved
+    assert c.starved("w0", 0.35) and c.budget_exhausted and c.starved("w1", 0.35)
+    # a row that fits what is left is never starved, even when every worker asks
+    d = Coordination(None, None, 1.0, expected=2, clock=clock)
+    assert not d.starved("w0", 0.5) and not d.starved("w1", 1.0)
+    # a starved worker that stops asking (killed, replaced) does not count
+    e = Coordination(None, None, 1.0, expected=2, clock=clock)
+    e.starved("dead", 2.0)
+    clock.t += 5
+    assert not e.starved("w0", 2.0)
+
+
+def test_a_worker_whose_row_does_not_fit_waits_for_the_others_dollars() -> None:
+    c = Coordination(None, None, 1.0, expected=2)
+
+    async def call(method: str, *args: object) -> object:
+        return getattr(c, method)(*args)
+
+    async def main() -> None:
+        a = LeasedBudget(call, "a", cap=1.0, chunk=0.6)
+        b = LeasedBudget(call, "b", cap=1.0, chunk=0.6)
+        assert await a.areserve(0.1)  # a holds 0.6: 0.4 is left, not enough for b's row
+        got: list[bool] = []
+        async with anyio.create_task_group() as tg:
+            async def b_row() -> None:
+                got.append(await b.areserve(0.5))
+
+            tg.start_soon(b_row)
+            await anyio.sleep(0.3)
+            assert not got  # b waits (the old code stopped it here, the run with it)
+            a.settle(0.1, 0.1, answered=True)
+            await a.close()  # a's shard is done: its 0.5 left goes back, and b's row fits
+        assert got == [True]
+        b.settle(0.5, 0.5, answered=True)
+        a2 = LeasedBudget(call, "a", cap=1.0, chunk=0.6)
+        ends: list[bool] = []
+        async with anyio.create_task_group() as tg:
+            async def row(budget: LeasedBudget) -> None:
+                ends.append(await budget.areserve(0.45))
+
+            tg.start_soon(row, a2)
+            await anyio.sleep(0.3)
+            assert not ends and not c.budget_exhausted  # b may still have dollars for a2's row
+            tg.start_soon(row, b)  # b's next row does not fit either: both starved, 0.4 left
+        assert ends == [False, False] and c.budget_exhausted
+        assert sum(c.granted_usd.values()) == pytest.approx(0.6)  # what was spent; nothing stranded
+
+    anyio.run(main)
+
+
+def test_dollars_a_call_frees_while_its_worker_asks_go_back_before_it_starves() -> None:
+    # The leak behind the first attempt's early stop: a worker asked for dollars while its last call was in
+    # flight; the call settled during the ask (its worst case freed down to its cost) and the worker, with
+    # nothing in flight now, said it was starved while holding those dollars. With every other worker starved
+    # too, the job's budget was reached while a row would still fit.
+    c = Coordination(None, None, 1.0, expected=2)
+
+    async def main() -> None:
+        async def call_b(method: str, *args: object) -> object:
+            return getattr(c, method)(*args)
+
+        async def call_a(method: str, *args: object) -> object:
+            out = getattr(c, method)(*args)
+            if method == "budget" and a.in_flight:
+                a.settle(0.5, 0.1, answered=True)  # a's call in flight settles while a asks: 0.4 freed
+            return out
+
+        a = LeasedBudget(call_a, "a", cap=1.0, chunk=0.5)
+        b = LeasedBudget(call_b, "b", cap=1.0, chunk=0.5)
+        assert await a.areserve(0.5)  # a's call in flight holds its whole chunk
+        assert await b.areserve(0.45)
+        b.settle(0.45, 0.45, answered=True)
+        ends: dict[str, bool] = {}
+        b_done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            async def row(name: str, budget: LeasedBudget, worst: float) -> None:
+                ends[name] = await budget.areserve(worst)
+                if name == "b":
+                    b_done.set()
+
+            tg.start_soon(row, "b", b, 0.2)  # 0.05 left: b is starved while a's call is in flight
+            await anyio.sleep(0.05)
+            assert not ends and not c.budget_exhausted
+            await row("a", a, 0.45)  # a's call settles during the ask: the 0.4 it freed fits a's row
+            assert ends == {"a": True} and not c.budget_exhausted
+            a.settle(0.45, 0.2, answered=True)  # 0.25 freed at a
+            tg.start_soon(row, "a2", a, 0.3)  # a's next row does not fit 0.25: a gives it back and waits
+            with anyio.fail_after(5):
+                await b_done.wait()
+            assert ends["b"] and not c.budget_exhausted  # ... and b's row fitted what a gave back
+            b.settle(0.2, 0.2, answered=True)
+            tg.start_soon(row, "b2", b, 0.3)  # 0.05 left, neither row fits: both starved, the budget's end
+        assert ends == {"a": True, "b": True, "a2": False, "b2": False} and c.budget_exhausted
+        assert sum(c.granted_usd.values()) == pytest.approx(0.95)  # what was spent; nothing stranded
 
     anyio.run(main)
 

@@ -216,6 +216,19 @@ class GatewayConfig:
 
 # ---------------------------------------------------------------------------------------------------- stats
 
+# What the stats keep of request bodies (the latest ones), and the longest prompt `attempts` keys by its text
+BODY_LOG_ROWS = 10_000
+BODY_LOG_BYTES = 32 * 1024 * 1024
+ATTEMPTS_KEY_CHARS = 1024
+
+
+def attempts_key(prompt: str) -> str:
+    """`GatewayStats.attempts`' key for a prompt: the prompt itself, or for a long one its digest
+    (`sha256:<hex>` of its UTF-8), so a run of long documents keeps ~100 bytes per prompt, not the prompt."""
+    if len(prompt) <= ATTEMPTS_KEY_CHARS:
+        return prompt
+    return "sha256:" + hashlib.sha256(prompt.encode("utf-8", "surrogatepass")).hexdigest()
+
 
 class GatewayStats:
     """What the gateway saw on its completion paths (control endpoints are not counted).
@@ -236,9 +249,13 @@ class GatewayStats:
         self.billed = 0
         self.aborted = 0  # connections closed without an answer by a "reset" fault
         self.upstream_retries = 0  # provider retries made server-side for `upstream` faults (orq path)
-        self.attempts: dict[str, int] = {}  # prompt -> requests that carried it
+        self.attempts: dict[str, int] = {}  # attempts_key(prompt) -> requests that carried it
         self.arrivals = array("d")  # time.monotonic() of each request
-        self.bodies: deque[dict[str, Any]] = deque(maxlen=10_000)  # {path, headers (no authorization), body}
+        # {path, headers (no authorization), body}: the latest, at most BODY_LOG_ROWS of them and BODY_LOG_BYTES of
+        # request bytes, so a long run of long documents does not grow the gateway without end
+        self.bodies: deque[dict[str, Any]] = deque()
+        self._body_sizes: deque[int] = deque()
+        self._body_bytes = 0
         self.max_in_flight = self.in_flight
 
     def snapshot(self, bodies: bool = False) -> dict[str, Any]:
@@ -259,14 +276,20 @@ class GatewayStats:
             snap["bodies"] = list(self.bodies)
         return snap
 
-    def _arrive(self, path: str, headers: Mapping[str, str], body: Any) -> None:
+    def _arrive(self, path: str, headers: Mapping[str, str], body: Any, size: int = 0) -> None:
         self.total += 1
         self.by_path[path] = self.by_path.get(path, 0) + 1
         self.arrivals.append(time.monotonic())
         if isinstance(body, dict) and isinstance(prompt := body.get("prompt", _messages_text(body)), str):
-            self.attempts[prompt] = self.attempts.get(prompt, 0) + 1
+            key = attempts_key(prompt)
+            self.attempts[key] = self.attempts.get(key, 0) + 1
         safe_headers = {k: v for k, v in headers.items() if k != "authorization"}
         self.bodies.append({"path": path, "headers": safe_headers, "body": body})
+        self._body_sizes.append(size)
+        self._body_bytes += size
+        while len(self.bodies) > 1 and (len(self.bodies) > BODY_LOG_ROWS or self._body_bytes > BODY_LOG_BYTES):
+            self.bodies.popleft()
+            self._body_bytes -= self._body_sizes.popleft()
 
     def _answer(self, status: int, billed: bool = False) -> None:
         self.by_status[status] = self.by_status.get(status, 0) + 1
@@ -850,7 +873,7 @@ class Gateway:
             body = json.loads(request.body, parse_constant=_no_constant)
         except ValueError:
             body = request.body.decode("utf-8", "replace")
-        self._stats._arrive(request.path, request.headers, body)
+        self._stats._arrive(request.path, request.headers, body, len(request.body))
         if request.method != "POST":
             return body, self._refuse(405, f"{request.method} is not allowed here; use POST")
         expected = self._expected_auth
@@ -993,7 +1016,8 @@ class Gateway:
             ):
                 continue
             if fault.first is not None:
-                seen = rule.hits[params.prompt] = rule.hits.get(params.prompt, 0) + 1
+                key = attempts_key(params.prompt)
+                seen = rule.hits[key] = rule.hits.get(key, 0) + 1
                 if seen > fault.first:
                     continue
             # Draw only for partial rates, so adding an always-on rule does not shift the others' dice.

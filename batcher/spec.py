@@ -796,6 +796,46 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _range_of(loc: tuple[Any, ...]) -> str | None:
+    """Both ends of a numeric field's range ("from 65536 to 2147483648"), found by walking the models along an
+    error's `loc`; None when the field has one bound or cannot be found (pydantic's message names the one)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    models: list[Any] = [JobSpec]
+    info = None
+    for part in loc:
+        found = [m.model_fields[part] for m in models if isinstance(part, str) and part in m.model_fields]
+        if not found:
+            continue  # a list index, a union's tag, a type's name
+        info, models, todo = found[0], [], [found[0].annotation]
+        while todo:
+            t = todo.pop(0)
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                models.append(t)
+            else:
+                todo.extend(typing.get_args(t))
+    if info is None:
+        return None
+    lo = hi = None
+    for m in info.metadata:
+        for name, sign in (("ge", ">="), ("gt", ">")):
+            if getattr(m, name, None) is not None:
+                lo = (sign, getattr(m, name))
+        for name, sign in (("le", "<="), ("lt", "<")):
+            if getattr(m, name, None) is not None:
+                hi = (sign, getattr(m, name))
+    if lo is None or hi is None:
+        return None
+    if lo[0] == ">=" and hi[0] == "<=":
+        return f"must be from {lo[1]} to {hi[1]}"
+    return f"must be {lo[0]} {lo[1]} and {hi[0]} {hi[1]}"
+
+
 def _format_errors(source: str, exc: ValidationError) -> str:
     lines = [f"{source}: invalid job spec"]
     seen = set()
@@ -807,6 +847,8 @@ def _format_errors(source: str, exc: ValidationError) -> str:
             msg = "is required"
         else:
             msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] in _RANGE_ERRORS:
+                msg = _range_of(tuple(err["loc"])) or msg
             if msg.startswith("@"):  # a nested key named by the validator (see `_check_fault`)
                 name, msg = msg[1:].split(": ", 1)
                 field += f".{name}"

@@ -759,3 +759,24 @@ def test_cli_loop_uvloop_without_uvloop_is_a_usage_error(
         main(["--loop", "uvloop"])
     assert exit_info.value.code == 2
     assert "uvloop is not installed" in capsys.readouterr().err
+
+
+@pytest.mark.anyio
+async def test_what_the_stats_keep_of_long_bodies_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long run of long documents must not grow the gateway without end (an outside run reached 22 GB): the
+    body log keeps the latest bodies up to a byte budget, and `attempts` keys a long prompt by its digest."""
+    import hashlib
+
+    import batcher.gateway as gateway_mod
+
+    monkeypatch.setattr(gateway_mod, "BODY_LOG_BYTES", 300_000)
+    long = [f"{i}:" + "é東🙂" * 20_000 for i in range(8)]  # ~200 KB of UTF-8 each
+    async with serving() as (gw, client):
+        for prompt in long + ["short"]:
+            assert (await client.post(ORQ, json={**BODY, "prompt": prompt})).status_code == 200
+        stats = (await client.get("/_stats")).json()
+    kept = [b["body"]["prompt"] for b in gw.stats.bodies]
+    assert kept == [long[-1], "short"]  # the newest ones that fit 300 KB of requests
+    digest = "sha256:" + hashlib.sha256(long[0].encode()).hexdigest()
+    assert stats["attempts"][digest] == 1 and stats["attempts"]["short"] == 1
+    assert max(len(k) for k in gw.stats.attempts) < 100 and len(gw.stats.attempts) == 9

@@ -88,7 +88,7 @@ def test_invalid_spec_makes_no_request(make_spec, gateway: Gateway, tmp_path: Pa
     path.write_text(yaml.safe_dump(raw))
     assert main(["run", str(path), "--quiet"]) == 2
     msg = capsys.readouterr().err
-    assert str(path) in msg and "request.temperature" in msg and "3" in msg and "less than or equal to 2" in msg
+    assert str(path) in msg and "request.temperature" in msg and "3" in msg and "must be from 0 to 2 (got 3)" in msg
     assert gateway.stats.total == 0
     assert not Path(raw["output"]["path"]).exists()
     raw["request"]["temperature"] = 0

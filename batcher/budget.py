@@ -131,16 +131,20 @@ def completion_bound(body: dict[str, Any]) -> int:
     return int(bound)
 
 
-def worst_case(prices: PriceTable, models: Sequence[str], prompt: str, body: dict[str, Any]) -> float | None:
+def worst_case(prices: PriceTable, models: Sequence[str], prompt: str | int, body: dict[str, Any]) -> float | None:
     """The most one call may cost whichever of `models` answers it; None when one of them has no price.
+    `prompt`: the prompt's text, or its bound already counted (media included) by `call.Work.seal`.
 
     UTF-8 bytes bound the prompt's tokens from above for byte-level BPE tokenizers: the cap holds even for
     text that tokenizes badly (emoji, CJK), at the price of stopping a little early."""
-    prompt_bound = len(prompt.encode("utf-8", "surrogatepass"))
-    # Images, audio and files are prompt tokens too: counted by attachments.media_tokens' bound.
-    from .attachments import media_tokens
+    if isinstance(prompt, int):
+        prompt_bound = prompt
+    else:
+        prompt_bound = len(prompt.encode("utf-8", "surrogatepass"))
+        # Images, audio and files are prompt tokens too: counted by attachments.media_tokens' bound.
+        from .attachments import media_tokens
 
-    prompt_bound += media_tokens(body)[2]
+        prompt_bound += media_tokens(body)[2]
     completion = completion_bound(body)
     worst = 0.0
     for model in models:

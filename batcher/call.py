@@ -39,7 +39,7 @@ from .routing import Backoff, Failure, RoutePlan, decide
 from .shapes import Refused, SchemaViolation
 from .sources import SourceRow
 
-__all__ = ["Answer", "Caller", "Client", "Records", "Work"]
+__all__ = ["Answer", "Caller", "Client", "Records", "Work", "encode_body"]
 
 
 class Answer(Protocol):
@@ -59,16 +59,61 @@ class _PlainRecorder:
 
 
 class Client(Protocol):
-    async def complete(self, body: dict[str, Any], *, stream: bool, deadline_s: float) -> Answer: ...
+    async def complete(self, body: dict[str, Any] | bytes, *, stream: bool, deadline_s: float) -> Answer: ...
 
 
 @dataclass(slots=True)
 class Work:
+    """A row's call. Once `seal`ed it holds its body as the bytes that are sent and nothing else of the prompt:
+    a call in flight of a 500 KB document is ~500 KB, not its row's value, its rendered prompt (a str, up to
+    4 bytes a character), the text counted for tokens and the body's bytes besides."""
+
     row: SourceRow
-    body: dict[str, Any]
+    body: dict[str, Any]  # the whole body; once sealed, its fields but the prompt or messages (`content` has them)
     key: str | None  # cache key; None when the job has no cache
     est_tokens: float  # what the tokens_per_minute limiter is charged
     prompt_text: str | None = None  # all the text the body sends (shape.prompt_text); None: the row's prompt
+    content: bytes | None = None  # the body encoded (`encode_body`), once sealed
+    prompt_bound: int | None = None  # once sealed: the prompt's worst-case token bound for the budget
+
+    def seal(self, text: str) -> None:
+        """Encode the body once, keep what the attempts need (the model, routing and token fields, the worst
+        case's prompt bound) and let go of every str of the prompt: the row's, the body's, `text`'s."""
+        from .attachments import media_tokens
+
+        self.content = encode_body(self.body)
+        # UTF-8 bytes bound a byte-level BPE tokenizer's tokens (`budget.worst_case`); media have their own bound.
+        self.prompt_bound = len(text.encode("utf-8", "surrogatepass")) + media_tokens(self.body)[2]
+        head = {k: v for k, v in self.body.items() if k not in _PROMPT_FIELDS}
+        orq = self.body.get("orq")
+        if isinstance(orq, dict) and "inputs" in orq:  # its routing stays (`body_models`), a row's inputs go
+            head["orq"] = {k: v for k, v in orq.items() if k != "inputs"}
+        self.body = head
+        self.prompt_text = None
+        row = self.row
+        row.prompt = row.inputs = row.body = None
+
+    @property
+    def nbytes(self) -> int:
+        """What the item holds, for the work buffer's byte budget."""
+        return len(self.content) if self.content is not None else self.row.nbytes
+
+
+# The body fields that carry the prompt (and orq.inputs, below): `seal` keeps them only in the encoded body.
+_PROMPT_FIELDS = frozenset({"prompt", "messages"})
+
+
+def encode_body(body: dict[str, Any]) -> bytes:
+    """A body as it goes on the wire. allow_nan=False: a body must be strict JSON (RFC 8259); sources map NaN
+    and ±Infinity to null first."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _with_model(content: bytes, model: str) -> bytes:
+    """A sealed body asking `model` instead (a fallback): decoded and encoded again, rare enough to pay for."""
+    body = json.loads(content)
+    body["model"] = model
+    return encode_body(body)
 
 
 # The token counts of a billed answer that add up on its row (with the row's other answers).
@@ -229,8 +274,12 @@ class Caller:
             return 0.0, None
         row = item.row
         models = list(dict.fromkeys([item.body["model"], *self.plan.may_answer, *body_models(item.body)]))
-        text = item.prompt_text if item.prompt_text is not None else row.prompt if isinstance(row.prompt, str) else ""
-        worst = worst_case(self.records.prices, models, text, item.body)
+        if item.prompt_bound is not None:
+            worst = worst_case(self.records.prices, models, item.prompt_bound, item.body)
+        else:
+            text = item.prompt_text if item.prompt_text is not None else row.prompt if isinstance(row.prompt, str) \
+                else ""
+            worst = worst_case(self.records.prices, models, text, item.body)
         if worst is None:
             missing = [m for m in models if self.records.prices.get(m) is None]
             return 0.0, self.records.error(
@@ -282,6 +331,7 @@ class Caller:
         models = [item.body["model"], *plan.models[1:]]
         model_i = 0
         body = item.body
+        payload: dict[str, Any] | bytes = item.content if item.content is not None else body
         attempts = retries = contract_retries = rate_limited = 0
         waited = 0.0  # told to wait by 429s, this row
         started: float | None = None  # the first attempt's send: queueing at the limiter is not latency
@@ -328,7 +378,7 @@ class Caller:
                 answer: dict[str, Any] | None = None
                 sending = True
                 try:
-                    comp = await client.complete(body, stream=stream, deadline_s=plan.call_timeout_s)
+                    comp = await client.complete(payload, stream=stream, deadline_s=plan.call_timeout_s)
                 except AttemptFailed as exc:
                     sending = False
                     failure = exc.failure
@@ -396,6 +446,7 @@ class Caller:
                         model_i += 1
                         retries = contract_retries = 0
                         body = {**item.body, "model": models[model_i]}
+                        payload = body if item.content is None else _with_model(item.content, models[model_i])
                         continue
                     return self.records.error(
                         row, failure.kind, failure.message, http_status=failure.status, attempts=attempts,

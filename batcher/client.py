@@ -194,10 +194,12 @@ class WorkerClient:
         if session is not None:
             await session.close()
 
-    async def complete(self, body: dict[str, Any], *, stream: bool, deadline_s: float) -> Answer:
-        """One attempt. Raises AttemptFailed with a redacted message on any failure."""
+    async def complete(self, body: dict[str, Any] | bytes, *, stream: bool, deadline_s: float) -> Answer:
+        """One attempt of `body`, a dict or its bytes already encoded (`call.encode_body`). Raises AttemptFailed
+        with a redacted message on any failure."""
         # allow_nan=False: a body must be strict JSON (RFC 8259); sources map NaN and ±Infinity to null first
-        content = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        content = body if isinstance(body, bytes) else \
+            json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
         session = self._session or self._open()
         try:
             with anyio.fail_after(deadline_s):

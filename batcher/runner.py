@@ -379,7 +379,11 @@ class _Job:
         body = self.shape.body(row.prompt, model, row.inputs, row.body)
         key = self.shape.cache_key(self.endpoint_id, body) if self.cache_ttl is not None else None
         text = self.shape.prompt_text(body)
-        return Work(row, body, key, limiter_tokens(text, body), text)
+        work = Work(row, body, key, limiter_tokens(text, body))
+        # From here the call holds its body's bytes alone (`Work.seal`): not the row's prompt, the body's str
+        # and the text counted, each as big as the document (and up to 4 bytes a character as a str).
+        work.seal(text)
+        return work
 
     # -- the pipeline ---------------------------------------------------------------------------------------
 
@@ -918,7 +922,7 @@ class _Job:
 
 
 def _work_bytes(w: Work) -> int:
-    return w.row.nbytes
+    return w.nbytes
 
 
 class _NothingToDo(Exception):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,18 @@ def _row_bytes(batch: pa.RecordBatch | pa.Table) -> list[int]:
         return [fixed] * n
     sizes: list[int] = var.to_pylist()
     return [v + fixed for v in sizes] if fixed else sizes
+
+
+def text_bytes(value: Any) -> int:
+    """The memory the strings in `value` (a str, or rendered messages) take: a str's is its length times its
+    width (1, 2 or 4 bytes per character, whichever its widest character needs), what `sys.getsizeof` counts."""
+    if isinstance(value, str):
+        return sys.getsizeof(value)
+    if isinstance(value, dict):
+        return sum(text_bytes(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(text_bytes(v) for v in value)
+    return 0
 
 
 def _fixed_width(t: pa.DataType) -> bool:
@@ -810,11 +823,12 @@ class Source:
             yield last
 
     def _held(self, row: SourceRow, read: int) -> int:
-        """What a row counts against the byte budget: the bytes read for it, and a rendered prompt (a new string;
-        a prompt_column's prompt is the value read)."""
-        if self.template is not None and row.prompt is not None:
-            return read + len(row.prompt)
-        return read
+        """What a row counts against the byte budget: the bytes read for it, and a rendered prompt or rendered
+        messages (new strings; a prompt_column's prompt is the value read) at what they take in memory, not
+        their length: a str with one character outside Latin-1 takes 2 or 4 bytes per character (`text_bytes`)."""
+        if row.prompt is None or (self.template is None and not self.chat):
+            return read
+        return read + text_bytes(row.prompt)
 
     def _json_row(self, index: int, lineno: int, obj: Any) -> SourceRow:
         # A line that is not an object has no id: with ids (id_column, an OpenAI batch's custom_id) its row's

@@ -54,7 +54,7 @@ BLOCK_SIZE = 8 << 20
 # malloc's heap, between the small buffers that outlive them (the id column the input check keeps, a block's
 # values): freed, they cannot be given back, and the heap grew with the file (a 505 MB CSV of 50 KB rows: RSS
 # 87 -> 550 MB while the check read its ids, 310 MB kept through the calls).
-MIN_BLOCK_SIZE = 512 << 10
+MIN_BLOCK_SIZE = 384 << 10
 _BLOCK_SLACK = 64 << 10
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,6 +249,13 @@ def _row_bytes(batch: pa.RecordBatch | pa.Table) -> list[int]:
         return [fixed] * n
     sizes: list[int] = var.to_pylist()
     return [v + fixed for v in sizes] if fixed else sizes
+
+
+def _str_bytes(text: str) -> int:
+    """The bytes a str takes in memory: its length for ASCII (as before); else one, two or four bytes a character
+    and its header (PEP 393: the widest character sets the width), so a prompt with one emoji counts four
+    times its length, as it takes."""
+    return len(text) if text.isascii() else sys.getsizeof(text)
 
 
 def _fixed_width(t: pa.DataType) -> bool:
@@ -812,8 +820,8 @@ class Source:
     def _held(self, row: SourceRow, read: int) -> int:
         """What a row counts against the byte budget: the bytes read for it, and a rendered prompt (a new string;
         a prompt_column's prompt is the value read)."""
-        if self.template is not None and row.prompt is not None:
-            return read + len(row.prompt)
+        if self.template is not None and isinstance(row.prompt, str):
+            return read + _str_bytes(row.prompt)
         return read
 
     def _json_row(self, index: int, lineno: int, obj: Any) -> SourceRow:

@@ -404,5 +404,6 @@ def test_a_non_ascii_prompt_counts_the_memory_its_str_takes(tmp_path: Path, fmt:
     source, batches = _batches(InputSpec(path=path, id_column="id", prompt="Summarise: {{text}}",
                                          batch_bytes=BUDGET))
     assert [str(r.id) for b in batches for r in b] == [str(i) for i in range(30)]
+    assert source.stats.max_batch_bytes <= BUDGET
     held = [sum(sys.getsizeof(r.prompt) for r in b) for b in batches]
     assert all(h <= BUDGET for b, h in zip(batches, held, strict=True) if len(b) > 1), held

@@ -9,9 +9,10 @@ becomes an error row and the run goes on. Values reach templates and `orq.inputs
 (`_column_values`, `templating.json_safe`), so a request body is always strict JSON.
 
 Memory is bounded in bytes as well as rows: a batch holds at most `batch_size` rows and at most `batch_bytes` of
-input (each row counts the bytes of the values read for it, plus its rendered prompt when a template made one),
-so long documents make small batches and short prompts keep batches of `batch_size`. A row bigger than the
-budget is a batch of its own. Parquet is read in small pieces within each row group: pyarrow's `iter_batches`
+input (each row counts the bytes of the values read for it, plus the memory its rendered prompt takes when a
+template made one: a byte a character for ASCII, else two or four, as Python stores the str), so long
+documents make small batches and short prompts keep batches of `batch_size`. A row bigger than the budget is a
+batch of its own. Parquet is read in small pieces within each row group: pyarrow's `iter_batches`
 reads a fixed number of rows at a time, so that number is sized from the row group's uncompressed size per row
 (or the bytes per row seen so far, if larger), to a quarter of the budget; column chunks are streamed
 (`buffer_size`) rather than read whole, and the default pre-buffering (which holds the whole file) is off. JSONL

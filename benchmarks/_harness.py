@@ -106,9 +106,10 @@ def make_long_parquet(path: Path, rows: int, chars: int) -> Path:
     return path
 
 
-def make_long_lines(path: Path, rows: int, chars: int) -> Path:
+def make_long_lines(path: Path, rows: int, chars: int, emoji: bool = False) -> Path:
     """The same documents as `make_long_parquet`, as JSONL lines `{"id": i, "text": ...}` or CSV records
-    `i,text` (by the path's suffix), written a row at a time."""
+    `i,text` (by the path's suffix), written a row at a time. `emoji`: each ends in ` naïve 東京 🙂`, so its str
+    takes four bytes a character in memory (PEP 393), as any text with one emoji does."""
     if path.exists() and sum(1 for _ in path.open("rb")) == rows + (path.suffix == ".csv"):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +118,7 @@ def make_long_lines(path: Path, rows: int, chars: int) -> Path:
         if path.suffix == ".csv":
             f.write("id,text\n")  # the documents hold no comma, quote or newline
         for i in range(rows):
-            text = long_text(i, chars)
+            text = long_text(i, chars) + (" naïve 東京 🙂" if emoji else "")
             f.write(f"{i},{text}\n" if path.suffix == ".csv" else json.dumps({"id": i, "text": text}) + "\n")
     tmp.replace(path)
     return path

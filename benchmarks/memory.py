@@ -9,7 +9,8 @@ row; then long prompts (documents to summarise): 10,000 rows of ~50 KB and 1,000
 row group (as pandas or pyarrow write fewer than a million rows), at the default `input.batch_size` of 1,000
 (the byte budget, `input.batch_bytes`, is what bounds them); then the same documents kept in the output
 (`keep_columns: [text]`): 1,000 rows of ~500 KB from Parquet (read back from the input at the end), and both
-sizes from JSONL, and 1,000 rows of ~500 KB from CSV; `--only kept` runs those four. The long runs' gateway answers in 20 ms (`--long-latency-ms`):
+sizes from JSONL, and 1,000 rows of ~500 KB from CSV; then 10,000 rows of ~50 KB from CSV, each ending in an
+emoji, without and with `text` kept; `--only kept` runs the kept ones. The long runs' gateway answers in 20 ms (`--long-latency-ms`):
 a server takes its time over a long document, so every worker has a call in flight, each holding its prompt and
 body; at latency 0 a client that is busy with its CPU has fewer in flight and holds less. A poller samples the
 child's RSS and the size of its journal (the share of rows already answered); the figures:
@@ -90,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                   ("text",)) for rows, chars in long_rows]
         long.append((f"CSV {rows:,} rows of {chars // 1000} KB, kept", d / f"in-{rows}-{chars}.csv", rows, chars,
                      ("text",)))
+        # 50 KB documents from CSV, with an emoji (four bytes a character): blocks of 256 KiB, under the mmap
+        # threshold, had the input check hold ~550 MB for 10,000 of them
+        rows, chars = long_rows[0]
+        long += [(f"CSV {rows:,} rows of {chars // 1000} KB, emoji{kept}", d / f"in-{rows}-{chars}-emoji.csv", rows,
+                  chars, keep) for kept, keep in (("", ()), (", kept", ("text",)))]
         if args.only == "kept":
             long = [case for case in long if case[4]]
         for i, (label, path, rows, group) in enumerate(short if args.only is None or args.only == "short" else []):
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, (label, path, rows, chars, keep) in enumerate(long if args.only != "short" else []):
             h.say(f"  generating {label} ...")
             if path.suffix in (".jsonl", ".csv"):
-                h.make_long_lines(path, rows, chars)
+                h.make_long_lines(path, rows, chars, emoji=path.stem.endswith("-emoji"))
             else:
                 h.make_long_parquet(path, rows, chars)
             m = measure(slow, d, f"long{i}", path, rows, c, keep)

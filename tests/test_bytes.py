@@ -5,7 +5,10 @@ at most the same budget. Judged by the reader's and the buffer's own counters, n
 from __future__ import annotations
 
 import json
+import platform
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -343,3 +346,64 @@ def test_a_csv_record_longer_than_the_small_block_is_still_read(tmp_path: Path) 
     assert source._csv().block_size > 2_000_000 > MIN_BLOCK_SIZE
     rows = [r for b in source.batches() for r in b]
     assert [len(r.prompt or "") for r in rows] == [len(_text(i, n)) for i, n in enumerate([1_000, 2_000_000, 1_000])]
+
+
+# -- CSV blocks and non-ASCII prompts (a 505 MB CSV of 50 KB documents peaked at 551 MB at C=64) ----------------
+
+
+def test_csv_blocks_are_above_the_mmap_threshold_whatever_the_records(tmp_path: Path) -> None:
+    # Below the threshold batcher pins, a block and the parser's buffers sized from it came from malloc's heap,
+    # between the small buffers that outlive them (the ids the input check keeps): freed, the heap could not give
+    # them back, and it grew with the file. The slack a straddling record may leave out must not bring it under.
+    from batcher.csv_input import _BLOCK_SLACK, CsvFile
+    from batcher.memory import _MMAP_THRESHOLD
+
+    for longest in (1, 50_000, 200_000, 300_000, 2_000_000):
+        assert CsvFile(tmp_path / "docs.csv", ",", longest=longest).block_size - _BLOCK_SLACK > _MMAP_THRESHOLD
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/status").exists(),
+                    reason="the heap that kept freed blocks is glibc's, RssAnon is Linux's")
+def test_the_input_check_of_a_big_csv_of_long_rows_keeps_no_freed_blocks(tmp_path: Path) -> None:
+    # 2,000 records of ~50 KB (100 MB): the check's ids held the heap at +78 MB with 256 KiB blocks, +4 MB now
+    path = tmp_path / "docs.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write("rid,text\n")
+        for i in range(2_000):
+            f.write(f'id{i},"{_text(i, 50_000)} naïve ""東京"" 🙂"\n')
+    code = (
+        "import sys\n"
+        "from batcher.memory import tune_process_memory\n"
+        "tune_process_memory()\n"
+        "from pathlib import Path\n"
+        "from batcher.sources import Source\n"
+        "from batcher.spec import InputSpec\n"
+        "def anon():\n"
+        "    return int(next(l for l in open('/proc/self/status') if l.startswith('RssAnon')).split()[1]) >> 10\n"
+        "source = Source(InputSpec(path=Path(sys.argv[1]), id_column='rid', prompt='Summarise: {{text}}'), [])\n"
+        "before = anon()\n"
+        "assert source.check().rows == 2_000\n"
+        "print(anon() - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                         check=True)
+    assert int(out.stdout) < 30, f"the input check left RssAnon {out.stdout.strip()} MB higher"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_a_non_ascii_prompt_counts_the_memory_its_str_takes(tmp_path: Path, fmt: str) -> None:
+    # One emoji makes a str four bytes a character: a 10,000-character prompt takes 40 KB, and was counted 10 KB,
+    # so three went into a 64 KiB batch and held 120 KB.
+    texts = [_text(i, 10_000) + " 🙂" for i in range(30)]
+    path = tmp_path / f"docs.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    else:
+        path.write_text("id,text\n" + "".join(f"{i},{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+    source, batches = _batches(InputSpec(path=path, id_column="id", prompt="Summarise: {{text}}",
+                                         batch_bytes=BUDGET))
+    assert [str(r.id) for b in batches for r in b] == [str(i) for i in range(30)]
+    assert source.stats.max_batch_bytes <= BUDGET
+    held = [sum(sys.getsizeof(r.prompt) for r in b) for b in batches]
+    assert all(h <= BUDGET for b, h in zip(batches, held, strict=True) if len(b) > 1), held

@@ -772,7 +772,7 @@ async def test_what_the_stats_keep_of_long_bodies_is_bounded(monkeypatch: pytest
     monkeypatch.setattr(gateway_mod, "BODY_LOG_BYTES", 300_000)
     long = [f"{i}:" + "é東🙂" * 20_000 for i in range(8)]  # ~200 KB of UTF-8 each
     async with serving() as (gw, client):
-        for prompt in long + ["short"]:
+        for prompt in [*long, "short"]:
             assert (await client.post(ORQ, json={**BODY, "prompt": prompt})).status_code == 200
         stats = (await client.get("/_stats")).json()
     kept = [b["body"]["prompt"] for b in gw.stats.bodies]

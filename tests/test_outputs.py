@@ -19,8 +19,8 @@ import yaml
 
 import batcher.sinks
 from batcher import SpecError, parse_spec, run_job
-from batcher.errors import OutputError
 from batcher.cli import main
+from batcher.errors import OutputError
 from batcher.gateway import Gateway, GatewayConfig, serve_in_thread
 from batcher.sinks import RESULT_COLUMNS
 from batcher.spec import RESULT_COLUMN_NAMES

@@ -76,11 +76,14 @@ class Work:
     content: bytes | None = None  # the body encoded (`encode_body`), once sealed
     prompt_bound: int | None = None  # once sealed: the prompt's worst-case token bound for the budget
 
-    def seal(self, text: str) -> None:
+    def seal(self) -> None:
         """Encode the body once, keep what the attempts need (the model, routing and token fields, the worst
-        case's prompt bound) and let go of every str of the prompt: the row's, the body's, `text`'s."""
+        case's prompt bound) and let go of every str of the prompt: the row's, the body's, `prompt_text`'s.
+        Done only for a row that will be called: a cache hit never needs its body's bytes."""
         from .attachments import media_tokens
 
+        text = self.prompt_text if self.prompt_text is not None else self.row.prompt
+        assert isinstance(text, str)
         self.content = encode_body(self.body)
         # UTF-8 bytes bound a byte-level BPE tokenizer's tokens (`budget.worst_case`); media have their own bound.
         self.prompt_bound = len(text.encode("utf-8", "surrogatepass")) + media_tokens(self.body)[2]

@@ -379,10 +379,9 @@ class _Job:
         body = self.shape.body(row.prompt, model, row.inputs, row.body)
         key = self.shape.cache_key(self.endpoint_id, body) if self.cache_ttl is not None else None
         text = self.shape.prompt_text(body)
-        work = Work(row, body, key, limiter_tokens(text, body))
-        # From here the call holds its body's bytes alone (`Work.seal`): not the row's prompt, the body's str
-        # and the text counted, each as big as the document (and up to 4 bytes a character as a str).
-        work.seal(text)
+        work = Work(row, body, key, limiter_tokens(text, body), prompt_text=text)
+        if key is None:
+            work.seal()  # no cache to look in: sealed now (`_next_batch` seals the cache's misses)
         return work
 
     # -- the pipeline ---------------------------------------------------------------------------------------
@@ -416,6 +415,10 @@ class _Job:
                                                          latency_ms=0.0, asked_model=p.body["model"]),))
                 lines.append(line)
             else:
+                # From here the call holds its body's bytes alone (`Work.seal`): not the row's prompt, the
+                # body's str and the text counted, each as big as the document (up to 4 bytes a char as a str).
+                if p.content is None:
+                    p.seal()
                 work.append(p)
         if not lines:
             return work, None

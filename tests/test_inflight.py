@@ -54,9 +54,10 @@ def _strings(obj: Any, seen: set[int] | None = None) -> list[str]:
 CHAT = [{"role": "system", "content": "You summarize."}, {"role": "user", "content": "Summarize:\n{{text}}"}]
 
 
+@pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "cache-misses"])
 @pytest.mark.parametrize("shape", ["completions", "chat", "chat+schema"])
 def test_a_call_in_flight_holds_its_encoded_body_and_no_copy_of_the_prompt(
-    make_spec, gateway: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str
+    make_spec, gateway: Gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape: str, cache: bool
 ) -> None:
     held: list[tuple[int, int, int]] = []  # per call: its encoded body, the str bytes its Work reaches, the body sent
     work = Caller.work
@@ -69,6 +70,8 @@ def test_a_call_in_flight_holds_its_encoded_body_and_no_copy_of_the_prompt(
     monkeypatch.setattr(Caller, "work", spy)
     inp: dict[str, Any] = {"path": str(_parquet(tmp_path / "docs.parquet", 12)), "id_column": "id"}
     request: dict[str, Any] = {"model": "openai/gpt-4o-mini"}
+    if cache:  # a row is sealed after its cache lookup misses (a hit never encodes its body)
+        request["cache"] = {"type": "exact_match", "ttl": 3600}
     if shape == "completions":
         inp["prompt"] = "Summarize: {{text}}"
     else:

@@ -82,7 +82,8 @@ FallbackCode = Annotated[int, Field(ge=400, le=599)]
 class _Model(BaseModel):
     # strict: the official spec's types, not Python's coercions (`n: true`, `temperature: "0.5"`, `max_tokens: 3.0`
     # and `echo: 1` are errors naming the field and the type); an int is still a valid float (`temperature: 1`).
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # No number is infinite or NaN (YAML's `.inf`, `1e400`): a limit, a timeout or a cap must be a real figure.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # --- routing (top level, or inside `orq` in the older form) -------------------------------------------------
@@ -821,8 +822,16 @@ def _range_of(loc: tuple[Any, ...]) -> str | None:
                 todo.extend(typing.get_args(t))
     if info is None:
         return None
+    metadata = list(info.metadata)
+    if isinstance(loc[-1], int):  # an item of a list: its bounds are on the item type (`FallbackCode`)
+        todo = [info.annotation]
+        while todo:
+            t = todo.pop(0)
+            if typing.get_origin(t) is Annotated:
+                metadata += [m for a in t.__metadata__ for m in getattr(a, "metadata", [a])]
+            todo.extend(a for a in typing.get_args(t) if typing.get_origin(t) is not Annotated)
     lo = hi = None
-    for m in info.metadata:
+    for m in metadata:
         for name, sign in (("ge", ">="), ("gt", ">")):
             if getattr(m, name, None) is not None:
                 lo = (sign, getattr(m, name))

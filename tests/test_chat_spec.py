@@ -155,7 +155,7 @@ def test_the_extract_validator_does_refuse_bad_bodies() -> None:
         ({"temperature": -0.1}, "temperature", "between 0 and 2"),
         ({"top_p": 1.01}, "top_p", "between 0 and 1"),
         ({"frequency_penalty": -3}, "frequency_penalty", "between -2 and 2"),
-        ({"presence_penalty": float("nan")}, "presence_penalty", "between -2 and 2"),
+        ({"presence_penalty": float("nan")}, "presence_penalty", "finite number"),
         ({"n": 0}, "n", "between 1 and 128"),
         ({"top_logprobs": 21, "logprobs": True}, "top_logprobs", "between 0 and 20"),
         ({"max_completion_tokens": 0}, "max_completion_tokens", "greater than 0"),

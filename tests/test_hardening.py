@@ -357,3 +357,17 @@ def test_chat_request_fields_are_not_coerced(
     spec = _chat_spec(gateway.base_url, _small_parquet(tmp_path / "in.parquet"), tmp_path / "o.parquet", **fields)
     assert main(["validate", str(_write(tmp_path / "job.yaml", spec))]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["requests_per_minute: 1e400", "tokens_per_minute: .inf", "max_cost_usd: .inf",
+                                   "max_cost_usd: .nan"])
+def test_an_infinite_or_nan_limit_is_refused_naming_it(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str], limit: str
+) -> None:
+    # YAML reads `.inf`, `.nan` and `1e400` as floats: a cap or a rate must be a real figure (outside trial)
+    spec = _spec(gateway.base_url, _small_parquet(tmp_path / "in.parquet"), tmp_path / "o.parquet")
+    spec.pop("limits", None)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec) + f"limits:\n  {limit}\n")
+    assert main(["run", str(path), "--quiet"]) == 2 and gateway.stats.total == 0
+    assert f"limits.{limit.split(':')[0]}: Input should be a finite number" in capsys.readouterr().err

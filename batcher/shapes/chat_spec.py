@@ -88,7 +88,7 @@ def _between(lo: float, hi: float | None = None, *, lo_open: bool = False, cap: 
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 # --- messages ------------------------------------------------------------------------------------------------

@@ -825,10 +825,14 @@ class Source:
 
     def _held(self, row: SourceRow, read: int) -> int:
         """What a row counts against the byte budget: the bytes read for it, and a rendered prompt or rendered
-        messages (new strings; a prompt_column's prompt is the value read) at what they take in memory, not
-        their length: a str with one character outside Latin-1 takes 2 or 4 bytes per character (`text_bytes`)."""
-        if row.prompt is None or (self.template is None and not self.chat):
+        messages (new strings; a prompt_column's prompt is the value read, counted once) at what they take in
+        memory, not their length: a str with one character outside Latin-1 takes 2 or 4 bytes per character
+        (`text_bytes`)."""
+        if row.prompt is None:
             return read
+        if self.template is None and not self.chat:
+            # a prompt_column's prompt is the value read, but as a str: up to 4 bytes a character, not its UTF-8
+            return max(read, text_bytes(row.prompt))
         return read + text_bytes(row.prompt)
 
     def _json_row(self, index: int, lineno: int, obj: Any) -> SourceRow:

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import re
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
@@ -803,10 +804,6 @@ _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_e
 def _range_of(loc: tuple[Any, ...]) -> str | None:
     """Both ends of a numeric field's range ("from 65536 to 2147483648"), found by walking the models along an
     error's `loc`; None when the field has one bound or cannot be found (pydantic's message names the one)."""
-    import typing
-
-    from pydantic import BaseModel
-
     models: list[Any] = [JobSpec]
     info = None
     for part in loc:
